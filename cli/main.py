@@ -1,0 +1,269 @@
+"""`lora-fusion`: a thin Typer CLI over the library.
+
+Commands parse options, call `lora_fusion`, and print. Heavy imports (torch, huggingface_hub) happen inside command
+bodies so that `--help` and `--version` stay fast. Every error a user can cause ends with exit code 2 and one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+app = typer.Typer(
+    name="lora-fusion",
+    help="Merge LoRA adapters exactly and fast, from the Hub or disk, into PEFT adapters.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn library errors into one line on stderr and exit code 2 (re-raise with LORA_FUSION_DEBUG=1)."""
+    from lora_fusion.errors import LoraFusionError
+
+    try:
+        yield
+    except LoraFusionError as err:
+        if os.environ.get("LORA_FUSION_DEBUG") == "1":
+            raise
+        typer.echo(f"Error: {err}", err=True)
+        raise typer.Exit(code=2) from None
+
+
+def fail(message: str) -> None:
+    """A user error found by the CLI itself."""
+    typer.echo(f"Error: {message}", err=True)
+    raise typer.Exit(code=2)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from lora_fusion import __version__
+
+        typer.echo(f"lora-fusion {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Merge LoRA adapters exactly and fast, from the Hub or disk, into PEFT adapters."""
+
+
+SourcesArg = Annotated[
+    Optional[list[str]],
+    typer.Argument(help="Hub ids (owner/name[@revision]) or local adapter directories/files.", show_default=False),
+]
+
+
+def _parse_weights(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        fail(f"--weights {text!r} is not a comma-separated list of numbers; write e.g. --weights 0.6,0.4.")
+    return None
+
+
+@app.command()
+def merge(
+    sources: SourcesArg = None,
+    method: Annotated[Optional[str], typer.Option("--method", "-m", help="Merge method (see `methods`).")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="One weight per source, e.g. 0.6,0.4 (default 1 each).")] = None,
+    rank: Annotated[Optional[int], typer.Option("--rank", "-r", help="Output rank (svd).")] = None,
+    energy: Annotated[Optional[float], typer.Option(help="Per-module rank keeping this energy fraction (svd).")] = None,
+    scale: Annotated[Optional[float], typer.Option(help="Global factor λ (task_arithmetic, svd).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output adapter directory.")] = None,
+    overwrite: Annotated[Optional[bool], typer.Option("--overwrite", help="Replace an existing --out.")] = None,
+    push_to_hub: Annotated[Optional[str], typer.Option(help="Also upload to this Hub repo id.")] = None,
+    private: Annotated[Optional[bool], typer.Option("--private", help="Create the Hub repo private.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; read no tensors, write nothing.")] = False,
+    recipe: Annotated[Optional[Path], typer.Option(help="YAML recipe; flags given here override its keys.")] = None,
+    subfolder: Annotated[Optional[str], typer.Option(help="Folder inside each source repo/dir.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda or auto.")] = None,
+    ignore_base_model: Annotated[
+        Optional[bool], typer.Option("--ignore-base-model", help="Merge despite different base_model names.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan or result as JSON.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Merge adapters into one PEFT adapter: `lora-fusion merge A B --method svd --rank 16 --out merged/`."""
+    with user_errors():
+        from lora_fusion.recipe import Recipe, load_recipe
+
+        given = {
+            "method": method,
+            "weights": _parse_weights(weights),
+            "rank": rank,
+            "energy": energy,
+            "scale": scale,
+            "out": str(out) if out else None,
+            "overwrite": overwrite,
+            "push_to_hub": push_to_hub,
+            "private": private,
+            "device": device,
+            "ignore_base_model": ignore_base_model,
+        }
+        flags = {k: v for k, v in given.items() if v is not None}
+        if recipe is not None:
+            plan = load_recipe(recipe).model_copy(update=flags | ({"sources": sources} if sources else {}))
+        elif sources:
+            plan = Recipe(sources=sources, **flags)
+        else:
+            fail("give adapters to merge (lora-fusion merge A B --out DIR) or --recipe FILE.yaml.")
+        _run_merge(plan, subfolder=subfolder, dry_run=dry_run, as_json=as_json, quiet=quiet)
+
+
+def _run_merge(plan: Any, *, subfolder: str | None, dry_run: bool, as_json: bool, quiet: bool) -> None:
+    from lora_fusion.engine import merge as fuse
+
+    if not dry_run and plan.out is None and plan.push_to_hub is None:
+        fail("say where the merged adapter goes: --out DIR (and/or --push-to-hub REPO).")
+    if not dry_run and plan.out and Path(plan.out).exists() and not plan.overwrite:
+        fail(f"{plan.out} already exists; pass --overwrite or choose another --out.")
+    result = fuse(
+        plan.entries(),
+        method=plan.method,
+        weights=plan.source_weights(),
+        rank=plan.rank,
+        energy=plan.energy,
+        scale=plan.scale,
+        subfolder=subfolder,
+        device=plan.device,
+        ignore_base_model=plan.ignore_base_model,
+        dry_run=dry_run,
+        progress=False if quiet else None,
+    )
+    if dry_run:
+        typer.echo(json.dumps(result.to_dict(), indent=2) if as_json else str(result))
+        return
+    written = result.save_pretrained(plan.out, overwrite=plan.overwrite) if plan.out else None
+    url = result.push_to_hub(plan.push_to_hub, private=plan.private) if plan.push_to_hub else None
+    truncated = [s for s in result.stats.values() if s.truncated]
+    summary = {
+        "out": str(written) if written else None,
+        "pushed": url,
+        "method": result.provenance["method"],
+        "modules": len(result.modules),
+        "ranks": sorted({s.rank for s in result.stats.values()}),
+        "min_retained_energy": min((s.retained_energy for s in truncated), default=1.0),
+    }
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    where = " and ".join(x for x in (str(written) if written else "", url or "") if x)
+    typer.echo(
+        f"merged {summary['modules']} modules with {summary['method']} (ranks {summary['ranks']}, "
+        f"min retained energy {summary['min_retained_energy']:.6f}) -> {where}"
+    )
+
+
+@app.command()
+def inspect(
+    sources: Annotated[list[str], typer.Argument(help="Hub ids or local adapter directories.", show_default=False)],
+    subfolder: Annotated[Optional[str], typer.Option(help="Folder inside each source.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON with every module.")] = False,
+) -> None:
+    """Describe adapters: base model, resolved commit, modules, ranks, scales, dtype and size (headers only)."""
+    with user_errors():
+        from lora_fusion.sources import load_adapter
+
+        reports = [_describe(load_adapter(s, subfolder=subfolder)) for s in sources]
+        if as_json:
+            typer.echo(json.dumps(reports if len(reports) > 1 else reports[0], indent=2))
+            return
+        for report in reports:
+            typer.echo(
+                f"{report['source']}: base {report['base_model']}, commit {report['commit'] or '-'}, "
+                f"{len(report['modules'])} modules, ranks {report['ranks']}, scales {report['scales']}, "
+                f"{report['dtype']}, {report['parameters']:,} parameters"
+            )
+
+
+def _describe(adapter: Any) -> dict[str, Any]:
+    specs = adapter.modules.values()
+    return {
+        "source": adapter.source.source,
+        "commit": adapter.source.commit,
+        "base_model": adapter.base_model,
+        "ranks": sorted({s.rank for s in specs}),
+        "scales": sorted({round(s.scale, 6) for s in specs}),
+        "dtype": ", ".join(sorted({str(s.dtype).removeprefix("torch.") for s in specs})),
+        "parameters": sum(s.rank * (s.out_features + s.in_features) for s in specs),
+        "modules": {
+            s.name: {"kind": s.kind, "shape": list(s.shape), "rank": s.rank, "scale": s.scale} for s in specs
+        },
+    }
+
+
+@app.command()
+def push(
+    directory: Annotated[Path, typer.Argument(help="A PEFT adapter directory (e.g. written by merge).")],
+    repo_id: Annotated[str, typer.Argument(help="Hub repo id, owner/name.")],
+    private: Annotated[Optional[bool], typer.Option("--private", help="Create the repo private.")] = None,
+    revision: Annotated[Optional[str], typer.Option(help="Branch to push to (created if missing).")] = None,
+    commit_message: Annotated[Optional[str], typer.Option(help="Commit message.")] = None,
+) -> None:
+    """Upload an adapter directory to the Hub (token from HF_TOKEN or `hf auth login`)."""
+    with user_errors():
+        from lora_fusion.sources import load_adapter
+        from lora_fusion.writer import push_folder
+
+        load_adapter(directory)  # refuse to publish something that is not a valid adapter
+        url = push_folder(directory, repo_id, private=private, revision=revision, commit_message=commit_message)
+        typer.echo(f"pushed {directory} -> {url}")
+
+
+@app.command()
+def methods(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """List the merge methods: name, what it does, reference."""
+    from lora_fusion.methods import list_methods
+
+    rows = [
+        {"name": m.name, "aliases": list(m.aliases), "summary": m.summary, "formula": m.formula,
+         "reference": m.reference, "params": sorted(m.params)}
+        for m in list_methods()
+    ]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        alias = f" (alias: {', '.join(row['aliases'])})" if row["aliases"] else ""
+        typer.echo(f"{row['name']}{alias}\n    {row['summary']}\n    {row['formula']}\n    {row['reference']}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point: like `app()`, but parse errors also end on one line with exit code 2."""
+    try:
+        code = app(args=list(argv) if argv is not None else None, standalone_mode=False)
+    except typer.Exit as done:
+        return done.exit_code
+    except typer.Abort:
+        typer.echo("Aborted.", err=True)
+        return 130
+    except Exception as err:
+        # Parser errors (unknown option, bad value, missing argument) carry exit_code 2 and format_message().
+        if getattr(err, "exit_code", None) == 2 and hasattr(err, "format_message"):
+            command = " ".join(sys.argv[1:2]) if argv is None else " ".join(list(argv)[:1])
+            typer.echo(f"Error: {err.format_message()}. See `lora-fusion {command} --help`.".replace("..", "."), err=True)
+            return 2
+        raise
+    return code if isinstance(code, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

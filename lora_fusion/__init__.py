@@ -1,0 +1,53 @@
+"""lora-fusion: merge LoRA adapters exactly and fast, from the Hub or disk, into PEFT adapters.
+
+Names are imported on first use, so `import lora_fusion` (and `lora-fusion --help`) stays free of torch.
+
+Example:
+    ```python
+    >>> from lora_fusion import merge
+    >>> merged = merge(["org/math-lora", "org/code-lora"], method="svd", weights=[0.6, 0.4], rank=16)
+    >>> merged.save_pretrained("out/")
+    ```
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
+
+try:
+    __version__ = version("lora-fusion")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"
+
+# One table: public name -> submodule. A test imports every name, so the table cannot drift from the code.
+_LAZY = {
+    "load_adapter": "sources",
+    "merge": "engine",
+    "MergePlan": "engine",
+    "LoraAdapter": "adapter",
+    "ModuleFactors": "adapter",
+    "ModuleStats": "methods",
+    "MergeParams": "methods",
+    "get_method": "methods",
+    "list_methods": "methods",
+    "register_method": "methods",
+    "load_recipe": "recipe",
+    "Recipe": "recipe",
+}
+
+__all__ = ["__version__", *sorted(_LAZY)]
+
+if TYPE_CHECKING:
+    from .adapter import LoraAdapter, ModuleFactors
+    from .engine import MergePlan, merge
+    from .methods import MergeParams, ModuleStats, get_method, list_methods, register_method
+    from .recipe import Recipe, load_recipe
+    from .sources import load_adapter
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'lora_fusion' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"lora_fusion.{_LAZY[name]}"), name)

@@ -1,0 +1,240 @@
+"""The single in-memory form of a LoRA adapter: a config plus per-module factors, read on demand.
+
+Conventions (METHODS.md §a):
+
+* Module names are the base model's module paths (`model.layers.0.self_attn.q_proj`), not PEFT's state-dict keys.
+* Every module is held in a canonical "out × in" form: `B` is m×r, `A` is r×n and the update is ΔW = scale·B·A.
+  Embeddings use m = embedding width, n = vocabulary (PEFT applies (B·A)ᵀ to `nn.Embedding.weight`);
+  convolutions flatten A's kernel into n = in·∏k (PEFT reshapes B·A back to the kernel).
+* `scale` already resolves `lora_alpha`, `alpha_pattern`, `rank_pattern` and rslora for the module.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+import torch
+
+from .errors import NonFiniteError
+
+if TYPE_CHECKING:
+    from .methods.base import ModuleStats
+
+ModuleKind = Literal["linear", "embedding", "conv"]
+
+
+@dataclass(frozen=True)
+class ModuleFactors:
+    """The factors of one module in canonical form: ΔW = scale·B·A (+ scale·bias on the output, if any)."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float
+    bias: torch.Tensor | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    def delta(self) -> torch.Tensor:
+        """Dense ΔW = scale·B·A in float32, m×n: for tests, `inspect` and dense methods only."""
+        return self.scale * (self.B.float() @ self.A.float())
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """What is known about one module from file headers alone: shapes, rank, scale and where its tensors live."""
+
+    name: str
+    kind: ModuleKind
+    out_features: int
+    in_features: int
+    rank: int
+    scale: float
+    dtype: torch.dtype
+    a_shape: tuple[int, ...]
+    b_shape: tuple[int, ...]
+    a_key: str
+    b_key: str
+    bias_key: str | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(m, n) of the canonical update."""
+        return (self.out_features, self.in_features)
+
+    @property
+    def kernel(self) -> tuple[int, ...]:
+        """The trailing dimensions of A beyond the input channels (the kernel of a convolution; empty otherwise)."""
+        return self.a_shape[2:]
+
+    def layout(self) -> tuple[ModuleKind, tuple[int, int], tuple[int, ...]]:
+        """What must agree between adapters for their updates of this module to be added."""
+        return (self.kind, self.shape, self.kernel)
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """The parts of `adapter_config.json` that decide what the tensors mean; `raw` keeps the file's content."""
+
+    base_model: str | None
+    task_type: str | None
+    r: int
+    lora_alpha: float
+    use_rslora: bool = False
+    rank_pattern: Mapping[str, int] = field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = field(default_factory=dict)
+    fan_in_fan_out: bool = False
+    raw: Mapping[str, Any] = field(default_factory=dict)
+
+    def expected_rank(self, module: str) -> int:
+        """The rank PEFT would give `module`: the first matching `rank_pattern` key, else `r`."""
+        return int(_pattern_value(self.rank_pattern, module, self.r))
+
+    def scale_for(self, module: str, rank: int) -> float:
+        """alpha/r, or alpha/√r with rslora, with alpha from the first matching `alpha_pattern` key (as PEFT)."""
+        alpha = float(_pattern_value(self.alpha_pattern, module, self.lora_alpha))
+        return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
+
+
+def _pattern_value(pattern: Mapping[str, Any], module: str, default: Any) -> Any:
+    # PEFT's get_pattern_key: a key is a regex matched against a dotted suffix of the module name; first wins.
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+class TensorStore(Protocol):
+    """Where an adapter's tensors live: a file opened lazily, or memory."""
+
+    def read(self, key: str) -> torch.Tensor: ...
+
+
+class MemoryStore:
+    """Tensors already in memory (merged adapters)."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self._tensors = dict(tensors)
+
+    def read(self, key: str) -> torch.Tensor:
+        return self._tensors[key]
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """Where an adapter came from: what the user asked for and what it resolved to."""
+
+    source: str
+    revision: str | None = None
+    subfolder: str | None = None
+    commit: str | None = None
+    path: str | None = None
+
+    def to_dict(self) -> dict[str, str | None]:
+        return {"source": self.source, "revision": self.revision, "subfolder": self.subfolder, "commit": self.commit}
+
+
+class LoraAdapter:
+    """A LoRA adapter: its config, its modules (from headers) and their factors (read on demand).
+
+    Obtained from [`load_adapter`] or returned by [`merge`]. Tensors of a loaded adapter are read one module at a
+    time, so holding many large adapters costs almost no memory until their modules are used.
+
+    Example:
+        ```python
+        >>> from lora_fusion import load_adapter
+        >>> adapter = load_adapter("org/math-lora")
+        >>> adapter.delta("model.layers.0.self_attn.q_proj").shape
+        torch.Size([4096, 4096])
+        ```
+    """
+
+    def __init__(
+        self,
+        *,
+        config: AdapterConfig,
+        modules: Mapping[str, ModuleSpec],
+        store: TensorStore,
+        source: SourceInfo | None = None,
+        provenance: Mapping[str, Any] | None = None,
+        stats: Mapping[str, ModuleStats] | None = None,
+    ) -> None:
+        self.config = config
+        self.modules: dict[str, ModuleSpec] = dict(modules)
+        self.source = source
+        self.provenance: dict[str, Any] = dict(provenance or {})
+        self.stats: dict[str, ModuleStats] = dict(stats or {})
+        self._store = store
+
+    def __repr__(self) -> str:
+        origin = self.source.source if self.source else self.provenance.get("method", "merged")
+        return f"LoraAdapter({origin!r}, modules={len(self.modules)}, base_model={self.config.base_model!r})"
+
+    @property
+    def base_model(self) -> str | None:
+        return self.config.base_model
+
+    def factors(self, module: str) -> ModuleFactors:
+        """Read one module's factors in canonical form (A r×n, B m×r), in the file's dtype.
+
+        Raises:
+            KeyError: if the adapter has no such module.
+            NonFiniteError: if a factor holds NaN or Inf.
+        """
+        spec = self.modules[module]
+        a = self._store.read(spec.a_key).reshape(spec.rank, spec.in_features)
+        b = self._store.read(spec.b_key).reshape(spec.out_features, spec.rank)
+        bias = self._store.read(spec.bias_key) if spec.bias_key else None
+        for tensor in (a, b) if bias is None else (a, b, bias):
+            if not torch.isfinite(tensor).all():
+                where = self.source.source if self.source else "merged adapter"
+                raise NonFiniteError(
+                    f"{where}: module {module} holds NaN or Inf values; the adapter is corrupted or diverged in "
+                    "training. Re-download it, or leave it out of the merge."
+                )
+        return ModuleFactors(A=a, B=b, scale=spec.scale, bias=bias)
+
+    def delta(self, module: str) -> torch.Tensor:
+        """The dense update ΔW = scale·B·A of one module, float32, in canonical m×n form.
+
+        For an `nn.Linear` this is the `weight` layout (out × in); for `fan_in_fan_out` layers and embeddings the base
+        weight holds ΔWᵀ; for convolutions reshape to (out, in, *kernel).
+        """
+        return self.factors(module).delta()
+
+    def save_pretrained(self, save_directory: str | Path, *, overwrite: bool = False) -> Path:
+        """Write a PEFT adapter (adapter_config.json, adapter_model.safetensors, README.md model card), atomically.
+
+        The result loads with `peft.PeftModel.from_pretrained(base_model, save_directory)`.
+
+        Raises:
+            OutputExistsError: if `save_directory` exists and `overwrite` is False.
+        """
+        from .writer import write_adapter
+
+        return write_adapter(self, Path(save_directory), overwrite=overwrite)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        revision: str | None = None,
+        commit_message: str | None = None,
+        token: str | None = None,
+    ) -> str:
+        """Upload the adapter to a Hub model repo (created if missing); returns the commit URL.
+
+        The token comes from `token`, `HF_TOKEN` or the stored login, as in huggingface_hub; it is never written.
+        """
+        from .writer import push_adapter
+
+        return push_adapter(
+            self, repo_id, private=private, revision=revision, commit_message=commit_message, token=token
+        )

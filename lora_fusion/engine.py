@@ -1,0 +1,358 @@
+"""Run a merge method over modules, one module at a time.
+
+`merge` resolves the sources (headers only), checks that they can be merged, validates every parameter before any
+tensor is read, then streams: for each module it reads that module's factors from each adapter, calls the method,
+keeps the (small) output factors and lets the inputs go. Peak memory is one module's working set plus the output.
+The engine parses no flags and writes no files; the writer does that.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, Literal, overload
+
+import torch
+
+from .adapter import AdapterConfig, LoraAdapter, MemoryStore, ModuleFactors, ModuleSpec
+from .errors import IncompatibleAdaptersError, InvalidParameterError
+from .methods import MergeParams, MethodSpec, ModuleGroup, ModuleStats, get_method
+from .recipe import SourceEntry
+from .sources import load_adapter
+
+Source = str | Path | LoraAdapter | SourceEntry
+
+
+def lora_fusion_version() -> str:
+    try:
+        return version("lora-fusion")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+@dataclass(frozen=True)
+class ModulePlan:
+    """One module of a merge plan: canonical shape, input ranks, output rank (an upper bound with `energy`)."""
+
+    name: str
+    shape: tuple[int, int]
+    input_ranks: tuple[int, ...]
+    output_rank: int
+    flops: float
+    working_bytes: int
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """What a merge would do, computed from file headers alone: `--dry-run` prints it."""
+
+    method: str
+    sources: tuple[str, ...]
+    weights: tuple[float, ...]
+    params: Mapping[str, Any]
+    modules: tuple[ModulePlan, ...]
+    output_bytes: int
+    peak_bytes: int
+    rank_is_bound: bool = False
+
+    @property
+    def flops(self) -> float:
+        return sum(m.flops for m in self.modules)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "sources": list(self.sources),
+            "weights": list(self.weights),
+            "params": dict(self.params),
+            "modules": len(self.modules),
+            "output_ranks": {m.name: m.output_rank for m in self.modules},
+            "output_rank_is_upper_bound": self.rank_is_bound,
+            "estimated_flops": self.flops,
+            "estimated_peak_bytes": self.peak_bytes,
+            "output_bytes": self.output_bytes,
+        }
+
+    def __str__(self) -> str:
+        ranks = sorted({m.output_rank for m in self.modules})
+        rank_text = ", ".join(map(str, ranks[:8])) + (" …" if len(ranks) > 8 else "")
+        bound = " (upper bound; --energy picks per module)" if self.rank_is_bound else ""
+        lines = [
+            f"method        {self.method} {' '.join(f'{k}={v}' for k, v in self.params.items())}".rstrip(),
+            f"sources       {', '.join(f'{s} (w={w:g})' for s, w in zip(self.sources, self.weights))}",
+            f"modules       {len(self.modules)}",
+            f"output ranks  {rank_text}{bound}",
+            f"compute       ~{_si(self.flops)}FLOP",
+            f"peak memory   ~{_si(self.peak_bytes)}B (largest module working set + output)",
+            f"output size   {_si(self.output_bytes)}B",
+        ]
+        return "\n".join(lines)
+
+
+def _si(value: float) -> str:
+    for unit in ("", "k", "M", "G", "T", "P"):
+        if abs(value) < 1000:
+            return f"{value:.3g} {unit}"
+        value /= 1000
+    return f"{value:.3g} E"
+
+
+@overload
+def merge(sources: Sequence[Source], *, dry_run: Literal[False] = ..., **kwargs: Any) -> LoraAdapter: ...
+@overload
+def merge(sources: Sequence[Source], *, dry_run: Literal[True], **kwargs: Any) -> MergePlan: ...
+
+
+def merge(
+    sources: Sequence[Source],
+    *,
+    method: str = "linear",
+    weights: Sequence[float] | None = None,
+    rank: int | None = None,
+    energy: float | None = None,
+    scale: float | None = None,
+    revision: str | None = None,
+    subfolder: str | None = None,
+    token: str | None = None,
+    dtype: torch.dtype | None = None,
+    device: str = "cpu",
+    ignore_base_model: bool = False,
+    dry_run: bool = False,
+    progress: bool | None = None,
+) -> LoraAdapter | MergePlan:
+    """Fuse LoRA adapters module by module; exact methods never form an out×in matrix.
+
+    Args:
+        sources: Hub ids (`owner/name[@revision]`), local adapter directories or files, loaded [`LoraAdapter`]s,
+            or recipe [`SourceEntry`]s (with their own revision and subfolder).
+        method: a registered method name (`lora-fusion methods`), e.g. `"linear"`, `"task_arithmetic"`, `"svd"`.
+        weights: one weight per source (default 1 each, i.e. the plain sum); negative weights subtract.
+        rank: output rank for rank-reducing methods (default: the largest input rank of each module).
+        energy: instead of `rank`, keep the smallest rank per module whose retained energy reaches this fraction.
+        scale: global factor λ on the merged update (`task_arithmetic`, `svd`; default 1).
+        revision, subfolder, token: passed to [`load_adapter`] for string sources.
+        dtype: output dtype (default: the sources' dtype, float32 if they differ). Math is always float32/float64.
+        device: where the math runs (`"cpu"`, `"cuda"`, `"auto"`).
+        ignore_base_model: merge even if the adapters' `base_model_name_or_path` differ (shapes must still agree).
+        dry_run: return a [`MergePlan`] computed from headers, reading no tensors.
+        progress: show a progress bar on stderr (default: when stderr is a terminal).
+
+    Returns:
+        The merged [`LoraAdapter`] (with `.stats` per module and `.provenance`), or a [`MergePlan`] if `dry_run`.
+
+    Raises:
+        UnknownMethodError, InvalidParameterError: before any download.
+        IncompatibleAdaptersError: different base models, or different shapes for one module (named).
+        SourceNotFoundError, NotALoraAdapterError, UnsupportedAdapterError, CorruptAdapterError, HubError: from loading.
+
+    Example:
+        ```python
+        >>> merged = merge(["org/math-lora", "org/code-lora"], method="svd", weights=[0.6, 0.4], rank=16)
+        >>> merged.save_pretrained("out/")
+        ```
+    """
+    spec = get_method(method)
+    params = _params_for(spec, rank=rank, energy=energy, scale=scale)
+    weight_list = _weights(weights, len(sources))
+    target = _device(device)
+    adapters = [_open(s, revision=revision, subfolder=subfolder, token=token) for s in sources]
+    layout = _module_layout(adapters, ignore_base_model=ignore_base_model)
+    out_dtype = dtype or _common_dtype(adapters)
+    if dry_run:
+        return _plan(spec, params, adapters, weight_list, layout, out_dtype)
+
+    tensors: dict[str, torch.Tensor] = {}
+    modules: dict[str, ModuleSpec] = {}
+    stats: dict[str, ModuleStats] = {}
+    for name in _progress(layout, enabled=progress, what=f"merging ({spec.name})"):
+        present = [(a, w) for a, w in zip(adapters, weight_list) if name in a.modules]
+        group = ModuleGroup(
+            name=name,
+            factors=[_to(a.factors(name), target) for a, _ in present],
+            weights=[w for _, w in present],
+        )
+        result = spec.fn(group, params)
+        template = layout[name]
+        modules[name] = _output_spec(template, rank=result.stats.rank, dtype=out_dtype, bias=result.bias is not None)
+        tensors[modules[name].a_key] = result.A.to(device="cpu", dtype=out_dtype)
+        tensors[modules[name].b_key] = result.B.to(device="cpu", dtype=out_dtype)
+        if result.bias is not None:
+            tensors[modules[name].bias_key] = result.bias.to(device="cpu", dtype=out_dtype)
+        stats[name] = result.stats
+
+    first = adapters[0].config
+    config = AdapterConfig(
+        base_model=first.base_model,
+        task_type=first.task_type,
+        r=max(s.rank for s in stats.values()),
+        lora_alpha=1.0,
+        fan_in_fan_out=any(a.config.fan_in_fan_out for a in adapters),
+    )
+    provenance = {
+        "lora_fusion_version": lora_fusion_version(),
+        "method": spec.name,
+        "params": {name: getattr(params, name) for name in sorted(spec.params)},
+        "sources": [
+            {**(a.source.to_dict() if a.source else {"source": "in-memory adapter"}), "weight": w}
+            for a, w in zip(adapters, weight_list)
+        ],
+        "dtype": str(out_dtype).removeprefix("torch."),
+    }
+    return LoraAdapter(config=config, modules=modules, store=MemoryStore(tensors), provenance=provenance, stats=stats)
+
+
+def _open(source: Source, *, revision: str | None, subfolder: str | None, token: str | None) -> LoraAdapter:
+    if isinstance(source, LoraAdapter):
+        return source
+    if isinstance(source, (str, Path)):
+        return load_adapter(source, revision=revision, subfolder=subfolder, token=token)
+    return load_adapter(
+        source.source, revision=source.revision or revision, subfolder=source.subfolder or subfolder, token=token
+    )
+
+
+def _params_for(spec: MethodSpec, **given: Any) -> MergeParams:
+    for name, value in given.items():
+        if value is not None and name not in spec.params:
+            takers = "svd" if name in ("rank", "energy") else "task_arithmetic or svd"
+            raise InvalidParameterError(
+                name, value, expected=f"no {name} for the exact method {spec.name!r} (use {takers})"
+            )
+    return MergeParams(**{k: v for k, v in given.items() if v is not None})
+
+
+def _weights(weights: Sequence[float] | None, count: int) -> list[float]:
+    if count == 0:
+        raise InvalidParameterError("sources", [], expected="at least one adapter")
+    if weights is None:
+        return [1.0] * count
+    values = list(weights)
+    if len(values) != count:
+        raise InvalidParameterError(
+            "weights", values, expected=f"one weight per source ({count} sources, {len(values)} weights)"
+        )
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise InvalidParameterError("weights", values, expected="finite numbers, e.g. 0.6,0.4")
+    return [float(v) for v in values]
+
+
+def _device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise InvalidParameterError("device", device, expected="cpu, cuda or auto")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InvalidParameterError("device", device, expected="cpu or auto: no CUDA GPU is visible here")
+    return torch.device(device)
+
+
+def _module_layout(adapters: Sequence[LoraAdapter], *, ignore_base_model: bool) -> dict[str, ModuleSpec]:
+    """The union of the adapters' modules, each checked to have one layout; refuses different base models."""
+    bases = {a.base_model for a in adapters if a.base_model}
+    if len(bases) > 1 and not ignore_base_model:
+        named = "; ".join(f"{_origin(a)}: {a.base_model}" for a in adapters)
+        raise IncompatibleAdaptersError(
+            f"the adapters were trained on different base models ({named}). Merge adapters of one base model, or "
+            "pass --ignore-base-model if these names denote the same weights."
+        )
+    layout: dict[str, ModuleSpec] = {}
+    for adapter in adapters:
+        for name, spec in adapter.modules.items():
+            known = layout.setdefault(name, spec)
+            if known.layout() != spec.layout():
+                shapes = {_origin(a): a.modules[name].layout()[1:] for a in adapters if name in a.modules}
+                raise IncompatibleAdaptersError(
+                    f"module {name}: the adapters disagree on its shape {shapes}; they come from different base "
+                    "models. Compare them with `lora-fusion inspect`."
+                )
+    return layout
+
+
+def _origin(adapter: LoraAdapter) -> str:
+    return adapter.source.source if adapter.source else "in-memory adapter"
+
+
+def _common_dtype(adapters: Sequence[LoraAdapter]) -> torch.dtype:
+    dtypes = {spec.dtype for a in adapters for spec in a.modules.values()}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
+def _to(factors: ModuleFactors, device: torch.device) -> ModuleFactors:
+    bias = factors.bias.to(device, torch.float32) if factors.bias is not None else None
+    return ModuleFactors(
+        A=factors.A.to(device, torch.float32), B=factors.B.to(device, torch.float32), scale=factors.scale, bias=bias
+    )
+
+
+def _output_spec(template: ModuleSpec, *, rank: int, dtype: torch.dtype, bias: bool) -> ModuleSpec:
+    """The spec of an output module: same kind and shapes as the inputs, the new rank, scale folded in (1)."""
+    prefix = f"base_model.model.{template.name}"
+    if template.kind == "embedding":
+        a_key, b_key = f"{prefix}.lora_embedding_A", f"{prefix}.lora_embedding_B"
+    else:
+        a_key, b_key = f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight"
+    return ModuleSpec(
+        name=template.name,
+        kind=template.kind,
+        out_features=template.out_features,
+        in_features=template.in_features,
+        rank=rank,
+        scale=1.0,
+        dtype=dtype,
+        a_shape=(rank, *template.a_shape[1:]),
+        b_shape=(template.b_shape[0], rank, *template.b_shape[2:]),
+        a_key=a_key,
+        b_key=b_key,
+        bias_key=f"{prefix}.lora_B.bias" if bias else None,
+    )
+
+
+def _plan(
+    spec: MethodSpec,
+    params: MergeParams,
+    adapters: Sequence[LoraAdapter],
+    weights: Sequence[float],
+    layout: Mapping[str, ModuleSpec],
+    dtype: torch.dtype,
+) -> MergePlan:
+    item = torch.empty((), dtype=dtype).element_size()
+    modules = []
+    for name, template in layout.items():
+        ranks = tuple(a.modules[name].rank for a in adapters if name in a.modules)
+        m, n = template.shape
+        k = sum(ranks)
+        if spec.name == "svd":
+            out_rank = min(k, params.rank or (k if params.energy else max(ranks)))
+            flops = 4.0 * (m + n) * k * k + 10.0 * k**3 + 2.0 * (m + n) * k * out_rank
+        else:
+            out_rank, flops = k, float((m + n) * k)
+        # float32 copies of the inputs, the concatenation and the two Q factors, plus the output in `dtype`.
+        working = 4 * (m + n) * k * 3 + item * (m + n) * out_rank
+        modules.append(ModulePlan(name, (m, n), ranks, out_rank, flops, working))
+    output = sum(item * (p.shape[0] + p.shape[1]) * p.output_rank for p in modules)
+    peak = max((p.working_bytes for p in modules), default=0) + output
+    return MergePlan(
+        method=spec.name,
+        sources=tuple(_origin(a) for a in adapters),
+        weights=tuple(weights),
+        params=params.given(),
+        modules=tuple(modules),
+        output_bytes=output,
+        peak_bytes=peak,
+        rank_is_bound=spec.name == "svd" and params.energy is not None,
+    )
+
+
+def _progress(items: Mapping[str, Any], *, enabled: bool | None, what: str) -> Iterator[str]:
+    show = sys.stderr.isatty() if enabled is None else enabled
+    if not show:
+        yield from items
+        return
+    from tqdm.auto import tqdm
+
+    yield from tqdm(items, desc=what, unit="module", file=sys.stderr, leave=False)

@@ -1,0 +1,60 @@
+"""Errors a user can act on.
+
+Every class here derives from [`LoraFusionError`]; the CLI prints such an error on one line and exits with code 2.
+Each also derives from the matching built-in exception, so `except ValueError` keeps working for library users.
+Messages say what is wrong and what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class LoraFusionError(Exception):
+    """Base of every error the user can fix: the CLI prints it on one line and exits 2."""
+
+
+class SourceNotFoundError(LoraFusionError, FileNotFoundError):
+    """A local path or Hub repository/file/revision that does not exist (or is not visible with this token)."""
+
+
+class NotALoraAdapterError(LoraFusionError, ValueError):
+    """The source exists but is not a PEFT LoRA adapter (a full model, another tuner type, ...)."""
+
+
+class UnsupportedAdapterError(LoraFusionError, ValueError):
+    """A LoRA feature that cannot be merged exactly (DoRA, PiSSA, ...); the message names the feature."""
+
+
+class CorruptAdapterError(LoraFusionError, ValueError):
+    """Unreadable files, inconsistent shapes, or non-finite weights."""
+
+
+class NonFiniteError(CorruptAdapterError):
+    """NaN or Inf in a factor."""
+
+
+class IncompatibleAdaptersError(LoraFusionError, ValueError):
+    """Adapters that cannot be merged together: different base models or different shapes for one module."""
+
+
+class InvalidParameterError(LoraFusionError, ValueError):
+    """A merge parameter outside its domain (rank, energy, weights, ...)."""
+
+    def __init__(self, name: str, value: object, *, expected: str) -> None:
+        self.name, self.value, self.expected = name, value, expected
+        super().__init__(f"invalid {name} {value!r}: expected {expected}.")
+
+
+class UnknownMethodError(LoraFusionError, ValueError):
+    """A method name that is not registered."""
+
+
+class OutputExistsError(LoraFusionError, FileExistsError):
+    """The output directory exists and overwriting was not asked for."""
+
+
+class HubError(LoraFusionError, OSError):
+    """The Hub refused or could not be reached; the message says whether to log in, check the id or go offline."""
+
+
+class RecipeError(LoraFusionError, ValueError):
+    """A YAML recipe with an unknown key, a wrong type, or invalid YAML."""

@@ -1,0 +1,24 @@
+"""Merge methods, one module per family, each method registered by name (see `lora-fusion methods`)."""
+
+from . import exact  # noqa: F401  (registers linear/cat, task_arithmetic, svd)
+from .base import (
+    MergeParams,
+    MethodSpec,
+    ModuleGroup,
+    ModuleResult,
+    ModuleStats,
+    get_method,
+    list_methods,
+    register_method,
+)
+
+__all__ = [
+    "MergeParams",
+    "MethodSpec",
+    "ModuleGroup",
+    "ModuleResult",
+    "ModuleStats",
+    "get_method",
+    "list_methods",
+    "register_method",
+]

@@ -1,0 +1,80 @@
+"""Exact merges in factored form (METHODS.md §b): no out×in matrix is ever formed."""
+
+from __future__ import annotations
+
+import torch
+
+from ..linalg import choose_rank, factored_svd, relative_error, retained_energy, truncate
+from .base import MergeParams, ModuleGroup, ModuleResult, ModuleStats, register_method
+
+
+def concatenated(group: ModuleGroup, factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """B_cat = [c·w₁s₁B₁ | … | c·w_T s_T B_T] (m×k) and A_cat = [A₁; …; A_T] (k×n), so B_cat·A_cat = c·Σ wᵢ ΔWᵢ.
+
+    Each adapter's weight and scale go into its own block of B, so ranks, alphas and rslora may all differ.
+    """
+    B = torch.cat([factor * w * f.scale * f.B for f, w in zip(group.factors, group.weights)], dim=1)
+    A = torch.cat([f.A for f in group.factors], dim=0)
+    return B, A
+
+
+@register_method(
+    "linear",
+    aliases=("cat",),
+    summary="Exact weighted sum of the updates; factors concatenated, output rank Σ rᵢ (no cross terms).",
+    formula="ΔW = Σᵢ wᵢ·sᵢ·Bᵢ·Aᵢ = [w₁s₁B₁|…|w_T s_T B_T]·[A₁;…;A_T]",
+    reference="Hu et al., LoRA, ICLR 2022 (arXiv:2106.09685); METHODS.md b.1",
+)
+def linear(group: ModuleGroup, params: MergeParams) -> ModuleResult:
+    """ΔW = Σᵢ wᵢ·sᵢ·Bᵢ·Aᵢ exactly, as [w₁s₁B₁ | … | w_T s_T B_T]·[A₁; …; A_T] (rank Σᵢ rᵢ).
+
+    Unlike PEFT's `linear`, which forms (Σ√(wᵢsᵢ)Bᵢ)(Σ√(wⱼsⱼ)Aⱼ) and so adds the cross terms BᵢAⱼ, this is the
+    weighted sum itself. A lora_B bias is summed the same way: Σ wᵢ·sᵢ·bᵢ.
+    """
+    B, A = concatenated(group)
+    return ModuleResult(A=A, B=B, bias=group.scaled_bias(), stats=ModuleStats(rank=A.shape[0]))
+
+
+@register_method(
+    "task_arithmetic",
+    summary="λ times the exact weighted sum of the task updates (factored, rank Σ rᵢ).",
+    formula="ΔW = λ·Σᵢ wᵢ·sᵢ·Bᵢ·Aᵢ",
+    reference="Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023 (arXiv:2212.04089)",
+    params=("scale",),
+)
+def task_arithmetic(group: ModuleGroup, params: MergeParams) -> ModuleResult:
+    """ΔW = λ·Σᵢ wᵢ·ΔWᵢ (Ilharco et al., ICLR 2023), exact in factored form; λ is `scale`, default 1."""
+    B, A = concatenated(group, params.scale)
+    return ModuleResult(A=A, B=B, bias=group.scaled_bias(params.scale), stats=ModuleStats(rank=A.shape[0]))
+
+
+@register_method(
+    "svd",
+    summary="Best rank-R approximation of the weighted sum, via QR of the stacked factors and an SVD of the k×k core.",
+    formula="ΔW_R = argmin_{rank ≤ R} ‖λ·Σᵢ wᵢ·sᵢ·Bᵢ·Aᵢ − X‖_F",
+    reference="Eckart–Young–Mirsky; PEFT add_weighted_adapter(combination_type='svd'); METHODS.md b.2",
+    params=("rank", "energy", "scale"),
+)
+def svd(group: ModuleGroup, params: MergeParams) -> ModuleResult:
+    """ΔW_R = U_R·Σ_R·V_Rᵀ, the best rank-R approximation of λ·Σᵢ wᵢ·ΔWᵢ in Frobenius and spectral norm.
+
+    With B_cat = Q_B·R_B and A_catᵀ = Q_A·R_A, ΔW = Q_B·(R_B·R_Aᵀ)·Q_Aᵀ; the SVD of the k×k core gives ΔW's exact
+    SVD (Eckart–Young–Mirsky). R is `rank` (default: the largest input rank), or the smallest rank with retained
+    energy ≥ `energy`. The output splits √σ evenly between B' and A'. An all-zero sum is written at rank 1.
+    """
+    B, A = concatenated(group, params.scale)
+    decomposition = factored_svd(B, A)
+    S = decomposition.S
+    rank = 1 if decomposition.total_energy == 0.0 else choose_rank(
+        S, rank=params.rank, energy=params.energy, default=group.max_rank
+    )
+    energy = retained_energy(S, rank)
+    out_B, out_A = truncate(decomposition, rank)
+    stats = ModuleStats(
+        rank=rank,
+        retained_energy=energy,
+        relative_error=relative_error(energy),
+        sigma_max=float(S[0]) if S.numel() else 0.0,
+        sigma_next=float(S[rank]) if rank < S.numel() else 0.0,
+    )
+    return ModuleResult(A=out_A, B=out_B, bias=group.scaled_bias(params.scale), stats=stats)

@@ -1,0 +1,112 @@
+"""YAML merge recipes: the same options as `lora-fusion merge`, validated whole before any download.
+
+```yaml
+method: svd
+rank: 16
+sources:
+  - org/math-lora@v2                      # short form: owner/name[@revision] or a path
+  - {source: org/code-lora, weight: 0.4, subfolder: adapters/code}
+out: merged/math-code
+```
+Relative paths are resolved against the recipe's folder. Unknown keys and wrong types are refused by name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import RecipeError
+
+
+class SourceEntry(BaseModel):
+    """One adapter of a recipe."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    source: str
+    weight: float | None = None
+    revision: str | None = None
+    subfolder: str | None = None
+
+
+class Recipe(BaseModel):
+    """A merge recipe; every field mirrors a `lora-fusion merge` option."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    method: str = "linear"
+    sources: list[str | SourceEntry] = Field(min_length=1)
+    weights: list[float] | None = None
+    rank: int | None = None
+    energy: float | None = None
+    scale: float | None = None
+    device: str = "cpu"
+    out: str | None = None
+    overwrite: bool = False
+    push_to_hub: str | None = None
+    private: bool | None = None
+    ignore_base_model: bool = False
+
+    def entries(self) -> list[SourceEntry]:
+        """Sources in long form."""
+        return [s if isinstance(s, SourceEntry) else SourceEntry(source=s) for s in self.sources]
+
+    def source_weights(self) -> list[float] | None:
+        """The weights, from `weights:` or from per-source `weight:` (not both)."""
+        per_source = [e.weight for e in self.entries()]
+        if any(w is not None for w in per_source):
+            if self.weights is not None:
+                raise RecipeError("recipe: give weights either as `weights:` or per source, not both.")
+            return [1.0 if w is None else w for w in per_source]
+        return self.weights
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a YAML recipe; local source paths and `out` are resolved against the recipe's folder.
+
+    Raises:
+        RecipeError: unreadable YAML, an unknown key or a wrong type, named with its location.
+    """
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RecipeError(f"recipe {path} not found; pass the path of a YAML recipe.") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where else ""
+        raise RecipeError(f"{path}: not valid YAML{line}; fix the file.") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a YAML mapping of options (method:, sources:, ...).")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as err:
+        raise RecipeError(f"{path}: {_first_problem(err)}") from None
+    return _resolved(recipe, path.parent)
+
+
+def _first_problem(err: ValidationError) -> str:
+    problem = err.errors()[0]
+    location = ".".join(str(p) for p in problem["loc"] if not str(p).startswith(("str", "SourceEntry")))
+    if problem["type"] == "extra_forbidden":
+        allowed = ", ".join(Recipe.model_fields)
+        return f"unknown key {location!r}; allowed keys: {allowed}."
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{location or 'recipe'}: {problem['msg']} (got {problem.get('input')!r}){more}."
+
+
+def _resolved(recipe: Recipe, folder: Path) -> Recipe:
+    def local(value: str) -> str:
+        candidate = folder / value
+        return str(candidate) if not Path(value).is_absolute() and candidate.exists() else value
+
+    entries: list[str | SourceEntry] = [e.model_copy(update={"source": local(e.source)}) for e in recipe.entries()]
+    update: dict[str, Any] = {"sources": entries}
+    if recipe.out and not Path(recipe.out).is_absolute():
+        update["out"] = str(folder / recipe.out)
+    return recipe.model_copy(update=update)

@@ -1,0 +1,424 @@
+"""Find adapters on disk or on the Hub, validate them, and open their tensors lazily.
+
+Only the adapter's own files are ever downloaded (`adapter_config.json` and `adapter_model.safetensors`, or the legacy
+`adapter_model.bin`), never base-model weights. `HF_TOKEN`, `HF_HUB_OFFLINE`, `HF_ENDPOINT` and the standard cache are
+honoured because all Hub traffic goes through huggingface_hub. Legacy `.bin` files are unpickled with
+`torch.load(weights_only=True)`: no code from a downloaded file ever runs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .adapter import AdapterConfig, LoraAdapter, ModuleSpec, SourceInfo
+from .errors import (
+    CorruptAdapterError,
+    HubError,
+    NotALoraAdapterError,
+    SourceNotFoundError,
+    UnsupportedAdapterError,
+)
+
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+LEGACY_NAME = "adapter_model.bin"
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_FACTOR_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_A|lora_B)\.(?P<param>weight|bias)$")
+_EMBEDDING_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_embedding_A|lora_embedding_B)$")
+_BASE_COPY_KEY = re.compile(r"^(?:base_model\.model\.)?.+\.base_layer\.weight$")
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+# init_lora_weights values whose training changed the base weights themselves: the factors alone are not the update.
+_BASE_MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+def load_adapter(
+    source: str | Path,
+    *,
+    revision: str | None = None,
+    subfolder: str | None = None,
+    token: str | None = None,
+    config: str | Path | None = None,
+) -> LoraAdapter:
+    """Open a LoRA adapter from a local directory, a single safetensors file, or a Hub repo; tensors stay on disk.
+
+    Args:
+        source: a local adapter directory, a `.safetensors`/`.bin` file, or a Hub repo id `owner/name[@revision]`.
+        revision: branch, tag or commit on the Hub (overrides `@revision` in `source`).
+        subfolder: folder inside the repo or directory that holds the adapter files.
+        token: Hub token; by default `HF_TOKEN` or the stored login. Never written anywhere.
+        config: `adapter_config.json` to use with a single weights file (default: the file next to it).
+
+    Returns:
+        [`LoraAdapter`] whose modules are known from headers; factors are read when used.
+
+    Raises:
+        SourceNotFoundError: no such path, repo, revision or file.
+        NotALoraAdapterError: the source is not a PEFT LoRA adapter (e.g. a full model).
+        UnsupportedAdapterError: a LoRA variant that cannot be merged exactly (DoRA, PiSSA, ...), named.
+        CorruptAdapterError: unreadable or inconsistent files.
+        HubError: authentication, network or server errors, with what to do.
+
+    Example:
+        ```python
+        >>> adapter = load_adapter("org/math-lora@main")
+        >>> sorted(adapter.modules)[:1]
+        ['model.layers.0.self_attn.q_proj']
+        ```
+    """
+    text = str(source)
+    path = Path(text).expanduser()
+    if path.exists():
+        info = SourceInfo(source=text, subfolder=subfolder, path=str(path.resolve()))
+        if path.is_file():
+            return open_adapter_files(Path(config) if config else path.parent / CONFIG_NAME, path, info)
+        folder = path / subfolder if subfolder else path
+        return open_adapter_files(Path(config) if config else folder / CONFIG_NAME, _weights_file(folder), info)
+    repo_id, _, at_revision = text.partition("@")
+    if not _REPO_ID.match(repo_id):
+        raise SourceNotFoundError(f"{text}: no such file or directory, and not a Hub repo id (owner/name[@revision]).")
+    return _load_from_hub(repo_id, revision=revision or at_revision or None, subfolder=subfolder, token=token)
+
+
+def _weights_file(folder: Path) -> Path:
+    for name in (SAFETENSORS_NAME, LEGACY_NAME):
+        if (folder / name).is_file():
+            return folder / name
+    if (folder / "config.json").is_file() and not (folder / CONFIG_NAME).is_file():
+        raise NotALoraAdapterError(
+            f"{folder} holds config.json but no {CONFIG_NAME}: it looks like a full model, not a LoRA adapter. "
+            "Pass the directory of a PEFT LoRA adapter."
+        )
+    raise SourceNotFoundError(f"{folder} has no {SAFETENSORS_NAME} or {LEGACY_NAME}; pass a PEFT adapter directory.")
+
+
+def open_adapter_files(config_path: Path, weights_path: Path, info: SourceInfo) -> LoraAdapter:
+    """Validate a config and a weights file and open them as a [`LoraAdapter`] (headers only)."""
+    if not config_path.is_file():
+        if (config_path.parent / "config.json").is_file():
+            raise NotALoraAdapterError(
+                f"{info.source} has config.json but no {CONFIG_NAME}: it looks like a full model, not a LoRA adapter."
+            )
+        raise SourceNotFoundError(f"{info.source}: {config_path} not found; a LoRA adapter needs its {CONFIG_NAME}.")
+    config = parse_config(_read_json(config_path, info.source), info.source)
+    store: SafetensorsStore | PickleStore
+    store = SafetensorsStore(weights_path, info.source) if weights_path.suffix != ".bin" else PickleStore(weights_path, info.source)
+    modules = _module_specs(store, config, info.source)
+    return LoraAdapter(config=config, modules=modules, store=store, source=info)
+
+
+def _read_json(path: Path, source: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CorruptAdapterError(f"{source}: {path.name} is not valid JSON ({err}); re-download the adapter.") from None
+    if not isinstance(data, dict):
+        raise CorruptAdapterError(f"{source}: {path.name} must hold a JSON object.")
+    return data
+
+
+def parse_config(raw: Mapping[str, Any], source: str) -> AdapterConfig:
+    """Check that `raw` describes a plain LoRA the project can merge exactly, and extract what the tensors mean."""
+    peft_type = raw.get("peft_type")
+    if peft_type is None:
+        raise NotALoraAdapterError(f"{source}: {CONFIG_NAME} has no peft_type; it is not a PEFT adapter.")
+    if str(peft_type).upper() != "LORA":
+        raise NotALoraAdapterError(f"{source}: peft_type is {peft_type}, not LORA; only LoRA adapters can be merged.")
+    _refuse_unsupported_features(raw, source)
+    r = _typed(raw, "r", int, source, minimum=1)
+    alpha = _typed(raw, "lora_alpha", (int, float), source, default=8, minimum=0)
+    rank_pattern = _pattern(raw, "rank_pattern", int, source)
+    alpha_pattern = _pattern(raw, "alpha_pattern", (int, float), source)
+    return AdapterConfig(
+        base_model=raw.get("base_model_name_or_path") or None,
+        task_type=raw.get("task_type"),
+        r=r,
+        lora_alpha=float(alpha),
+        use_rslora=bool(raw.get("use_rslora", False)),
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        fan_in_fan_out=bool(raw.get("fan_in_fan_out", False)),
+        raw=dict(raw),
+    )
+
+
+def _refuse_unsupported_features(raw: Mapping[str, Any], source: str) -> None:
+    refusals = {
+        "use_dora": "DoRA: its update depends on the base weights and is not a low-rank sum",
+        "target_parameters": "target_parameters (LoRA on nn.Parameter)",
+        "modules_to_save": "modules_to_save (full copies of modules, e.g. heads, are not low-rank updates; "
+        "keep them outside the merge)",
+        "trainable_token_indices": "trainable_token_indices",
+        "layer_replication": "layer_replication",
+        "kasa_config": "KaSA",
+        "use_qalora": "QA-LoRA",
+        "use_bdlora": "BD-LoRA",
+        "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
+        "arrow_config": "Arrow routing",
+        "monteclora_config": "MonteCLoRA",
+        "megatron_config": "Megatron-parallel LoRA",
+    }
+    for key, feature in refusals.items():
+        if raw.get(key):
+            raise UnsupportedAdapterError(
+                f"{source}: uses {feature}, which lora-fusion cannot merge exactly; convert it to a plain LoRA first."
+            )
+    init = raw.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_BASE_MUTATING_INITS):
+        raise UnsupportedAdapterError(
+            f"{source}: init_lora_weights={init!r} changed the base weights during training, so the factors alone are "
+            "not the update; convert it with PEFT's save_pretrained(path_initial_model_for_weight_conversion=...)."
+        )
+    if raw.get("bias", "none") != "none":
+        raise UnsupportedAdapterError(
+            f"{source}: bias={raw.get('bias')!r} trains the base model's biases, which are not low-rank updates; "
+            "retrain with bias='none' (lora_bias=True is supported)."
+        )
+
+
+def _typed(raw: Mapping[str, Any], key: str, kind: Any, source: str, *, default: Any = None, minimum: float) -> Any:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, kind) or value < minimum or value != value:
+        raise CorruptAdapterError(f"{source}: {CONFIG_NAME} has {key}={value!r}; expected a number >= {minimum}.")
+    return value
+
+
+def _pattern(raw: Mapping[str, Any], key: str, kind: Any, source: str) -> dict[str, Any]:
+    pattern = raw.get(key) or {}
+    if not isinstance(pattern, dict):
+        raise CorruptAdapterError(f"{source}: {CONFIG_NAME} has {key} of type {type(pattern).__name__}; expected a map.")
+    for name, value in pattern.items():
+        if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
+            raise CorruptAdapterError(f"{source}: {key}[{name!r}]={value!r}; expected a positive number.")
+        try:
+            re.compile(name)
+        except re.error:
+            raise CorruptAdapterError(f"{source}: {key} key {name!r} is not a valid regular expression.") from None
+    return dict(pattern)
+
+
+class SafetensorsStore:
+    """A safetensors file opened lazily: headers on open, one tensor per read (memory-mapped)."""
+
+    def __init__(self, path: Path, source: str) -> None:
+        from safetensors import SafetensorError, safe_open
+
+        self.path, self.source = path, source
+        try:
+            self._file = safe_open(str(path), framework="pt", device="cpu")
+        except (SafetensorError, OSError, ValueError) as err:
+            raise CorruptAdapterError(
+                f"{source}: {path.name} is not a readable safetensors file ({err}); re-download the adapter."
+            ) from None
+
+    def keys(self) -> list[str]:
+        return list(self._file.keys())
+
+    def header(self, key: str) -> tuple[tuple[int, ...], str]:
+        piece = self._file.get_slice(key)
+        return tuple(piece.get_shape()), piece.get_dtype()
+
+    def read(self, key: str) -> torch.Tensor:
+        return self._file.get_tensor(key)
+
+
+class PickleStore:
+    """A legacy `adapter_model.bin`, unpickled with `weights_only=True` (no code runs) and memory-mapped."""
+
+    def __init__(self, path: Path, source: str) -> None:
+        self.path, self.source = path, source
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:  # torch raises UnpicklingError, RuntimeError or others for hostile or broken files
+            raise CorruptAdapterError(
+                f"{source}: {path.name} could not be read as plain tensors ({type(err).__name__}); it may be "
+                "corrupted or carry code, which is never run. Ask for a safetensors version of the adapter."
+            ) from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CorruptAdapterError(f"{source}: {path.name} does not hold a mapping of names to tensors.")
+        self._state: dict[str, torch.Tensor] = state
+
+    def keys(self) -> list[str]:
+        return list(self._state)
+
+    def header(self, key: str) -> tuple[tuple[int, ...], str]:
+        tensor = self._state[key]
+        names = {v: k for k, v in _DTYPES.items()}
+        return tuple(tensor.shape), names.get(tensor.dtype, str(tensor.dtype))
+
+    def read(self, key: str) -> torch.Tensor:
+        return self._state[key]
+
+
+def _module_specs(store: SafetensorsStore | PickleStore, config: AdapterConfig, source: str) -> dict[str, ModuleSpec]:
+    keys: dict[str, dict[str, str]] = {}
+    base_copies = [key for key in store.keys() if _BASE_COPY_KEY.match(key)]
+    if base_copies:
+        # PEFT's save_embedding_layers stores the (frozen) base embeddings next to the LoRA; they are base weights,
+        # not part of the update, so the merge keeps the base model's own.
+        warnings.warn(
+            f"{source}: ignoring {len(base_copies)} copies of base-model layers saved by PEFT "
+            f"({base_copies[0]}, ...); the merged adapter uses the base model's own weights.",
+            stacklevel=3,
+        )
+    for key in store.keys():
+        if key in base_copies:
+            continue
+        match = _FACTOR_KEY.match(key) or _EMBEDDING_KEY.match(key)
+        if match is None:
+            feature = "DoRA" if "lora_magnitude_vector" in key else "a tensor that is not a LoRA factor"
+            raise UnsupportedAdapterError(f"{source}: {key} is {feature}; only plain LoRA factors can be merged.")
+        part = match["part"].replace("_embedding", "") + ("_bias" if match.groupdict().get("param") == "bias" else "")
+        keys.setdefault(match["module"], {})[part] = key
+    if not keys:
+        raise NotALoraAdapterError(f"{source}: the weights file holds no LoRA factors.")
+    return {module: _module_spec(store, config, module, found, source) for module, found in sorted(keys.items())}
+
+
+def _module_spec(
+    store: SafetensorsStore | PickleStore, config: AdapterConfig, module: str, keys: dict[str, str], source: str
+) -> ModuleSpec:
+    if "lora_A" not in keys or "lora_B" not in keys:
+        raise CorruptAdapterError(f"{source}: module {module} lacks lora_A or lora_B; the adapter is incomplete.")
+    a_shape, a_dtype = store.header(keys["lora_A"])
+    b_shape, _ = store.header(keys["lora_B"])
+    embedding = "embedding" in keys["lora_A"]
+    kind = "embedding" if embedding else ("conv" if len(a_shape) > 2 else "linear")
+    rank = a_shape[0] if a_shape else 0
+    consistent = (
+        len(a_shape) >= 2
+        and len(b_shape) == len(a_shape)
+        and b_shape[1] == rank
+        and all(d == 1 for d in b_shape[2:])
+        and rank > 0
+    )
+    if not consistent:
+        raise CorruptAdapterError(
+            f"{source}: module {module} has lora_A {list(a_shape)} and lora_B {list(b_shape)}, which do not form "
+            "a LoRA pair (A r×in…, B out×r…); grouped convolutions are not supported."
+        )
+    if a_dtype not in _DTYPES:
+        raise UnsupportedAdapterError(f"{source}: module {module} is stored as {a_dtype}; only float tensors merge.")
+    expected = config.expected_rank(module)
+    if rank != expected:
+        raise CorruptAdapterError(
+            f"{source}: module {module} has rank {rank} in the weights but {expected} in {CONFIG_NAME} "
+            "(r / rank_pattern); the files do not belong together."
+        )
+    bias_key = keys.get("lora_B_bias")
+    if bias_key is not None and store.header(bias_key)[0] != (b_shape[0],):
+        raise CorruptAdapterError(f"{source}: module {module} has a lora_B bias of the wrong shape.")
+    in_features = 1
+    for d in a_shape[1:]:
+        in_features *= d
+    return ModuleSpec(
+        name=module,
+        kind=kind,
+        out_features=b_shape[0],
+        in_features=in_features,
+        rank=rank,
+        scale=config.scale_for(module, rank),
+        dtype=_DTYPES[a_dtype],
+        a_shape=a_shape,
+        b_shape=b_shape,
+        a_key=keys["lora_A"],
+        b_key=keys["lora_B"],
+        bias_key=bias_key,
+    )
+
+
+def _load_from_hub(repo_id: str, *, revision: str | None, subfolder: str | None, token: str | None) -> LoraAdapter:
+    config_path = _hub_file(repo_id, CONFIG_NAME, revision=revision, subfolder=subfolder, token=token)
+    commit = _commit_of(config_path)
+    # Pin the weights to the commit the config came from, so both files belong to one revision.
+    pinned = commit or revision
+    weights = _hub_file(repo_id, SAFETENSORS_NAME, revision=pinned, subfolder=subfolder, token=token, optional=True)
+    if weights is None:
+        weights = _hub_file(repo_id, LEGACY_NAME, revision=pinned, subfolder=subfolder, token=token, optional=True)
+    if weights is None:
+        raise NotALoraAdapterError(f"{repo_id}: has {CONFIG_NAME} but no {SAFETENSORS_NAME} or {LEGACY_NAME}.")
+    info = SourceInfo(source=repo_id, revision=revision, subfolder=subfolder, commit=commit, path=str(weights.parent))
+    return open_adapter_files(config_path, weights, info)
+
+
+def _commit_of(path: Path) -> str | None:
+    # The standard cache lays files out as .../snapshots/<commit>/<subfolder>/<file>.
+    parts = path.parts
+    if "snapshots" in parts:
+        index = len(parts) - 1 - parts[::-1].index("snapshots")
+        if index + 1 < len(parts):
+            return parts[index + 1]
+    return None
+
+
+def _hub_file(
+    repo_id: str,
+    filename: str,
+    *,
+    revision: str | None,
+    subfolder: str | None,
+    token: str | None,
+    optional: bool = False,
+) -> Path | None:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(repo_id, filename, subfolder=subfolder, revision=revision, token=token))
+    except EntryNotFoundError:
+        if optional:
+            return None
+        where = f"{repo_id}/{subfolder}" if subfolder else repo_id
+        raise NotALoraAdapterError(
+            f"{where} has no {filename}: it is not a PEFT LoRA adapter (a full model?). Pass an adapter repo, "
+            "or --subfolder if the adapter lives in a folder of the repo."
+        ) from None
+    except Exception as err:
+        raise hub_error(err, repo_id, revision) from None
+
+
+def hub_error(err: Exception, repo_id: str, revision: str | None = None) -> Exception:
+    """Translate a huggingface_hub exception into a one-line [`LoraFusionError`] that says what to do."""
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    if isinstance(err, GatedRepoError):
+        return HubError(f"{repo_id} is gated: accept its terms on the Hub page, then log in (HF_TOKEN).")
+    if isinstance(err, RepositoryNotFoundError):
+        return SourceNotFoundError(
+            f"{repo_id}: no such local path, and no such Hub repo (or it is private): check the id, "
+            "or log in with `hf auth login` / HF_TOKEN."
+        )
+    if isinstance(err, RevisionNotFoundError):
+        return SourceNotFoundError(f"{repo_id}: revision {revision!r} not found; check the branch, tag or commit.")
+    if isinstance(err, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
+        return HubError(
+            f"{repo_id}: cannot reach the Hub and the files are not in the local cache. Check the network, or "
+            "download once online; with HF_HUB_OFFLINE=1 only cached adapters are used."
+        )
+    if isinstance(err, HfHubHTTPError):
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        if status == 401:
+            return HubError(f"{repo_id}: the Hub refused the credentials (401); log in again or set HF_TOKEN.")
+        if status == 403:
+            return HubError(f"{repo_id}: the token lacks permission (403); use a token with write access.")
+        return HubError(f"{repo_id}: the Hub answered {status}; try again later.")
+    if isinstance(err, OSError) or "connect" in type(err).__name__.lower():
+        return HubError(
+            f"{repo_id}: the Hub could not be reached ({type(err).__name__}). Check the network; with "
+            "HF_HUB_OFFLINE=1 adapters already in the cache are used."
+        )
+    return err
