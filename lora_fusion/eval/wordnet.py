@@ -1,0 +1,118 @@
+"""Text classification tasks built from WordNet 3.0 glosses (Debian package ``wordnet-base``).
+
+Each synset line of ``data.{noun,verb,adj,adv}`` reads
+``offset lex_filenum ss_type w_cnt word lex_id ... | gloss``.  The lexicographer file number is
+the synset's supersense.  The text of an example is the gloss's definition only: the quoted
+usage examples that follow it are dropped, since they usually contain the headword.
+
+Tasks (4 balanced classes each):
+
+* ``noun_supersense``: nouns of the supersenses animal, food, person, artifact.
+* ``verb_supersense``: verbs of the supersenses motion, communication, contact, cognition.
+* ``part_of_speech``: the part of speech of the glossed word: noun, verb, adj, adv
+  (adjective satellites count as adj).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+from lora_fusion.eval.tasks import Example, TextTask, balanced_split
+
+DEFAULT_WORDNET_DIR = "/usr/share/wordnet"
+
+# Lexicographer file names by number (WordNet's lexnames file).
+LEXNAMES: tuple[str, ...] = (
+    "adj.all", "adj.pert", "adv.all",
+    "noun.Tops", "noun.act", "noun.animal", "noun.artifact", "noun.attribute", "noun.body",
+    "noun.cognition", "noun.communication", "noun.event", "noun.feeling", "noun.food",
+    "noun.group", "noun.location", "noun.motive", "noun.object", "noun.person",
+    "noun.phenomenon", "noun.plant", "noun.possession", "noun.process", "noun.quantity",
+    "noun.relation", "noun.shape", "noun.state", "noun.substance", "noun.time",
+    "verb.body", "verb.change", "verb.cognition", "verb.communication", "verb.competition",
+    "verb.consumption", "verb.contact", "verb.creation", "verb.emotion", "verb.motion",
+    "verb.perception", "verb.possession", "verb.social", "verb.stative", "verb.weather",
+    "adj.ppl",
+)
+
+# Data file suffix -> synset types found in it (``s`` is an adjective satellite).
+POS_FILES: dict[str, tuple[str, ...]] = {"noun": ("n",), "verb": ("v",), "adj": ("a", "s"), "adv": ("r",)}
+
+
+class Synset(NamedTuple):
+    """The parts of a synset line used by the tasks."""
+
+    lexname: str
+    definition: str
+
+
+def parse_synset(line: str) -> Synset | None:
+    """Parse one data-file line; ``None`` for licence header lines and glosses without a definition."""
+    if line.startswith("  "):
+        return None
+    head, _, gloss = line.partition(" | ")
+    definition = gloss.split('; "', 1)[0].strip()
+    if not definition or definition.startswith('"'):
+        return None
+    return Synset(LEXNAMES[int(head.split(maxsplit=2)[1])], definition)
+
+
+@functools.cache
+def read_synsets(data_file: Path) -> tuple[Synset, ...]:
+    """All synsets of one WordNet data file, in file order."""
+    if not data_file.is_file():
+        raise FileNotFoundError(
+            f"WordNet data file {data_file} not found; install it with `apt-get install wordnet-base` "
+            "or pass the directory holding data.noun, data.verb, data.adj and data.adv"
+        )
+    with data_file.open(encoding="utf-8", errors="replace") as lines:
+        return tuple(synset for synset in map(parse_synset, lines) if synset is not None)
+
+
+def supersense_task(name: str, pos: str, supersenses: tuple[str, ...]) -> TextTask:
+    """Classify glosses of one part of speech by supersense (e.g. ``pos="noun"``, ``"animal"``)."""
+    label_of = {f"{pos}.{supersense}": label for label, supersense in enumerate(supersenses)}
+
+    def examples(wordnet_dir: Path) -> Iterator[Example]:
+        for synset in read_synsets(wordnet_dir / f"data.{pos}"):
+            if synset.lexname in label_of:
+                yield synset.definition, label_of[synset.lexname]
+
+    return TextTask(name, supersenses, examples)
+
+
+def part_of_speech_task(name: str) -> TextTask:
+    """Classify glosses by the part of speech of the word they define."""
+    parts = tuple(POS_FILES)
+
+    def examples(wordnet_dir: Path) -> Iterator[Example]:
+        for label, pos in enumerate(parts):
+            for synset in read_synsets(wordnet_dir / f"data.{pos}"):
+                yield synset.definition, label
+
+    return TextTask(name, parts, examples)
+
+
+WORDNET_TASKS: dict[str, TextTask] = {
+    task.name: task
+    for task in (
+        supersense_task("noun_supersense", "noun", ("animal", "food", "person", "artifact")),
+        supersense_task("verb_supersense", "verb", ("motion", "communication", "contact", "cognition")),
+        part_of_speech_task("part_of_speech"),
+    )
+}
+
+TASKS: dict[str, list[str]] = {name: list(task.classes) for name, task in WORDNET_TASKS.items()}
+
+
+def load_task(
+    name: str, split: str, *, wordnet_dir: str | Path = DEFAULT_WORDNET_DIR, seed: int = 0
+) -> list[Example]:
+    """Return the ``(text, label)`` pairs of one split of a WordNet task (see ``balanced_split``)."""
+    if name not in WORDNET_TASKS:
+        raise KeyError(f"unknown task {name!r}; known tasks: {sorted(WORDNET_TASKS)}")
+    task = WORDNET_TASKS[name]
+    return balanced_split(task.examples(Path(wordnet_dir)), len(task.classes), split, seed=seed)
