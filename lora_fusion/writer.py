@@ -66,8 +66,25 @@ def _fill(adapter: LoraAdapter, folder: Path) -> None:
     tensors = _output_tensors(adapter)
     metadata = {"format": "pt", "lora_fusion": json.dumps(_provenance_record(adapter), sort_keys=True)}
     save_file(tensors, str(folder / SAFETENSORS_NAME), metadata=metadata)
+    _sort_header(folder / SAFETENSORS_NAME)
     (folder / CONFIG_NAME).write_text(json.dumps(peft_config(adapter), indent=2, sort_keys=True) + "\n")
     (folder / CARD_NAME).write_text(model_card(adapter))
+
+
+def _sort_header(path: Path) -> None:
+    """Rewrite the safetensors JSON header with sorted keys, same length, so equal inputs give equal bytes.
+
+    safetensors keeps `__metadata__` in a hash map whose order changes from run to run; the data offsets are
+    relative to the end of the header, so re-serialising it in place (space-padded, as the format allows) is safe.
+    """
+    with path.open("r+b") as file:
+        size = int.from_bytes(file.read(8), "little")
+        header = json.loads(file.read(size))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > size:  # cannot happen for the same content; keep the file valid rather than deterministic
+            return
+        file.seek(8)
+        file.write(text.ljust(size, b" "))
 
 
 def _output_tensors(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
