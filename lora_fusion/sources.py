@@ -368,10 +368,12 @@ def _hub_file(
     optional: bool = False,
 ) -> Path | None:
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     try:
         return Path(hf_hub_download(repo_id, filename, subfolder=subfolder, revision=revision, token=token))
+    except LocalEntryNotFoundError as err:  # a subclass of EntryNotFoundError: unreachable, not absent
+        raise hub_error(err, repo_id, revision) from None
     except EntryNotFoundError:
         if optional:
             return None
