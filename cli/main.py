@@ -95,6 +95,7 @@ def merge(
     recipe: Annotated[Optional[Path], typer.Option(help="YAML recipe; flags given here override its keys.")] = None,
     subfolder: Annotated[Optional[str], typer.Option(help="Folder inside each source repo/dir.")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or auto.")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="Output dtype: float32, float16 or bfloat16 (default: input).")] = None,
     ignore_base_model: Annotated[
         Optional[bool], typer.Option("--ignore-base-model", help="Merge despite different base_model names.")
     ] = None,
@@ -116,6 +117,7 @@ def merge(
             "push_to_hub": push_to_hub,
             "private": private,
             "device": device,
+            "dtype": dtype,
             "ignore_base_model": ignore_base_model,
         }
         flags = {k: v for k, v in given.items() if v is not None}
@@ -144,6 +146,7 @@ def _run_merge(plan: Any, *, subfolder: str | None, dry_run: bool, as_json: bool
         scale=plan.scale,
         subfolder=subfolder,
         device=plan.device,
+        dtype=plan.dtype,
         ignore_base_model=plan.ignore_base_model,
         dry_run=dry_run,
         progress=False if quiet else None,

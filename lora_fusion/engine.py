@@ -19,7 +19,7 @@ from typing import Any, Literal, overload
 import torch
 
 from .adapter import AdapterConfig, LoraAdapter, MemoryStore, ModuleFactors, ModuleSpec
-from .errors import IncompatibleAdaptersError, InvalidParameterError
+from .errors import IncompatibleAdaptersError, InvalidParameterError, NonFiniteError
 from .methods import MergeParams, MethodSpec, ModuleGroup, ModuleStats, get_method
 from .recipe import SourceEntry
 from .sources import load_adapter
@@ -118,7 +118,7 @@ def merge(
     revision: str | None = None,
     subfolder: str | None = None,
     token: str | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     device: str = "cpu",
     ignore_base_model: bool = False,
     dry_run: bool = False,
@@ -135,7 +135,8 @@ def merge(
         energy: instead of `rank`, keep the smallest rank per module whose retained energy reaches this fraction.
         scale: global factor λ on the merged update (`task_arithmetic`, `svd`; default 1).
         revision, subfolder, token: passed to [`load_adapter`] for string sources.
-        dtype: output dtype (default: the sources' dtype, float32 if they differ). Math is always float32/float64.
+        dtype: output dtype, `"float32"`, `"float16"` or `"bfloat16"` (default: the sources' dtype, float32 if they
+            differ). The math is float32 (float64 for the small cores) whatever the dtype.
         device: where the math runs (`"cpu"`, `"cuda"`, `"auto"`).
         ignore_base_model: merge even if the adapters' `base_model_name_or_path` differ (shapes must still agree).
         dry_run: return a [`MergePlan`] computed from headers, reading no tensors.
@@ -161,7 +162,7 @@ def merge(
     target = _device(device)
     adapters = [_open(s, revision=revision, subfolder=subfolder, token=token) for s in sources]
     layout = _module_layout(adapters, ignore_base_model=ignore_base_model)
-    out_dtype = dtype or _common_dtype(adapters)
+    out_dtype = _dtype(dtype) if dtype is not None else _common_dtype(adapters)
     if dry_run:
         return _plan(spec, params, adapters, weight_list, layout, out_dtype)
 
@@ -176,13 +177,18 @@ def merge(
             weights=[w for _, w in present],
         )
         result = spec.fn(group, params)
-        template = layout[name]
-        modules[name] = _output_spec(template, rank=result.stats.rank, dtype=out_dtype, bias=result.bias is not None)
-        tensors[modules[name].a_key] = result.A.to(device="cpu", dtype=out_dtype)
-        tensors[modules[name].b_key] = result.B.to(device="cpu", dtype=out_dtype)
-        if result.bias is not None:
-            tensors[modules[name].bias_key] = result.bias.to(device="cpu", dtype=out_dtype)
-        stats[name] = result.stats
+        spec_out = _output_spec(layout[name], rank=result.stats.rank, dtype=out_dtype, bias=result.bias is not None)
+        outputs = {spec_out.a_key: result.A, spec_out.b_key: result.B}
+        if result.bias is not None and spec_out.bias_key:
+            outputs[spec_out.bias_key] = result.bias
+        for key, tensor in outputs.items():
+            tensors[key] = tensor.to(device="cpu", dtype=out_dtype)
+            if not torch.isfinite(tensors[key]).all():
+                raise NonFiniteError(
+                    f"module {name}: the merged factors do not fit in {str(out_dtype).removeprefix('torch.')}; "
+                    "write them in float32 (--dtype float32) or lower the weights."
+                )
+        modules[name], stats[name] = spec_out, result.stats
 
     first = adapters[0].config
     config = AdapterConfig(
@@ -239,6 +245,15 @@ def _weights(weights: Sequence[float] | None, count: int) -> list[float]:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise InvalidParameterError("weights", values, expected="finite numbers, e.g. 0.6,0.4")
     return [float(v) for v in values]
+
+
+def _dtype(dtype: torch.dtype | str) -> torch.dtype:
+    names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if isinstance(dtype, torch.dtype) and dtype in names.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in names:
+        return names[dtype.removeprefix("torch.")]
+    raise InvalidParameterError("dtype", dtype, expected="float32, float16 or bfloat16")
 
 
 def _device(device: str) -> torch.device:

@@ -14,7 +14,7 @@ Relative paths are resolved against the recipe's folder. Unknown keys and wrong 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -44,6 +44,7 @@ class Recipe(BaseModel):
     energy: float | None = None
     scale: float | None = None
     device: str = "cpu"
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None
     out: str | None = None
     overwrite: bool = False
     push_to_hub: str | None = None

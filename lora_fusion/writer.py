@@ -212,6 +212,7 @@ def _check_written(adapter: LoraAdapter, folder: Path) -> None:
         got = written.modules.get(name)
         if got is None or got.rank != spec.rank or got.layout() != spec.layout():
             raise CorruptAdapterError(f"internal error: module {name} was not written as planned; nothing was saved.")
+        written.factors(name)  # raises NonFiniteError if a value did not survive the cast to the output dtype
     if set(written.modules) != set(adapter.modules):
         raise CorruptAdapterError("internal error: the written adapter has extra modules; nothing was saved.")
 

@@ -330,3 +330,14 @@ def test_real_minilm_merge_loads_in_peft(tmp_path) -> None:
         expected = with_deltas(base(), {n: merged.delta(n) for n in merged.modules})(input_ids=ids).last_hidden_state
     assert close(got, expected)
     assert len(merged.modules) == 12
+
+
+def test_output_keeps_the_input_dtype_and_refuses_overflow(make_llama_lora, tmp_path) -> None:
+    source = make_llama_lora(seed=13)
+    tensors = {k: v.to(torch.bfloat16) for k, v in load_file(source / "adapter_model.safetensors").items()}
+    save_file(tensors, source / "adapter_model.safetensors")
+    merged = merge([source], method="svd")
+    assert {spec.dtype for spec in merged.modules.values()} == {torch.bfloat16}
+    assert merge([source], dtype="float32").modules["model.layers.0.self_attn.q_proj"].dtype == torch.float32
+    with pytest.raises(NonFiniteError, match="float32"):
+        merge([source], weights=[1e30], dtype="float16")

@@ -11,6 +11,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +21,25 @@ from peft import LoraConfig
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoModel, AutoTokenizer, BatchEncoding, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModel,
+    AutoTokenizer,
+    BatchEncoding,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.utils import logging as transformers_logging
 
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 MAX_SEQ_LEN = 64
+
+
+def quiet() -> None:
+    """Keep command-line output readable: no weight-loading progress bars, no known-harmless deprecation."""
+    transformers_logging.disable_progress_bar()
+    warnings.filterwarnings(
+        "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
+    )
 
 
 def load_base() -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
@@ -52,7 +68,9 @@ def lora_config(r: int = 8, alpha: int = 16, dropout: float = 0.05) -> LoraConfi
 
 def tokenize(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> BatchEncoding:
     """Pad to the longest text of the batch, truncating at ``MAX_SEQ_LEN`` tokens."""
-    return tokenizer(list(texts), padding=True, truncation=True, max_length=MAX_SEQ_LEN, return_tensors="pt")
+    return tokenizer(
+        list(texts), padding=True, truncation=True, max_length=MAX_SEQ_LEN, return_tensors="pt"
+    )
 
 
 def encode(model: nn.Module, batch: BatchEncoding) -> torch.Tensor:
@@ -93,7 +111,9 @@ class Head:
         """Write ``weight`` and ``bias`` to a safetensors file, with task and class names as metadata."""
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {name: p.detach().contiguous() for name, p in self.linear.named_parameters()}
-        save_file(tensors, str(path), metadata={"task": self.task, "classes": json.dumps(self.classes)})
+        save_file(
+            tensors, str(path), metadata={"task": self.task, "classes": json.dumps(self.classes)}
+        )
 
     @classmethod
     def load(cls, path: Path) -> Head:

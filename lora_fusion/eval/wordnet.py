@@ -26,20 +26,60 @@ DEFAULT_WORDNET_DIR = "/usr/share/wordnet"
 
 # Lexicographer file names by number (WordNet's lexnames file).
 LEXNAMES: tuple[str, ...] = (
-    "adj.all", "adj.pert", "adv.all",
-    "noun.Tops", "noun.act", "noun.animal", "noun.artifact", "noun.attribute", "noun.body",
-    "noun.cognition", "noun.communication", "noun.event", "noun.feeling", "noun.food",
-    "noun.group", "noun.location", "noun.motive", "noun.object", "noun.person",
-    "noun.phenomenon", "noun.plant", "noun.possession", "noun.process", "noun.quantity",
-    "noun.relation", "noun.shape", "noun.state", "noun.substance", "noun.time",
-    "verb.body", "verb.change", "verb.cognition", "verb.communication", "verb.competition",
-    "verb.consumption", "verb.contact", "verb.creation", "verb.emotion", "verb.motion",
-    "verb.perception", "verb.possession", "verb.social", "verb.stative", "verb.weather",
+    "adj.all",
+    "adj.pert",
+    "adv.all",
+    "noun.Tops",
+    "noun.act",
+    "noun.animal",
+    "noun.artifact",
+    "noun.attribute",
+    "noun.body",
+    "noun.cognition",
+    "noun.communication",
+    "noun.event",
+    "noun.feeling",
+    "noun.food",
+    "noun.group",
+    "noun.location",
+    "noun.motive",
+    "noun.object",
+    "noun.person",
+    "noun.phenomenon",
+    "noun.plant",
+    "noun.possession",
+    "noun.process",
+    "noun.quantity",
+    "noun.relation",
+    "noun.shape",
+    "noun.state",
+    "noun.substance",
+    "noun.time",
+    "verb.body",
+    "verb.change",
+    "verb.cognition",
+    "verb.communication",
+    "verb.competition",
+    "verb.consumption",
+    "verb.contact",
+    "verb.creation",
+    "verb.emotion",
+    "verb.motion",
+    "verb.perception",
+    "verb.possession",
+    "verb.social",
+    "verb.stative",
+    "verb.weather",
     "adj.ppl",
 )
 
 # Data file suffix -> synset types found in it (``s`` is an adjective satellite).
-POS_FILES: dict[str, tuple[str, ...]] = {"noun": ("n",), "verb": ("v",), "adj": ("a", "s"), "adv": ("r",)}
+POS_FILES: dict[str, tuple[str, ...]] = {
+    "noun": ("n",),
+    "verb": ("v",),
+    "adj": ("a", "s"),
+    "adv": ("r",),
+}
 
 
 class Synset(NamedTuple):
@@ -100,7 +140,9 @@ WORDNET_TASKS: dict[str, TextTask] = {
     task.name: task
     for task in (
         supersense_task("noun_supersense", "noun", ("animal", "food", "person", "artifact")),
-        supersense_task("verb_supersense", "verb", ("motion", "communication", "contact", "cognition")),
+        supersense_task(
+            "verb_supersense", "verb", ("motion", "communication", "contact", "cognition")
+        ),
         part_of_speech_task("part_of_speech"),
     )
 }

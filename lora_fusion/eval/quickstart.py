@@ -1,0 +1,133 @@
+"""Score LoRA adapters on the quickstart tasks: per-task accuracy of shipped heads on shipped eval sets.
+
+    python -m lora_fusion.eval.quickstart --merged DIR [--adapters recipes/quickstart/adapters]
+
+prints one row for the base model (no LoRA), one per individual adapter and one for the merged
+adapter, with a column per task, their mean, and the merged adapter's normalised accuracy
+(merged accuracy / accuracy of the task's own adapter).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from peft import PeftModel
+
+from lora_fusion.eval.tasks import Example
+from lora_fusion.eval.textcls import Head, accuracy, embed, load_base, quiet
+
+DEFAULT_ADAPTERS = Path("recipes/quickstart/adapters")
+BASE_ROW = "base (no LoRA)"
+
+
+def read_eval_set(path: Path) -> list[Example]:
+    """Read ``{"text": ..., "label": ...}`` lines."""
+    with path.open(encoding="utf-8") as f:
+        return [(row["text"], int(row["label"])) for row in map(json.loads, f) if row]
+
+
+def adapter_tasks(adapters_dir: Path) -> list[str]:
+    """Names of the adapter directories (those with an ``adapter_config.json``), sorted."""
+    tasks = sorted(p.parent.name for p in adapters_dir.glob("*/adapter_config.json"))
+    if not tasks:
+        raise FileNotFoundError(f"no PEFT adapters (*/adapter_config.json) under {adapters_dir}")
+    return tasks
+
+
+class Evaluator:
+    """Loads the base model, the task heads and the eval sets once, then scores any adapter."""
+
+    def __init__(self, heads_dir: Path, eval_dir: Path, tasks: Sequence[str]) -> None:
+        self.tokenizer, self.base = load_base()
+        self.heads = {task: Head.load(heads_dir / f"{task}.safetensors") for task in tasks}
+        self.eval_sets = {task: read_eval_set(eval_dir / f"{task}.jsonl") for task in tasks}
+
+    def accuracies(self, adapter_dir: Path | None) -> dict[str, float]:
+        """Accuracy per task of the base model with ``adapter_dir`` applied (``None``: no adapter)."""
+        texts = [text for examples in self.eval_sets.values() for text, _ in examples]
+        if adapter_dir is None:
+            embeddings = embed(self.base, self.tokenizer, texts)
+        else:
+            model = PeftModel.from_pretrained(self.base, str(adapter_dir))
+            try:
+                embeddings = embed(model, self.tokenizer, texts)
+            finally:
+                self.base = model.unload()
+        scores, start = {}, 0
+        for task, examples in self.eval_sets.items():
+            labels = [label for _, label in examples]
+            scores[task] = accuracy(
+                self.heads[task], embeddings[start : start + len(labels)], labels
+            )
+            start += len(labels)
+        return scores
+
+
+def evaluate(
+    adapter_dir: str | Path, heads_dir: str | Path, eval_dir: str | Path, tasks: Sequence[str]
+) -> dict[str, float]:
+    """Accuracy per task of one PEFT LoRA adapter (any LoRA of MiniLM, e.g. a merged one)."""
+    return Evaluator(Path(heads_dir), Path(eval_dir), tasks).accuracies(Path(adapter_dir))
+
+
+def format_table(rows: Mapping[str, Mapping[str, float]], tasks: Sequence[str]) -> str:
+    """Rows of per-task scores plus their mean, as aligned text."""
+    width = max(len(name) for name in rows)
+    columns = [*tasks, "mean"]
+    lines = [f"{'':<{width}}  " + "  ".join(f"{c:>{len(c)}}" for c in columns)]
+    for name, scores in rows.items():
+        values = [scores[task] for task in tasks]
+        cells = [*values, sum(values) / len(values)]
+        lines.append(
+            f"{name:<{width}}  "
+            + "  ".join(f"{v:>{len(c)}.3f}" for c, v in zip(columns, cells, strict=True))
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--merged", type=Path, required=True, help="merged PEFT LoRA adapter directory"
+    )
+    parser.add_argument(
+        "--adapters",
+        type=Path,
+        default=DEFAULT_ADAPTERS,
+        help="directory of per-task adapters (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--heads", type=Path, help="task heads directory (default: heads/ next to --adapters)"
+    )
+    parser.add_argument(
+        "--eval-dir", type=Path, help="eval sets directory (default: eval/ next to --adapters)"
+    )
+    args = parser.parse_args(argv)
+    heads_dir = args.heads or args.adapters.parent / "heads"
+    eval_dir = args.eval_dir or args.adapters.parent / "eval"
+
+    quiet()
+    started = time.perf_counter()
+    tasks = adapter_tasks(args.adapters)
+    evaluator = Evaluator(heads_dir, eval_dir, tasks)
+    adapters: dict[str, Path | None] = {BASE_ROW: None}
+    adapters.update({f"adapter {task}": args.adapters / task for task in tasks})
+    adapters["merged"] = args.merged
+    rows = {name: evaluator.accuracies(path) for name, path in adapters.items()}
+    rows["merged / own adapter"] = {
+        task: rows["merged"][task] / rows[f"adapter {task}"][task] for task in tasks
+    }
+    print(
+        f"accuracy on {sum(map(len, evaluator.eval_sets.values()))} eval texts ({args.merged} merged)"
+    )
+    print(format_table(rows, tasks))
+    print(f"evaluated in {time.perf_counter() - started:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
