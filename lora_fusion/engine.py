@@ -19,6 +19,7 @@ from typing import Any, Literal, overload
 import torch
 
 from .adapter import AdapterConfig, LoraAdapter, MemoryStore, ModuleFactors, ModuleSpec
+from .linalg import EXACT_SVD_LIMIT
 from .errors import IncompatibleAdaptersError, InvalidParameterError, NonFiniteError
 from .methods import MergeParams, MethodSpec, ModuleGroup, ModuleStats, get_method
 from .recipe import SourceEntry
@@ -80,7 +81,7 @@ class MergePlan:
     def __str__(self) -> str:
         ranks = sorted({m.output_rank for m in self.modules})
         rank_text = ", ".join(map(str, ranks[:8])) + (" …" if len(ranks) > 8 else "")
-        bound = " (upper bound; --energy picks per module)" if self.rank_is_bound else ""
+        bound = " (upper bounds; the merge picks per module)" if self.rank_is_bound else ""
         lines = [
             f"method        {self.method} {' '.join(f'{k}={v}' for k, v in self.params.items())}".rstrip(),
             f"sources       {', '.join(f'{s} (w={w:g})' for s, w in zip(self.sources, self.weights))}",
@@ -115,6 +116,12 @@ def merge(
     rank: int | None = None,
     energy: float | None = None,
     scale: float | None = None,
+    density: float | None = None,
+    majority: str | None = None,
+    gamma: float | None = None,
+    seed: int | None = None,
+    space: str | None = None,
+    common_fraction: float | None = None,
     revision: str | None = None,
     subfolder: str | None = None,
     token: str | None = None,
@@ -133,7 +140,13 @@ def merge(
         weights: one weight per source (default 1 each, i.e. the plain sum); negative weights subtract.
         rank: output rank for rank-reducing methods (default: the largest input rank of each module).
         energy: instead of `rank`, keep the smallest rank per module whose retained energy reaches this fraction.
-        scale: global factor λ on the merged update (`task_arithmetic`, `svd`; default 1).
+        scale: global factor λ on the merged update (default 1).
+        density: fraction kept by TIES/magnitude trims, keep probability of DARE (method defaults otherwise).
+        majority: TIES sign election, `"total"` (default) or `"frequency"`.
+        gamma: Breadcrumbs' fraction of largest entries removed (default 0.01).
+        seed: seed of DARE's masks and of randomized SVDs (default 0); same inputs and seed give the same files.
+        space: `"full"` (dense update per module, the papers' semantics) or `"core"` (Core Space merging).
+        common_fraction: Iso-CTS' share of the rank kept for the common subspace (default 0.8).
         revision, subfolder, token: passed to [`load_adapter`] for string sources.
         dtype: output dtype, `"float32"`, `"float16"` or `"bfloat16"` (default: the sources' dtype, float32 if they
             differ). The math is float32 (float64 for the small cores) whatever the dtype.
@@ -157,7 +170,10 @@ def merge(
         ```
     """
     spec = get_method(method)
-    params = _params_for(spec, rank=rank, energy=energy, scale=scale)
+    params = spec.resolve(
+        {"rank": rank, "energy": energy, "scale": scale, "density": density, "majority": majority,
+         "gamma": gamma, "seed": seed, "space": space, "common_fraction": common_fraction}
+    )
     weight_list = _weights(weights, len(sources))
     target = _device(device)
     adapters = [_open(s, revision=revision, subfolder=subfolder, token=token) for s in sources]
@@ -201,7 +217,7 @@ def merge(
     provenance = {
         "lora_fusion_version": lora_fusion_version(),
         "method": spec.name,
-        "params": {name: getattr(params, name) for name in sorted(spec.params)},
+        "params": spec.recorded(params),
         "sources": [
             {**(a.source.to_dict() if a.source else {"source": "in-memory adapter"}), "weight": w}
             for a, w in zip(adapters, weight_list)
@@ -219,16 +235,6 @@ def _open(source: Source, *, revision: str | None, subfolder: str | None, token:
     return load_adapter(
         source.source, revision=source.revision or revision, subfolder=source.subfolder or subfolder, token=token
     )
-
-
-def _params_for(spec: MethodSpec, **given: Any) -> MergeParams:
-    for name, value in given.items():
-        if value is not None and name not in spec.params:
-            takers = "svd" if name in ("rank", "energy") else "task_arithmetic or svd"
-            raise InvalidParameterError(
-                name, value, expected=f"no {name} for the exact method {spec.name!r} (use {takers})"
-            )
-    return MergeParams(**{k: v for k, v in given.items() if v is not None})
 
 
 def _weights(weights: Sequence[float] | None, count: int) -> list[float]:
@@ -336,18 +342,24 @@ def _plan(
     dtype: torch.dtype,
 ) -> MergePlan:
     item = torch.empty((), dtype=dtype).element_size()
+    dense = "space" in spec.params and params.space == "full"
     modules = []
     for name, template in layout.items():
         ranks = tuple(a.modules[name].rank for a in adapters if name in a.modules)
         m, n = template.shape
         k = sum(ranks)
-        if spec.name == "svd":
-            out_rank = min(k, params.rank or (k if params.energy else max(ranks)))
-            flops = 4.0 * (m + n) * k * k + 10.0 * k**3 + 2.0 * (m + n) * k * out_rank
+        natural = {"sum": k, "max": max(ranks), "merged": k}[spec.output_rank]
+        ceiling = min(m, n) if dense else k
+        out_rank = min(ceiling, params.rank or (ceiling if params.energy else natural))
+        if dense:
+            # form T dense updates, sparsify and combine them, then an exact or randomized SVD (b.4)
+            svd = 4.0 * m * n * min(m, n) if min(m, n) <= EXACT_SVD_LIMIT else 12.0 * m * n * (out_rank + 10)
+            flops = 2.0 * m * n * k + 10.0 * m * n * len(ranks) + svd
+            working = 4 * m * n * (len(ranks) + 2) + item * (m + n) * out_rank
         else:
-            out_rank, flops = k, float((m + n) * k)
-        # float32 copies of the inputs, the concatenation and the two Q factors, plus the output in `dtype`.
-        working = 4 * (m + n) * k * 3 + item * (m + n) * out_rank
+            # QRs of the stacked factors, SVDs of k×k cores, the output factors
+            flops = 4.0 * (m + n) * k * k + 10.0 * k**3 * len(ranks) + 2.0 * (m + n) * k * out_rank
+            working = 4 * (m + n) * k * 4 + 8 * k * k * (len(ranks) + 2) + item * (m + n) * out_rank
         modules.append(ModulePlan(name, (m, n), ranks, out_rank, flops, working))
     output = sum(item * (p.shape[0] + p.shape[1]) * p.output_rank for p in modules)
     peak = max((p.working_bytes for p in modules), default=0) + output
@@ -355,11 +367,11 @@ def _plan(
         method=spec.name,
         sources=tuple(_origin(a) for a in adapters),
         weights=tuple(weights),
-        params=params.given(),
+        params=spec.recorded(params),
         modules=tuple(modules),
         output_bytes=output,
         peak_bytes=peak,
-        rank_is_bound=spec.name == "svd" and params.energy is not None,
+        rank_is_bound=params.energy is not None or spec.output_rank == "merged",
     )
 
 

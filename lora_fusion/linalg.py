@@ -1,6 +1,7 @@
-"""Linear algebra on factored updates: the SVD of B·A without forming it, and the choice of output rank.
+"""Linear algebra on factored updates: the SVD of B·A without forming it, core-space bases, randomized SVD of dense
+updates, and the choice of output rank.
 
-METHODS.md §b.2–b.3. All functions are pure and work on whatever device their inputs are on.
+METHODS.md §b.2–b.4 and c.10. All functions are pure and work on whatever device their inputs are on.
 """
 
 from __future__ import annotations
@@ -10,18 +11,25 @@ from dataclasses import dataclass
 
 import torch
 
+# Above this min(m, n), a dense update goes back to low rank by randomized SVD instead of an exact one (b.4).
+EXACT_SVD_LIMIT = 1024
+
 
 @dataclass(frozen=True)
 class FactoredSVD:
-    """ΔW = U·diag(S)·Vᵀ with orthonormal columns in U (m×k) and V (n×k), S descending (float64)."""
+    """ΔW ≈ U·diag(S)·Vᵀ with orthonormal columns in U (m×k) and V (n×k), S descending (float64).
+
+    `total_energy` is ‖ΔW‖_F²; it exceeds Σσ² when only the leading part of the spectrum was computed.
+    """
 
     U: torch.Tensor
     S: torch.Tensor
     V: torch.Tensor
+    total_energy: float
 
-    @property
-    def total_energy(self) -> float:
-        return float((self.S**2).sum())
+    @classmethod
+    def of(cls, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, total: float | None = None) -> FactoredSVD:
+        return cls(U, S, V, float((S.double() ** 2).sum()) if total is None else total)
 
 
 def factored_svd(B: torch.Tensor, A: torch.Tensor) -> FactoredSVD:
@@ -35,32 +43,63 @@ def factored_svd(B: torch.Tensor, A: torch.Tensor) -> FactoredSVD:
     n = A.shape[1]
     B32, A32 = B.float(), A.float()
     if k >= min(m, n):
-        U, S, Vh = torch.linalg.svd((B32.double() @ A32.double()), full_matrices=False)
-        return FactoredSVD(U=U.float(), S=S, V=Vh.mT.float())
+        U, S, Vh = torch.linalg.svd(B32.double() @ A32.double(), full_matrices=False)
+        return FactoredSVD.of(U.float(), S, Vh.mT.float())
     Q_B, R_B = torch.linalg.qr(B32)
     Q_A, R_A = torch.linalg.qr(A32.mT)
     U_c, S, Vh_c = torch.linalg.svd(R_B.double() @ R_A.double().mT)
-    return FactoredSVD(U=Q_B @ U_c.float(), S=S, V=Q_A @ Vh_c.mT.float())
+    return FactoredSVD.of(Q_B @ U_c.float(), S, Q_A @ Vh_c.mT.float())
 
 
-def choose_rank(S: torch.Tensor, *, rank: int | None, energy: float | None, default: int) -> int:
+def dense_svd(dense: torch.Tensor, *, components: int, generator: torch.Generator) -> FactoredSVD:
+    """SVD of a dense m×n update: exact when min(m, n) ≤ EXACT_SVD_LIMIT, else the leading `components` by
+    randomized SVD (Halko, Martinsson & Tropp 2011, arXiv:0909.4061; oversampling 10, 2 power iterations with
+    re-orthonormalisation). The Gaussian test matrix comes from `generator`, on the CPU, so results do not depend
+    on the device."""
+    m, n = dense.shape
+    total = float(dense.double().pow(2).sum())
+    if min(m, n) <= EXACT_SVD_LIMIT:
+        U, S, Vh = torch.linalg.svd(dense.double(), full_matrices=False)
+        return FactoredSVD.of(U.float(), S, Vh.mT.float(), total)
+    width = min(components + 10, min(m, n))
+    omega = torch.randn(n, width, generator=generator, dtype=torch.float32).to(dense.device)
+    Y = torch.linalg.qr(dense @ omega).Q
+    for _ in range(2):
+        Y = torch.linalg.qr(dense.mT @ Y).Q
+        Y = torch.linalg.qr(dense @ Y).Q
+    U_small, S, Vh = torch.linalg.svd((Y.mT @ dense).double(), full_matrices=False)
+    return FactoredSVD.of(Y @ U_small.float(), S, Vh.mT.float(), total)
+
+
+def core_bases(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Core-space bases (Panariello et al., NeurIPS 2025, arXiv:2509.17786): U_B, the left singular vectors of the
+    stacked B (m×k), and V_A, the right singular vectors of the stacked A (n×k), both from float64 SVDs of the small
+    triangular factors. Every task satisfies U_B·(U_Bᵀ·Bᵢ·Aᵢ·V_A)·V_Aᵀ = Bᵢ·Aᵢ exactly."""
+    Q_B, R_B = torch.linalg.qr(B.float())
+    Q_A, R_A = torch.linalg.qr(A.float().mT)
+    U_b = torch.linalg.svd(R_B.double())[0]
+    U_a = torch.linalg.svd(R_A.double())[0]
+    return Q_B @ U_b.float(), Q_A @ U_a.float()
+
+
+def choose_rank(S: torch.Tensor, *, rank: int | None, energy: float | None, default: int, total: float | None = None) -> int:
     """The output rank: `rank` (capped at the number of singular values), the smallest R whose retained energy
-    Σ_{j≤R} σⱼ² / Σⱼ σⱼ² reaches `energy`, or `default`. Always at least 1."""
+    Σ_{j≤R} σⱼ² / ‖ΔW‖_F² reaches `energy` (all computed values if none does), or `default`. At least 1."""
     available = S.numel()
     if energy is not None:
         cumulative = torch.cumsum(S.double() ** 2, 0)
-        total = float(cumulative[-1]) if available else 0.0
-        if total == 0.0:
+        whole = total if total is not None else (float(cumulative[-1]) if available else 0.0)
+        if whole == 0.0:
             return 1
-        reached = (cumulative >= energy * total * (1 - 1e-12)).nonzero()
+        reached = (cumulative >= energy * whole * (1 - 1e-12)).nonzero()
         return max(1, int(reached[0]) + 1 if reached.numel() else available)
     return max(1, min(rank if rank is not None else default, available))
 
 
-def retained_energy(S: torch.Tensor, rank: int) -> float:
-    """E(R) = Σ_{j≤R} σⱼ² / Σⱼ σⱼ²; 1 for an all-zero update."""
-    total = float((S.double() ** 2).sum())
-    return 1.0 if total == 0.0 else float((S[:rank].double() ** 2).sum()) / total
+def retained_energy(S: torch.Tensor, rank: int, total: float | None = None) -> float:
+    """E(R) = Σ_{j≤R} σⱼ² / ‖ΔW‖_F² (‖ΔW‖_F² = Σσ² unless given); 1 for an all-zero update."""
+    whole = float((S.double() ** 2).sum()) if total is None else total
+    return 1.0 if whole == 0.0 else min(1.0, float((S[:rank].double() ** 2).sum()) / whole)
 
 
 def truncate(svd: FactoredSVD, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

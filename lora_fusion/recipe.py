@@ -43,6 +43,12 @@ class Recipe(BaseModel):
     rank: int | None = None
     energy: float | None = None
     scale: float | None = None
+    density: float | None = None
+    majority: Literal["total", "frequency"] | None = None
+    gamma: float | None = None
+    seed: int | None = None
+    space: Literal["full", "core"] | None = None
+    common_fraction: float | None = None
     device: str = "cpu"
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     out: str | None = None

@@ -1,1 +1,1 @@
-"""Evaluation helpers: labelled text tasks, a small MiniLM text classifier and the quickstart demo."""
+"""Evaluation helpers: labelled text tasks, a small MiniLM classifier, the quickstart demo."""

@@ -1,4 +1,4 @@
-"""Score LoRA adapters on the quickstart tasks: per-task accuracy of shipped heads on shipped eval sets.
+"""Score LoRA adapters on the quickstart tasks with the shipped heads and eval sets.
 
     python -m lora_fusion.eval.quickstart --merged DIR [--adapters recipes/quickstart/adapters]
 
@@ -27,7 +27,8 @@ BASE_ROW = "base (no LoRA)"
 def read_eval_set(path: Path) -> list[Example]:
     """Read ``{"text": ..., "label": ...}`` lines."""
     with path.open(encoding="utf-8") as f:
-        return [(row["text"], int(row["label"])) for row in map(json.loads, f) if row]
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [(row["text"], int(row["label"])) for row in rows]
 
 
 def adapter_tasks(adapters_dir: Path) -> list[str]:
@@ -45,16 +46,20 @@ class Evaluator:
         self.tokenizer, self.base = load_base()
         self.heads = {task: Head.load(heads_dir / f"{task}.safetensors") for task in tasks}
         self.eval_sets = {task: read_eval_set(eval_dir / f"{task}.jsonl") for task in tasks}
+        self.texts = [text for examples in self.eval_sets.values() for text, _ in examples]
 
     def accuracies(self, adapter_dir: Path | None) -> dict[str, float]:
-        """Accuracy per task of the base model with ``adapter_dir`` applied (``None``: no adapter)."""
-        texts = [text for examples in self.eval_sets.values() for text, _ in examples]
+        """Accuracy per task of the base model with ``adapter_dir`` (``None``: no adapter)."""
         if adapter_dir is None:
-            embeddings = embed(self.base, self.tokenizer, texts)
+            embeddings = embed(self.base, self.tokenizer, self.texts)
         else:
+            if not (adapter_dir / "adapter_config.json").is_file():
+                raise FileNotFoundError(
+                    f"{adapter_dir} is not a PEFT adapter (no adapter_config.json)"
+                )
             model = PeftModel.from_pretrained(self.base, str(adapter_dir))
             try:
-                embeddings = embed(model, self.tokenizer, texts)
+                embeddings = embed(model, self.tokenizer, self.texts)
             finally:
                 self.base = model.unload()
         scores, start = {}, 0
@@ -122,9 +127,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows["merged / own adapter"] = {
         task: rows["merged"][task] / rows[f"adapter {task}"][task] for task in tasks
     }
-    print(
-        f"accuracy on {sum(map(len, evaluator.eval_sets.values()))} eval texts ({args.merged} merged)"
-    )
+    print(f"accuracy on {len(evaluator.texts)} eval texts; merged adapter: {args.merged}")
     print(format_table(rows, tasks))
     print(f"evaluated in {time.perf_counter() - started:.1f} s")
 

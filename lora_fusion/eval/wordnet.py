@@ -24,62 +24,27 @@ from lora_fusion.eval.tasks import Example, TextTask, balanced_split
 
 DEFAULT_WORDNET_DIR = "/usr/share/wordnet"
 
-# Lexicographer file names by number (WordNet's lexnames file).
+# Lexicographer file names, indexed by lexicographer file number (WordNet's ``lexnames``).
+NOUN_SUPERSENSES = (
+    "Tops act animal artifact attribute body cognition communication event feeling food group "
+    "location motive object person phenomenon plant possession process quantity relation shape "
+    "state substance time"
+).split()
+VERB_SUPERSENSES = (
+    "body change cognition communication competition consumption contact creation emotion motion "
+    "perception possession social stative weather"
+).split()
 LEXNAMES: tuple[str, ...] = (
     "adj.all",
     "adj.pert",
     "adv.all",
-    "noun.Tops",
-    "noun.act",
-    "noun.animal",
-    "noun.artifact",
-    "noun.attribute",
-    "noun.body",
-    "noun.cognition",
-    "noun.communication",
-    "noun.event",
-    "noun.feeling",
-    "noun.food",
-    "noun.group",
-    "noun.location",
-    "noun.motive",
-    "noun.object",
-    "noun.person",
-    "noun.phenomenon",
-    "noun.plant",
-    "noun.possession",
-    "noun.process",
-    "noun.quantity",
-    "noun.relation",
-    "noun.shape",
-    "noun.state",
-    "noun.substance",
-    "noun.time",
-    "verb.body",
-    "verb.change",
-    "verb.cognition",
-    "verb.communication",
-    "verb.competition",
-    "verb.consumption",
-    "verb.contact",
-    "verb.creation",
-    "verb.emotion",
-    "verb.motion",
-    "verb.perception",
-    "verb.possession",
-    "verb.social",
-    "verb.stative",
-    "verb.weather",
+    *(f"noun.{name}" for name in NOUN_SUPERSENSES),
+    *(f"verb.{name}" for name in VERB_SUPERSENSES),
     "adj.ppl",
 )
 
-# Data file suffix -> synset types found in it (``s`` is an adjective satellite).
-POS_FILES: dict[str, tuple[str, ...]] = {
-    "noun": ("n",),
-    "verb": ("v",),
-    "adj": ("a", "s"),
-    "adv": ("r",),
-}
+# Parts of speech, named like the data files (``data.adj`` also holds the adjective satellites).
+PARTS_OF_SPEECH = ("noun", "verb", "adj", "adv")
 
 
 class Synset(NamedTuple):
@@ -90,7 +55,7 @@ class Synset(NamedTuple):
 
 
 def parse_synset(line: str) -> Synset | None:
-    """Parse one data-file line; ``None`` for licence header lines and glosses without a definition."""
+    """Parse one data-file line; ``None`` for licence lines and glosses without a definition."""
     if line.startswith("  "):
         return None
     head, _, gloss = line.partition(" | ")
@@ -105,8 +70,9 @@ def read_synsets(data_file: Path) -> tuple[Synset, ...]:
     """All synsets of one WordNet data file, in file order."""
     if not data_file.is_file():
         raise FileNotFoundError(
-            f"WordNet data file {data_file} not found; install it with `apt-get install wordnet-base` "
-            "or pass the directory holding data.noun, data.verb, data.adj and data.adv"
+            f"WordNet data file {data_file} not found: install it with "
+            "`apt-get install wordnet-base`, or pass the directory that holds "
+            "data.noun, data.verb, data.adj and data.adv"
         )
     with data_file.open(encoding="utf-8", errors="replace") as lines:
         return tuple(synset for synset in map(parse_synset, lines) if synset is not None)
@@ -126,14 +92,13 @@ def supersense_task(name: str, pos: str, supersenses: tuple[str, ...]) -> TextTa
 
 def part_of_speech_task(name: str) -> TextTask:
     """Classify glosses by the part of speech of the word they define."""
-    parts = tuple(POS_FILES)
 
     def examples(wordnet_dir: Path) -> Iterator[Example]:
-        for label, pos in enumerate(parts):
+        for label, pos in enumerate(PARTS_OF_SPEECH):
             for synset in read_synsets(wordnet_dir / f"data.{pos}"):
                 yield synset.definition, label
 
-    return TextTask(name, parts, examples)
+    return TextTask(name, PARTS_OF_SPEECH, examples)
 
 
 WORDNET_TASKS: dict[str, TextTask] = {
@@ -153,7 +118,7 @@ TASKS: dict[str, list[str]] = {name: list(task.classes) for name, task in WORDNE
 def load_task(
     name: str, split: str, *, wordnet_dir: str | Path = DEFAULT_WORDNET_DIR, seed: int = 0
 ) -> list[Example]:
-    """Return the ``(text, label)`` pairs of one split of a WordNet task (see ``balanced_split``)."""
+    """Return the ``(text, label)`` pairs of one split of a task (see ``balanced_split``)."""
     if name not in WORDNET_TASKS:
         raise KeyError(f"unknown task {name!r}; known tasks: {sorted(WORDNET_TASKS)}")
     task = WORDNET_TASKS[name]

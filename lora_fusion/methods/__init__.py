@@ -1,6 +1,6 @@
 """Merge methods, one module per family, each method registered by name (see `lora-fusion methods`)."""
 
-from . import exact  # noqa: F401  (registers linear/cat, task_arithmetic, svd)
+from . import exact, interference, subspace  # noqa: F401  (importing a family registers its methods)
 from .base import (
     MergeParams,
     MethodSpec,

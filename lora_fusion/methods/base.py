@@ -9,12 +9,14 @@ so the engine can refuse a parameter a method would ignore before anything is do
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
 from ..adapter import ModuleFactors
+from ..linalg import FactoredSVD, choose_rank, relative_error, retained_energy, truncate
 from ..errors import InvalidParameterError, UnknownMethodError
 
 
@@ -27,6 +29,14 @@ class MergeParams:
         default=None, metadata={"help": "Smallest rank per module keeping this fraction of Σσ², e.g. 0.99."}
     )
     scale: float = field(default=1.0, metadata={"help": "Global factor λ on the merged update."})
+    density: float | None = field(
+        default=None, metadata={"help": "Fraction of entries kept (TIES/magnitude trim, DARE keep probability)."}
+    )
+    majority: str = field(default="total", metadata={"help": "TIES sign election: 'total' (mass) or 'frequency'."})
+    gamma: float = field(default=0.01, metadata={"help": "Breadcrumbs: fraction of the largest entries removed."})
+    seed: int = field(default=0, metadata={"help": "Seed of DARE's masks and of randomized SVD."})
+    space: str = field(default="full", metadata={"help": "'full' (dense update per module) or 'core' (k×k cores)."})
+    common_fraction: float = field(default=0.8, metadata={"help": "Iso-CTS: share of the rank given to the common subspace."})
 
     def __post_init__(self) -> None:
         if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
@@ -37,10 +47,23 @@ class MergeParams:
             raise InvalidParameterError("rank", self.rank, expected="either a rank or an energy, not both")
         if not math.isfinite(self.scale):
             raise InvalidParameterError("scale", self.scale, expected="a finite number, e.g. 0.5")
+        if self.density is not None and not (_real(self.density) and 0.0 < self.density <= 1.0):
+            raise InvalidParameterError("density", self.density, expected="a fraction in (0, 1], e.g. 0.2")
+        if self.majority not in ("total", "frequency"):
+            raise InvalidParameterError("majority", self.majority, expected="'total' or 'frequency'")
+        if not (_real(self.gamma) and 0.0 <= self.gamma < 1.0):
+            raise InvalidParameterError("gamma", self.gamma, expected="a fraction in [0, 1), e.g. 0.01")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise InvalidParameterError("seed", self.seed, expected="a non-negative integer, e.g. 0")
+        if not (_real(self.common_fraction) and 0.0 < self.common_fraction <= 1.0):
+            raise InvalidParameterError("common_fraction", self.common_fraction, expected="a fraction in (0, 1], e.g. 0.8")
+        if self.space not in ("full", "core"):
+            raise InvalidParameterError("space", self.space, expected="'full' or 'core'")
 
-    def given(self) -> dict[str, object]:
-        """The parameters that differ from their defaults."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != f.default}
+
+
+def _real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -54,6 +77,13 @@ class ModuleGroup:
     @property
     def max_rank(self) -> int:
         return max(f.rank for f in self.factors)
+
+    def magnitude(self, factor: float = 1.0) -> float:
+        """Σ |c·wᵢ·sᵢ|·‖Bᵢ‖·‖Aᵢ‖, an upper bound of ‖c·Σ wᵢΔWᵢ‖_F: the yardstick for "zero up to rounding"."""
+        return sum(
+            abs(factor * w * f.scale) * float(f.B.float().norm() * f.A.float().norm())
+            for f, w in zip(self.factors, self.weights)
+        )
 
     def scaled_bias(self, factor: float = 1.0) -> torch.Tensor | None:
         """factor·Σ wᵢ·sᵢ·biasᵢ over the adapters with a lora_B bias (linear in the adapters, so exact); None if none."""
@@ -86,6 +116,29 @@ class ModuleResult:
     bias: torch.Tensor | None = None
 
 
+def lowrank_result(
+    svd: FactoredSVD, group: ModuleGroup, params: MergeParams, *, bias: torch.Tensor | None = None
+) -> ModuleResult:
+    """Truncate an SVD of the merged update to the requested rank (`rank`, `energy`, or the largest input rank) and
+    record E(R) and the relative error. A merge that is zero up to float32 rounding (e.g. ΔW₁ − ΔW₁) is written at
+    rank 1 with zero factors and full energy."""
+    S = svd.S
+    if not S.numel() or float(S[0]) <= 1e-6 * group.magnitude(params.scale):
+        zeros = ModuleStats(rank=1, sigma_max=0.0, sigma_next=0.0)
+        return ModuleResult(A=svd.V.new_zeros(1, svd.V.shape[0]), B=svd.U.new_zeros(svd.U.shape[0], 1), stats=zeros, bias=bias)
+    rank = choose_rank(S, rank=params.rank, energy=params.energy, default=group.max_rank, total=svd.total_energy)
+    energy = retained_energy(S, rank, svd.total_energy)
+    B, A = truncate(svd, rank)
+    stats = ModuleStats(
+        rank=rank,
+        retained_energy=energy,
+        relative_error=relative_error(energy),
+        sigma_max=float(S[0]),
+        sigma_next=float(S[rank]) if rank < S.numel() else 0.0,
+    )
+    return ModuleResult(A=A, B=B, stats=stats, bias=bias)
+
+
 MethodFn = Callable[[ModuleGroup, MergeParams], ModuleResult]
 
 
@@ -100,6 +153,31 @@ class MethodSpec:
     reference: str
     params: frozenset[str]
     aliases: tuple[str, ...] = ()
+    defaults: Mapping[str, object] = field(default_factory=dict)
+    spaces: tuple[str, ...] = ("full",)
+    output_rank: Literal["sum", "max", "merged"] = "max"
+
+    def resolve(self, given: Mapping[str, object]) -> MergeParams:
+        """The method's parameters: its defaults, overridden by what the user gave (only parameters it takes).
+
+        Raises:
+            InvalidParameterError: a parameter the method does not take, or a space it has no form for.
+        """
+        for name, value in given.items():
+            if value is not None and name not in self.params:
+                takes = ", ".join(sorted(self.params)) or "no parameters"
+                raise InvalidParameterError(name, value, expected=f"none: {self.name} takes {takes}")
+        values = {**self.defaults, **{k: v for k, v in given.items() if v is not None}}
+        params = MergeParams(**values)
+        if params.space not in self.spaces:
+            raise InvalidParameterError(
+                "space", params.space, expected=f"{' or '.join(self.spaces)}: {self.name} has no {params.space} form"
+            )
+        return params
+
+    def recorded(self, params: MergeParams) -> dict[str, object]:
+        """The parameters this method used, with their resolved values, for the model card and metadata."""
+        return {name: getattr(params, name) for name in sorted(self.params)}
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
@@ -107,12 +185,30 @@ _ALIASES: dict[str, str] = {}
 
 
 def register_method(
-    name: str, *, summary: str, formula: str, reference: str, params: Sequence[str] = (), aliases: Sequence[str] = ()
+    name: str,
+    *,
+    summary: str,
+    formula: str,
+    reference: str,
+    params: Sequence[str] = (),
+    aliases: Sequence[str] = (),
+    defaults: Mapping[str, object] | None = None,
+    spaces: Sequence[str] = ("full",),
+    output_rank: Literal["sum", "max", "merged"] = "max",
 ) -> Callable[[MethodFn], MethodFn]:
-    """Register `fn` under `name` (and `aliases`); `params` lists the [`MergeParams`] fields it uses."""
+    """Register `fn` under `name` (and `aliases`).
+
+    `params` lists the [`MergeParams`] fields it uses, `defaults` its own default values for them, and `spaces`
+    where it can run (the first is the default): `"full"` on dense updates, `"core"` on core-space matrices.
+    `output_rank` says what its output rank is without `rank`/`energy`: Σ rᵢ ("sum", exact methods), the largest
+    input rank ("max"), or the merged update's own rank, at most Σ rᵢ ("merged").
+    """
 
     def decorator(fn: MethodFn) -> MethodFn:
-        spec = MethodSpec(name, fn, summary, formula, reference, frozenset(params), tuple(aliases))
+        spec = MethodSpec(
+            name, fn, summary, formula, reference, frozenset(params), tuple(aliases),
+            {"space": spaces[0], **(defaults or {})}, tuple(spaces), output_rank,
+        )
         _REGISTRY[name] = spec
         _ALIASES.update({alias: name for alias in aliases})
         return fn

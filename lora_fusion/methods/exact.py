@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..linalg import choose_rank, factored_svd, relative_error, retained_energy, truncate
-from .base import MergeParams, ModuleGroup, ModuleResult, ModuleStats, register_method
+from ..linalg import factored_svd
+from .base import MergeParams, ModuleGroup, ModuleResult, ModuleStats, lowrank_result, register_method
 
 
 def concatenated(group: ModuleGroup, factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -20,6 +20,7 @@ def concatenated(group: ModuleGroup, factor: float = 1.0) -> tuple[torch.Tensor,
 
 @register_method(
     "linear",
+    output_rank="sum",
     aliases=("cat",),
     summary="Exact weighted sum of the updates; factors concatenated, output rank Σ rᵢ (no cross terms).",
     formula="ΔW = Σᵢ wᵢ·sᵢ·Bᵢ·Aᵢ = [w₁s₁B₁|…|w_T s_T B_T]·[A₁;…;A_T]",
@@ -37,6 +38,7 @@ def linear(group: ModuleGroup, params: MergeParams) -> ModuleResult:
 
 @register_method(
     "task_arithmetic",
+    output_rank="sum",
     summary="λ times the exact weighted sum of the task updates (factored, rank Σ rᵢ).",
     formula="ΔW = λ·Σᵢ wᵢ·sᵢ·Bᵢ·Aᵢ",
     reference="Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023 (arXiv:2212.04089)",
@@ -63,25 +65,4 @@ def svd(group: ModuleGroup, params: MergeParams) -> ModuleResult:
     energy ≥ `energy`. The output splits √σ evenly between B' and A'. An all-zero sum is written at rank 1.
     """
     B, A = concatenated(group, params.scale)
-    decomposition = factored_svd(B, A)
-    S = decomposition.S
-    if _cancels(S, group, params.scale):
-        zeros = ModuleStats(rank=1, sigma_max=0.0, sigma_next=0.0)
-        return ModuleResult(A=A.new_zeros(1, A.shape[1]), B=B.new_zeros(B.shape[0], 1), stats=zeros)
-    rank = choose_rank(S, rank=params.rank, energy=params.energy, default=group.max_rank)
-    energy = retained_energy(S, rank)
-    out_B, out_A = truncate(decomposition, rank)
-    stats = ModuleStats(
-        rank=rank,
-        retained_energy=energy,
-        relative_error=relative_error(energy),
-        sigma_max=float(S[0]) if S.numel() else 0.0,
-        sigma_next=float(S[rank]) if rank < S.numel() else 0.0,
-    )
-    return ModuleResult(A=out_A, B=out_B, bias=group.scaled_bias(params.scale), stats=stats)
-
-
-def _cancels(S: torch.Tensor, group: ModuleGroup, factor: float) -> bool:
-    """Whether the weighted sum is zero up to float32 rounding of its terms (e.g. ΔW₁ − ΔW₁)."""
-    bound = sum(abs(factor * w * f.scale) * float(f.B.norm() * f.A.norm()) for f, w in zip(group.factors, group.weights))
-    return float(S[0]) <= 1e-6 * bound if S.numel() else True
+    return lowrank_result(factored_svd(B, A), group, params, bias=group.scaled_bias(params.scale))

@@ -1,0 +1,224 @@
+"""Element-wise interference-aware merges (METHODS.md §c.2–c.5): TIES, DARE, magnitude pruning, Breadcrumbs.
+
+The papers define these on dense task vectors τᵢ = ΔWᵢ = sᵢ·Bᵢ·Aᵢ. With `space="full"` (the default, the papers'
+semantics) each module's τᵢ are formed densely, one module at a time, and the result goes back to low rank by exact
+or randomized SVD. With `space="core"` (Panariello et al., NeurIPS 2025) the same operation runs on the k×k cores
+Mᵢ = U_Bᵀ·τᵢ·V_A; for these element-wise methods that gives a different (basis-dependent) result, not an
+approximation of the full-space one.
+
+Order of operations follows PEFT's `merge_utils` so results can be compared: sparsify each unweighted τᵢ, elect signs
+on the unweighted sparsified tensors, then weight by wᵢ and combine, then scale by λ.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ..errors import UnsupportedAdapterError
+from ..linalg import FactoredSVD, core_bases, dense_svd
+from .base import MergeParams, ModuleGroup, ModuleResult, lowrank_result, register_method
+
+Sparsify = Callable[[torch.Tensor, MergeParams, torch.Generator], torch.Tensor]
+_COMMON = ("scale", "density", "rank", "energy", "seed", "space")
+
+
+def keep_top_magnitude(task: torch.Tensor, density: float) -> torch.Tensor:
+    """Zero all but the ⌊density·numel⌋ entries of largest |value| (ties at the threshold: lower flat index kept)."""
+    flat = task.reshape(-1)
+    keep = int(density * flat.numel())
+    if keep >= flat.numel():
+        return task
+    if keep == 0:
+        return torch.zeros_like(task)
+    size = flat.abs()
+    threshold = torch.topk(size, keep, sorted=False).values.min()
+    mask = size > threshold
+    ties = (size == threshold).nonzero().squeeze(1)[: keep - int(mask.sum())]
+    mask[ties] = True
+    return (flat * mask).reshape(task.shape)
+
+
+def drop_and_rescale(task: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
+    """DARE: keep each entry with probability `density` (a Bernoulli mask drawn on the CPU from `generator`, so the
+    result does not depend on the device) and divide the kept entries by `density`."""
+    keep = torch.rand(task.shape, generator=generator) < density
+    return task * keep.to(task.device) / density
+
+
+def breadcrumbs_mask(task: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Model Breadcrumbs: remove the fraction γ of largest |entries| and max(0, 1 − d − γ) of the smallest, keeping the
+    middle; if γ ≥ 1 − d only the largest 1 − d go (mergekit's semantics, with d the fraction kept)."""
+    flat = task.reshape(-1)
+    count = flat.numel()
+    drop_large = int(min(gamma, 1.0 - density) * count)
+    drop_small = int(max(0.0, 1.0 - density - gamma) * count)
+    order = torch.sort(flat.abs(), descending=True, stable=True).indices
+    mask = torch.zeros(count, dtype=torch.bool, device=task.device)
+    mask[order[drop_large : count - drop_small]] = True
+    return (flat * mask).reshape(task.shape)
+
+
+def elected_signs(stack: torch.Tensor, rule: str) -> torch.Tensor:
+    """TIES sign election per entry on the unweighted tensors: sign of the summed mass ("total") or of the summed
+    signs ("frequency"); +1 where the sum is zero (PEFT's rule)."""
+    votes = stack.sum(0) if rule == "total" else stack.sign().sum(0)
+    return torch.where(votes >= 0, 1.0, -1.0).to(stack.dtype)
+
+
+def disjoint_mean(stack: torch.Tensor, weights: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """τ_m[p] = Σ_{i∈A_p} wᵢ·τ̂ᵢ[p] / max(1, |A_p|), A_p = {i : τ̂ᵢ[p] ≠ 0 and sign(τ̂ᵢ[p]) = γ_p}."""
+    agree = stack.sign() == signs
+    weighted = stack * weights.view(-1, *([1] * (stack.dim() - 1)))
+    return (weighted * agree).sum(0) / agree.sum(0).clamp(min=1)
+
+
+def seeded(seed: int, *parts: object) -> torch.Generator:
+    """A CPU generator seeded by (seed, parts): the same masks whatever the module order, sharding or device."""
+    digest = hashlib.sha256(":".join(map(str, (seed, *parts))).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def stacked(group: ModuleGroup) -> tuple[torch.Tensor, torch.Tensor]:
+    """[s₁B₁ | … | s_T B_T] and [A₁; …; A_T], unweighted: the spans the core-space bases are built from."""
+    B = torch.cat([f.scale * f.B.float() for f in group.factors], dim=1)
+    return B, torch.cat([f.A.float() for f in group.factors], dim=0)
+
+
+def elementwise_merge(group: ModuleGroup, params: MergeParams, sparsify: Sparsify, *, consensus: bool) -> ModuleResult:
+    """Sparsify each task tensor, combine (TIES consensus or weighted sum), scale by λ, and return to low rank."""
+    if any(f.bias is not None for f in group.factors):
+        raise UnsupportedAdapterError(
+            f"module {group.name} has a lora_B bias (lora_bias=True), which element-wise methods do not define; "
+            "merge such adapters with linear, task_arithmetic or svd."
+        )
+    weights = torch.tensor(list(group.weights), dtype=torch.float32, device=group.factors[0].A.device)
+    if params.space == "core":
+        U_B, V_A = core_bases(*stacked(group))
+        tasks = [(U_B.mT @ (f.scale * f.B.float())) @ (f.A.float() @ V_A) for f in group.factors]
+    else:
+        tasks = [f.delta() for f in group.factors]
+    sparse = torch.stack([sparsify(t, params, seeded(params.seed, group.name, i)) for i, t in enumerate(tasks)])
+    del tasks
+    if consensus:
+        merged = disjoint_mean(sparse, weights, elected_signs(sparse, params.majority))
+    else:
+        merged = (sparse * weights.view(-1, 1, 1)).sum(0)
+    merged = params.scale * merged
+    del sparse
+    if params.space == "core":
+        U_m, S, Vh_m = torch.linalg.svd(merged.double(), full_matrices=False)
+        svd = FactoredSVD.of(U_B @ U_m.float(), S, V_A @ Vh_m.mT.float())
+    else:
+        wanted = params.rank or group.max_rank
+        components = wanted if params.energy is None else 4 * wanted
+        svd = dense_svd(merged, components=components, generator=seeded(params.seed, group.name, "svd"))
+    return lowrank_result(svd, group, params)
+
+
+def _trim(task: torch.Tensor, params: MergeParams, generator: torch.Generator) -> torch.Tensor:
+    return keep_top_magnitude(task, params.density or 1.0)
+
+
+def _drop(task: torch.Tensor, params: MergeParams, generator: torch.Generator) -> torch.Tensor:
+    return drop_and_rescale(task, params.density or 1.0, generator)
+
+
+def _crumbs(task: torch.Tensor, params: MergeParams, generator: torch.Generator) -> torch.Tensor:
+    return breadcrumbs_mask(task, params.density or 1.0, params.gamma)
+
+
+def _register(
+    name: str, *, summary: str, formula: str, reference: str, density: float, extra: Sequence[str] = ()
+) -> Callable[[Callable[[ModuleGroup, MergeParams], ModuleResult]], Callable[[ModuleGroup, MergeParams], ModuleResult]]:
+    return register_method(
+        name,
+        summary=summary,
+        formula=formula,
+        reference=reference,
+        params=(*_COMMON, *extra),
+        defaults={"density": density},
+        spaces=("full", "core"),
+    )
+
+
+@_register(
+    "ties",
+    summary="Trim each task to its top-d magnitudes, elect a sign per entry, average the entries that agree.",
+    formula="ΔW = λ·Σ_{i∈A_p} wᵢ·trim_d(τᵢ)[p] / max(1,|A_p|), A_p: entries agreeing with the elected sign",
+    reference="Yadav et al., TIES-Merging, NeurIPS 2023 (arXiv:2306.01708)",
+    density=0.2,
+    extra=("majority",),
+)
+def ties(group: ModuleGroup, params: MergeParams) -> ModuleResult:
+    """TIES (Yadav et al., NeurIPS 2023): τ̂ᵢ = trim_d(τᵢ) per tensor (top ⌊d·numel⌋ |entries|, d = 0.2); γ = sign of
+    Σᵢ τ̂ᵢ ("total") or of Σᵢ sign(τ̂ᵢ) ("frequency"); ΔW = λ·Σ_{i∈A_p} wᵢτ̂ᵢ[p] / max(1, |A_p|)."""
+    return elementwise_merge(group, params, _trim, consensus=True)
+
+
+@_register(
+    "dare_linear",
+    summary="Drop each entry with probability 1−d, rescale by 1/d (seeded), then the weighted sum.",
+    formula="ΔW = λ·Σᵢ wᵢ·(mᵢ ⊙ τᵢ)/d, mᵢ ~ Bernoulli(d)",
+    reference="Yu et al., Language Models are Super Mario (DARE), ICML 2024 (arXiv:2311.03099)",
+    density=0.5,
+)
+def dare_linear(group: ModuleGroup, params: MergeParams) -> ModuleResult:
+    """DARE (Yu et al., ICML 2024) + task arithmetic: τ̃ᵢ = mᵢ ⊙ τᵢ / d with mᵢ ~ Bernoulli(d), seeded per
+    (seed, module, adapter); ΔW = λ·Σᵢ wᵢ·τ̃ᵢ."""
+    return elementwise_merge(group, params, _drop, consensus=False)
+
+
+@_register(
+    "dare_ties",
+    summary="DARE drop-and-rescale, then TIES sign election and disjoint mean (no magnitude trim).",
+    formula="ΔW = λ·Σ_{i∈A_p} wᵢ·τ̃ᵢ[p] / max(1,|A_p|), τ̃ᵢ = mᵢ ⊙ τᵢ / d",
+    reference="Yu et al., DARE, ICML 2024 (arXiv:2311.03099); Yadav et al., NeurIPS 2023",
+    density=0.5,
+    extra=("majority",),
+)
+def dare_ties(group: ModuleGroup, params: MergeParams) -> ModuleResult:
+    """DARE then TIES consensus (PEFT's definition): τ̃ᵢ = mᵢ ⊙ τᵢ / d; signs elected on the unweighted τ̃ᵢ;
+    ΔW = λ·Σ_{i∈A_p} wᵢτ̃ᵢ[p] / max(1, |A_p|)."""
+    return elementwise_merge(group, params, _drop, consensus=True)
+
+
+@_register(
+    "magnitude_prune",
+    summary="Keep each task's top-d magnitudes (no rescale, no sign election), then the weighted sum.",
+    formula="ΔW = λ·Σᵢ wᵢ·trim_d(τᵢ)",
+    reference="PEFT merge_utils.magnitude_prune; Yadav et al., NeurIPS 2023 (trim step)",
+    density=0.2,
+)
+def magnitude_prune(group: ModuleGroup, params: MergeParams) -> ModuleResult:
+    """Magnitude pruning (PEFT's definition): ΔW = λ·Σᵢ wᵢ·trim_d(τᵢ), trim_d keeping the top ⌊d·numel⌋ |entries|."""
+    return elementwise_merge(group, params, _trim, consensus=False)
+
+
+@_register(
+    "breadcrumbs",
+    summary="Remove each task's largest γ and smallest 1−d−γ magnitudes, then the weighted sum.",
+    formula="ΔW = λ·Σᵢ wᵢ·crumbs_{d,γ}(τᵢ)",
+    reference="Davari & Belilovsky, Model Breadcrumbs, ECCV 2024 (arXiv:2312.06795)",
+    density=0.9,
+    extra=("gamma",),
+)
+def breadcrumbs(group: ModuleGroup, params: MergeParams) -> ModuleResult:
+    """Model Breadcrumbs (Davari & Belilovsky, ECCV 2024): per tensor, drop the fraction γ (0.01) of largest |entries|
+    and max(0, 1 − d − γ) of the smallest (d = 0.9 kept); ΔW = λ·Σᵢ wᵢ·crumbs(τᵢ)."""
+    return elementwise_merge(group, params, _crumbs, consensus=False)
+
+
+@_register(
+    "breadcrumbs_ties",
+    summary="Breadcrumbs masks, then TIES sign election and disjoint mean.",
+    formula="ΔW = λ·Σ_{i∈A_p} wᵢ·crumbs(τᵢ)[p] / max(1,|A_p|)",
+    reference="Davari & Belilovsky, ECCV 2024 (arXiv:2312.06795); Yadav et al., NeurIPS 2023",
+    density=0.9,
+    extra=("gamma", "majority"),
+)
+def breadcrumbs_ties(group: ModuleGroup, params: MergeParams) -> ModuleResult:
+    """Breadcrumbs masks, then the TIES election on the masked unweighted tensors and the weighted disjoint mean."""
+    return elementwise_merge(group, params, _crumbs, consensus=True)

@@ -1,0 +1,230 @@
+"""Interference-aware merges against dense references computed independently: PEFT's merge_utils where the
+semantics coincide, direct transcriptions of the papers' steps otherwise. Output rank is set to full so truncation
+cannot hide a difference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft.utils import merge_utils
+
+from lora_fusion.adapter import ModuleFactors
+from lora_fusion.errors import InvalidParameterError, UnsupportedAdapterError
+from lora_fusion.linalg import core_bases
+from lora_fusion.methods import ModuleGroup, get_method
+from lora_fusion.methods.interference import drop_and_rescale, seeded, stacked
+
+M, N = 24, 36
+FULL = min(M, N)
+
+
+def make_group(seed: int = 0, ranks=(4, 6, 3), weights=(1.0, 0.6, -0.8)) -> ModuleGroup:
+    g = torch.Generator().manual_seed(seed)
+    factors = [
+        ModuleFactors(torch.randn(r, N, generator=g), torch.randn(M, r, generator=g), scale=0.5 + 0.25 * i)
+        for i, r in enumerate(ranks)
+    ]
+    return ModuleGroup("model.layers.0.mlp.up_proj", factors, list(weights))
+
+
+def run(name: str, group: ModuleGroup, **given) -> torch.Tensor:
+    spec = get_method(name)
+    result = spec.fn(group, spec.resolve(given))
+    return (result.B.double() @ result.A.double()).float()
+
+
+def taus(group: ModuleGroup) -> list[torch.Tensor]:
+    return [f.delta() for f in group.factors]
+
+
+def weights_of(group: ModuleGroup) -> torch.Tensor:
+    return torch.tensor(group.weights)
+
+
+def assert_close(got: torch.Tensor, expected: torch.Tensor, tol: float = 1e-5) -> None:
+    error = float((got - expected).norm() / expected.norm())
+    assert error < tol, error
+
+
+@pytest.mark.parametrize("majority", ["total", "frequency"])
+@pytest.mark.parametrize("density", [0.2, 0.5, 1.0])
+def test_ties_full_space_equals_peft_on_dense_updates(density, majority) -> None:
+    group = make_group()
+    expected = 0.7 * merge_utils.ties(taus(group), weights_of(group), density, majority)
+    assert_close(run("ties", group, density=density, majority=majority, scale=0.7, rank=FULL), expected)
+
+
+def test_magnitude_prune_full_space_equals_peft() -> None:
+    group = make_group(1)
+    expected = merge_utils.magnitude_prune(taus(group), weights_of(group), 0.3)
+    assert_close(run("magnitude_prune", group, density=0.3, rank=FULL), expected)
+
+
+def dare_masked(group: ModuleGroup, density: float, seed: int) -> list[torch.Tensor]:
+    return [drop_and_rescale(t, density, seeded(seed, group.name, i)) for i, t in enumerate(taus(group))]
+
+
+def test_dare_linear_and_ties_equal_peft_combination_of_the_same_masks() -> None:
+    group = make_group(2)
+    masked = dare_masked(group, 0.4, seed=7)
+    linear = merge_utils.task_arithmetic(masked, weights_of(group))
+    stack = torch.stack(masked)
+    agree = merge_utils.calculate_majority_sign_mask(stack, "total")
+    ties = merge_utils.disjoint_merge(stack * weights_of(group).view(-1, 1, 1), agree)
+    assert_close(run("dare_linear", group, density=0.4, seed=7, rank=FULL), linear)
+    assert_close(run("dare_ties", group, density=0.4, seed=7, rank=FULL), ties)
+
+
+def test_dare_mask_keeps_density_and_rescales() -> None:
+    tensor = torch.randn(200, 300)
+    dropped = drop_and_rescale(tensor, 0.3, seeded(1, "m", 0))
+    kept = dropped != 0
+    assert abs(float(kept.float().mean()) - 0.3) < 0.01
+    assert torch.allclose(dropped[kept], tensor[kept] / 0.3)
+
+
+def test_dare_is_seeded_and_order_independent() -> None:
+    group = make_group(3)
+    first = run("dare_ties", group, seed=5, rank=FULL)
+    assert torch.equal(first, run("dare_ties", group, seed=5, rank=FULL))
+    assert not torch.equal(first, run("dare_ties", group, seed=6, rank=FULL))
+
+
+def breadcrumbs_reference(tensor: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    # Direct transcription of mergekit's docs: drop top γ, drop bottom 1−d−γ (or only the top 1−d if γ ≥ 1−d).
+    values = tensor.flatten().tolist()
+    order = sorted(range(len(values)), key=lambda i: (-abs(values[i]), i))
+    top = int(min(gamma, 1 - density) * len(values))
+    bottom = int(max(0.0, 1 - density - gamma) * len(values))
+    keep = set(order[top : len(values) - bottom])
+    return torch.tensor([v if i in keep else 0.0 for i, v in enumerate(values)]).reshape(tensor.shape)
+
+
+@pytest.mark.parametrize(("density", "gamma"), [(0.9, 0.01), (0.5, 0.1), (0.5, 0.7)])
+def test_breadcrumbs_equals_a_transcription(density, gamma) -> None:
+    group = make_group(4)
+    masked = [breadcrumbs_reference(t, density, gamma) for t in taus(group)]
+    expected = merge_utils.task_arithmetic(masked, weights_of(group))
+    assert_close(run("breadcrumbs", group, density=density, gamma=gamma, rank=FULL), expected)
+    stack = torch.stack(masked)
+    agree = merge_utils.calculate_majority_sign_mask(stack, "total")
+    expected_ties = merge_utils.disjoint_merge(stack * weights_of(group).view(-1, 1, 1), agree)
+    assert_close(run("breadcrumbs_ties", group, density=density, gamma=gamma, rank=FULL), expected_ties)
+
+
+def numerical_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    U, S, Vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+    keep = int((S > 1e-6 * S[0]).sum())
+    return U[:, :keep], S[:keep], Vh[:keep]
+
+
+def test_knots_equals_the_official_steps_on_dense_updates() -> None:
+    group = make_group(5)
+    U, S, Vh = numerical_svd(torch.cat(taus(group), dim=1))
+    reps = [(torch.diag(S) @ Vh[:, i * N : (i + 1) * N]).float() for i in range(len(group.factors))]
+    expected = 0.9 * (U.float() @ merge_utils.ties(reps, weights_of(group), 0.2, "total"))
+    assert_close(run("knots", group, scale=0.9), expected, tol=1e-4)
+
+
+def polar(X: torch.Tensor) -> torch.Tensor:
+    P, _, Qh = torch.linalg.svd(X, full_matrices=False)
+    return P @ Qh
+
+
+def test_tsv_equals_the_official_steps_on_dense_updates() -> None:
+    group = make_group(6)
+    cut = FULL // len(group.factors)
+    parts = [numerical_svd(w * t) for t, w in zip(taus(group), group.weights)]
+    U = torch.cat([u[:, :cut] for u, _, _ in parts], 1)
+    S = torch.cat([s[:cut] for _, s, _ in parts])
+    V = torch.cat([vh[:cut].T for _, _, vh in parts], 1)
+    expected = 1.3 * polar(U) @ torch.diag(S) @ polar(V).T
+    assert_close(run("tsv", group, scale=1.3), expected.float(), tol=1e-4)
+
+
+def test_iso_c_flattens_the_spectrum_of_the_sum() -> None:
+    group = make_group(7)
+    U, S, Vh = numerical_svd(sum(w * t for t, w in zip(taus(group), group.weights)))
+    expected = 1.5 * S.mean() * U @ Vh
+    assert_close(run("iso_c", group, scale=1.5), expected.float(), tol=1e-4)
+
+
+def test_iso_cts_equals_the_official_steps_on_dense_updates() -> None:
+    group = make_group(8)
+    weighted = [w * t.double() for t, w in zip(taus(group), group.weights)]
+    U, S, Vh = numerical_svd(sum(weighted))
+    D, T = S.numel(), len(weighted)
+    per_task = (D - int(0.8 * D)) // T
+    common = D - per_task * T
+    U_c = U[:, :common]
+    us, ss, vs = [], [], []
+    for tau in weighted:
+        u, s, vh = numerical_svd(tau - U_c @ (U_c.T @ tau))
+        us.append(u[:, :per_task]), ss.append(s[:per_task]), vs.append(vh[:per_task].T)
+    U_all = torch.cat([*us, U_c], 1)
+    V_all = torch.cat([*vs, Vh[:common].T], 1)
+    S_all = torch.cat([*ss, S[:common]])
+    expected = S_all.mean() * polar(U_all) @ polar(V_all).T
+    assert_close(run("iso_cts", group), expected.float(), tol=1e-4)
+
+
+def test_core_space_cores_reconstruct_every_task_exactly() -> None:
+    group = make_group(9)
+    U_B, V_A = core_bases(*stacked(group))
+    for f in group.factors:
+        core = (U_B.T @ (f.scale * f.B)) @ (f.A @ V_A)
+        assert_close(U_B @ core @ V_A.T, f.delta())
+
+
+@pytest.mark.parametrize("name", ["dare_linear", "magnitude_prune"])
+def test_linear_special_cases_are_equal_in_core_and_full_space(name) -> None:
+    # density 1 makes these methods task arithmetic, which core space reproduces exactly (zero alignment error)
+    group = make_group(10)
+    expected = sum(w * t for t, w in zip(taus(group), group.weights))
+    assert_close(run(name, group, density=1.0, space="core", rank=13), expected)
+    assert_close(run(name, group, density=1.0, space="full", rank=FULL), expected)
+
+
+def test_core_space_ties_differs_from_full_space_and_is_measured() -> None:
+    group = make_group(11)
+    full = run("ties", group, rank=FULL)
+    core = run("ties", group, space="core", rank=13)
+    difference = float((core - full).norm() / full.norm())
+    assert 0.05 < difference < 2.0  # a different method, not an approximation; docs/methods.md reports it
+
+
+def test_large_modules_use_seeded_randomized_svd() -> None:
+    g = torch.Generator().manual_seed(12)
+    factors = [ModuleFactors(torch.randn(4, 1100, generator=g), torch.randn(1050, 4, generator=g), 1.0) for _ in range(2)]
+    group = ModuleGroup("big", factors, [1.0, 1.0])
+    spec = get_method("dare_linear")
+    first = spec.fn(group, spec.resolve({"density": 1.0, "rank": 8}))
+    again = spec.fn(group, spec.resolve({"density": 1.0, "rank": 8}))
+    assert torch.equal(first.A, again.A)
+    assert first.stats.retained_energy == pytest.approx(1.0, abs=1e-5)
+    assert_close(first.B @ first.A, sum(f.delta() for f in factors), tol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("method", "given"),
+    [
+        ("ties", {"density": 0.0}),
+        ("ties", {"density": 1.5}),
+        ("dare_ties", {"seed": -1}),
+        ("dare_ties", {"seed": 1.5}),
+        ("ties", {"majority": "loudest"}),
+        ("tsv", {"space": "full"}),
+        ("knots", {"space": "core"}),
+        ("linear", {"density": 0.5}),
+    ],
+)
+def test_bad_parameters_are_refused(method, given) -> None:
+    with pytest.raises(InvalidParameterError):
+        get_method(method).resolve(given)
+
+
+def test_lora_bias_is_refused_by_element_wise_methods() -> None:
+    group = make_group(13)
+    biased = ModuleGroup(group.name, [ModuleFactors(f.A, f.B, f.scale, torch.ones(M)) for f in group.factors], group.weights)
+    with pytest.raises(UnsupportedAdapterError, match="lora_bias"):
+        run("ties", biased)
