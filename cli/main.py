@@ -110,7 +110,7 @@ def merge(
 ) -> None:
     """Merge adapters into one PEFT adapter: `lora-fusion merge A B --method svd --rank 16 --out merged/`."""
     with user_errors():
-        from lora_fusion.recipe import Recipe, load_recipe
+        from lora_fusion.recipe import load_recipe, validated
 
         given = {
             "method": method,
@@ -134,9 +134,10 @@ def merge(
         }
         flags = {k: v for k, v in given.items() if v is not None}
         if recipe is not None:
-            plan = load_recipe(recipe).model_copy(update=flags | ({"sources": sources} if sources else {}))
+            base = load_recipe(recipe).model_dump(exclude_none=True)
+            plan = validated(base | flags | ({"sources": sources} if sources else {}), origin="options")
         elif sources:
-            plan = Recipe(sources=sources, **flags)
+            plan = validated({"sources": sources, **flags}, origin="options")
         else:
             fail("give adapters to merge (lora-fusion merge A B --out DIR) or --recipe FILE.yaml.")
         _run_merge(plan, subfolder=subfolder, dry_run=dry_run, as_json=as_json, quiet=quiet)
@@ -198,12 +199,20 @@ def inspect(
     sources: Annotated[list[str], typer.Argument(help="Hub ids or local adapter directories.", show_default=False)],
     subfolder: Annotated[Optional[str], typer.Option(help="Folder inside each source.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON with every module.")] = False,
+    interference: Annotated[
+        bool, typer.Option("--interference", help="Cosine, top-k sign conflicts and subspace overlap between them.")
+    ] = False,
+    density: Annotated[float, typer.Option(help="Top-k fraction for --interference sign conflicts.")] = 0.2,
 ) -> None:
     """Describe adapters: base model, resolved commit, modules, ranks, scales, dtype and size (headers only)."""
     with user_errors():
         from lora_fusion.sources import load_adapter
 
-        reports = [_describe(load_adapter(s, subfolder=subfolder)) for s in sources]
+        adapters = [load_adapter(s, subfolder=subfolder) for s in sources]
+        if interference:
+            _print_interference(adapters, density=density, as_json=as_json)
+            return
+        reports = [_describe(a) for a in adapters]
         if as_json:
             typer.echo(json.dumps(reports if len(reports) > 1 else reports[0], indent=2))
             return
@@ -213,6 +222,26 @@ def inspect(
                 f"{len(report['modules'])} modules, ranks {report['ranks']}, scales {report['scales']}, "
                 f"{report['dtype']}, {report['parameters']:,} parameters"
             )
+
+
+def _print_interference(adapters: list[Any], *, density: float, as_json: bool) -> None:
+    from lora_fusion.diagnostics import interference_report
+    from lora_fusion.errors import InvalidParameterError
+
+    if len(adapters) < 2:
+        fail("--interference compares adapters: give at least two.")
+    if not 0.0 < density <= 1.0:
+        raise InvalidParameterError("density", density, expected="a fraction in (0, 1], e.g. 0.2")
+    report = interference_report(adapters, density=density)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    for i, name in enumerate(report["sources"]):
+        typer.echo(f"[{i}] {name}")
+    overall = report["overall"]
+    typer.echo(f"{overall['modules']} shared modules; top-{density:g} sign conflicts {overall['sign_conflict']:.3f}")
+    for pair, stats in overall["pairs"].items():
+        typer.echo(f"  {pair}: cosine {stats['cosine']:+.3f}, subspace overlap {stats['subspace_overlap']:.3f}")
 
 
 def _describe(adapter: Any) -> dict[str, Any]:

@@ -90,11 +90,19 @@ def load_recipe(path: str | Path) -> Recipe:
         raise RecipeError(f"{path}: not valid YAML{line}; fix the file.") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a YAML mapping of options (method:, sources:, ...).")
+    return _resolved(validated(data, origin=str(path)), path.parent)
+
+
+def validated(data: dict[str, Any], *, origin: str) -> Recipe:
+    """A [`Recipe`] from a mapping (a YAML file or command-line options).
+
+    Raises:
+        RecipeError: naming the first unknown key or wrongly typed value, and where it came from.
+    """
     try:
-        recipe = Recipe.model_validate(data)
+        return Recipe.model_validate(data)
     except ValidationError as err:
-        raise RecipeError(f"{path}: {_first_problem(err)}") from None
-    return _resolved(recipe, path.parent)
+        raise RecipeError(f"{origin}: {_first_problem(err)}") from None
 
 
 def _first_problem(err: ValidationError) -> str:

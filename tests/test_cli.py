@@ -169,7 +169,7 @@ def test_user_errors_exit_2_with_one_line(two_loras, make_llama_lora, llama_dir,
         (["merge", a, b, "--weights", "0.5,x", "--out", out], "comma-separated"),
         (["merge", a, b, "--method", "fancy", "--out", out], "unknown method"),
         (["merge", a, b, "--method", "svd", "--rank", "0", "--out", out], "rank"),
-        (["merge", a, b, "--method", "linear", "--rank", "4", "--out", out], "use svd"),
+        (["merge", a, b, "--method", "linear", "--rank", "4", "--out", out], "linear takes no parameters"),
         (["merge", a, b, "--method", "svd", "--energy", "1.5", "--out", out], "energy"),
         (["merge", a, b, "--device", "cuda", "--out", out] if not torch.cuda.is_available() else ["merge"], ""),
         (["merge", a, b], "--out"),
@@ -208,3 +208,34 @@ def test_package_import_is_lazy_and_every_public_name_resolves() -> None:
 
     for name in lora_fusion.__all__:
         assert getattr(lora_fusion, name) is not None
+
+
+def test_interference_method_errors_exit_2(two_loras, tmp_path, capsys) -> None:
+    a, b = two_loras
+    out = tmp_path / "never"
+    cases = [
+        (["merge", a, b, "--method", "ties", "--density", "0", "--out", out], "density"),
+        (["merge", a, b, "--method", "ties", "--density", "1.2", "--out", out], "density"),
+        (["merge", a, b, "--method", "knots", "--space", "core", "--out", out], "knots takes"),
+        (["merge", a, b, "--method", "tsv", "--space", "full", "--out", out], "no full form"),
+        (["merge", a, b, "--method", "dare_ties", "--seed", "-3", "--out", out], "seed"),
+        (["merge", a, b, "--method", "ties", "--majority", "loud", "--out", out], "majority"),
+        (["inspect", a, "--interference"], "at least two"),
+    ]
+    for args, fragment in cases:
+        assert_user_error(invoke(*args), fragment)
+    assert main(["merge", str(a), "--method", "dare_ties", "--seed", "abc", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--seed" in err[0]
+    assert not out.exists()
+
+
+def test_ties_merge_records_its_resolved_parameters(two_loras, tmp_path) -> None:
+    out = tmp_path / "ties"
+    result = invoke("merge", *two_loras, "--method", "ties", "--space", "core", "--out", out)
+    assert result.exit_code == 0, result.output
+    metadata = json.loads(_metadata(out / "adapter_model.safetensors")["lora_fusion"])
+    assert metadata["params"] == {
+        "density": 0.2, "energy": None, "majority": "total", "rank": None, "scale": 1.0, "seed": 0, "space": "core"
+    }
+    assert "ties" in (out / "README.md").read_text()

@@ -228,3 +228,31 @@ def test_lora_bias_is_refused_by_element_wise_methods() -> None:
     biased = ModuleGroup(group.name, [ModuleFactors(f.A, f.B, f.scale, torch.ones(M)) for f in group.factors], group.weights)
     with pytest.raises(UnsupportedAdapterError, match="lora_bias"):
         run("ties", biased)
+
+
+def test_interference_diagnostics(make_llama_lora) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from lora_fusion import load_adapter
+    from lora_fusion.diagnostics import cosine, sign_conflicts, subspace_overlap
+    from lora_fusion_cli.main import app
+
+    first = make_llama_lora(seed=1)
+    second = make_llama_lora(seed=2, target_modules=["q_proj"])
+    a, b = load_adapter(first), load_adapter(second)
+    name = "model.layers.0.self_attn.q_proj"
+    x, y = a.factors(name), b.factors(name)
+    dense_cos = float((x.delta() * y.delta()).sum() / (x.delta().norm() * y.delta().norm()))
+    assert cosine(x, y) == pytest.approx(dense_cos, abs=1e-6)
+    assert cosine(x, x) == pytest.approx(1.0) and subspace_overlap(x, x) == pytest.approx(1.0)
+    negated = ModuleFactors(x.A, -x.B, x.scale)
+    assert sign_conflicts([x, negated], 0.2) == 1.0 and sign_conflicts([x, x], 0.2) == 0.0
+    result = CliRunner().invoke(app, ["inspect", str(first), str(second), "--interference", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["overall"]["modules"] == 2  # q_proj in both layers; v_proj only in the first
+    assert report["modules"][name]["pairs"]["0-1"]["cosine"] == pytest.approx(dense_cos, abs=1e-6)
+    assert 0.0 <= report["overall"]["sign_conflict"] <= 1.0
+    assert "sign conflicts" in CliRunner().invoke(app, ["inspect", str(first), str(second), "--interference"]).stdout

@@ -105,7 +105,7 @@ def knots(group: ModuleGroup, params: MergeParams) -> ModuleResult:
     summary="Task Singular Vectors: each task's top singular vectors, orthogonalised jointly (polar factors).",
     formula="ΔW = α·polar([U₁|…|U_T])·diag(S₁,…,S_T)·polar([V₁|…|V_T])ᵀ, top ⌊min(m,n)/T⌋ per task",
     reference="Gargiulo et al., Task Singular Vectors, CVPR 2025 (arXiv:2412.00081)",
-    params=_SUBSPACE,
+    params=(*_SUBSPACE, "space"),
     spaces=("core",),
 )
 def tsv(group: ModuleGroup, params: MergeParams) -> ModuleResult:
@@ -127,7 +127,7 @@ def tsv(group: ModuleGroup, params: MergeParams) -> ModuleResult:
     summary="Isotropic merge: the sum's singular values all replaced by their mean (over the numerical rank).",
     formula="Σᵢ wᵢτᵢ = U·S·Vᵀ; ΔW = α·mean(S)·U·Vᵀ",
     reference="Marczak et al., No Task Left Behind (Iso-C), ICML 2025 (arXiv:2502.04959)",
-    params=_SUBSPACE,
+    params=(*_SUBSPACE, "space"),
     spaces=("core",),
 )
 def iso_c(group: ModuleGroup, params: MergeParams) -> ModuleResult:
@@ -147,7 +147,7 @@ def iso_c(group: ModuleGroup, params: MergeParams) -> ModuleResult:
     summary="Iso-C on a common subspace of the sum plus task-specific residual directions, orthogonalised.",
     formula="ΔW = α·mean(S)·polar([U_tasks|U_common])·polar([V_tasks|V_common])ᵀ",
     reference="Marczak et al., No Task Left Behind (Iso-CTS), ICML 2025 (arXiv:2502.04959)",
-    params=(*_SUBSPACE, "common_fraction"),
+    params=(*_SUBSPACE, "space", "common_fraction"),
     spaces=("core",),
 )
 def iso_cts(group: ModuleGroup, params: MergeParams) -> ModuleResult:

@@ -1,0 +1,73 @@
+"""How much LoRA adapters would interfere if merged: cosine similarity of their updates, sign conflicts among their
+largest entries, and overlap of their column spaces, per module and overall (`lora-fusion inspect --interference`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import combinations
+from statistics import fmean
+from typing import Any
+
+import torch
+
+from .adapter import LoraAdapter, ModuleFactors
+from .methods.interference import keep_top_magnitude
+
+
+def cosine(first: ModuleFactors, second: ModuleFactors) -> float:
+    """⟨ΔW₁, ΔW₂⟩_F / (‖ΔW₁‖·‖ΔW₂‖), from the factors: ⟨B₁A₁, B₂A₂⟩ = Σ (B₁ᵀB₂) ⊙ (A₁A₂ᵀ)."""
+
+    def inner(x: ModuleFactors, y: ModuleFactors) -> float:
+        return x.scale * y.scale * float(((x.B.double().mT @ y.B.double()) * (x.A.double() @ y.A.double().mT)).sum())
+
+    norms = (inner(first, first) * inner(second, second)) ** 0.5
+    return inner(first, second) / norms if norms > 0 else 0.0
+
+
+def subspace_overlap(first: ModuleFactors, second: ModuleFactors) -> float:
+    """‖Q₁ᵀQ₂‖_F² / min(r₁, r₂) for orthonormal bases Q of the column spaces of B₁ and B₂: 1 when one contains the
+    other, 0 when they are orthogonal."""
+    q1 = torch.linalg.qr(first.B.double()).Q
+    q2 = torch.linalg.qr(second.B.double()).Q
+    return float((q1.mT @ q2).pow(2).sum()) / min(q1.shape[1], q2.shape[1])
+
+
+def sign_conflicts(factors: Sequence[ModuleFactors], density: float) -> float:
+    """Among the entries in some task's top-`density` magnitudes, the fraction where the tasks keeping that entry
+    disagree in sign (the interference TIES resolves by election)."""
+    kept = torch.stack([keep_top_magnitude(f.delta(), density) for f in factors]).sign()
+    present = kept != 0
+    union = present.any(0)
+    conflict = (kept > 0).any(0) & (kept < 0).any(0)
+    return float(conflict.sum()) / max(1, int(union.sum()))
+
+
+def interference_report(adapters: Sequence[LoraAdapter], *, density: float = 0.2) -> dict[str, Any]:
+    """Per module shared by at least two adapters: pairwise cosine and subspace overlap, and the top-`density` sign
+    conflict fraction; plus their means over modules. Pairs are keyed "i-j" by source position."""
+    names = [a.source.source if a.source else f"adapter {i}" for i, a in enumerate(adapters)]
+    modules: dict[str, Any] = {}
+    shared = sorted({m for a in adapters for m in a.modules})
+    for module in shared:
+        present = [(i, a.factors(module)) for i, a in enumerate(adapters) if module in a.modules]
+        if len(present) < 2:
+            continue
+        pairs = {
+            f"{i}-{j}": {"cosine": cosine(x, y), "subspace_overlap": subspace_overlap(x, y)}
+            for (i, x), (j, y) in combinations(present, 2)
+        }
+        modules[module] = {"pairs": pairs, "sign_conflict": sign_conflicts([f for _, f in present], density)}
+    pair_keys = sorted({k for m in modules.values() for k in m["pairs"]})
+    overall = {
+        "pairs": {
+            key: {
+                stat: fmean(m["pairs"][key][stat] for m in modules.values() if key in m["pairs"])
+                for stat in ("cosine", "subspace_overlap")
+            }
+            for key in pair_keys
+        },
+        "sign_conflict": fmean(m["sign_conflict"] for m in modules.values()) if modules else 0.0,
+        "modules": len(modules),
+    }
+    return {"sources": names, "density": density, "overall": overall, "modules": modules}
