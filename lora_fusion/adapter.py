@@ -28,6 +28,11 @@ if TYPE_CHECKING:
 ModuleKind = Literal["linear", "embedding", "conv"]
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or Inf in `tensor`; one reduction (NaN propagates through amax), several times cheaper than isfinite."""
+    return bool(torch.isfinite(tensor.abs().amax())) if tensor.numel() else True
+
+
 @dataclass(frozen=True)
 class ModuleFactors:
     """The factors of one module in canonical form: ΔW = scale·B·A (+ scale·bias on the output, if any)."""
@@ -192,7 +197,7 @@ class LoraAdapter:
         b = self._store.read(spec.b_key).reshape(spec.out_features, spec.rank)
         bias = self._store.read(spec.bias_key) if spec.bias_key else None
         for tensor in (a, b) if bias is None else (a, b, bias):
-            if not torch.isfinite(tensor).all():
+            if not all_finite(tensor):
                 where = self.source.source if self.source else "merged adapter"
                 raise NonFiniteError(
                     f"{where}: module {module} holds NaN or Inf values; the adapter is corrupted or diverged in "

@@ -18,8 +18,9 @@ from typing import Any, Literal, overload
 
 import torch
 
-from .adapter import AdapterConfig, LoraAdapter, MemoryStore, ModuleFactors, ModuleSpec
+from .adapter import AdapterConfig, LoraAdapter, MemoryStore, ModuleFactors, ModuleSpec, all_finite
 from .linalg import EXACT_SVD_LIMIT
+from .runtime import thread_limit
 from .errors import IncompatibleAdaptersError, InvalidParameterError, NonFiniteError
 from .methods import MergeParams, MethodSpec, ModuleGroup, ModuleStats, get_method
 from .recipe import SourceEntry
@@ -182,30 +183,8 @@ def merge(
     if dry_run:
         return _plan(spec, params, adapters, weight_list, layout, out_dtype)
 
-    tensors: dict[str, torch.Tensor] = {}
-    modules: dict[str, ModuleSpec] = {}
-    stats: dict[str, ModuleStats] = {}
-    for name in _progress(layout, enabled=progress, what=f"merging ({spec.name})"):
-        present = [(a, w) for a, w in zip(adapters, weight_list) if name in a.modules]
-        group = ModuleGroup(
-            name=name,
-            factors=[_to(a.factors(name), target) for a, _ in present],
-            weights=[w for _, w in present],
-        )
-        result = spec.fn(group, params)
-        spec_out = _output_spec(layout[name], rank=result.stats.rank, dtype=out_dtype, bias=result.bias is not None)
-        outputs = {spec_out.a_key: result.A, spec_out.b_key: result.B}
-        if result.bias is not None and spec_out.bias_key:
-            outputs[spec_out.bias_key] = result.bias
-        for key, tensor in outputs.items():
-            tensors[key] = tensor.to(device="cpu", dtype=out_dtype)
-            if not torch.isfinite(tensors[key]).all():
-                raise NonFiniteError(
-                    f"module {name}: the merged factors do not fit in {str(out_dtype).removeprefix('torch.')}; "
-                    "write them in float32 (--dtype float32) or lower the weights."
-                )
-        modules[name], stats[name] = spec_out, result.stats
-
+    with thread_limit(None if _is_dense(spec, params) else 1):
+        tensors, modules, stats = _run(spec, params, adapters, weight_list, layout, target, out_dtype, progress)
     first = adapters[0].config
     config = AdapterConfig(
         base_model=first.base_model,
@@ -225,6 +204,48 @@ def merge(
         "dtype": str(out_dtype).removeprefix("torch."),
     }
     return LoraAdapter(config=config, modules=modules, store=MemoryStore(tensors), provenance=provenance, stats=stats)
+
+
+def _run(
+    spec: MethodSpec,
+    params: MergeParams,
+    adapters: Sequence[LoraAdapter],
+    weight_list: Sequence[float],
+    layout: Mapping[str, ModuleSpec],
+    target: torch.device,
+    out_dtype: torch.dtype,
+    progress: bool | None,
+) -> tuple[dict[str, torch.Tensor], dict[str, ModuleSpec], dict[str, ModuleStats]]:
+    """The streaming loop: one module at a time, inputs read, merged, cast, and released."""
+    tensors: dict[str, torch.Tensor] = {}
+    modules: dict[str, ModuleSpec] = {}
+    stats: dict[str, ModuleStats] = {}
+    for name in _progress(layout, enabled=progress, what=f"merging ({spec.name})"):
+        present = [(a, w) for a, w in zip(adapters, weight_list) if name in a.modules]
+        group = ModuleGroup(
+            name=name,
+            factors=[_to(a.factors(name), target) for a, _ in present],
+            weights=[w for _, w in present],
+        )
+        result = spec.fn(group, params)
+        spec_out = _output_spec(layout[name], rank=result.stats.rank, dtype=out_dtype, bias=result.bias is not None)
+        outputs = {spec_out.a_key: result.A, spec_out.b_key: result.B}
+        if result.bias is not None and spec_out.bias_key:
+            outputs[spec_out.bias_key] = result.bias
+        for key, tensor in outputs.items():
+            tensors[key] = tensor.to(device="cpu", dtype=out_dtype)
+            if not all_finite(tensors[key]):
+                raise NonFiniteError(
+                    f"module {name}: the merged factors do not fit in {str(out_dtype).removeprefix('torch.')}; "
+                    "write them in float32 (--dtype float32) or lower the weights."
+                )
+        modules[name], stats[name] = spec_out, result.stats
+    return tensors, modules, stats
+
+
+def _is_dense(spec: MethodSpec, params: MergeParams) -> bool:
+    """Whether the method forms dense m×n updates (element-wise methods in full space)."""
+    return "space" in spec.params and params.space == "full"
 
 
 def _open(source: Source, *, revision: str | None, subfolder: str | None, token: str | None) -> LoraAdapter:
@@ -342,7 +363,7 @@ def _plan(
     dtype: torch.dtype,
 ) -> MergePlan:
     item = torch.empty((), dtype=dtype).element_size()
-    dense = "space" in spec.params and params.space == "full"
+    dense = _is_dense(spec, params)
     modules = []
     for name, template in layout.items():
         ranks = tuple(a.modules[name].rank for a in adapters if name in a.modules)

@@ -13,6 +13,7 @@ Relative paths are resolved against the recipe's folder. Unknown keys and wrong 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -118,10 +119,10 @@ def _first_problem(err: ValidationError) -> str:
 def _resolved(recipe: Recipe, folder: Path) -> Recipe:
     def local(value: str) -> str:
         candidate = folder / value
-        return str(candidate) if not Path(value).is_absolute() and candidate.exists() else value
+        return os.path.normpath(candidate) if not Path(value).is_absolute() and candidate.exists() else value
 
     entries: list[str | SourceEntry] = [e.model_copy(update={"source": local(e.source)}) for e in recipe.entries()]
     update: dict[str, Any] = {"sources": entries}
     if recipe.out and not Path(recipe.out).is_absolute():
-        update["out"] = str(folder / recipe.out)
+        update["out"] = os.path.normpath(folder / recipe.out)
     return recipe.model_copy(update=update)

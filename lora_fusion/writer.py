@@ -22,6 +22,7 @@ import torch
 
 from .adapter import LoraAdapter, SourceInfo
 from .errors import CorruptAdapterError, LoraFusionError, OutputExistsError
+from .runtime import thread_limit
 from .sources import CONFIG_NAME, SAFETENSORS_NAME, hub_error, open_adapter_files
 
 CARD_NAME = "README.md"
@@ -48,8 +49,9 @@ def write_adapter(adapter: LoraAdapter, out: Path, *, overwrite: bool = False) -
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         stage.mkdir()
-        _fill(adapter, stage)
-        _check_written(adapter, stage)
+        with thread_limit(1):
+            _fill(adapter, stage)
+            _check_written(adapter, stage)
         _swap_into_place(stage, out, overwrite=overwrite)
     except OSError as err:
         if isinstance(err, LoraFusionError):
