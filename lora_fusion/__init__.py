@@ -33,6 +33,7 @@ _LAZY = {
     "get_method": "methods",
     "list_methods": "methods",
     "register_method": "methods",
+    "interference_report": "diagnostics",
     "load_recipe": "recipe",
     "Recipe": "recipe",
 }
@@ -41,6 +42,7 @@ __all__ = ["__version__", *sorted(_LAZY)]
 
 if TYPE_CHECKING:
     from .adapter import LoraAdapter, ModuleFactors
+    from .diagnostics import interference_report
     from .engine import MergePlan, merge
     from .methods import MergeParams, ModuleStats, get_method, list_methods, register_method
     from .recipe import Recipe, load_recipe

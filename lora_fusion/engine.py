@@ -139,7 +139,8 @@ def merge(
             or recipe [`SourceEntry`]s (with their own revision and subfolder).
         method: a registered method name (`lora-fusion methods`), e.g. `"linear"`, `"task_arithmetic"`, `"svd"`.
         weights: one weight per source (default 1 each, i.e. the plain sum); negative weights subtract.
-        rank: output rank for rank-reducing methods (default: the largest input rank of each module).
+        rank: output rank (default: Σ rᵢ for exact sums, the merged rank for subspace methods, else the largest
+            input rank of each module).
         energy: instead of `rank`, keep the smallest rank per module whose retained energy reaches this fraction.
         scale: global factor λ on the merged update (default 1).
         density: fraction kept by TIES/magnitude trims, keep probability of DARE (method defaults otherwise).
