@@ -15,6 +15,29 @@ import torch
 EXACT_SVD_LIMIT = 1024
 
 
+class Basis:
+    """m×k orthonormal columns Q·C, with Q either explicit or kept as Householder reflectors (`geqrf`): the columns
+    are formed only for the components a merge keeps, which halves the QR cost of a factored SVD."""
+
+    def __init__(self, rotation: torch.Tensor, *, matrix: torch.Tensor | None = None,
+                 reflectors: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        self.rotation, self.matrix, self.reflectors = rotation, matrix, reflectors
+
+    @property
+    def rows(self) -> int:
+        return self.matrix.shape[0] if self.matrix is not None else self.reflectors[0].shape[0]
+
+    def columns(self, count: int) -> torch.Tensor:
+        """The first `count` columns, float32."""
+        chosen = self.rotation[:, :count].float()
+        if self.matrix is not None:
+            return self.matrix @ chosen
+        packed, tau = self.reflectors
+        padded = chosen.new_zeros(packed.shape[0], count)
+        padded[: chosen.shape[0]] = chosen
+        return torch.ormqr(packed, tau, padded)
+
+
 @dataclass(frozen=True)
 class FactoredSVD:
     """ΔW ≈ U·diag(S)·Vᵀ with orthonormal columns in U (m×k) and V (n×k), S descending (float64).
@@ -22,22 +45,42 @@ class FactoredSVD:
     `total_energy` is ‖ΔW‖_F²; it exceeds Σσ² when only the leading part of the spectrum was computed.
     """
 
-    U: torch.Tensor
+    left: Basis
     S: torch.Tensor
-    V: torch.Tensor
+    right: Basis
     total_energy: float
 
     @classmethod
     def of(cls, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, total: float | None = None) -> FactoredSVD:
-        return cls(U, S, V, float((S.double() ** 2).sum()) if total is None else total)
+        """From explicit singular vectors."""
+        left = Basis(torch.eye(U.shape[1], dtype=U.dtype, device=U.device), matrix=U)
+        right = Basis(torch.eye(V.shape[1], dtype=V.dtype, device=V.device), matrix=V)
+        return cls(left, S, right, float((S.double() ** 2).sum()) if total is None else total)
+
+    @property
+    def U(self) -> torch.Tensor:
+        return self.left.columns(self.S.numel())
+
+    @property
+    def V(self) -> torch.Tensor:
+        return self.right.columns(self.S.numel())
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.left.rows, self.right.rows)
+
+    def cut(self, count: int) -> FactoredSVD:
+        """The leading `count` components, with ‖ΔW‖_F² recomputed for them."""
+        return FactoredSVD.of(self.left.columns(count), self.S[:count], self.right.columns(count))
 
 
 def factored_svd(B: torch.Tensor, A: torch.Tensor) -> FactoredSVD:
     """Exact thin SVD of the product B·A (B m×k, A k×n) without forming the m×n matrix.
 
     QR of B and of Aᵀ, then an SVD of the small k×k core R_B·R_Aᵀ in float64 (Householder QR keeps this exact even
-    when B or A is rank-deficient; the Gram route would square the condition number). When k ≥ min(m, n) the
-    product is small enough that the dense SVD is cheaper, and it is taken instead.
+    when B or A is rank-deficient; the Gram route would square the condition number). The orthonormal factors stay
+    as Householder reflectors until the kept singular vectors are asked for. When k ≥ min(m, n) the product is
+    small enough that the dense SVD is cheaper, and it is taken instead.
     """
     m, k = B.shape
     n = A.shape[1]
@@ -45,10 +88,14 @@ def factored_svd(B: torch.Tensor, A: torch.Tensor) -> FactoredSVD:
     if k >= min(m, n):
         U, S, Vh = torch.linalg.svd(B32.double() @ A32.double(), full_matrices=False)
         return FactoredSVD.of(U.float(), S, Vh.mT.float())
-    Q_B, R_B = torch.linalg.qr(B32)
-    Q_A, R_A = torch.linalg.qr(A32.mT)
+    packed_B, tau_B = torch.geqrf(B32)
+    packed_A, tau_A = torch.geqrf(A32.mT.contiguous())
+    R_B, R_A = packed_B[:k].triu(), packed_A[:k].triu()
     U_c, S, Vh_c = torch.linalg.svd(R_B.double() @ R_A.double().mT)
-    return FactoredSVD.of(Q_B @ U_c.float(), S, Q_A @ Vh_c.mT.float())
+    return FactoredSVD(
+        Basis(U_c, reflectors=(packed_B, tau_B)), S, Basis(Vh_c.mT, reflectors=(packed_A, tau_A)),
+        float((S**2).sum()),
+    )
 
 
 def dense_svd(dense: torch.Tensor, *, components: int, generator: torch.Generator) -> FactoredSVD:
@@ -105,8 +152,8 @@ def retained_energy(S: torch.Tensor, rank: int, total: float | None = None) -> f
 def truncate(svd: FactoredSVD, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors (B' m×R, A' R×n) of the best rank-R approximation, with √σ on each side (keeps fp16 in range)."""
     root = svd.S[:rank].sqrt().float()
-    B = svd.U[:, :rank] * root
-    A = (svd.V[:, :rank] * root).mT
+    B = svd.left.columns(rank) * root
+    A = (svd.right.columns(rank) * root).mT
     return B.contiguous(), A.contiguous()
 
 

@@ -94,8 +94,10 @@ def _output_tensors(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for name, spec in adapter.modules.items():
         factors = adapter.factors(name)
-        root = math.sqrt(abs(spec.scale))
-        a, b = factors.A * root, factors.B * math.copysign(root, spec.scale)
+        a, b = factors.A, factors.B
+        if spec.scale != 1.0:  # merged adapters already have scale 1; loaded ones get √|s| on each factor
+            root = math.sqrt(abs(spec.scale))
+            a, b = a * root, b * math.copysign(root, spec.scale)
         tensors[spec.a_key] = a.reshape(spec.a_shape).to(spec.dtype).contiguous()
         tensors[spec.b_key] = b.reshape(spec.b_shape).to(spec.dtype).contiguous()
         if factors.bias is not None and spec.bias_key:

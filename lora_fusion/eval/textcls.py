@@ -32,6 +32,8 @@ from transformers.utils import logging as transformers_logging
 
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 MAX_SEQ_LEN = 64
+HEAD_METADATA_KEY = "lora_fusion.head"
+LORA_TARGET_MODULES = ("query", "value")
 
 
 def quiet() -> None:
@@ -62,7 +64,7 @@ def lora_config(r: int = 8, alpha: int = 16, dropout: float = 0.05) -> LoraConfi
         r=r,
         lora_alpha=alpha,
         lora_dropout=dropout,
-        target_modules=["query", "value"],
+        target_modules=list(LORA_TARGET_MODULES),
     )
 
 
@@ -86,11 +88,14 @@ def embed(
 ) -> torch.Tensor:
     """Pooled embeddings of ``texts`` (in order) with the model in eval mode."""
     model.eval()
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    pooled = torch.empty(len(texts), model.config.hidden_size)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        pooled[chunk] = encode(model, tokenize(tokenizer, [texts[i] for i in chunk]))
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths batch together
+    chunks = [
+        encode(model, tokenize(tokenizer, [texts[i] for i in order[start : start + batch_size]]))
+        for start in range(0, len(order), batch_size)
+    ]
+    by_length = torch.cat(chunks)
+    pooled = torch.empty_like(by_length)
+    pooled[torch.tensor(order)] = by_length
     return pooled
 
 
@@ -108,22 +113,24 @@ class Head:
         return cls(task, tuple(classes), nn.Linear(hidden_size, len(classes)))
 
     def save(self, path: Path) -> None:
-        """Write ``weight`` and ``bias`` to safetensors, with task and class names as metadata."""
+        """Write ``weight`` and ``bias`` to safetensors; task and class names go in the metadata.
+
+        The metadata is a single JSON entry so that the file's bytes are reproducible.
+        """
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {name: p.detach().contiguous() for name, p in self.linear.named_parameters()}
-        save_file(
-            tensors, str(path), metadata={"task": self.task, "classes": json.dumps(self.classes)}
-        )
+        meta = json.dumps({"task": self.task, "classes": list(self.classes)}, sort_keys=True)
+        save_file(tensors, str(path), metadata={HEAD_METADATA_KEY: meta})
 
     @classmethod
     def load(cls, path: Path) -> Head:
         """Read a head written by ``save``."""
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata()
+            meta = json.loads(f.metadata()[HEAD_METADATA_KEY])
             weight, bias = f.get_tensor("weight"), f.get_tensor("bias")
         linear = nn.Linear(weight.shape[1], weight.shape[0])
         linear.load_state_dict({"weight": weight, "bias": bias})
-        return cls(meta["task"], tuple(json.loads(meta["classes"])), linear)
+        return cls(meta["task"], tuple(meta["classes"]), linear)
 
 
 @torch.no_grad()

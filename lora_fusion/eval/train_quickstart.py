@@ -23,6 +23,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lora_fusion.eval.tasks import SPLITS, Example
 from lora_fusion.eval.textcls import (
+    LORA_TARGET_MODULES,
     MINILM_HUB_ID,
     Head,
     accuracy,
@@ -67,7 +68,7 @@ def write_model_card(
         f"---\nbase_model: {MINILM_HUB_ID}\nlibrary_name: peft\n---\n\n"
         f"# lora-fusion quickstart adapter: {task}\n\n"
         f"LoRA (r={config.r}, alpha={config.lora_alpha}, "
-        f"on {'+'.join(sorted(config.target_modules))}) for the WordNet gloss task `{task}` "
+        f"on {'+'.join(LORA_TARGET_MODULES)}) for the WordNet gloss task `{task}` "
         f"(classes: {', '.join(TASKS[task])}), trained {steps} steps with seed {seed} by "
         "`python -m lora_fusion.eval.train_quickstart`.\n"
         f"Its classifier head is `../../heads/{task}.safetensors`; see `../../README.md`.\n\n",
@@ -130,8 +131,10 @@ def train_task(task: str, out: Path, *, wordnet_dir: str, seed: int, steps: int)
     fit(model, tokenizer, head, train, steps=steps, seed=seed)
     seconds = time.perf_counter() - started
 
+    # PEFT keeps target_modules as a set; a sorted list makes adapter_config.json reproducible.
+    config.target_modules = sorted(LORA_TARGET_MODULES)
     write_model_card(out / "adapters" / task, task, config, steps=steps, seed=seed)
-    model.save_pretrained(out / "adapters" / task, save_embedding_layers=False)
+    model.save_pretrained(str(out / "adapters" / task), save_embedding_layers=False)
     head.save(out / "heads" / f"{task}.safetensors")
     write_jsonl(out / "eval" / f"{task}.jsonl", test)
     val_acc, test_acc = (

@@ -125,7 +125,8 @@ def lowrank_result(
     S = svd.S
     if not S.numel() or float(S[0]) <= 1e-6 * group.magnitude(params.scale):
         zeros = ModuleStats(rank=1, sigma_max=0.0, sigma_next=0.0)
-        return ModuleResult(A=svd.V.new_zeros(1, svd.V.shape[0]), B=svd.U.new_zeros(svd.U.shape[0], 1), stats=zeros, bias=bias)
+        m, n = svd.shape
+        return ModuleResult(A=S.new_zeros(1, n, dtype=torch.float32), B=S.new_zeros(m, 1, dtype=torch.float32), stats=zeros, bias=bias)
     rank = choose_rank(S, rank=params.rank, energy=params.energy, default=group.max_rank, total=svd.total_energy)
     energy = retained_energy(S, rank, svd.total_energy)
     B, A = truncate(svd, rank)

@@ -48,7 +48,7 @@ def task_svds(group: ModuleGroup) -> list[FactoredSVD]:
     for f, w in zip(group.factors, group.weights):
         svd = factored_svd(w * f.scale * f.B.float(), f.A.float())
         keep = numerical_rank(svd.S)
-        svds.append(FactoredSVD.of(svd.U[:, :keep], svd.S[:keep], svd.V[:, :keep]))
+        svds.append(svd.cut(keep))
     return svds
 
 
@@ -114,7 +114,7 @@ def tsv(group: ModuleGroup, params: MergeParams) -> ModuleResult:
     factors of the concatenated singular vectors. Equal to TSV on the Core Space cores (METHODS.md c.7)."""
     m, n = group.factors[0].B.shape[0], group.factors[0].A.shape[1]
     cut = max(1, min(m, n) // len(group.factors))
-    parts = [FactoredSVD.of(p.U[:, :cut], p.S[:cut], p.V[:, :cut]) for p in task_svds(group)]
+    parts = [p.cut(min(cut, p.S.numel())) for p in task_svds(group)]
     parts = [p for p in parts if p.S.numel()]
     if not parts:
         return full_rank_result(factored_svd(*concatenated(group, params.scale)), group, params)
@@ -138,7 +138,7 @@ def iso_c(group: ModuleGroup, params: MergeParams) -> ModuleResult:
     if keep == 0:
         return lowrank_result(svd, group, params)
     flat = torch.full_like(svd.S[:keep], params.scale * float(svd.S[:keep].mean()))
-    return full_rank_result(FactoredSVD.of(svd.U[:, :keep], flat, svd.V[:, :keep]), group, params)
+    return full_rank_result(FactoredSVD.of(svd.left.columns(keep), flat, svd.right.columns(keep)), group, params)
 
 
 @register_method(
@@ -162,12 +162,12 @@ def iso_cts(group: ModuleGroup, params: MergeParams) -> ModuleResult:
     T = len(group.factors)
     per_task = (D - int(params.common_fraction * D)) // T
     common = D - per_task * T
-    U_c = total.U[:, :common]
+    U_c = total.left.columns(common)
     parts = []
     for f, w in zip(group.factors, group.weights):
         B = w * f.scale * f.B.float()
         residual = factored_svd(B - U_c @ (U_c.mT @ B), f.A.float())
         cut = min(per_task, numerical_rank(residual.S))
-        parts.append(FactoredSVD.of(residual.U[:, :cut], residual.S[:cut], residual.V[:, :cut]))
-    parts.append(FactoredSVD.of(U_c, total.S[:common], total.V[:, :common]))
+        parts.append(residual.cut(cut))
+    parts.append(FactoredSVD.of(U_c, total.S[:common], total.right.columns(common)))
     return full_rank_result(orthogonalised(parts, params.scale, isotropic=True), group, params)
