@@ -1,0 +1,261 @@
+"""A Llama-2-7B-shaped merge: four rank-16 adapters on all seven projections of 32 layers (224 modules), bf16.
+
+The adapters are synthesised directly as PEFT files (safetensors + adapter_config.json, the key layout PEFT writes)
+into a work directory outside git, and reused on later runs. Then, each in its own process so that its peak RSS is
+its own, it measures
+
+* `lora-fusion merge A B C D --method svd --out OUT --overwrite --quiet`, end to end (wall time, peak RSS);
+* the I/O floor (`io_floor.py`): the same interpreter reading every tensor of the four inputs and writing one
+  safetensors file with as many bf16 elements as the merge output;
+* `python -c "import torch, safetensors"` alone, the startup both of them pay;
+* the same merge with OMP_NUM_THREADS=1, a diagnostic: on a machine whose cores are busy with other work, torch's
+  OpenMP threads spin-wait on each other and every small op gets many times slower (see benchmarks/README.md).
+
+Runs are interleaved (floor, merge, floor, merge, ...) so a slow moment of the machine hits both alike.
+Targets: merge wall time < 2x the floor's, merge peak RSS < 2 GB.
+
+Usage: python benchmarks/bench_7b_shape.py [--workdir /tmp/lora-fusion-bench-7b] [--runs 3] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from _common import ProcessRun, console_script, emit, log, machine, rounded, run_process
+
+HERE = Path(__file__).resolve().parent
+# (out_features, in_features) of each projection of Llama-2-7B (hidden 4096, intermediate 11008).
+PROJECTIONS = {
+    "self_attn.q_proj": (4096, 4096),
+    "self_attn.k_proj": (4096, 4096),
+    "self_attn.v_proj": (4096, 4096),
+    "self_attn.o_proj": (4096, 4096),
+    "mlp.gate_proj": (11008, 4096),
+    "mlp.up_proj": (11008, 4096),
+    "mlp.down_proj": (4096, 11008),
+}
+LAYERS = 32
+RANK = 16
+ALPHA = 32
+ADAPTERS = 4
+BASE_MODEL = "meta-llama/Llama-2-7b-hf"
+FORMAT_VERSION = 1  # bump when the synthesised files change, so stale caches are rebuilt
+
+
+def adapter_config() -> dict[str, Any]:
+    """An adapter_config.json as PEFT writes it for a plain LoRA on the seven projections."""
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": BASE_MODEL,
+        "r": RANK,
+        "lora_alpha": ALPHA,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "target_modules": sorted(name.split(".")[-1] for name in PROJECTIONS),
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+
+
+def synthesise(folder: Path, seed: int) -> None:
+    """Write one random PEFT adapter: A ~ U(±1/√in) as PEFT's default init, B ~ N(0, 0.01²) (non-zero), bf16."""
+    import torch
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    for layer in range(LAYERS):
+        for projection, (out_features, in_features) in PROJECTIONS.items():
+            prefix = f"base_model.model.model.layers.{layer}.{projection}"
+            bound = in_features**-0.5
+            a = (torch.rand(RANK, in_features, generator=generator) * 2 - 1) * bound
+            b = torch.randn(out_features, RANK, generator=generator) * 0.01
+            tensors[f"{prefix}.lora_A.weight"] = a.to(torch.bfloat16)
+            tensors[f"{prefix}.lora_B.weight"] = b.to(torch.bfloat16)
+    stage = folder.with_name(folder.name + ".incomplete")
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    save_file(tensors, str(stage / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (stage / "adapter_config.json").write_text(json.dumps(adapter_config(), indent=2) + "\n")
+    (stage / "bench.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "seed": seed}) + "\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    stage.rename(folder)
+
+
+def ensure_adapters(workdir: Path) -> list[Path]:
+    """The four adapter folders in `workdir`, synthesised unless a complete copy of this format is already there."""
+    folders = []
+    for index in range(ADAPTERS):
+        folder = workdir / f"adapter_{index}"
+        marker = folder / "bench.json"
+        current = marker.is_file() and json.loads(marker.read_text()).get("format_version") == FORMAT_VERSION
+        if current:
+            log(f"reusing {folder}")
+        else:
+            log(f"synthesising {folder} (~80 MB, bf16)")
+            synthesise(folder, seed=index)
+        folders.append(folder)
+    return folders
+
+
+def stored_elements(path: Path) -> int:
+    """The number of tensor elements in a safetensors file, from its header."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as file:
+        return sum(math.prod(file.get_slice(key).get_shape()) for key in file.keys())
+
+
+def summary(runs: list[ProcessRun]) -> dict[str, Any]:
+    """Best and median wall time and peak RSS of repeated runs of one command (a run killed at the time limit
+    counts with its wall time at the kill, a lower bound)."""
+    walls = [r.wall_s for r in runs]
+    rss = [r.max_rss_mb for r in runs if not r.timed_out]  # a killed run's peak RSS is not reported
+    return {
+        "timed_out_runs": sum(r.timed_out for r in runs),
+        "wall_best_s": rounded(min(walls)),
+        "wall_median_s": rounded(statistics.median(walls)),
+        "peak_rss_mb_max": rounded(max(rss)) if rss else None,
+        "peak_rss_mb_median": rounded(statistics.median(rss)) if rss else None,
+        "wall_all_s": [rounded(w) for w in walls],
+        "peak_rss_all_mb": [rounded(m) for m in rss],
+    }
+
+
+def profile_merge(sources: list[Path], out: Path, top: int = 25) -> list[dict[str, Any]]:
+    """cProfile of the library call the CLI makes (merge + save_pretrained), in this process; top functions by
+    cumulative time are logged on stderr and returned."""
+    import cProfile
+    import io
+    import pstats
+
+    import lora_fusion
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    merged = lora_fusion.merge([str(s) for s in sources], method="svd", progress=False)
+    merged.save_pretrained(out, overwrite=True)
+    profiler.disable()
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text).sort_stats("cumulative")
+    stats.print_stats(top)
+    log("cProfile of merge + save_pretrained (cumulative):\n" + text.getvalue())
+    rows = []
+    for (file, line, function), (_, calls, own, cumulative, _) in stats.stats.items():  # type: ignore[attr-defined]
+        rows.append({"function": f"{Path(file).name}:{line}:{function}", "calls": calls, "tottime_s": own,
+                     "cumtime_s": cumulative})
+    rows.sort(key=lambda r: r["cumtime_s"], reverse=True)
+    return [{**r, "tottime_s": rounded(r["tottime_s"]), "cumtime_s": rounded(r["cumtime_s"])} for r in rows[:top]]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/lora-fusion-bench-7b"))
+    parser.add_argument("--runs", type=int, default=3, help="interleaved runs of the floor and of the merge")
+    parser.add_argument("--timeout", type=float, default=90.0, help="seconds before a merge run is killed (its "
+                        "wall time is then a lower bound); a default-thread merge slower than a third of it is not "
+                        "repeated")  # fmt: skip
+    parser.add_argument("--profile", action="store_true", help="also cProfile the merge in-process (stderr)")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    workdir = args.workdir.expanduser().resolve()
+    sources = ensure_adapters(workdir)
+    merged_dir, floor_file = workdir / "merged", workdir / "io_floor.safetensors"
+    python = sys.executable
+
+    import_cmd = [python, "-c", "import torch, safetensors"]
+    floor_cmd = [python, str(HERE / "io_floor.py"), "--out", str(floor_file), *map(str, sources)]
+    merge_cmd = [console_script("lora-fusion"), "merge", *map(str, sources), "--method", "svd",
+                 "--out", str(merged_dir), "--overwrite", "--quiet"]  # fmt: skip
+
+    single_thread = os.environ | {"OMP_NUM_THREADS": "1"}
+    log(f"import baseline, floor, merge and single-thread merge, {args.runs} interleaved runs each")
+    imports, floors, merges, merges_1t = [], [], [], []
+    for run in range(args.runs):
+        imports.append(run_process(import_cmd))
+        floors.append(run_process(floor_cmd))
+        # A merge slower than a third of the limit is far off target; repeating it would only blow the runtime.
+        if not merges or merges[-1].wall_s < args.timeout / 3:
+            merges.append(run_process(merge_cmd, timeout=args.timeout))
+            merge_text = f"{merges[-1].wall_s:.2f} s / {merges[-1].max_rss_mb:.0f} MB"
+            merge_text += " (killed at the time limit)" if merges[-1].timed_out else ""
+        else:
+            merge_text = "not repeated (too slow)"
+        merges_1t.append(run_process(merge_cmd, env=single_thread, timeout=args.timeout))
+        log(f"run {run + 1}: floor {floors[-1].wall_s:.2f} s / {floors[-1].max_rss_mb:.0f} MB, merge {merge_text}, "
+            f"merge (1 thread) {merges_1t[-1].wall_s:.2f} s / {merges_1t[-1].max_rss_mb:.0f} MB")  # fmt: skip
+
+    import torch
+
+    # What the library itself predicts (`--dry-run`, headers only), to set beside the measured RSS.
+    plan = json.loads(run_process([*merge_cmd, "--dry-run", "--json"]).stdout)
+    merged_file = merged_dir / "adapter_model.safetensors"
+    floor_out = json.loads(floors[-1].stdout)
+    input_bytes = sum((s / "adapter_model.safetensors").stat().st_size for s in sources)
+    merge_s, floor_s, merge_1t = summary(merges), summary(floors), summary(merges_1t)
+    figures: dict[str, Any] = {
+        "benchmark": "bench_7b_shape",
+        "merge_wall_s": merge_s["wall_best_s"],
+        "floor_wall_s": floor_s["wall_best_s"],
+        "import_torch_safetensors_s": rounded(min(r.wall_s for r in imports)),
+        "ratio_merge_over_floor": rounded(merge_s["wall_best_s"] / floor_s["wall_best_s"], 3),
+        "ratio_merge_over_floor_median": rounded(merge_s["wall_median_s"] / floor_s["wall_median_s"], 3),
+        "merge_1thread_wall_s": merge_1t["wall_best_s"],
+        "ratio_merge_1thread_over_floor": rounded(merge_1t["wall_best_s"] / floor_s["wall_best_s"], 3),
+        "merge_peak_rss_mb": merge_s["peak_rss_mb_max"],
+        "merge_1thread_peak_rss_mb": merge_1t["peak_rss_mb_max"],
+        "floor_peak_rss_mb": floor_s["peak_rss_mb_max"],
+        "import_peak_rss_mb": rounded(max(r.max_rss_mb for r in imports)),
+        "plan_estimated_peak_mb": rounded(plan["estimated_peak_bytes"] / 1e6),
+        "merge_timed_out": any(r.timed_out for r in merges),
+        "targets": {
+            "merge_under_2x_floor": not merge_s["timed_out_runs"]
+            and merge_s["wall_best_s"] < 2 * floor_s["wall_best_s"],
+            # None: every default-thread merge was killed at the time limit, so its peak RSS is unknown.
+            "merge_rss_under_2gb": None if merge_s["peak_rss_mb_max"] is None else merge_s["peak_rss_mb_max"] < 2000,
+        },
+        "merge": merge_s,
+        "floor": floor_s,
+        "merge_1thread": merge_1t,
+        "import_torch_safetensors": summary(imports),
+        "case": {
+            "adapters": ADAPTERS,
+            "rank": RANK,
+            "layers": LAYERS,
+            "modules": LAYERS * len(PROJECTIONS),
+            "dtype": "bfloat16",
+            "input_bytes_total": input_bytes,
+            "input_elements_total": floor_out["read_elements"],
+            "output_elements_merge": stored_elements(merged_file),
+            "output_elements_floor": floor_out["written_elements"],
+            "output_bytes_merge": merged_file.stat().st_size,
+            "output_bytes_floor": floor_file.stat().st_size,
+            "command": " ".join(["lora-fusion", *merge_cmd[1:]]),
+        },
+        "torch_threads_default": torch.get_num_threads(),
+        "machine": machine(),
+    }
+    if args.profile:
+        figures["profile_top"] = profile_merge(sources, workdir / "merged-profile")
+    figures["bench_runtime_s"] = rounded(time.perf_counter() - started, 3)
+    emit(figures)
+
+
+if __name__ == "__main__":
+    main()
