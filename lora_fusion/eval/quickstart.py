@@ -39,6 +39,12 @@ def adapter_tasks(adapters_dir: Path) -> list[str]:
     return tasks
 
 
+def require_adapter(adapter_dir: Path) -> None:
+    """Fail early, and without any Hub lookup, if ``adapter_dir`` is not a local PEFT adapter."""
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter_dir} is not a PEFT adapter (no adapter_config.json)")
+
+
 class Evaluator:
     """Loads the base model, the task heads and the eval sets once, then scores any adapter."""
 
@@ -53,10 +59,7 @@ class Evaluator:
         if adapter_dir is None:
             embeddings = embed(self.base, self.tokenizer, self.texts)
         else:
-            if not (adapter_dir / "adapter_config.json").is_file():
-                raise FileNotFoundError(
-                    f"{adapter_dir} is not a PEFT adapter (no adapter_config.json)"
-                )
+            require_adapter(adapter_dir)
             model = PeftModel.from_pretrained(self.base, str(adapter_dir))
             try:
                 embeddings = embed(model, self.tokenizer, self.texts)
@@ -79,8 +82,9 @@ def evaluate(
     return Evaluator(Path(heads_dir), Path(eval_dir), tasks).accuracies(Path(adapter_dir))
 
 
-def format_table(rows: Mapping[str, Mapping[str, float]], tasks: Sequence[str]) -> str:
-    """Rows of per-task scores plus their mean, as aligned text."""
+def format_table(rows: Mapping[str, Mapping[str, float]]) -> str:
+    """Rows of per-task scores (tasks in the order of the first row) plus their mean, aligned."""
+    tasks = list(next(iter(rows.values())))
     width = max(len(name) for name in rows)
     columns = [*tasks, "mean"]
     lines = [f"{'':<{width}}  " + "  ".join(f"{c:>{len(c)}}" for c in columns)]
@@ -92,6 +96,23 @@ def format_table(rows: Mapping[str, Mapping[str, float]], tasks: Sequence[str]) 
             + "  ".join(f"{v:>{len(c)}.3f}" for c, v in zip(columns, cells, strict=True))
         )
     return "\n".join(lines)
+
+
+def score_rows(
+    adapters_dir: Path, heads_dir: Path, eval_dir: Path, merged: Path
+) -> tuple[dict[str, dict[str, float]], int]:
+    """Table rows (base, each adapter, merged, merged / own adapter) and the eval set size."""
+    require_adapter(merged)
+    tasks = adapter_tasks(adapters_dir)
+    evaluator = Evaluator(heads_dir, eval_dir, tasks)
+    adapters: dict[str, Path | None] = {BASE_ROW: None}
+    adapters.update({f"adapter {task}": adapters_dir / task for task in tasks})
+    adapters["merged"] = merged
+    rows = {name: evaluator.accuracies(path) for name, path in adapters.items()}
+    rows["merged / own adapter"] = {
+        task: rows["merged"][task] / rows[f"adapter {task}"][task] for task in tasks
+    }
+    return rows, len(evaluator.texts)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -118,17 +139,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     quiet()
     started = time.perf_counter()
-    tasks = adapter_tasks(args.adapters)
-    evaluator = Evaluator(heads_dir, eval_dir, tasks)
-    adapters: dict[str, Path | None] = {BASE_ROW: None}
-    adapters.update({f"adapter {task}": args.adapters / task for task in tasks})
-    adapters["merged"] = args.merged
-    rows = {name: evaluator.accuracies(path) for name, path in adapters.items()}
-    rows["merged / own adapter"] = {
-        task: rows["merged"][task] / rows[f"adapter {task}"][task] for task in tasks
-    }
-    print(f"accuracy on {len(evaluator.texts)} eval texts; merged adapter: {args.merged}")
-    print(format_table(rows, tasks))
+    try:
+        rows, n_texts = score_rows(args.adapters, heads_dir, eval_dir, args.merged)
+    except FileNotFoundError as error:
+        parser.error(str(error))
+    print(f"accuracy on {n_texts} eval texts; merged adapter: {args.merged}")
+    print(format_table(rows))
     print(f"evaluated in {time.perf_counter() - started:.1f} s")
 
 

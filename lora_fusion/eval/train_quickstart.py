@@ -1,6 +1,6 @@
 """Train the quickstart demo's LoRA adapters: one per WordNet task, each with its own linear head.
 
-    python -m lora_fusion.eval.train_quickstart [--out recipes/quickstart] [--seed 0] [--steps 200]
+    python -m lora_fusion.eval.train_quickstart [--out recipes/quickstart] [--seed 0] [--steps 300]
 
 For every task this writes ``<out>/adapters/<task>/`` (PEFT ``save_pretrained``),
 ``<out>/heads/<task>.safetensors`` and the shipped test set ``<out>/eval/<task>.jsonl``.
