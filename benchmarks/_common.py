@@ -183,3 +183,72 @@ def machine() -> dict[str, Any]:
         # Other work on a shared machine skews timings (see README): record how busy it was.
         "load_average_1_5_15_min": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
     }
+
+
+def wait_for_idle(threshold: float, max_wait_s: float, poll_s: float = 30.0) -> dict[str, Any]:
+    """Before timing, wait until the 1-minute load average is below `threshold` (polled every `poll_s` seconds, at
+    most `max_wait_s`), so that another job's OpenMP threads do not distort the figures (see README, "Timing on a
+    busy machine"). Returns what happened, for the JSON: the load before and after, the wait, and whether it was
+    reached. `max_wait_s` 0 skips the wait."""
+    if not hasattr(os, "getloadavg"):
+        return {"threshold": threshold, "waited_s": 0.0, "reached": None}
+    before = [round(x, 2) for x in os.getloadavg()]
+    start = time.monotonic()
+    while os.getloadavg()[0] >= threshold and time.monotonic() - start + poll_s <= max_wait_s:
+        log(f"1-minute load average {os.getloadavg()[0]:.2f} >= {threshold}: waiting {poll_s:.0f} s")
+        time.sleep(poll_s)
+    after = [round(x, 2) for x in os.getloadavg()]
+    return {
+        "threshold": threshold,
+        "max_wait_s": max_wait_s,
+        "waited_s": round(time.monotonic() - start, 1),
+        "load_before_wait_1_5_15_min": before,
+        "load_after_wait_1_5_15_min": after,
+        "reached": after[0] < threshold,
+    }
+
+
+class CpuShare:
+    """CPU time used by *other* processes while a block runs: the whole machine's busy time (/proc/stat) minus this
+    process's own (all its threads), as a share of the wall time × the CPU count. 0 means the benchmark had the
+    machine to itself; on 2 CPUs, 0.5 means another job kept one core busy throughout. Linux only (None elsewhere).
+
+        with CpuShare() as share:
+            ...
+        share.result()  # {"others_cpu_share": …, "own_cpu_s": …, "wall_s": …}
+    """
+
+    def __enter__(self) -> CpuShare:
+        self._start = (time.perf_counter(), _machine_busy_s(), _own_cpu_s())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._end = (time.perf_counter(), _machine_busy_s(), _own_cpu_s())
+
+    def result(self) -> dict[str, Any] | None:
+        (w0, b0, o0), (w1, b1, o1) = self._start, self._end
+        if b0 is None or b1 is None:
+            return None
+        wall, own = w1 - w0, o1 - o0
+        others = max(0.0, (b1 - b0) - own)
+        cpus = os.cpu_count() or 1
+        return {
+            "others_cpu_share": round(others / (wall * cpus), 3) if wall > 0 else None,
+            "own_cpu_s": round(own, 2),
+            "wall_s": round(wall, 2),
+        }
+
+
+def _machine_busy_s() -> float | None:
+    """Seconds of CPU time the whole machine has spent busy since boot (user, nice, system, irq, softirq, steal)."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s() -> float:
+    times = os.times()
+    return times.user + times.system

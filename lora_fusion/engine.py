@@ -62,6 +62,7 @@ class MergePlan:
     modules: tuple[ModulePlan, ...]
     output_bytes: int
     peak_bytes: int
+    input_bytes: int = 0
     rank_is_bound: bool = False
 
     @property
@@ -79,6 +80,7 @@ class MergePlan:
             "output_rank_is_upper_bound": self.rank_is_bound,
             "estimated_flops": self.flops,
             "estimated_peak_bytes": self.peak_bytes,
+            "input_bytes": self.input_bytes,
             "output_bytes": self.output_bytes,
         }
 
@@ -87,12 +89,13 @@ class MergePlan:
         rank_text = ", ".join(map(str, ranks[:8])) + (" …" if len(ranks) > 8 else "")
         bound = " (upper bounds; the merge picks per module)" if self.rank_is_bound else ""
         lines = [
-            f"method        {self.method} {' '.join(f'{k}={v}' for k, v in self.params.items())}".rstrip(),
+            f"method        {self.method} {' '.join(f'{k}={v}' for k, v in self.params.items() if v is not None)}".rstrip(),
             f"sources       {', '.join(f'{s} (w={w:g})' for s, w in zip(self.sources, self.weights))}",
             f"modules       {len(self.modules)}",
             f"output ranks  {rank_text}{bound}",
             f"compute       ~{_si(self.flops)}FLOP",
-            f"peak memory   ~{_si(self.peak_bytes)}B (largest module working set + output)",
+            f"peak memory   ~{_si(self.peak_bytes)}B (largest module working set + output; the inputs, "
+            f"{_si(self.input_bytes)}B, are memory-mapped: counted in RSS as read, reclaimable)",
             f"output size   {_si(self.output_bytes)}B",
         ]
         return "\n".join(lines)
@@ -407,6 +410,11 @@ def _plan(
         modules=tuple(modules),
         output_bytes=output,
         peak_bytes=peak,
+        input_bytes=sum(
+            (spec.rank * (spec.out_features + spec.in_features)) * torch.empty((), dtype=spec.dtype).element_size()
+            for a in adapters
+            for spec in a.modules.values()
+        ),
         rank_is_bound=params.energy is not None or spec.output_rank == "merged",
     )
 
