@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -197,7 +196,8 @@ def test_version_and_help_import_no_heavy_modules() -> None:
         assert done.returncode == 0, done.stderr
     import lora_fusion
 
-    version = subprocess.run(["lora-fusion", "--version"], capture_output=True, text=True, env=os.environ, timeout=60)
+    script = Path(sys.executable).parent / "lora-fusion"  # the console script installed next to this interpreter
+    version = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=60)
     assert version.stdout.strip() == f"lora-fusion {lora_fusion.__version__}"
 
 
