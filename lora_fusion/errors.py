@@ -52,6 +52,10 @@ class OutputExistsError(LoraFusionError, FileExistsError):
     """The output directory exists and overwriting was not asked for."""
 
 
+class OutputWriteError(LoraFusionError, OSError):
+    """The output could not be written (disk full, permissions); nothing was left behind."""
+
+
 class HubError(LoraFusionError, OSError):
     """The Hub refused or could not be reached; the message says whether to log in, check the id or go offline."""
 

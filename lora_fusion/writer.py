@@ -21,15 +21,11 @@ from typing import Any
 import torch
 
 from .adapter import LoraAdapter, SourceInfo
-from .errors import CorruptAdapterError, LoraFusionError, OutputExistsError
+from .errors import CorruptAdapterError, LoraFusionError, OutputExistsError, OutputWriteError
 from .runtime import thread_limit
 from .sources import CONFIG_NAME, SAFETENSORS_NAME, hub_error, open_adapter_files
 
 CARD_NAME = "README.md"
-
-
-class OutputWriteError(LoraFusionError, OSError):
-    """The output could not be written (disk full, permissions); nothing was left behind."""
 
 
 def write_adapter(adapter: LoraAdapter, out: Path, *, overwrite: bool = False) -> Path:
