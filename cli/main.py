@@ -281,11 +281,11 @@ def push(
 @app.command()
 def methods(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """List the merge methods: name, what it does, reference."""
-    from lora_fusion.methods import list_methods
+    from lora_fusion.methods import describe_params, list_methods
 
     rows = [
         {"name": m.name, "aliases": list(m.aliases), "summary": m.summary, "formula": m.formula,
-         "reference": m.reference, "params": sorted(m.params)}
+         "reference": m.reference, "params": describe_params(m)}
         for m in list_methods()
     ]
     if as_json:
@@ -294,6 +294,8 @@ def methods(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")]
     for row in rows:
         alias = f" (alias: {', '.join(row['aliases'])})" if row["aliases"] else ""
         typer.echo(f"{row['name']}{alias}\n    {row['summary']}\n    {row['formula']}\n    {row['reference']}")
+        for name, param in row["params"].items():
+            typer.echo(f"    --{name.replace('_', '-')} (default {param['default']}): {param['help']}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 import torch
@@ -24,7 +24,7 @@ from ..errors import InvalidParameterError, UnknownMethodError
 class MergeParams:
     """Parameters shared by the methods; each method declares the ones it uses."""
 
-    rank: int | None = field(default=None, metadata={"help": "Output rank (default: the largest input rank)."})
+    rank: int | None = field(default=None, metadata={"help": "Output rank (default: the largest input rank; exact sums keep Σ rᵢ, subspace methods their merged rank)."})
     energy: float | None = field(
         default=None, metadata={"help": "Smallest rank per module keeping this fraction of Σσ², e.g. 0.99."}
     )
@@ -215,6 +215,15 @@ def register_method(
         return fn
 
     return decorator
+
+
+def describe_params(spec: MethodSpec) -> dict[str, dict[str, object]]:
+    """Each parameter the method takes: its default for this method and its help text (written once, on the field)."""
+    return {
+        f.name: {"default": spec.defaults.get(f.name, f.default), "help": f.metadata["help"]}
+        for f in fields(MergeParams)
+        if f.name in spec.params
+    }
 
 
 def get_method(name: str) -> MethodSpec:

@@ -1,0 +1,234 @@
+"""Score arithmetic and result tables for multi-task merge evaluations (no torch needed).
+
+*Normalised accuracy* of a merged adapter on a task is its accuracy divided by the accuracy of
+the task's own (individual) adapter with the same head, as in the task-arithmetic literature
+(Ilharco et al. 2023; Yadav et al. 2023).  Results over several training seeds are reported as
+mean ± sample standard deviation (n − 1 in the denominator).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+from dataclasses import dataclass, field
+
+PARAM_SYMBOLS = {"scale": "λ", "density": "d"}
+
+
+def normalised(accuracies: Mapping[str, float], individual: Mapping[str, float]) -> dict[str, float]:
+    """Accuracy per task divided by the individual adapter's accuracy on that task.
+
+    Raises:
+        ValueError: if an individual accuracy is zero (the ratio is undefined).
+    """
+    out = {}
+    for task, value in accuracies.items():
+        if individual[task] <= 0:
+            raise ValueError(f"individual accuracy on {task} is {individual[task]}; cannot normalise")
+        out[task] = value / individual[task]
+    return out
+
+
+def mean(values: Sequence[float]) -> float:
+    if not values:
+        raise ValueError("mean of no values")
+    return math.fsum(values) / len(values)
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0.0 for a single value)."""
+    center = mean(values)
+    if len(values) < 2:
+        return center, 0.0
+    return center, math.sqrt(math.fsum((v - center) ** 2 for v in values) / (len(values) - 1))
+
+
+def format_mean_std(values: Sequence[float], digits: int = 3) -> str:
+    """``0.812 ± 0.010`` over seeds; just ``0.812`` for a single seed."""
+    center, spread = mean_std(values)
+    return f"{center:.{digits}f}" if len(values) < 2 else f"{center:.{digits}f} ± {spread:.{digits}f}"
+
+
+def format_params(per_seed: Sequence[Mapping[str, object]]) -> str:
+    """Chosen parameters over seeds: ``λ=0.5, d=0.1`` when every seed agrees, else per seed in
+    seed order, ``λ=0.5/0.75/0.5, d=0.1``; ``–`` when there are none."""
+    names = [name for name in per_seed[0]] if per_seed else []
+    parts = []
+    for name in names:
+        values = [_short(params[name]) for params in per_seed]
+        shown = values[0] if len(set(values)) == 1 else "/".join(values)
+        parts.append(f"{PARAM_SYMBOLS.get(name, name)}={shown}")
+    return ", ".join(parts) if parts else "–"
+
+
+def _short(value: object) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+@dataclass
+class ResultRow:
+    """One table row: a method (or reference) and its per-seed scores.
+
+    ``accuracy[task]`` and ``normalised[task]`` hold one value per seed, in seed order.
+    """
+
+    method: str
+    space: str
+    setting: str
+    accuracy: dict[str, list[float]]
+    normalised: dict[str, list[float]] = field(default_factory=dict)
+    kind: str = "reference"  # "reference", "default" or "tuned"
+
+    def mean_accuracy(self) -> list[float]:
+        """Per seed, the mean accuracy over tasks."""
+        return _task_means(self.accuracy)
+
+    def mean_normalised(self) -> list[float]:
+        """Per seed, the mean normalised accuracy over tasks (empty if not normalised)."""
+        return _task_means(self.normalised) if self.normalised else []
+
+
+def _task_means(per_task: Mapping[str, Sequence[float]]) -> list[float]:
+    columns = list(per_task.values())
+    return [mean([column[seed] for column in columns]) for seed in range(len(columns[0]))]
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A GitHub-flavoured markdown table; text columns left-aligned, the others right-aligned."""
+    numeric = [
+        i > 0 and all(_numeric(row[i]) for row in rows) for i in range(len(header))
+    ]
+    rule = ["---:" if flag else "---" for flag in numeric]
+    lines = [header, rule, *rows]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
+
+
+def _numeric(cell: str) -> bool:
+    head = cell.split(" ")[0]
+    try:
+        float(head)
+    except ValueError:
+        return head in ("–", "")
+    return True
+
+
+def results_table(rows: Sequence[ResultRow], tasks: Sequence[str], digits: int = 3) -> str:
+    """Method, space, setting, per-task accuracy, mean accuracy and mean normalised accuracy, each
+    as mean ± std over seeds."""
+    header = ["method", "space", "setting", *tasks, "mean acc.", "mean norm. acc."]
+    body = []
+    for row in rows:
+        cells = [row.method, row.space, row.setting]
+        cells += [format_mean_std(row.accuracy[task], digits) for task in tasks]
+        cells.append(format_mean_std(row.mean_accuracy(), digits))
+        norm = row.mean_normalised()
+        cells.append(format_mean_std(norm, digits) if norm else "–")
+        body.append(cells)
+    return markdown_table(header, body)
+
+
+REFERENCES = ("base model (no LoRA)", "individual LoRAs", "average")
+
+
+def collect_rows(per_seed: Sequence[Mapping[str, Any]], tasks: Sequence[str]) -> list[ResultRow]:
+    """Table rows on the test split over seeds: the references (base model, individual LoRAs,
+    average), then per variant its default and (if it has parameters) its tuned setting.
+
+    ``per_seed[i]`` holds ``references[name]["test"]`` and ``variants[label][setting]`` with
+    ``params`` and ``test``, each score a mapping with ``accuracy`` and ``normalised`` per task;
+    a variant label is ``method`` or ``method/space``.
+    """
+
+    def row(method: str, space: str, kind: str, setting: str, results: Sequence[Mapping[str, Any]]) -> ResultRow:
+        return ResultRow(
+            method=method,
+            space=space,
+            setting=setting,
+            accuracy={task: [r["accuracy"][task] for r in results] for task in tasks},
+            normalised={task: [r["normalised"][task] for r in results] for task in tasks},
+            kind=kind,
+        )
+
+    refs = [seed["references"] for seed in per_seed]
+    rows = [
+        row(REFERENCES[0], "–", "reference", "heads only", [r["base"]["test"] for r in refs]),
+        row(REFERENCES[1], "–", "reference", "each on its own task", [r["individual"]["test"] for r in refs]),
+        row(REFERENCES[2], "–", "reference", "linear, weights 1/T", [r["average"]["test"] for r in refs]),
+    ]
+    for label in per_seed[0]["variants"]:
+        method, _, space = label.partition("/")
+        results = [seed["variants"][label] for seed in per_seed]
+        if any("error" in result for result in results):
+            continue  # failed on some seed: listed separately, not averaged
+        if not results[0]["default"]["params"]:
+            rows.append(row(method, space or "–", "default", "default (no parameters)", [r["default"]["test"] for r in results]))
+            continue
+        for kind in ("default", "tuned"):
+            params = format_params([r[kind]["params"] for r in results])
+            rows.append(row(method, space or "–", kind, f"{kind}: {params}", [r[kind]["test"] for r in results]))
+    return rows
+
+
+def row_summary(row: ResultRow) -> tuple[float, float]:
+    """Mean and std over seeds of the row's mean normalised accuracy."""
+    return mean_std(row.mean_normalised())
+
+
+def findings(rows: Sequence[ResultRow], n_seeds: int) -> str:
+    """Sentences that restate what the table shows: the references, the best default and tuned
+    merges, which merges fall below the base model or the plain average, full vs core space.
+    Comparisons are of means over seeds; no significance test is implied."""
+    refs = {r.method: row_summary(r)[0] for r in rows if r.kind == "reference"}
+    base, average_row = refs[REFERENCES[0]], next(r for r in rows if r.method == REFERENCES[2])
+    average = row_summary(average_row)[0]
+    defaults = [r for r in rows if r.kind == "default"]
+    tuned_rows = {(r.method, r.space): r for r in rows if r.kind == "tuned"}
+    # the best setting of each variant: tuned where there is something to tune, else the default
+    best_of = [tuned_rows.get((r.method, r.space), r) for r in defaults]
+
+    def name(r: ResultRow) -> str:
+        return r.method if r.space == "–" else f"{r.method} ({r.space})"
+
+    def fmt(r: ResultRow) -> str:
+        center, spread = row_summary(r)
+        return f"{center:.3f}" + (f" ± {spread:.3f}" if n_seeds > 1 else "")
+
+    def listing(candidates: Sequence[ResultRow]) -> str:
+        return ", ".join(f"{name(r)} {row_summary(r)[0]:.3f}" for r in candidates)
+
+    def top(candidates: Sequence[ResultRow]) -> ResultRow:
+        return max(candidates, key=lambda r: row_summary(r)[0])
+
+    seeds = f"{n_seeds} training seed{'s' if n_seeds > 1 else ''}"
+    below_base = [r for r in defaults if row_summary(r)[0] < base]
+    below_average = [r for r in best_of if row_summary(r)[0] < average]
+    best_default, best_tuned = top(defaults), top(best_of)
+    lines = [
+        f"Scores are mean normalised test accuracy (merged ÷ the task's own LoRA, averaged over the "
+        f"{len(rows[0].accuracy)} tasks; mean{' ± std' if n_seeds > 1 else ''} over {seeds}).",
+        f"The base model with the trained heads but no LoRA scores {fmt(rows[0])}; the plain average "
+        f"of the LoRAs scores {fmt(average_row)}.",
+        f"At default parameters the best merge is {name(best_default)} ({fmt(best_default)});",
+        f"{len(below_base)} of {len(defaults)} default merges score below the base model"
+        + (f" ({listing(below_base)})." if below_base else "."),
+        f"Taking each method at its tuned setting (λ and density chosen on validation; methods "
+        f"without parameters at their default), the best is {name(best_tuned)} ({fmt(best_tuned)});",
+        f"{len(best_of) - len(below_average)} of {len(best_of)} score above the plain average"
+        + (f", and {len(below_average)} below it ({listing(below_average)})." if below_average else "."),
+    ]
+    pairs = [
+        (tuned_rows[(r.method, "full")], tuned_rows[(r.method, "core")])
+        for r in defaults
+        if r.space == "full" and (r.method, "full") in tuned_rows and (r.method, "core") in tuned_rows
+    ]
+    if pairs:
+        core_better = [f.method for f, c in pairs if row_summary(c)[0] > row_summary(f)[0]]
+        lines.append(
+            f"Tuned, the element-wise methods score higher in core space than in full space for "
+            f"{len(core_better)} of {len(pairs)} methods"
+            + (f" ({', '.join(core_better)})." if core_better else ".")
+        )
+    if n_seeds < 3:
+        lines.append(f"With {seeds}, differences of a few thousandths are within seed noise.")
+    return " ".join(lines)
