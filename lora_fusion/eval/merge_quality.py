@@ -283,6 +283,15 @@ def cross_task_table(per_seed: Sequence[Mapping[str, Any]], tasks: Sequence[str]
     return markdown_table(["adapter ↓ / task →", *tasks], body)
 
 
+def output_ranks(seed: Mapping[str, Any]) -> str:
+    """``method rank`` per variant at its default setting, grouped by equal rank."""
+    groups: dict[Any, list[str]] = {}
+    for label, outcome in seed["variants"].items():
+        if "error" not in outcome:
+            groups.setdefault(outcome["default"]["output_rank"], []).append(label)
+    return "; ".join(f"{rank} for {', '.join(labels)}" for rank, labels in groups.items())
+
+
 def failures(per_seed: Sequence[Mapping[str, Any]]) -> str:
     """A line naming the variants whose merge or evaluation raised (they have no row), if any."""
     failed = {
@@ -307,7 +316,9 @@ def write_markdown(path: Path, report: Mapping[str, Any], rows: Sequence[ResultR
     check = report.get("peft_check") or {}
     difference = check.get("max_abs_difference", float("nan"))
     search = (
-        "bfloat16 CPU autocast (about 2.7× faster on this CPU; embeddings within 1 % of float32)"
+        "bfloat16 CPU autocast (about 2.9× faster on this CPU; embeddings within 1.3 % of float32, "
+        "and a float32 search chose the same values for task_arithmetic, ties/full, dare_ties/core "
+        "and iso_c/core on seed 0, checked once)"
         if cfg["search_dtype"] == "bfloat16"
         else "float32"
     )
@@ -334,7 +345,8 @@ hyper-parameters per seed, timings and versions are in `{STEM}.json`; the bar pl
 {data_lines}
 
 * **Merges:** `lora_fusion.merge` of the {len(tasks)} task LoRAs (weights 1), in memory. Each merged update ΔW is added to the frozen base weights, every task's texts are embedded once and scored with that task's head. This matches PEFT loading the saved adapter to {difference:.1e} (largest embedding difference on {check.get('texts', 0)} test texts; checked for one individual LoRA and one merge per method family).
-* **Settings:** *default* = the method's registered defaults (λ = 1). *tuned* = λ from {grid(cfg['scale_grid'])} at the default density, then density from {grid(cfg['density_grid'])} ({crumbs} for Breadcrumbs) at that λ, maximising mean normalised **validation** accuracy; ties keep the default. Values chosen per seed are listed in seed order where seeds disagree. The validation passes of this search run the encoder under {search}; every test number is float32.
+* **Settings:** *default* = the method's registered defaults (λ = 1). *tuned* = λ from {grid(cfg['scale_grid'])} at the default density, then density from {grid(cfg['density_grid'])} ({crumbs} for Breadcrumbs) at that λ, maximising mean normalised **validation** accuracy; ties keep the default. The plain average is task_arithmetic at λ = 0.25, a point of that grid. Values chosen per seed are listed in seed order where seeds disagree. The validation passes of this search run the encoder under {search}; every test number is float32.
+* **Output rank** of each merge at its default setting (largest over modules, seed {report['seeds'][0]['seed']}): {output_ranks(report['seeds'][0])}. The inputs have rank {cfg['lora']['r']} each; element-wise methods and `svd` return to the largest input rank by default, exact sums keep Σ rᵢ, subspace methods keep the merged update's numerical rank.
 * **Normalised accuracy** = merged accuracy ÷ accuracy of the task's own LoRA (same head, same test texts), averaged over tasks. Cells are mean ± sample std over seeds.
 * **Runtime:** {timing['total_seconds'] / 60:.1f} min for this run, of which {timing['train_seconds_this_run'] / 60:.1f} min training, {timing['evaluation_seconds'] / 60:.1f} min for {timing['embedding_passes']} embedding passes and {timing['merge_seconds'] / 60:.1f} min merging. Training all {len(tasks) * len(cfg['seeds'])} LoRAs took {timing['train_seconds_all'] / 60:.1f} min when they were trained (they are cached outside git). {cfg['torch_threads']} torch thread(s) on a 2-core CPU shared with other jobs.
 
@@ -351,9 +363,11 @@ hyper-parameters per seed, timings and versions are in `{STEM}.json`; the bar pl
 
 ```
 apt-get install -y wordnet-base fortunes
-pip install matplotlib   # for the plot only
+pip install -e ".[eval]"   # matplotlib, for the plot only
 python -m lora_fusion.eval.merge_quality --seeds {' '.join(map(str, cfg['seeds']))} --out docs/results
 ```
+
+Trained LoRAs and heads are cached in `~/.cache/lora-fusion/testbed` (`--cache`), keyed by task, seed and every training hyper-parameter, so a second run only merges and evaluates; adding a seed trains only that seed's LoRAs. `--render {STEM}.json` rewrites this page and the plot from the JSON alone.
 """
     path.write_text(text, encoding="utf-8")
 
@@ -382,7 +396,7 @@ def write_plot(path: Path, rows: Sequence[ResultRow], reference: Mapping[str, fl
     for label in labels:  # methods without parameters: tuned is the default
         values[label].setdefault("tuned", values[label]["default"])
     labels.sort(key=lambda label: values[label]["tuned"][0])
-    fig, ax = plt.subplots(figsize=(8, 0.42 * len(labels) + 1.6))
+    fig, ax = plt.subplots(figsize=(8, 0.42 * len(labels) + 2.2))
     positions = range(len(labels))
     for offset, setting, color in ((-0.2, "default", "#9ecae1"), (0.2, "tuned", "#3182bd")):
         ax.barh(
@@ -401,10 +415,14 @@ def write_plot(path: Path, rows: Sequence[ResultRow], reference: Mapping[str, fl
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_yticks(list(positions), labels)
     ax.set_xlabel("mean normalised test accuracy (merged ÷ own LoRA)")
-    ax.set_title("LoRA merges of 4 real tasks, all-MiniLM-L6-v2")
+    n_seeds = len(rows[0].mean_normalised())
+    ax.set_title(
+        f"LoRA merges of {len(rows[0].accuracy)} real tasks, all-MiniLM-L6-v2 "
+        f"({n_seeds} seed{'s' if n_seeds > 1 else ''}{', mean ± std' if n_seeds > 1 else ''})"
+    )
     low = min(min(v[0] - v[1] for v in values[label].values()) for label in labels)
     ax.set_xlim(max(0.0, min(low, *reference.values()) - 0.05), 1.02)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -429,7 +447,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--wordnet-dir", default=None, help="WordNet data directory (default: /usr/share/wordnet)")
     parser.add_argument("--fortunes-dir", default=None, help="fortunes directory (default: /usr/share/games/fortunes)")
+    parser.add_argument(
+        "--render",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help=f"only rewrite {STEM}.md and .png in --out from a {STEM}.json written before",
+    )
     args = parser.parse_args(argv)
+    if args.render is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_report(args.out, json.loads(args.render.read_text(encoding="utf-8")))
+        return
 
     quiet()
     torch.set_num_threads(args.threads)
@@ -463,10 +492,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             "seed": seed,
             "training": {
                 task: {
-                    "directory": str(m.directory),
+                    "cache_entry": f"{m.directory.parent.name}/{m.directory.name}",
                     "cached": m.cached,
                     "train_seconds": m.meta["train_seconds"],
-                    "task_seed": m.meta["recipe"]["task_seed"],
+                    "recipe": m.meta["recipe"],
                 }
                 for task, m in members.items()
             },
@@ -558,22 +587,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{STEM}.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+    plotted = write_report(args.out, report)
+    log(f"wrote {args.out / STEM}.md, .json" + (", .png" if plotted else ""))
+
+
+def write_report(out: Path, report: Mapping[str, Any]) -> bool:
+    """Write the markdown and the plot of a finished evaluation; print the table. True if plotted."""
+    rows = collect_rows(report["seeds"], report["config"]["tasks"])
     summaries = {row.method: row_summary(row)[0] for row in rows if row.kind == "reference"}
     reference = {
         "base model (no LoRA)": summaries["base model (no LoRA)"],
         "average (1/T)": summaries["average"],
     }
-    plotted = write_plot(args.out / f"{STEM}.png", rows, reference)
-    write_markdown(args.out / f"{STEM}.md", report, rows)
-    print(results_table(rows, args.tasks))
-    log(f"wrote {args.out / STEM}.md, .json" + (", .png" if plotted else ""))
+    plotted = write_plot(out / f"{STEM}.png", rows, reference)
+    write_markdown(out / f"{STEM}.md", report, rows)
+    print(results_table(rows, report["config"]["tasks"]))
+    return plotted
 
 
 def _recipe(per_seed: Sequence[Mapping[str, Any]], key: str) -> Any:
-    """A training hyper-parameter, read back from the cache metadata of the first LoRA."""
-    first = next(iter(per_seed[0]["training"].values()))
-    meta = json.loads((Path(first["directory"]) / "meta.json").read_text())
-    return meta["recipe"][key]
+    """A training hyper-parameter, from the recipe of the first LoRA."""
+    return next(iter(per_seed[0]["training"].values()))["recipe"][key]
 
 
 if __name__ == "__main__":

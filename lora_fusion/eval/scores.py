@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
 from dataclasses import dataclass, field
+from typing import Any
 
 PARAM_SYMBOLS = {"scale": "λ", "density": "d"}
 
@@ -97,7 +97,10 @@ def _task_means(per_task: Mapping[str, Sequence[float]]) -> list[float]:
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """A GitHub-flavoured markdown table; text columns left-aligned, the others right-aligned."""
     numeric = [
-        i > 0 and all(_numeric(row[i]) for row in rows) for i in range(len(header))
+        i > 0
+        and all(_numeric(row[i]) or row[i] in ("–", "") for row in rows)
+        and any(_numeric(row[i]) for row in rows)
+        for i in range(len(header))
     ]
     rule = ["---:" if flag else "---" for flag in numeric]
     lines = [header, rule, *rows]
@@ -105,11 +108,10 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def _numeric(cell: str) -> bool:
-    head = cell.split(" ")[0]
     try:
-        float(head)
+        float(cell.split(" ")[0])
     except ValueError:
-        return head in ("–", "")
+        return False
     return True
 
 
@@ -177,14 +179,16 @@ def row_summary(row: ResultRow) -> tuple[float, float]:
 
 def findings(rows: Sequence[ResultRow], n_seeds: int) -> str:
     """Sentences that restate what the table shows: the references, the best default and tuned
-    merges, which merges fall below the base model or the plain average, full vs core space.
-    Comparisons are of means over seeds; no significance test is implied."""
-    refs = {r.method: row_summary(r)[0] for r in rows if r.kind == "reference"}
-    base, average_row = refs[REFERENCES[0]], next(r for r in rows if r.method == REFERENCES[2])
-    average = row_summary(average_row)[0]
+    merges, which merges fall below the base model, how each method at its tuned setting compares
+    with the plain average on every seed, full vs core space, and the seed noise.  No significance
+    test is implied; "on every seed" compares the same seed's LoRAs (a paired comparison)."""
+    base_row = next(r for r in rows if r.method == REFERENCES[0])
+    average_row = next(r for r in rows if r.method == REFERENCES[2])
+    base, average = row_summary(base_row)[0], row_summary(average_row)[0]
+    average_per_seed = average_row.mean_normalised()
     defaults = [r for r in rows if r.kind == "default"]
     tuned_rows = {(r.method, r.space): r for r in rows if r.kind == "tuned"}
-    # the best setting of each variant: tuned where there is something to tune, else the default
+    # each method at its tuned setting; the default where there is nothing to tune
     best_of = [tuned_rows.get((r.method, r.space), r) for r in defaults]
 
     def name(r: ResultRow) -> str:
@@ -197,25 +201,30 @@ def findings(rows: Sequence[ResultRow], n_seeds: int) -> str:
     def listing(candidates: Sequence[ResultRow]) -> str:
         return ", ".join(f"{name(r)} {row_summary(r)[0]:.3f}" for r in candidates)
 
-    def top(candidates: Sequence[ResultRow]) -> ResultRow:
-        return max(candidates, key=lambda r: row_summary(r)[0])
+    def ranked(candidates: Sequence[ResultRow]) -> list[ResultRow]:
+        return sorted(candidates, key=lambda r: -row_summary(r)[0])
 
     seeds = f"{n_seeds} training seed{'s' if n_seeds > 1 else ''}"
+    every = "on every seed" if n_seeds > 1 else "on the seed"
     below_base = [r for r in defaults if row_summary(r)[0] < base]
-    below_average = [r for r in best_of if row_summary(r)[0] < average]
-    best_default, best_tuned = top(defaults), top(best_of)
+    above = [r for r in best_of if all(v > a for v, a in zip(r.mean_normalised(), average_per_seed))]
+    below = [r for r in best_of if all(v < a for v, a in zip(r.mean_normalised(), average_per_seed))]
+    top_default, top_tuned = ranked(defaults), ranked(best_of)
     lines = [
         f"Scores are mean normalised test accuracy (merged ÷ the task's own LoRA, averaged over the "
-        f"{len(rows[0].accuracy)} tasks; mean{' ± std' if n_seeds > 1 else ''} over {seeds}).",
-        f"The base model with the trained heads but no LoRA scores {fmt(rows[0])}; the plain average "
+        f"{len(base_row.accuracy)} tasks; mean{' ± std' if n_seeds > 1 else ''} over {seeds}).",
+        f"The base model with the trained heads but no LoRA scores {fmt(base_row)}; the plain average "
         f"of the LoRAs scores {fmt(average_row)}.",
-        f"At default parameters the best merge is {name(best_default)} ({fmt(best_default)});",
+        f"At default parameters the best merge is {name(top_default[0])} ({fmt(top_default[0])});",
         f"{len(below_base)} of {len(defaults)} default merges score below the base model"
         + (f" ({listing(below_base)})." if below_base else "."),
-        f"Taking each method at its tuned setting (λ and density chosen on validation; methods "
-        f"without parameters at their default), the best is {name(best_tuned)} ({fmt(best_tuned)});",
-        f"{len(best_of) - len(below_average)} of {len(best_of)} score above the plain average"
-        + (f", and {len(below_average)} below it ({listing(below_average)})." if below_average else "."),
+        f"At their tuned settings (λ and density chosen on validation; methods without parameters at "
+        f"their default) the highest means are {', '.join(f'{name(r)} ({fmt(r)})' for r in top_tuned[:3])}.",
+        f"{len(above)} of {len(best_of)} methods at their tuned setting beat the plain average {every}"
+        + (f" ({listing(above)})" if above else "")
+        + f"; {len(below)} score below it {every}"
+        + (f" ({listing(below)})" if below else "")
+        + f"; the other {len(best_of) - len(above) - len(below)} are mixed.",
     ]
     pairs = [
         (tuned_rows[(r.method, "full")], tuned_rows[(r.method, "core")])
@@ -229,6 +238,12 @@ def findings(rows: Sequence[ResultRow], n_seeds: int) -> str:
             f"{len(core_better)} of {len(pairs)} methods"
             + (f" ({', '.join(core_better)})." if core_better else ".")
         )
-    if n_seeds < 3:
-        lines.append(f"With {seeds}, differences of a few thousandths are within seed noise.")
+    if n_seeds > 1:
+        spread = max(row_summary(r)[1] for r in (base_row, average_row))
+        lines.append(
+            f"The references vary by up to {spread:.3f} (std) between seeds, so with {seeds} "
+            "gaps of a few hundredths between methods are not resolved."
+        )
+    else:
+        lines.append("With a single training seed there is no estimate of seed noise.")
     return " ".join(lines)

@@ -281,8 +281,8 @@ class Evaluator:
     ) -> dict[str, float]:
         """Accuracy per task (all tasks by default) of the base model plus ``adapter``.
 
-        ``autocast=torch.bfloat16`` runs the encoder under CPU autocast (about 2.7 times faster on
-        a CPU with AVX512-BF16, embeddings within 1 % relative of float32): for searches only.
+        ``autocast=torch.bfloat16`` runs the encoder under CPU autocast (about 2.9 times faster on
+        a CPU with AVX512-BF16; embeddings within 1.3 % relative of float32): for searches only.
         """
         tasks = list(tasks or self.tasks)
         digest = adapter_digest(adapter) if adapter is not None else "base"
