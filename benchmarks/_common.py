@@ -185,26 +185,37 @@ def machine() -> dict[str, Any]:
     }
 
 
-def wait_for_idle(threshold: float, max_wait_s: float, poll_s: float = 30.0) -> dict[str, Any]:
-    """Before timing, wait until the 1-minute load average is below `threshold` (polled every `poll_s` seconds, at
-    most `max_wait_s`), so that another job's OpenMP threads do not distort the figures (see README, "Timing on a
-    busy machine"). Returns what happened, for the JSON: the load before and after, the wait, and whether it was
-    reached. `max_wait_s` 0 skips the wait."""
+def wait_for_idle(threshold: float, max_wait_s: float, poll_s: float = 30.0, max_share: float = 0.1) -> dict[str, Any]:
+    """Before timing, wait until the machine is idle, so that another job's OpenMP threads do not distort the figures
+    (see README, "Timing on a busy machine"): the 1-minute load average below `threshold` *and*, over the last
+    `poll_s` seconds, other processes using less than `max_share` of the CPU time (the load average lags by a
+    minute, and dips below the threshold while a job that pauses between steps is still running). Polled every
+    `poll_s` seconds, at most `max_wait_s`; 0 skips the wait. Returns what happened, for the JSON."""
     if not hasattr(os, "getloadavg"):
         return {"threshold": threshold, "waited_s": 0.0, "reached": None}
     before = [round(x, 2) for x in os.getloadavg()]
     start = time.monotonic()
-    while os.getloadavg()[0] >= threshold and time.monotonic() - start + poll_s <= max_wait_s:
-        log(f"1-minute load average {os.getloadavg()[0]:.2f} >= {threshold}: waiting {poll_s:.0f} s")
-        time.sleep(poll_s)
+    share: float | None = None
+    while time.monotonic() - start + poll_s <= max_wait_s:
+        with CpuShare() as cpu:
+            time.sleep(poll_s)
+        result = cpu.result()
+        share = result["others_cpu_share"] if result else None
+        load = os.getloadavg()[0]
+        if load < threshold and (share is None or share < max_share):
+            break
+        log(f"1-minute load average {load:.2f} (< {threshold}?), other processes' CPU share {share} (< {max_share}?): "
+            f"waiting {poll_s:.0f} s more")
     after = [round(x, 2) for x in os.getloadavg()]
     return {
         "threshold": threshold,
+        "max_share": max_share,
         "max_wait_s": max_wait_s,
         "waited_s": round(time.monotonic() - start, 1),
         "load_before_wait_1_5_15_min": before,
         "load_after_wait_1_5_15_min": after,
-        "reached": after[0] < threshold,
+        "others_cpu_share_last_poll": share,
+        "reached": after[0] < threshold and (share is None or share < max_share),
     }
 
 
