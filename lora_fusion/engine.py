@@ -14,12 +14,12 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Literal, TypeVar, overload
 
 import torch
 
+from . import __version__
 from .adapter import AdapterConfig, LoraAdapter, MemoryStore, ModuleFactors, ModuleSpec, all_finite
 from .linalg import EXACT_SVD_LIMIT
 from .runtime import thread_limit
@@ -30,13 +30,6 @@ from .sources import load_adapter
 
 Source = str | Path | LoraAdapter | SourceEntry
 T = TypeVar("T")
-
-
-def lora_fusion_version() -> str:
-    try:
-        return version("lora-fusion")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 @dataclass(frozen=True)
@@ -201,7 +194,7 @@ def merge(
         fan_in_fan_out=any(a.config.fan_in_fan_out for a in adapters),
     )
     provenance = {
-        "lora_fusion_version": lora_fusion_version(),
+        "lora_fusion_version": __version__,
         "method": spec.name,
         "params": spec.recorded(params),
         "sources": [

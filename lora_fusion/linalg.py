@@ -104,10 +104,10 @@ def dense_svd(dense: torch.Tensor, *, components: int, generator: torch.Generato
     re-orthonormalisation). The Gaussian test matrix comes from `generator`, on the CPU, so results do not depend
     on the device."""
     m, n = dense.shape
-    total = float(dense.double().pow(2).sum())
     if min(m, n) <= EXACT_SVD_LIMIT:
         U, S, Vh = torch.linalg.svd(dense.double(), full_matrices=False)
-        return FactoredSVD.of(U.float(), S, Vh.mT.float(), total)
+        return FactoredSVD.of(U.float(), S, Vh.mT.float())  # the whole spectrum: ‖ΔW‖_F² = Σσ²
+    total = float(torch.linalg.vector_norm(dense)) ** 2  # no float64 copy of an m×n matrix just for its norm
     width = min(components + 10, min(m, n))
     omega = torch.randn(n, width, generator=generator, dtype=torch.float32).to(dense.device)
     Y = torch.linalg.qr(dense @ omega).Q
