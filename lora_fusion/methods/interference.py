@@ -17,12 +17,19 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..errors import UnsupportedAdapterError
+from ..errors import InvalidParameterError, UnsupportedAdapterError
 from ..linalg import FactoredSVD, core_bases, dense_svd
 from .base import MergeParams, ModuleGroup, ModuleResult, lowrank_result, register_method
 
 Sparsify = Callable[[torch.Tensor, MergeParams, torch.Generator], torch.Tensor]
 _COMMON = ("scale", "density", "rank", "energy", "seed", "space")
+
+
+def density_of(params: MergeParams) -> float:
+    """The density the method resolved; every method that trims or drops registers a default, so None is a bug."""
+    if params.density is None:
+        raise InvalidParameterError("density", None, expected="a fraction in (0, 1], e.g. 0.2")
+    return params.density
 
 
 def keep_top_magnitude(task: torch.Tensor, density: float) -> torch.Tensor:
@@ -119,15 +126,15 @@ def elementwise_merge(group: ModuleGroup, params: MergeParams, sparsify: Sparsif
 
 
 def _trim(task: torch.Tensor, params: MergeParams, generator: torch.Generator) -> torch.Tensor:
-    return keep_top_magnitude(task, params.density or 1.0)
+    return keep_top_magnitude(task, density_of(params))
 
 
 def _drop(task: torch.Tensor, params: MergeParams, generator: torch.Generator) -> torch.Tensor:
-    return drop_and_rescale(task, params.density or 1.0, generator)
+    return drop_and_rescale(task, density_of(params), generator)
 
 
 def _crumbs(task: torch.Tensor, params: MergeParams, generator: torch.Generator) -> torch.Tensor:
-    return breadcrumbs_mask(task, params.density or 1.0, params.gamma)
+    return breadcrumbs_mask(task, density_of(params), params.gamma)
 
 
 def _register(

@@ -17,7 +17,7 @@ import torch
 from ..linalg import FactoredSVD, factored_svd
 from .base import MergeParams, ModuleGroup, ModuleResult, lowrank_result, register_method
 from .exact import concatenated
-from .interference import disjoint_mean, elected_signs, keep_top_magnitude
+from .interference import density_of, disjoint_mean, elected_signs, keep_top_magnitude
 
 # Singular values below this fraction of the largest are numerical zeros of a low-rank update.
 RANK_TOLERANCE = 1e-6
@@ -93,7 +93,7 @@ def knots(group: ModuleGroup, params: MergeParams) -> ModuleResult:
             for i, (Q, _) in enumerate(qrs)
         ]
     )
-    trimmed = torch.stack([keep_top_magnitude(t, params.density or 1.0) for t in aligned])
+    trimmed = torch.stack([keep_top_magnitude(t, density_of(params)) for t in aligned])
     weights = torch.tensor(list(group.weights), dtype=torch.float32, device=trimmed.device)
     merged = params.scale * disjoint_mean(trimmed, weights, elected_signs(trimmed, params.majority))
     return full_rank_result(factored_svd(U, merged), group, params)
