@@ -93,6 +93,10 @@ def merge(
     seed: Annotated[Optional[int], typer.Option(help="Seed of DARE masks and randomized SVD (default 0).")] = None,
     space: Annotated[Optional[str], typer.Option(help="full (dense per module) or core (Core Space).")] = None,
     common_fraction: Annotated[Optional[float], typer.Option(help="Iso-CTS common-subspace share (0.8).")] = None,
+    bias: Annotated[Optional[float], typer.Option(help="RAPF mask offset b in [0, 1] (0.6).")] = None,
+    base_model: Annotated[
+        Optional[str], typer.Option(help="Base model dir, file or Hub id, for methods that read W₀ (rapf).")
+    ] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output adapter directory.")] = None,
     overwrite: Annotated[Optional[bool], typer.Option("--overwrite", help="Replace an existing --out.")] = None,
     push_to_hub: Annotated[Optional[str], typer.Option(help="Also upload to this Hub repo id.")] = None,
@@ -124,6 +128,8 @@ def merge(
             "seed": seed,
             "space": space,
             "common_fraction": common_fraction,
+            "bias": bias,
+            "base_model": base_model,
             "out": str(out) if out else None,
             "overwrite": overwrite,
             "push_to_hub": push_to_hub,
@@ -141,9 +147,13 @@ def merge(
         else:
             fail("give adapters to merge (lora-fusion merge A B --out DIR) or --recipe FILE.yaml.")
         _run_merge(plan, subfolder=subfolder, dry_run=dry_run, as_json=as_json, quiet=quiet)
+        from lora_fusion.distributed import finish
+
+        finish()
 
 
 def _run_merge(plan: Any, *, subfolder: str | None, dry_run: bool, as_json: bool, quiet: bool) -> None:
+    from lora_fusion.distributed import is_main_process
     from lora_fusion.engine import merge as fuse
 
     if not dry_run and plan.out is None and plan.push_to_hub is None:
@@ -163,6 +173,8 @@ def _run_merge(plan: Any, *, subfolder: str | None, dry_run: bool, as_json: bool
         seed=plan.seed,
         space=plan.space,
         common_fraction=plan.common_fraction,
+        bias=plan.bias,
+        base_model=plan.base_model,
         subfolder=subfolder,
         device=plan.device,
         dtype=plan.dtype,
@@ -170,6 +182,8 @@ def _run_merge(plan: Any, *, subfolder: str | None, dry_run: bool, as_json: bool
         dry_run=dry_run,
         progress=False if quiet else None,
     )
+    if not is_main_process():
+        return  # under accelerate launch every process holds the result; the main one writes and reports it
     if dry_run:
         typer.echo(json.dumps(result.to_dict(), indent=2) if as_json else str(result))
         return

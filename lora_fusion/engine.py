@@ -21,6 +21,8 @@ import torch
 
 from . import __version__
 from .adapter import AdapterConfig, LoraAdapter, MemoryStore, ModuleFactors, ModuleSpec, all_finite
+from .base_weights import BaseWeights
+from .distributed import Shard, current_shard, gather_shards, is_main_process
 from .linalg import EXACT_SVD_LIMIT
 from .runtime import thread_limit
 from .errors import IncompatibleAdaptersError, InvalidParameterError, NonFiniteError
@@ -122,6 +124,8 @@ def merge(
     seed: int | None = None,
     space: str | None = None,
     common_fraction: float | None = None,
+    bias: float | None = None,
+    base_model: str | Path | None = None,
     revision: str | None = None,
     subfolder: str | None = None,
     token: str | None = None,
@@ -148,10 +152,15 @@ def merge(
         seed: seed of DARE's masks and of randomized SVDs (default 0); same inputs and seed give the same files.
         space: `"full"` (dense update per module, the papers' semantics) or `"core"` (Core Space merging).
         common_fraction: Iso-CTS' share of the rank kept for the common subspace (default 0.8).
+        bias: RAPF's mask offset b in [0, 1] (default 0.6).
+        base_model: the base model's weights (a local directory or file, or a Hub id `owner/name[@revision]`), for
+            methods that use them (RAPF); read one module at a time, only safetensors.
         revision, subfolder, token: passed to [`load_adapter`] for string sources.
         dtype: output dtype, `"float32"`, `"float16"` or `"bfloat16"` (default: the sources' dtype, float32 if they
             differ). The math is float32 (float64 for the small cores) whatever the dtype.
-        device: where the math runs (`"cpu"`, `"cuda"`, `"auto"`).
+        device: where the math runs (`"cpu"`, `"cuda"`, `"auto"`). Under `accelerate launch` or torchrun with
+            several processes, each process merges its share of the modules (on its own GPU with cuda/auto) and
+            every process returns the whole result; save it from the main process only.
         ignore_base_model: merge even if the adapters' `base_model_name_or_path` differ (shapes must still agree).
         dry_run: return a [`MergePlan`] computed from headers, reading no tensors.
         progress: show a progress bar on stderr (default: when stderr is a terminal).
@@ -173,18 +182,26 @@ def merge(
     spec = get_method(method)
     params = spec.resolve(
         {"rank": rank, "energy": energy, "scale": scale, "density": density, "majority": majority,
-         "gamma": gamma, "seed": seed, "space": space, "common_fraction": common_fraction}
+         "gamma": gamma, "seed": seed, "space": space, "common_fraction": common_fraction, "bias": bias}
     )
+    if base_model is not None and not spec.uses_base:
+        raise InvalidParameterError("base_model", str(base_model), expected=f"none: {spec.name} reads no base weights")
     weight_list = _weights(weights, len(sources))
     target = _device(device)
+    shard = None if dry_run else current_shard(device)
+    if shard is not None:
+        target = torch.device(shard.device)
     adapters = [_open(s, revision=revision, subfolder=subfolder, token=token) for s in sources]
     layout = _module_layout(adapters, ignore_base_model=ignore_base_model)
     out_dtype = _dtype(dtype) if dtype is not None else _common_dtype(adapters)
     if dry_run:
         return _plan(spec, params, adapters, weight_list, layout, out_dtype)
 
+    base = _open_base(base_model, token=token) if base_model is not None else None
     with thread_limit(None if _is_dense(spec, params) else 1):
-        tensors, modules, stats = _run(spec, params, adapters, weight_list, layout, target, out_dtype, progress)
+        tensors, modules, stats = _run(
+            spec, params, adapters, weight_list, layout, target, out_dtype, progress, base=base, shard=shard
+        )
     first = adapters[0].config
     config = AdapterConfig(
         base_model=first.base_model,
@@ -202,6 +219,7 @@ def merge(
             for a, w in zip(adapters, weight_list)
         ],
         "dtype": str(out_dtype).removeprefix("torch."),
+        **({"base_model": base.source} if base is not None else {}),
     }
     return LoraAdapter(config=config, modules=modules, store=MemoryStore(tensors), provenance=provenance, stats=stats)
 
@@ -215,19 +233,28 @@ def _run(
     target: torch.device,
     out_dtype: torch.dtype,
     progress: bool | None,
+    *,
+    base: BaseWeights | None = None,
+    shard: Shard | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, ModuleSpec], dict[str, ModuleStats]]:
     """The streaming loop: each module's inputs are read, merged, cast, checked and released.
 
     Factored methods on the CPU run two modules at a time on one torch thread each (their small QRs and SVDs gain
-    nothing from intra-op threads); each module is computed independently, so the result does not depend on it.
+    nothing from intra-op threads); each module is computed independently, so the result does not depend on it, nor
+    on how a launched merge shares the modules between processes.
     """
 
     def merge_one(name: str) -> tuple[ModuleSpec, dict[str, torch.Tensor], ModuleStats]:
         present = [(a, w) for a, w in zip(adapters, weight_list) if name in a.modules]
+        base_weight = None
+        if base is not None:
+            fan_in_fan_out = any(a.config.fan_in_fan_out for a, _ in present)
+            base_weight = base.weight(layout[name], fan_in_fan_out=fan_in_fan_out).to(target)
         group = ModuleGroup(
             name=name,
             factors=[_to(a.factors(name), target) for a, _ in present],
             weights=[w for _, w in present],
+            base=base_weight,
         )
         result = spec.fn(group, params)
         spec_out = _output_spec(layout[name], rank=result.stats.rank, dtype=out_dtype, bias=result.bias is not None)
@@ -242,16 +269,33 @@ def _run(
             )
         return spec_out, outputs, result.stats
 
-    workers = 1 if _is_dense(spec, params) or target.type != "cpu" else min(2, os.cpu_count() or 1)
+    def merge_all(names: list[str]) -> list[tuple[ModuleSpec, dict[str, torch.Tensor], ModuleStats]]:
+        workers = 1 if _is_dense(spec, params) or target.type != "cpu" else min(2, os.cpu_count() or 1)
+        with ThreadPoolExecutor(workers) as pool:
+            results = pool.map(merge_one, names) if workers > 1 else map(merge_one, names)
+            return list(_progress(results, len(names), progress, spec.name))
+
+    names = list(layout)
+    if shard is None:
+        merged = dict(zip(names, merge_all(names)))
+    else:
+        shares = gather_shards(shard, lambda: dict(zip(shard.take(names), merge_all(shard.take(names)))))
+        merged = {name: result for share in shares for name, result in share.items()}
     tensors: dict[str, torch.Tensor] = {}
     modules: dict[str, ModuleSpec] = {}
     stats: dict[str, ModuleStats] = {}
-    with ThreadPoolExecutor(workers) as pool:
-        results = pool.map(merge_one, layout) if workers > 1 else map(merge_one, layout)
-        for name, (spec_out, outputs, module_stats) in zip(layout, _progress(results, len(layout), progress, spec.name)):
-            modules[name], stats[name] = spec_out, module_stats
-            tensors.update(outputs)
+    for name in names:
+        modules[name], outputs, stats[name] = merged[name]
+        tensors.update(outputs)
     return tensors, modules, stats
+
+
+def _open_base(source: str | Path, *, token: str | None) -> BaseWeights:
+    text = str(source)
+    if Path(text).expanduser().exists():
+        return BaseWeights(text)
+    repo_id, _, revision = text.partition("@")
+    return BaseWeights(repo_id, revision=revision or None, token=token)
 
 
 def _is_dense(spec: MethodSpec, params: MergeParams) -> bool:
@@ -413,7 +457,7 @@ def _plan(
 
 
 def _progress(items: Iterable[T], total: int, enabled: bool | None, method: str) -> Iterator[T]:
-    show = sys.stderr.isatty() if enabled is None else enabled
+    show = (sys.stderr.isatty() if enabled is None else enabled) and is_main_process()
     if not show:
         yield from items
         return

@@ -37,6 +37,9 @@ class MergeParams:
     seed: int = field(default=0, metadata={"help": "Seed of DARE's masks and of randomized SVD."})
     space: str = field(default="full", metadata={"help": "'full' (dense update per module) or 'core' (k×k cores)."})
     common_fraction: float = field(default=0.8, metadata={"help": "Iso-CTS: share of the rank given to the common subspace."})
+    bias: float | None = field(
+        default=None, metadata={"help": "RAPF: offset b of the fusion mask M = min(1, D/max D + b), in [0, 1]."}
+    )
 
     def __post_init__(self) -> None:
         if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
@@ -59,6 +62,8 @@ class MergeParams:
             raise InvalidParameterError("common_fraction", self.common_fraction, expected="a fraction in (0, 1], e.g. 0.8")
         if self.space not in ("full", "core"):
             raise InvalidParameterError("space", self.space, expected="'full' or 'core'")
+        if self.bias is not None and not (_real(self.bias) and 0.0 <= self.bias <= 1.0):
+            raise InvalidParameterError("bias", self.bias, expected="a number in [0, 1], e.g. 0.6")
 
 
 
@@ -68,11 +73,16 @@ def _real(value: object) -> bool:
 
 @dataclass(frozen=True)
 class ModuleGroup:
-    """One module's factors from each adapter that has it, in float32, with the user weight of each."""
+    """One module's factors from each adapter that has it, in float32, with the user weight of each.
+
+    `base` is the base model's weight W₀ of the module (float32, m×n like ΔW), given only to methods registered with
+    `uses_base=True` when the user names a base model; None otherwise.
+    """
 
     name: str
     factors: Sequence[ModuleFactors]
     weights: Sequence[float]
+    base: torch.Tensor | None = None
 
     @property
     def max_rank(self) -> int:
@@ -157,6 +167,7 @@ class MethodSpec:
     defaults: Mapping[str, object] = field(default_factory=dict)
     spaces: tuple[str, ...] = ("full",)
     output_rank: Literal["sum", "max", "merged"] = "max"
+    uses_base: bool = False
 
     def resolve(self, given: Mapping[str, object]) -> MergeParams:
         """The method's parameters: its defaults, overridden by what the user gave (only parameters it takes).
@@ -196,19 +207,21 @@ def register_method(
     defaults: Mapping[str, object] | None = None,
     spaces: Sequence[str] = ("full",),
     output_rank: Literal["sum", "max", "merged"] = "max",
+    uses_base: bool = False,
 ) -> Callable[[MethodFn], MethodFn]:
     """Register `fn` under `name` (and `aliases`).
 
     `params` lists the [`MergeParams`] fields it uses, `defaults` its own default values for them, and `spaces`
     where it can run (the first is the default): `"full"` on dense updates, `"core"` on core-space matrices.
     `output_rank` says what its output rank is without `rank`/`energy`: Σ rᵢ ("sum", exact methods), the largest
-    input rank ("max"), or the merged update's own rank, at most Σ rᵢ ("merged").
+    input rank ("max"), or the merged update's own rank, at most Σ rᵢ ("merged"). `uses_base` methods receive the
+    base model's weight of each module in [`ModuleGroup.base`] when the user names a base model.
     """
 
     def decorator(fn: MethodFn) -> MethodFn:
         spec = MethodSpec(
             name, fn, summary, formula, reference, frozenset(params), tuple(aliases),
-            {"space": spaces[0], **(defaults or {})}, tuple(spaces), output_rank,
+            {"space": spaces[0], **(defaults or {})}, tuple(spaces), output_rank, uses_base,
         )
         _REGISTRY[name] = spec
         _ALIASES.update({alias: name for alias in aliases})

@@ -1,0 +1,143 @@
+"""A base model's weights, read one module at a time, for the methods that need W₀ (RAPF's decomposed fusion).
+
+Only safetensors are read (a pickled checkpoint would have to be unpickled whole); a sharded model's index is read
+first and each shard is opened, or downloaded from the Hub, only when one of its tensors is first needed. Tensors are
+memory-mapped, so the whole model is never in memory.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .adapter import ModuleSpec
+from .errors import IncompatibleAdaptersError, SourceNotFoundError
+from .sources import hub_error
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+
+
+class BaseWeights:
+    """The weights of a base model (a local directory, a `.safetensors` file or a Hub repo id), opened lazily.
+
+    Example:
+        ```python
+        >>> base = BaseWeights("HuggingFaceTB/SmolLM2-135M")
+        >>> base.weight(adapter.modules["model.layers.0.self_attn.q_proj"]).shape
+        torch.Size([576, 576])
+        ```
+    """
+
+    def __init__(self, source: str | Path, *, revision: str | None = None, token: str | None = None) -> None:
+        self.source = str(source)
+        self._revision, self._token = revision, token
+        self._files: dict[str, Any] = {}
+        path = Path(self.source).expanduser()
+        # a local folder holds every shard; on the Hub each shard is downloaded when first needed
+        self._folder: Path | None = path.parent if path.is_file() else path if path.is_dir() else None
+        if path.is_file():
+            self._weight_map = self._single_file_map(path)
+        elif path.is_dir():
+            self._weight_map = self._local_map(path)
+        else:
+            self._weight_map = self._hub_map()
+        self._modules = {key.removesuffix(".weight"): key for key in self._weight_map if key.endswith(".weight")}
+
+    def weight(self, spec: ModuleSpec, *, fan_in_fan_out: bool = False) -> torch.Tensor:
+        """The base weight W₀ of `spec`'s module as float32 in the canonical m×n orientation of ΔW.
+
+        Raises:
+            IncompatibleAdaptersError: the base model has no such module, or its shape differs from the adapters'.
+        """
+        key = self._key(spec.name)
+        tensor = self._file(self._weight_map[key]).get_tensor(key).float()
+        if spec.kind == "embedding" or fan_in_fan_out:
+            tensor = tensor.T  # embeddings and GPT-2 Conv1D store in × out
+        tensor = tensor.reshape(tensor.shape[0], -1)
+        if tuple(tensor.shape) != spec.shape:
+            raise IncompatibleAdaptersError(
+                f"{self.source}: {key} has shape {list(tensor.shape)} but the adapters' {spec.name} is "
+                f"{list(spec.shape)}; pass the base model the adapters were trained on."
+            )
+        return tensor
+
+    def _key(self, module: str) -> str:
+        # Adapters name modules from the model class they were trained with (e.g. "model.layers.0…" for a CausalLM),
+        # checkpoints sometimes with or without that prefix ("bert.encoder…" vs "encoder…"): match on a dotted suffix.
+        if module in self._modules:
+            return self._modules[module]
+        matches = [
+            key for name, key in self._modules.items() if name.endswith("." + module) or module.endswith("." + name)
+        ]
+        if len(matches) != 1:
+            found = "no weight" if not matches else f"{len(matches)} weights ({', '.join(matches[:3])})"
+            raise IncompatibleAdaptersError(
+                f"{self.source}: {found} for the adapters' module {module}; pass the base model the adapters were "
+                "trained on."
+            )
+        return matches[0]
+
+    def _single_file_map(self, path: Path) -> dict[str, str]:
+        if path.suffix != ".safetensors":
+            raise SourceNotFoundError(f"{path}: a base model is read from safetensors files; convert it first.")
+        return dict.fromkeys(self._file(path.name).keys(), path.name)
+
+    def _local_map(self, folder: Path) -> dict[str, str]:
+        if (folder / INDEX_NAME).is_file():
+            return _index_map(folder / INDEX_NAME, self.source)
+        if (folder / WEIGHTS_NAME).is_file():
+            return self._single_file_map(folder / WEIGHTS_NAME)
+        raise SourceNotFoundError(
+            f"{folder} has no {WEIGHTS_NAME} or {INDEX_NAME}; --base-model needs a model saved as safetensors."
+        )
+
+    def _hub_map(self) -> dict[str, str]:
+        index = self._download(INDEX_NAME, optional=True)
+        if index is not None:
+            return _index_map(index, self.source)
+        return dict.fromkeys(self._file(WEIGHTS_NAME).keys(), WEIGHTS_NAME)
+
+    def _file(self, name: str) -> Any:
+        if name not in self._files:
+            from safetensors import SafetensorError, safe_open
+
+            path = self._folder / name if self._folder is not None else self._download(name)
+            try:
+                self._files[name] = safe_open(str(path), framework="pt", device="cpu")
+            except (SafetensorError, OSError, ValueError) as err:
+                raise SourceNotFoundError(f"{self.source}: {name} is not a readable safetensors file ({err}).") from None
+        return self._files[name]
+
+    def _download(self, name: str, *, optional: bool = False) -> Path | None:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+        try:
+            path = Path(hf_hub_download(self.source, name, revision=self._revision, token=self._token))
+        except LocalEntryNotFoundError as err:
+            raise hub_error(err, self.source, self._revision) from None
+        except EntryNotFoundError:
+            if optional:
+                return None
+            raise SourceNotFoundError(
+                f"{self.source} has no {WEIGHTS_NAME} or {INDEX_NAME}; --base-model needs safetensors weights."
+            ) from None
+        except Exception as err:
+            raise hub_error(err, self.source, self._revision) from None
+        return path
+
+
+def _index_map(path: Path, source: str) -> dict[str, str]:
+    try:
+        weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise SourceNotFoundError(f"{source}: {path.name} is not a valid safetensors index.") from None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(v, str) and "/" not in v and "\\" not in v and v not in ("", ".", "..") for v in weight_map.values()
+    ):
+        raise SourceNotFoundError(f"{source}: {path.name} names shard files outside the model folder.")
+    return weight_map

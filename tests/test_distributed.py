@@ -1,0 +1,132 @@
+"""Sharded merges on two CPU processes (torchrun, gloo) and base-model weights read per module."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lora_fusion import load_adapter, merge
+from lora_fusion.base_weights import BaseWeights
+from lora_fusion.distributed import Shard
+from lora_fusion.errors import IncompatibleAdaptersError, InvalidParameterError, SourceNotFoundError
+
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+
+def write_adapter(path: Path, seed: int, *, layers: int = 3, hidden: int = 48, rank: int = 4) -> Path:
+    """A Llama-style LoRA written directly as PEFT stores it (no peft import: the launched processes stay light)."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(layers):
+        for proj in ("q_proj", "v_proj"):
+            key = f"base_model.model.model.layers.{layer}.self_attn.{proj}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, hidden, generator=generator)
+            tensors[f"{key}.lora_B.weight"] = torch.randn(hidden, rank, generator=generator)
+    path.mkdir(parents=True)
+    save_file(tensors, path / "adapter_model.safetensors")
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
+              "base_model_name_or_path": "tiny-llama"}
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.fixture
+def adapters(tmp_path: Path) -> list[Path]:
+    return [write_adapter(tmp_path / f"lora-{i}", seed=i) for i in range(3)]
+
+
+def launch(*args: object, processes: int = 2) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    command = [str(TORCHRUN), "--standalone", f"--nproc_per_node={processes}", "-m", "lora_fusion_cli", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+
+
+@pytest.mark.parametrize("method", [["svd", "--rank", "6"], ["dare_ties", "--density", "0.5", "--seed", "3"]])
+def test_two_process_merge_is_byte_identical_to_one_process(adapters, tmp_path, method) -> None:
+    single = merge(adapters, method=method[0], **_options(method[1:]))
+    single.save_pretrained(tmp_path / "single")
+    launched = launch("merge", *adapters, "--method", *method, "--out", tmp_path / "sharded", "--quiet")
+    assert launched.returncode == 0, launched.stderr[-2000:]
+    assert launched.stdout.count("merged 6 modules") == 1  # only the main process reports and writes
+    for name in ("adapter_model.safetensors", "adapter_config.json", "README.md"):
+        assert (tmp_path / "single" / name).read_bytes() == (tmp_path / "sharded" / name).read_bytes(), name
+
+
+def _options(flags: list[str]) -> dict[str, object]:
+    pairs = dict(zip(flags[::2], flags[1::2]))
+    return {key.removeprefix("--"): (float(value) if "." in value else int(value)) for key, value in pairs.items()}
+
+
+def test_a_failure_in_one_process_stops_every_process_and_writes_nothing(adapters, tmp_path) -> None:
+    # Modules are dealt in order, so the second one (layer 0 v_proj) belongs to process 1 only.
+    broken = adapters[2] / "adapter_model.safetensors"
+    from safetensors.torch import load_file
+
+    tensors = load_file(broken)
+    tensors["base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight"][0, 0] = float("nan")
+    save_file(tensors, broken)
+    launched = launch("merge", *adapters, "--method", "svd", "--out", tmp_path / "out", "--quiet")
+    assert launched.returncode != 0
+    assert "holds NaN or Inf" in launched.stderr and "process 1 of the sharded merge failed" in launched.stderr
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_shards_deal_modules_round_robin() -> None:
+    names = [f"m{i}" for i in range(7)]
+    shares = [Shard(index=i, count=3, device="cpu").take(names) for i in range(3)]
+    assert shares == [["m0", "m3", "m6"], ["m1", "m4"], ["m2", "m5"]]
+    assert sorted(sum(shares, [])) == sorted(names)
+
+
+def test_base_weights_follow_the_adapter_layout(llama_dir, make_llama_lora) -> None:
+    from safetensors.torch import load_file
+
+    adapter = load_adapter(make_llama_lora(r=4))
+    state = load_file(llama_dir / "model.safetensors")
+    base = BaseWeights(llama_dir)
+    for name, spec in adapter.modules.items():
+        assert torch.equal(base.weight(spec), state[f"{name}.weight"].float())
+
+
+def test_base_weights_read_shards_through_the_index_and_transpose_conv1d(tmp_path) -> None:
+    from lora_fusion.adapter import ModuleSpec
+
+    first, second = torch.randn(6, 4), torch.randn(4, 6)  # nn.Linear out×in; GPT-2 Conv1D in×out
+    save_file({"transformer.h.0.attn.q.weight": first}, tmp_path / "model-00001-of-00002.safetensors")
+    save_file({"transformer.h.0.attn.c_attn.weight": second}, tmp_path / "model-00002-of-00002.safetensors")
+    index = {"weight_map": {"transformer.h.0.attn.q.weight": "model-00001-of-00002.safetensors",
+                            "transformer.h.0.attn.c_attn.weight": "model-00002-of-00002.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+
+    def spec(name: str, m: int, n: int) -> ModuleSpec:
+        return ModuleSpec(name, "linear", m, n, 2, 1.0, torch.float32, (2, n), (m, 2), "a", "b")
+
+    base = BaseWeights(tmp_path)
+    # the adapter was trained on a model class with another prefix ("h.0…"): matched on the dotted suffix
+    assert torch.equal(base.weight(spec("h.0.attn.q", 6, 4)), first)
+    assert torch.equal(base.weight(spec("transformer.h.0.attn.c_attn", 6, 4), fan_in_fan_out=True), second.T)
+    with pytest.raises(IncompatibleAdaptersError, match="no weight for the adapters' module h.0.mlp"):
+        base.weight(spec("h.0.mlp", 6, 4))
+    with pytest.raises(IncompatibleAdaptersError, match="shape"):
+        base.weight(spec("h.0.attn.q", 4, 6))
+    bad = {"weight_map": {"x.weight": "../elsewhere.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(bad))
+    with pytest.raises(SourceNotFoundError, match="outside the model folder"):
+        BaseWeights(tmp_path)
+    shutil.rmtree(tmp_path)
+    tmp_path.mkdir()
+    with pytest.raises(SourceNotFoundError, match="needs a model saved as safetensors"):
+        BaseWeights(tmp_path)
+
+
+def test_base_model_is_refused_by_methods_that_do_not_read_it(adapters, llama_dir) -> None:
+    with pytest.raises(InvalidParameterError, match="svd reads no base weights"):
+        merge(adapters, method="svd", base_model=llama_dir)
