@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from .adapter import LoraAdapter, ModuleFactors
-from .methods.interference import keep_top_magnitude
+from .methods.interference import keep_top_magnitude_
 
 
 def cosine(first: ModuleFactors, second: ModuleFactors) -> float:
@@ -36,7 +36,7 @@ def subspace_overlap(first: ModuleFactors, second: ModuleFactors) -> float:
 def sign_conflicts(factors: Sequence[ModuleFactors], density: float) -> float:
     """Among the entries in some task's top-`density` magnitudes, the fraction where the tasks keeping that entry
     disagree in sign (the interference TIES resolves by election)."""
-    kept = torch.stack([keep_top_magnitude(f.delta(), density) for f in factors]).sign()
+    kept = torch.stack([keep_top_magnitude_(f.delta(), density) for f in factors]).sign()
     present = kept != 0
     union = present.any(0)
     conflict = (kept > 0).any(0) & (kept < 0).any(0)

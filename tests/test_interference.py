@@ -12,7 +12,7 @@ from lora_fusion.adapter import ModuleFactors
 from lora_fusion.errors import InvalidParameterError, UnsupportedAdapterError
 from lora_fusion.linalg import core_bases
 from lora_fusion.methods import ModuleGroup, get_method
-from lora_fusion.methods.interference import drop_and_rescale, seeded, stacked
+from lora_fusion.methods.interference import drop_and_rescale_, seeded, stacked
 
 M, N = 24, 36
 FULL = min(M, N)
@@ -61,7 +61,7 @@ def test_magnitude_prune_full_space_equals_peft() -> None:
 
 
 def dare_masked(group: ModuleGroup, density: float, seed: int) -> list[torch.Tensor]:
-    return [drop_and_rescale(t, density, seeded(seed, group.name, i)) for i, t in enumerate(taus(group))]
+    return [drop_and_rescale_(t, density, seeded(seed, group.name, i)) for i, t in enumerate(taus(group))]
 
 
 def test_dare_linear_and_ties_equal_peft_combination_of_the_same_masks() -> None:
@@ -77,7 +77,7 @@ def test_dare_linear_and_ties_equal_peft_combination_of_the_same_masks() -> None
 
 def test_dare_mask_keeps_density_and_rescales() -> None:
     tensor = torch.randn(200, 300)
-    dropped = drop_and_rescale(tensor, 0.3, seeded(1, "m", 0))
+    dropped = drop_and_rescale_(tensor.clone(), 0.3, seeded(1, "m", 0))
     kept = dropped != 0
     assert abs(float(kept.float().mean()) - 0.3) < 0.01
     assert torch.allclose(dropped[kept], tensor[kept] / 0.3)
@@ -256,3 +256,22 @@ def test_interference_diagnostics(make_llama_lora) -> None:
     assert report["modules"][name]["pairs"]["0-1"]["cosine"] == pytest.approx(dense_cos, abs=1e-6)
     assert 0.0 <= report["overall"]["sign_conflict"] <= 1.0
     assert "sign conflicts" in CliRunner().invoke(app, ["inspect", str(first), str(second), "--interference"]).stdout
+
+
+@pytest.mark.parametrize("values", ["continuous", "heavy ties"])
+def test_sampled_threshold_selects_exactly_the_top_k_of_large_tensors(values) -> None:
+    from lora_fusion.methods.interference import keep_top_magnitude_, magnitude_threshold
+
+    generator = torch.Generator().manual_seed(0)
+    task = torch.randn(1100, 1000, generator=generator)  # above the size where the sampled bracket is used
+    if values == "heavy ties":
+        task = task.round()  # a handful of distinct magnitudes: the k-th value is shared by ~10⁵ entries
+    keep = int(0.2 * task.numel())
+    size = task.abs().reshape(-1)
+    threshold, at_or_above = magnitude_threshold(size, keep)
+    assert threshold == torch.topk(size, keep).values[-1]
+    assert at_or_above == int((size >= threshold).sum())
+    expected = torch.zeros(task.numel())
+    order = torch.sort(size, descending=True, stable=True).indices[:keep]  # ties: lower flat index first
+    expected[order] = task.reshape(-1)[order]
+    assert torch.equal(keep_top_magnitude_(task.clone(), 0.2).reshape(-1), expected)

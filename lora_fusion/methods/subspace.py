@@ -17,7 +17,7 @@ import torch
 from ..linalg import FactoredSVD, factored_svd
 from .base import MergeParams, ModuleGroup, ModuleResult, lowrank_result, register_method
 from .exact import concatenated
-from .interference import density_of, disjoint_mean, elected_signs, keep_top_magnitude
+from .interference import consensus_mean_, density_of, keep_top_magnitude_
 
 # Singular values below this fraction of the largest are numerical zeros of a low-rank update.
 RANK_TOLERANCE = 1e-6
@@ -87,15 +87,12 @@ def knots(group: ModuleGroup, params: MergeParams) -> ModuleResult:
     keep = numerical_rank(S)
     U = Q_B @ U_c[:, :keep].float()
     offsets = torch.tensor([0] + [f.rank for f in group.factors]).cumsum(0)
-    aligned = torch.stack(
-        [
-            (S[:keep, None] * Vh_c[:keep, int(offsets[i]) : int(offsets[i + 1])]).float() @ Q.mT
-            for i, (Q, _) in enumerate(qrs)
-        ]
-    )
-    trimmed = torch.stack([keep_top_magnitude(t, density_of(params)) for t in aligned])
-    weights = torch.tensor(list(group.weights), dtype=torch.float32, device=trimmed.device)
-    merged = params.scale * disjoint_mean(trimmed, weights, elected_signs(trimmed, params.majority))
+    aligned = [
+        (S[:keep, None] * Vh_c[:keep, int(offsets[i]) : int(offsets[i + 1])]).float() @ Q.mT
+        for i, (Q, _) in enumerate(qrs)
+    ]
+    trimmed = [keep_top_magnitude_(t, density_of(params)) for t in aligned]
+    merged = params.scale * consensus_mean_(trimmed, group.weights, params.majority)
     return full_rank_result(factored_svd(U, merged), group, params)
 
 
