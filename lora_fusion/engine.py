@@ -431,7 +431,7 @@ def _plan(
             # form T dense updates, sparsify and combine them, then an exact or randomized SVD (b.4)
             svd = 4.0 * m * n * min(m, n) if min(m, n) <= EXACT_SVD_LIMIT else 12.0 * m * n * (out_rank + 10)
             flops = 2.0 * m * n * k + 10.0 * m * n * len(ranks) + svd
-            working = 4 * m * n * (len(ranks) + 2) + item * (m + n) * out_rank
+            working = 4 * m * n * (len(ranks) + 3) + item * (m + n) * out_rank  # T updates, |τ|, Σ, count
         else:
             # QRs of the stacked factors, SVDs of k×k cores, the output factors
             flops = 4.0 * (m + n) * k * k + 10.0 * k**3 * len(ranks) + 2.0 * (m + n) * k * out_rank
