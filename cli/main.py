@@ -188,7 +188,7 @@ def _run_merge(plan: Any, *, subfolder: str | None, dry_run: bool, as_json: bool
         typer.echo(json.dumps(result.to_dict(), indent=2) if as_json else str(result))
         return
     written = result.save_pretrained(plan.out, overwrite=plan.overwrite) if plan.out else None
-    url = result.push_to_hub(plan.push_to_hub, private=plan.private) if plan.push_to_hub else None
+    url = _push(result, plan, written) if plan.push_to_hub else None
     truncated = [s for s in result.stats.values() if s.truncated]
     summary = {
         "out": str(written) if written else None,
@@ -206,6 +206,21 @@ def _run_merge(plan: Any, *, subfolder: str | None, dry_run: bool, as_json: bool
         f"merged {summary['modules']} modules with {summary['method']} (ranks {summary['ranks']}, "
         f"min retained energy {summary['min_retained_energy']:.6f}) -> {where}"
     )
+
+
+def _push(result: Any, plan: Any, written: Path | None) -> str:
+    """Push the merged adapter; if that fails after it was saved, say where it is and how to send it again."""
+    from lora_fusion.errors import HubError, LoraFusionError
+
+    try:
+        return result.push_to_hub(plan.push_to_hub, private=plan.private)
+    except LoraFusionError as err:
+        if written is None:
+            raise
+        raise HubError(
+            f"{err} The merged adapter is saved in {written}; send it with `lora-fusion push {written} "
+            f"{plan.push_to_hub}`."
+        ) from None
 
 
 @app.command()

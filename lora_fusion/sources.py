@@ -9,8 +9,11 @@ honoured because all Hub traffic goes through huggingface_hub. Legacy `.bin` fil
 from __future__ import annotations
 
 import json
+import math
 import re
+import reprlib
 import warnings
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,9 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _FACTOR_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_A|lora_B)\.(?P<param>weight|bias)$")
 _EMBEDDING_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_embedding_A|lora_embedding_B)$")
 _BASE_COPY_KEY = re.compile(r"^(?:base_model\.model\.)?.+\.base_layer\.weight$")
+# A module path as `nn.Module.named_modules()` spells it: dotted names, no separators, no empty or `..` segments.
+_MODULE_PATH = re.compile(r"^[\w-]+(?:\.[\w-]+)*$", re.ASCII)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 # init_lora_weights values whose training changed the base weights themselves: the factors alone are not the update.
 _BASE_MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
@@ -80,11 +86,36 @@ def load_adapter(
         if path.is_file():
             return open_adapter_files(Path(config) if config else path.parent / CONFIG_NAME, path, info)
         folder = path / subfolder if subfolder else path
-        return open_adapter_files(Path(config) if config else folder / CONFIG_NAME, _weights_file(folder), info)
+        config_path, weights_path = Path(config) if config else folder / CONFIG_NAME, _weights_file(folder)
+        for file in (weights_path, *(() if config else (config_path,))):
+            _refuse_outside_links(file, folder, text)
+        return open_adapter_files(config_path, weights_path, info)
     repo_id, _, at_revision = text.partition("@")
     if not _REPO_ID.match(repo_id):
         raise SourceNotFoundError(f"{text}: no such file or directory, and not a Hub repo id (owner/name[@revision]).")
     return _load_from_hub(repo_id, revision=revision or at_revision or None, subfolder=subfolder, token=token)
+
+
+def _refuse_outside_links(file: Path, folder: Path, source: str) -> None:
+    """Refuse an adapter file that resolves outside its directory (a symlink to ~/.ssh/id_rsa, /proc/..., ...).
+
+    A snapshot folder of the Hugging Face cache is the one layout where links leave the folder legitimately: its
+    files point into the same repo's `blobs/`, which is allowed.
+    """
+    if not file.exists():
+        return
+    root, target = folder.resolve(), file.resolve()
+    if target.is_relative_to(root):
+        return
+    parts = root.parts
+    if "snapshots" in parts:
+        repo = Path(*parts[: len(parts) - 1 - parts[::-1].index("snapshots")])
+        if target.is_relative_to(repo / "blobs"):
+            return
+    raise CorruptAdapterError(
+        f"{source}: {file.name} is a link to {target}, outside the adapter directory; refusing to read it. "
+        "Copy the file into the directory if you trust it."
+    )
 
 
 def _weights_file(folder: Path) -> Path:
@@ -137,16 +168,32 @@ def parse_config(raw: Mapping[str, Any], source: str) -> AdapterConfig:
     rank_pattern = _pattern(raw, "rank_pattern", int, source)
     alpha_pattern = _pattern(raw, "alpha_pattern", (int, float), source)
     return AdapterConfig(
-        base_model=raw.get("base_model_name_or_path") or None,
-        task_type=raw.get("task_type"),
+        base_model=_text(raw, "base_model_name_or_path", source) or None,
+        task_type=_text(raw, "task_type", source),
         r=r,
         lora_alpha=float(alpha),
-        use_rslora=bool(raw.get("use_rslora", False)),
+        use_rslora=_flag(raw, "use_rslora", source),
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
-        fan_in_fan_out=bool(raw.get("fan_in_fan_out", False)),
+        fan_in_fan_out=_flag(raw, "fan_in_fan_out", source),
         raw=dict(raw),
     )
+
+
+def _flag(raw: Mapping[str, Any], key: str, source: str) -> bool:
+    # bool("false") is True: a string here would silently change the scale (rslora) or the layout.
+    value = raw.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise CorruptAdapterError(f"{source}: {CONFIG_NAME} has {key}={_short(value)}; expected true or false.")
+    return bool(value)
+
+
+def _text(raw: Mapping[str, Any], key: str, source: str) -> str | None:
+    # These strings reach the model card and its YAML header: a newline could inject Markdown into a published card.
+    value = raw.get(key)
+    if value is not None and (not isinstance(value, str) or _CONTROL.search(value)):
+        raise CorruptAdapterError(f"{source}: {CONFIG_NAME} has {key}={_short(value)}; expected a name on one line.")
+    return value
 
 
 def _refuse_unsupported_features(raw: Mapping[str, Any], source: str) -> None:
@@ -185,9 +232,24 @@ def _refuse_unsupported_features(raw: Mapping[str, Any], source: str) -> None:
 
 def _typed(raw: Mapping[str, Any], key: str, kind: Any, source: str, *, default: Any = None, minimum: float) -> Any:
     value = raw.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, kind) or value < minimum or value != value:
-        raise CorruptAdapterError(f"{source}: {CONFIG_NAME} has {key}={value!r}; expected a number >= {minimum}.")
+    if isinstance(value, bool) or not isinstance(value, kind) or not _finite(value) or value < minimum:
+        raise CorruptAdapterError(
+            f"{source}: {CONFIG_NAME} has {key}={_short(value)}; expected a number >= {minimum}."
+        )
     return value
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring, _REPR.maxlong, _REPR.maxother = 80, 40, 80
+
+
+def _short(value: object) -> str:
+    """repr for messages, shortened: a hostile config can hold a 400-digit r or a megabyte-long string."""
+    return _REPR.repr(value)
+
+
+def _finite(value: float) -> bool:
+    return not isinstance(value, float) or math.isfinite(value)  # ints are finite; 10**400 does not fit a float
 
 
 def _pattern(raw: Mapping[str, Any], key: str, kind: Any, source: str) -> dict[str, Any]:
@@ -195,8 +257,8 @@ def _pattern(raw: Mapping[str, Any], key: str, kind: Any, source: str) -> dict[s
     if not isinstance(pattern, dict):
         raise CorruptAdapterError(f"{source}: {CONFIG_NAME} has {key} of type {type(pattern).__name__}; expected a map.")
     for name, value in pattern.items():
-        if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
-            raise CorruptAdapterError(f"{source}: {key}[{name!r}]={value!r}; expected a positive number.")
+        if isinstance(value, bool) or not isinstance(value, kind) or not _finite(value) or value <= 0:
+            raise CorruptAdapterError(f"{source}: {key}[{_short(name)}]={_short(value)}; expected a positive number.")
         try:
             re.compile(name)
         except re.error:
@@ -235,7 +297,8 @@ class PickleStore:
     def __init__(self, path: Path, source: str) -> None:
         self.path, self.source = path, source
         try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            # mmap needs torch's zip format; files of torch < 1.6 are read whole, still with weights_only.
+            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
         except Exception as err:  # torch raises UnpicklingError, RuntimeError or others for hostile or broken files
             raise CorruptAdapterError(
                 f"{source}: {path.name} could not be read as plain tensors ({type(err).__name__}); it may be "
@@ -274,7 +337,15 @@ def _module_specs(store: SafetensorsStore | PickleStore, config: AdapterConfig, 
         match = _FACTOR_KEY.match(key) or _EMBEDDING_KEY.match(key)
         if match is None:
             feature = "DoRA" if "lora_magnitude_vector" in key else "a tensor that is not a LoRA factor"
-            raise UnsupportedAdapterError(f"{source}: {key} is {feature}; only plain LoRA factors can be merged.")
+            raise UnsupportedAdapterError(
+                f"{source}: {_short(key)} is {feature}; only plain LoRA factors can be merged."
+            )
+        if not _MODULE_PATH.match(match["module"]):
+            raise CorruptAdapterError(
+                f"{source}: tensor {_short(key)} names module {_short(match['module'])}, which is not a module path "
+                "(dotted names of letters, digits, '_' and '-'; no '/', '\\', '..' or spaces); the file is corrupt "
+                "or hostile."
+            )
         part = match["part"].replace("_embedding", "") + ("_bias" if match.groupdict().get("param") == "bias" else "")
         keys.setdefault(match["module"], {})[part] = key
     if not keys:
@@ -309,7 +380,7 @@ def _module_spec(
     expected = config.expected_rank(module)
     if rank != expected:
         raise CorruptAdapterError(
-            f"{source}: module {module} has rank {rank} in the weights but {expected} in {CONFIG_NAME} "
+            f"{source}: module {module} has rank {rank} in the weights but {_short(expected)} in {CONFIG_NAME} "
             "(r / rank_pattern); the files do not belong together."
         )
     bias_key = keys.get("lora_B_bias")
@@ -406,21 +477,40 @@ def hub_error(err: Exception, repo_id: str, revision: str | None = None) -> Exce
         )
     if isinstance(err, RevisionNotFoundError):
         return SourceNotFoundError(f"{repo_id}: revision {revision!r} not found; check the branch, tag or commit.")
+    cause = err.__cause__
+    if isinstance(err, LocalEntryNotFoundError) and isinstance(cause, HfHubHTTPError):
+        # hf_hub_download retried the metadata request (429, 5xx) before giving up and looking in the cache
+        return _status_error(repo_id, cause, " after huggingface_hub's retries")
+    if isinstance(err, LocalEntryNotFoundError) and "timeout" in type(cause).__name__.lower():
+        return HubError(
+            f"{repo_id}: the Hub did not answer in time ({type(cause).__name__}, after huggingface_hub's retries) and "
+            "the files are not in the local cache; try again later, or raise HF_HUB_ETAG_TIMEOUT on a slow network."
+        )
     if isinstance(err, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
         return HubError(
             f"{repo_id}: cannot reach the Hub and the files are not in the local cache. Check the network, or "
             "download once online; with HF_HUB_OFFLINE=1 only cached adapters are used."
         )
     if isinstance(err, HfHubHTTPError):
-        status = getattr(getattr(err, "response", None), "status_code", None)
-        if status == 401:
-            return HubError(f"{repo_id}: the Hub refused the credentials (401); log in again or set HF_TOKEN.")
-        if status == 403:
-            return HubError(f"{repo_id}: the token lacks permission (403); use a token with write access.")
-        return HubError(f"{repo_id}: the Hub answered {status}; try again later.")
+        return _status_error(repo_id, err)
     if isinstance(err, OSError) or "connect" in type(err).__name__.lower():
         return HubError(
             f"{repo_id}: the Hub could not be reached ({type(err).__name__}). Check the network; with "
             "HF_HUB_OFFLINE=1 adapters already in the cache are used."
         )
     return err
+
+
+def _status_error(repo_id: str, err: Exception, retried: str = "") -> HubError:
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    if status == 401:
+        return HubError(f"{repo_id}: the Hub refused the credentials (401); log in again or set HF_TOKEN.")
+    if status == 403:
+        return HubError(f"{repo_id}: the token lacks permission (403); use a token with write access.")
+    if status == 429:
+        return HubError(
+            f"{repo_id}: the Hub is rate-limiting requests (429{retried}); wait a few minutes and try again, or log "
+            "in (HF_TOKEN) for a higher limit."
+        )
+    kind = " (a server error)" if isinstance(status, int) and status >= 500 else ""
+    return HubError(f"{repo_id}: the Hub answered {status}{kind}{retried}; try again later.")

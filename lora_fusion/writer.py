@@ -7,11 +7,14 @@ by the full module name, regex-escaped, so `layers.1.` can never match `layers.1
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
 import math
 import os
 import re
 import shutil
+import socket
 import tempfile
 import uuid
 from collections import Counter
@@ -26,6 +29,8 @@ from .runtime import thread_limit
 from .sources import CONFIG_NAME, SAFETENSORS_NAME, hub_error, open_adapter_files
 
 CARD_NAME = "README.md"
+# Which machine (or container: pids are per namespace) wrote a staging folder.
+_HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
 
 
 def write_adapter(adapter: LoraAdapter, out: Path, *, overwrite: bool = False) -> Path:
@@ -41,9 +46,11 @@ def write_adapter(adapter: LoraAdapter, out: Path, *, overwrite: bool = False) -
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out} already exists; pass --overwrite (overwrite=True) or choose another --out.")
     # Same filesystem as `out`, so the final rename is atomic; unique per call, so concurrent writers never collide.
-    stage = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.incomplete")
+    # The pid and host in the name let a later write remove what a killed writer left (`finally` cannot run on SIGKILL).
+    stage = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}-{os.getpid()}-{_HOST}.incomplete")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_dead_stages(out)
         stage.mkdir()
         with thread_limit(1):
             _fill(adapter, stage)
@@ -58,12 +65,35 @@ def write_adapter(adapter: LoraAdapter, out: Path, *, overwrite: bool = False) -
     return out
 
 
+def _remove_dead_stages(out: Path) -> None:
+    """Delete staging folders of `out` left by a writer of this host whose process no longer exists (killed)."""
+    for stage in out.parent.glob(f".{glob.escape(out.name)}.*-*-*.incomplete"):
+        tag, pid, host = stage.name[len(out.name) + 2 : -len(".incomplete")].split("-", 2)
+        if host == _HOST and pid.isdigit() and len(tag) == 8 and not _alive(int(pid)):
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, but another user's
+        return True
+    return True
+
+
 def _fill(adapter: LoraAdapter, folder: Path) -> None:
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     tensors = _output_tensors(adapter)
     metadata = {"format": "pt", "lora_fusion": json.dumps(_provenance_record(adapter), sort_keys=True)}
-    save_file(tensors, str(folder / SAFETENSORS_NAME), metadata=metadata)
+    try:
+        save_file(tensors, str(folder / SAFETENSORS_NAME), metadata=metadata)
+    except SafetensorError as err:  # safetensors reports a full disk as "I/O error: ... (os error 28)", not OSError
+        code = re.search(r"\(os error (\d+)\)", str(err))
+        raise (OSError(int(code[1]), os.strerror(int(code[1]))) if code else OSError(str(err))) from None
     _sort_header(folder / SAFETENSORS_NAME)
     (folder / CONFIG_NAME).write_text(json.dumps(peft_config(adapter), indent=2, sort_keys=True) + "\n")
     (folder / CARD_NAME).write_text(model_card(adapter))
@@ -253,6 +283,17 @@ def push_adapter(
         )
 
 
+def _refuse_outside_links(folder: Path) -> None:
+    """upload_folder follows symlinks: a link in a downloaded adapter folder could publish ~/.ssh/id_rsa."""
+    root = Path(folder).resolve()
+    for path in sorted(Path(folder).rglob("*")):
+        if path.is_symlink() and not path.resolve().is_relative_to(root):
+            raise CorruptAdapterError(
+                f"{folder}: {path.relative_to(folder)} is a link to {path.resolve()}, outside the folder; refusing to "
+                "upload it. Replace the link by the file, or remove it."
+            )
+
+
 def push_folder(
     folder: Path,
     repo_id: str,
@@ -267,10 +308,12 @@ def push_folder(
     Uses huggingface_hub `create_repo` + `upload_folder`; the token is passed through, never written or printed.
 
     Raises:
+        CorruptAdapterError: the folder holds a symbolic link to something outside it (never uploaded).
         HubError / SourceNotFoundError: authentication, permission, network or server failures, with what to do.
     """
     from huggingface_hub import HfApi
 
+    _refuse_outside_links(folder)
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)

@@ -22,6 +22,7 @@ import hashlib
 import json
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -60,9 +61,12 @@ def _json(obj: Any, status: int = 200) -> _Reply:
 
 @dataclass
 class _Fault:
-    status: int
+    status: int | None  # None: a delay only
     remaining: int
     path_contains: str
+    method: str | None = None
+    delay: float = 0.0
+    retry_after: str | None = None
 
 
 @dataclass
@@ -132,13 +136,32 @@ class FakeHub:
             self.requests.clear()
             self.required_token = None
 
-    def fail_next(self, status: int, count: int = 1, path_contains: str = "") -> None:
-        """Answer the next ``count`` requests whose path contains ``path_contains`` with ``status``.
+    def clear_faults(self) -> None:
+        """Drop pending `fail_next` / `delay_next` faults (repos and the request log are kept)."""
+        with self._lock:
+            self._faults.clear()
 
-        A 429 carries ``Retry-After: 0`` (the client still waits 1 s before retrying).
+    def fail_next(
+        self,
+        status: int,
+        count: int = 1,
+        path_contains: str = "",
+        *,
+        method: str | None = None,
+        retry_after: str | None = None,
+    ) -> None:
+        """Answer the next ``count`` requests whose path contains ``path_contains`` (and whose HTTP ``method`` is
+        ``method``, if given) with ``status``.
+
+        A 429 carries ``Retry-After: 0`` unless ``retry_after`` says otherwise (the client waits Retry-After + 1 s).
         """
         with self._lock:
-            self._faults.append(_Fault(status, count, path_contains))
+            self._faults.append(_Fault(status, count, path_contains, method, retry_after=retry_after))
+
+    def delay_next(self, seconds: float, count: int = 1, path_contains: str = "", *, method: str | None = None) -> None:
+        """Hold the next ``count`` matching requests for ``seconds`` before answering normally (client timeouts)."""
+        with self._lock:
+            self._faults.append(_Fault(None, count, path_contains, method, delay=seconds))
 
     def add_repo(
         self,
@@ -186,14 +209,14 @@ class FakeHub:
             return revision
         raise _HubError(404, "RevisionNotFound", f"Invalid rev id: {revision}")
 
-    def _take_fault(self, path: str) -> int | None:
+    def _take_fault(self, method: str, path: str) -> _Fault | None:
         with self._lock:
             for fault in self._faults:
-                if fault.path_contains in path:
+                if fault.path_contains in path and fault.method in (None, method):
                     fault.remaining -= 1
                     if fault.remaining <= 0:
                         self._faults.remove(fault)
-                    return fault.status
+                    return fault
         return None
 
     def _authorized(self, auth: str | None) -> bool:
@@ -386,10 +409,14 @@ class _Handler(BaseHTTPRequestHandler):
         with hub._lock:
             hub.requests.append((self.command, path))
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        fault = hub._take_fault(path)
+        fault = hub._take_fault(self.command, path)
+        if fault is not None and fault.delay:
+            time.sleep(fault.delay)
         try:
-            if fault is not None:
-                raise _HubError(fault, None, f"Injected fault {fault}", {"Retry-After": "0"} if fault == 429 else {})
+            if fault is not None and fault.status is not None:
+                retry_after = fault.retry_after or ("0" if fault.status == 429 else None)
+                extra = {"Retry-After": retry_after} if retry_after is not None else {}
+                raise _HubError(fault.status, None, f"Injected fault {fault.status}", extra)
             segments = [unquote(s) for s in url.path.strip("/").split("/")]
             reply = hub._route(self.command, segments, parse_qs(url.query), body, self.headers)
         except _HubError as err:
@@ -397,13 +424,16 @@ class _Handler(BaseHTTPRequestHandler):
             reply.headers.update(err.headers)
         except Exception as exc:  # a FakeHub bug: surface it to the client instead of dropping the connection
             reply = _json({"error": f"FakeHub internal error: {exc!r}"}, 500)
-        self.send_response(reply.status)
-        for name, value in reply.headers.items():
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(reply.body)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(reply.body)
+        try:
+            self.send_response(reply.status)
+            for name, value in reply.headers.items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(reply.body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(reply.body)
+        except (BrokenPipeError, ConnectionResetError):  # the client timed out (see `delay_next`) and left
+            pass
 
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = _handle
 
