@@ -94,9 +94,14 @@ def merge(
     space: Annotated[Optional[str], typer.Option(help="full (dense per module) or core (Core Space).")] = None,
     common_fraction: Annotated[Optional[float], typer.Option(help="Iso-CTS common-subspace share (0.8).")] = None,
     bias: Annotated[Optional[float], typer.Option(help="RAPF mask offset b in [0, 1] (0.6).")] = None,
+    chained: Annotated[
+        Optional[bool], typer.Option("--chained", help="RAPF: adapters trained in sequence on the fused weights.")
+    ] = None,
     base_model: Annotated[
         Optional[str], typer.Option(help="Base model dir, file or Hub id, for methods that read W₀ (rapf).")
     ] = None,
+    fvae: Annotated[Optional[str], typer.Option(help="ICM-Fusion F-VAE directory (`lora-fusion icm train`).")] = None,
+    support: Annotated[Optional[str], typer.Option(help="ICM-Fusion JSONL support examples per source task.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output adapter directory.")] = None,
     overwrite: Annotated[Optional[bool], typer.Option("--overwrite", help="Replace an existing --out.")] = None,
     push_to_hub: Annotated[Optional[str], typer.Option(help="Also upload to this Hub repo id.")] = None,
@@ -129,7 +134,10 @@ def merge(
             "space": space,
             "common_fraction": common_fraction,
             "bias": bias,
+            "chained": chained,
             "base_model": base_model,
+            "fvae": fvae,
+            "support": support,
             "out": str(out) if out else None,
             "overwrite": overwrite,
             "push_to_hub": push_to_hub,
@@ -146,10 +154,12 @@ def merge(
             plan = validated({"sources": sources, **flags}, origin="options")
         else:
             fail("give adapters to merge (lora-fusion merge A B --out DIR) or --recipe FILE.yaml.")
-        _run_merge(plan, subfolder=subfolder, dry_run=dry_run, as_json=as_json, quiet=quiet)
         from lora_fusion.distributed import finish
 
-        finish()
+        try:
+            _run_merge(plan, subfolder=subfolder, dry_run=dry_run, as_json=as_json, quiet=quiet)
+        finally:
+            finish()
 
 
 def _run_merge(plan: Any, *, subfolder: str | None, dry_run: bool, as_json: bool, quiet: bool) -> None:
@@ -174,11 +184,15 @@ def _run_merge(plan: Any, *, subfolder: str | None, dry_run: bool, as_json: bool
         space=plan.space,
         common_fraction=plan.common_fraction,
         bias=plan.bias,
+        chained=plan.chained,
         base_model=plan.base_model,
+        fvae=plan.fvae,
+        support=plan.support,
         subfolder=subfolder,
         device=plan.device,
         dtype=plan.dtype,
         ignore_base_model=plan.ignore_base_model,
+        distributed=True,
         dry_run=dry_run,
         progress=False if quiet else None,
     )
@@ -210,11 +224,11 @@ def _run_merge(plan: Any, *, subfolder: str | None, dry_run: bool, as_json: bool
 
 def _push(result: Any, plan: Any, written: Path | None) -> str:
     """Push the merged adapter; if that fails after it was saved, say where it is and how to send it again."""
-    from lora_fusion.errors import HubError, LoraFusionError
+    from lora_fusion.errors import HubError
 
     try:
         return result.push_to_hub(plan.push_to_hub, private=plan.private)
-    except LoraFusionError as err:
+    except HubError as err:
         if written is None:
             raise
         raise HubError(
@@ -325,6 +339,11 @@ def methods(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")]
         typer.echo(f"{row['name']}{alias}\n    {row['summary']}\n    {row['formula']}\n    {row['reference']}")
         for name, param in row["params"].items():
             typer.echo(f"    --{name.replace('_', '-')} (default {param['default']}): {param['help']}")
+
+
+from .cil import cil_app  # noqa: E402  (the sub-apps import user_errors from here, inside their commands)
+
+app.add_typer(cil_app, name="cil")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,14 +4,15 @@ A merge is launched on N processes exactly like a single one (`accelerate launch
 the launcher's `WORLD_SIZE` is above 1, Accelerate's [`PartialState`] sets up the process group (gloo on CPU, NCCL on
 GPUs) and the device of each process; every process then reads and merges only its share of the modules, and the
 outputs are gathered so that each process holds the whole result. Modules are computed independently by the same
-code, so the result is the single-process result bit for bit on the same device and dtype. Only the main process
-writes; a failure in any process is raised in every process, so none waits for the others and nothing is written.
+code on one thread each, so the result is the single-process result bit for bit on the same device and dtype. Only
+the main process writes; a failure in any process while opening the sources or merging is raised in every process,
+so none waits for the others and nothing is written.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -41,9 +42,18 @@ class Shard:
     count: int
     device: Any
 
-    def take(self, items: Sequence[T]) -> list[T]:
-        """Every `count`-th item from `index`: transformer modules repeat per layer, so shares stay balanced."""
-        return list(items[self.index :: self.count])
+    def take(self, costs: Mapping[str, float]) -> list[str]:
+        """This process's share of the modules, balanced by cost: the costliest module goes to the least loaded
+        process, ties broken by name (the same deal in every process). Dealing every N-th module instead would give
+        one process all the k_proj of a model whose modules repeat with a period of N."""
+        loads = [0.0] * self.count
+        mine = []
+        for name in sorted(costs, key=lambda n: (-costs[n], n)):
+            owner = min(range(self.count), key=lambda i: (loads[i], i))
+            loads[owner] += costs[name]
+            if owner == self.index:
+                mine.append(name)
+        return mine
 
 
 def current_shard(device: str) -> Shard | None:
@@ -72,27 +82,28 @@ def gather_shards(shard: Shard, compute: Callable[[], T]) -> list[T]:
         outcome: tuple[str, Any] = ("ok", compute())
         failure: BaseException | None = None
     except Exception as err:  # propagated to the other processes below, then re-raised here
-        outcome, failure = ("error", f"{type(err).__name__}: {err}"), err
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        outcome, failure = ("error", f"{type(err).__name__}: {first_line}"), err
     gathered: list[Any] = [None] * shard.count
     dist.all_gather_object(gathered, outcome)
     if failure is not None:
         raise failure
     for index, (status, value) in enumerate(gathered):
         if status == "error":
-            raise LoraFusionError(f"process {index} of the sharded merge failed ({value}); nothing was written.")
+            raise LoraFusionError(f"process {index} of the sharded merge failed ({value}).")
     return [value for _, value in gathered]
 
 
 def finish() -> None:
-    """Wait until every process is done (the main one writes last) and close the process group.
+    """Close this process's process group, if a launched merge opened one.
 
     A process that exits with its gloo group still open aborts ("terminate called without an active exception"),
-    which the launcher reports as a failed run.
+    which the launcher reports as a failed run. No barrier: after the gather no process needs the others, so the
+    main one writes (or fails) while the rest exit.
     """
     if world_size() == 1:
         return
     import torch.distributed as dist
 
     if dist.is_initialized():
-        dist.barrier()
         dist.destroy_process_group()

@@ -25,13 +25,15 @@ from .base_weights import BaseWeights
 from .distributed import Shard, current_shard, gather_shards, is_main_process
 from .linalg import EXACT_SVD_LIMIT
 from .runtime import thread_limit
-from .errors import IncompatibleAdaptersError, InvalidParameterError, NonFiniteError
+from .errors import IncompatibleAdaptersError, InvalidParameterError, NonFiniteError, SourceNotFoundError
 from .methods import MergeParams, MethodSpec, ModuleGroup, ModuleStats, get_method
 from .recipe import SourceEntry
-from .sources import load_adapter
+from .sources import is_repo_id, load_adapter
 
 Source = str | Path | LoraAdapter | SourceEntry
 T = TypeVar("T")
+# Modules merged at once on the CPU, each on one thread; the dense methods' peak memory grows with it.
+CPU_WORKERS = min(2, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,7 @@ class MergePlan:
             f"modules       {len(self.modules)}",
             f"output ranks  {rank_text}{bound}",
             f"compute       ~{_si(self.flops)}FLOP",
-            f"peak memory   ~{_si(self.peak_bytes)}B (largest module working set + output; the inputs, "
+            f"peak memory   ~{_si(self.peak_bytes)}B (working sets of the modules merged at once + output; the inputs, "
             f"{_si(self.input_bytes)}B, are memory-mapped: counted in RSS as read, reclaimable)",
             f"output size   {_si(self.output_bytes)}B",
         ]
@@ -125,12 +127,16 @@ def merge(
     space: str | None = None,
     common_fraction: float | None = None,
     bias: float | None = None,
+    chained: bool | None = None,
     base_model: str | Path | None = None,
+    fvae: str | Path | None = None,
+    support: str | Path | None = None,
     revision: str | None = None,
     subfolder: str | None = None,
     token: str | None = None,
     dtype: torch.dtype | str | None = None,
     device: str = "cpu",
+    distributed: bool = False,
     ignore_base_model: bool = False,
     dry_run: bool = False,
     progress: bool | None = None,
@@ -153,14 +159,17 @@ def merge(
         space: `"full"` (dense update per module, the papers' semantics) or `"core"` (Core Space merging).
         common_fraction: Iso-CTS' share of the rank kept for the common subspace (default 0.8).
         bias: RAPF's mask offset b in [0, 1] (default 0.6).
+        chained: RAPF: the adapters were trained in sequence, each on the previous fused weights (default False).
         base_model: the base model's weights (a local directory or file, or a Hub id `owner/name[@revision]`), for
             methods that use them (RAPF); read one module at a time, only safetensors.
+        fvae, support: ICM-Fusion's trained F-VAE directory and JSONL support examples (`method="icm"`).
         revision, subfolder, token: passed to [`load_adapter`] for string sources.
         dtype: output dtype, `"float32"`, `"float16"` or `"bfloat16"` (default: the sources' dtype, float32 if they
             differ). The math is float32 (float64 for the small cores) whatever the dtype.
-        device: where the math runs (`"cpu"`, `"cuda"`, `"auto"`). Under `accelerate launch` or torchrun with
-            several processes, each process merges its share of the modules (on its own GPU with cuda/auto) and
-            every process returns the whole result; save it from the main process only.
+        device: where the math runs (`"cpu"`, `"cuda"`, `"auto"`).
+        distributed: under `accelerate launch` or torchrun with several processes, split the modules between them
+            (each on its own GPU with cuda/auto): every process must call `merge`, and every process returns the
+            whole result; save it from the main process only. Ignored in a single process.
         ignore_base_model: merge even if the adapters' `base_model_name_or_path` differ (shapes must still agree).
         dry_run: return a [`MergePlan`] computed from headers, reading no tensors.
         progress: show a progress bar on stderr (default: when stderr is a terminal).
@@ -182,26 +191,54 @@ def merge(
     spec = get_method(method)
     params = spec.resolve(
         {"rank": rank, "energy": energy, "scale": scale, "density": density, "majority": majority,
-         "gamma": gamma, "seed": seed, "space": space, "common_fraction": common_fraction, "bias": bias}
+         "gamma": gamma, "seed": seed, "space": space, "common_fraction": common_fraction, "bias": bias,
+         "chained": chained, "fvae": None if fvae is None else str(fvae),
+         "support": None if support is None else str(support)}
     )
     if base_model is not None and not spec.uses_base:
         raise InvalidParameterError("base_model", str(base_model), expected=f"none: {spec.name} reads no base weights")
     weight_list = _weights(weights, len(sources))
     target = _device(device)
-    shard = None if dry_run else current_shard(device)
-    if shard is not None:
-        target = torch.device(shard.device)
-    adapters = [_open(s, revision=revision, subfolder=subfolder, token=token) for s in sources]
-    layout = _module_layout(adapters, ignore_base_model=ignore_base_model)
-    out_dtype = _dtype(dtype) if dtype is not None else _common_dtype(adapters)
-    if dry_run:
-        return _plan(spec, params, adapters, weight_list, layout, out_dtype)
+    shard = current_shard(device) if distributed and not dry_run else None
 
-    base = _open_base(base_model, token=token) if base_model is not None else None
-    with thread_limit(None if _is_dense(spec, params) else 1):
-        tensors, modules, stats = _run(
-            spec, params, adapters, weight_list, layout, target, out_dtype, progress, base=base, shard=shard
+    def open_sources() -> tuple[list[LoraAdapter], dict[str, ModuleSpec], torch.dtype]:
+        adapters = [_open(s, revision=revision, subfolder=subfolder, token=token) for s in sources]
+        layout = _module_layout(adapters, ignore_base_model=ignore_base_model)
+        return adapters, layout, _dtype(dtype) if dtype is not None else _common_dtype(adapters)
+
+    if shard is None:
+        adapters, layout, out_dtype = open_sources()
+        if spec.whole_adapters:
+            return _merge_whole(spec, params, adapters, weights, dry_run=dry_run)
+        if dry_run:
+            return _plan(spec, params, adapters, weight_list, layout, out_dtype, with_base=base_model is not None)
+        base = _open_base(base_model, token=token) if base_model is not None else None
+        merged = _merge_modules(
+            list(layout), spec, params, adapters, weight_list, layout, target, out_dtype, progress, base
         )
+    else:
+        if spec.whole_adapters:
+            raise InvalidParameterError("distributed", True, expected=f"False: {spec.name} runs in one process")
+        target = torch.device(shard.device)
+        opened: dict[str, Any] = {}
+
+        def my_share() -> dict[str, ModuleOutput]:
+            # Everything that can fail in one process (downloads, validation, the merge) happens in here, so that a
+            # failure reaches every process through the gather instead of leaving the others waiting.
+            adapters, layout, out_dtype = open_sources()
+            base = _open_base(base_model, token=token) if base_model is not None else None
+            opened.update(adapters=adapters, layout=layout, out_dtype=out_dtype, base=base)
+            names = shard.take({name: math.prod(spec.shape) for name, spec in layout.items()})
+            return _merge_modules(names, spec, params, adapters, weight_list, layout, target, out_dtype, progress, base)
+
+        merged = {name: output for share in gather_shards(shard, my_share) for name, output in share.items()}
+        adapters, layout, out_dtype, base = (opened[key] for key in ("adapters", "layout", "out_dtype", "base"))
+    tensors: dict[str, torch.Tensor] = {}
+    modules: dict[str, ModuleSpec] = {}
+    stats: dict[str, ModuleStats] = {}
+    for name in layout:
+        modules[name], outputs, stats[name] = merged[name]
+        tensors.update(outputs)
     first = adapters[0].config
     config = AdapterConfig(
         base_model=first.base_model,
@@ -224,7 +261,22 @@ def merge(
     return LoraAdapter(config=config, modules=modules, store=MemoryStore(tensors), provenance=provenance, stats=stats)
 
 
-def _run(
+def _merge_whole(
+    spec: MethodSpec, params: MergeParams, adapters: Sequence[LoraAdapter], weights: Sequence[float] | None, *, dry_run: bool
+) -> LoraAdapter:
+    """A method on whole adapters (ICM-Fusion) learns its own combination: it takes no weights and has no plan."""
+    if weights is not None:
+        raise InvalidParameterError("weights", list(weights), expected=f"none: {spec.name} learns its own weights")
+    if dry_run:
+        raise InvalidParameterError("dry_run", True, expected=f"False: {spec.name} has no plan before it runs")
+    return spec.fn(adapters, params)  # type: ignore[call-arg, arg-type]
+
+
+ModuleOutput = tuple[ModuleSpec, dict[str, torch.Tensor], ModuleStats]
+
+
+def _merge_modules(
+    names: Sequence[str],
     spec: MethodSpec,
     params: MergeParams,
     adapters: Sequence[LoraAdapter],
@@ -233,18 +285,16 @@ def _run(
     target: torch.device,
     out_dtype: torch.dtype,
     progress: bool | None,
-    *,
-    base: BaseWeights | None = None,
-    shard: Shard | None = None,
-) -> tuple[dict[str, torch.Tensor], dict[str, ModuleSpec], dict[str, ModuleStats]]:
-    """The streaming loop: each module's inputs are read, merged, cast, checked and released.
+    base: BaseWeights | None,
+) -> dict[str, ModuleOutput]:
+    """The streaming loop over `names`: each module's inputs are read, merged, cast, checked and released.
 
-    Factored methods on the CPU run two modules at a time on one torch thread each (their small QRs and SVDs gain
-    nothing from intra-op threads); each module is computed independently, so the result does not depend on it, nor
-    on how a launched merge shares the modules between processes.
+    On the CPU every module runs on one torch thread, two modules at a time: small factored operations gain nothing
+    from intra-op threads, and a module's result then never depends on the thread count (BLAS reductions split
+    across threads round differently), so a merge gives the same bytes on any machine, process count or sharding.
     """
 
-    def merge_one(name: str) -> tuple[ModuleSpec, dict[str, torch.Tensor], ModuleStats]:
+    def merge_one(name: str) -> ModuleOutput:
         present = [(a, w) for a, w in zip(adapters, weight_list) if name in a.modules]
         base_weight = None
         if base is not None:
@@ -256,7 +306,7 @@ def _run(
             weights=[w for _, w in present],
             base=base_weight,
         )
-        result = spec.fn(group, params)
+        result = spec.fn(group, params)  # type: ignore[call-arg, arg-type]
         spec_out = _output_spec(layout[name], rank=result.stats.rank, dtype=out_dtype, bias=result.bias is not None)
         outputs = {spec_out.a_key: result.A, spec_out.b_key: result.B}
         if result.bias is not None and spec_out.bias_key:
@@ -269,25 +319,11 @@ def _run(
             )
         return spec_out, outputs, result.stats
 
-    def merge_all(names: list[str]) -> list[tuple[ModuleSpec, dict[str, torch.Tensor], ModuleStats]]:
-        workers = 1 if _is_dense(spec, params) or target.type != "cpu" else min(2, os.cpu_count() or 1)
-        with ThreadPoolExecutor(workers) as pool:
-            results = pool.map(merge_one, names) if workers > 1 else map(merge_one, names)
-            return list(_progress(results, len(names), progress, spec.name))
-
-    names = list(layout)
-    if shard is None:
-        merged = dict(zip(names, merge_all(names)))
-    else:
-        shares = gather_shards(shard, lambda: dict(zip(shard.take(names), merge_all(shard.take(names)))))
-        merged = {name: result for share in shares for name, result in share.items()}
-    tensors: dict[str, torch.Tensor] = {}
-    modules: dict[str, ModuleSpec] = {}
-    stats: dict[str, ModuleStats] = {}
-    for name in names:
-        modules[name], outputs, stats[name] = merged[name]
-        tensors.update(outputs)
-    return tensors, modules, stats
+    on_cpu = target.type == "cpu"
+    workers = CPU_WORKERS if on_cpu else 1
+    with thread_limit(1 if on_cpu else None), ThreadPoolExecutor(workers) as pool:
+        results = pool.map(merge_one, names) if workers > 1 else map(merge_one, names)
+        return dict(zip(names, _progress(results, len(names), progress, spec.name)))
 
 
 def _open_base(source: str | Path, *, token: str | None) -> BaseWeights:
@@ -295,6 +331,10 @@ def _open_base(source: str | Path, *, token: str | None) -> BaseWeights:
     if Path(text).expanduser().exists():
         return BaseWeights(text)
     repo_id, _, revision = text.partition("@")
+    if not is_repo_id(repo_id):
+        raise SourceNotFoundError(
+            f"--base-model {text}: no such file or directory, and not a Hub repo id (owner/name[@revision])."
+        )
     return BaseWeights(repo_id, revision=revision or None, token=token)
 
 
@@ -416,9 +456,11 @@ def _plan(
     weights: Sequence[float],
     layout: Mapping[str, ModuleSpec],
     dtype: torch.dtype,
+    *,
+    with_base: bool,
 ) -> MergePlan:
     item = torch.empty((), dtype=dtype).element_size()
-    dense = _is_dense(spec, params)
+    dense = _is_dense(spec, params) or (spec.uses_base and with_base)
     modules = []
     for name, template in layout.items():
         ranks = tuple(a.modules[name].rank for a in adapters if name in a.modules)
@@ -438,7 +480,7 @@ def _plan(
             working = 4 * (m + n) * k * 4 + 8 * k * k * (len(ranks) + 2) + item * (m + n) * out_rank
         modules.append(ModulePlan(name, (m, n), ranks, out_rank, flops, working))
     output = sum(item * (p.shape[0] + p.shape[1]) * p.output_rank for p in modules)
-    peak = max((p.working_bytes for p in modules), default=0) + output
+    peak = CPU_WORKERS * max((p.working_bytes for p in modules), default=0) + output
     return MergePlan(
         method=spec.name,
         sources=tuple(_origin(a) for a in adapters),

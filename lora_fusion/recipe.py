@@ -51,7 +51,10 @@ class Recipe(BaseModel):
     space: Literal["full", "core"] | None = None
     common_fraction: float | None = None
     bias: float | None = None
+    chained: bool | None = None
     base_model: str | None = None
+    fvae: str | None = None
+    support: str | None = None
     device: str = "cpu"
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     out: str | None = None
@@ -125,8 +128,9 @@ def _resolved(recipe: Recipe, folder: Path) -> Recipe:
 
     entries: list[str | SourceEntry] = [e.model_copy(update={"source": local(e.source)}) for e in recipe.entries()]
     update: dict[str, Any] = {"sources": entries}
-    if recipe.base_model:
-        update["base_model"] = local(recipe.base_model)
+    for key in ("base_model", "fvae", "support"):
+        if getattr(recipe, key):
+            update[key] = local(getattr(recipe, key))
     if recipe.out and not Path(recipe.out).is_absolute():
         update["out"] = os.path.normpath(folder / recipe.out)
     return recipe.model_copy(update=update)

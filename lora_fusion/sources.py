@@ -91,9 +91,14 @@ def load_adapter(
             _refuse_outside_links(file, folder, text)
         return open_adapter_files(config_path, weights_path, info)
     repo_id, _, at_revision = text.partition("@")
-    if not _REPO_ID.match(repo_id):
+    if not is_repo_id(repo_id):
         raise SourceNotFoundError(f"{text}: no such file or directory, and not a Hub repo id (owner/name[@revision]).")
     return _load_from_hub(repo_id, revision=revision or at_revision or None, subfolder=subfolder, token=token)
+
+
+def is_repo_id(text: str) -> bool:
+    """Whether `text` can be a Hub repo id (`name` or `owner/name`)."""
+    return bool(_REPO_ID.match(text))
 
 
 def _refuse_outside_links(file: Path, folder: Path, source: str) -> None:

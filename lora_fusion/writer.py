@@ -287,9 +287,18 @@ def _refuse_outside_links(folder: Path) -> None:
     """upload_folder follows symlinks: a link in a downloaded adapter folder could publish ~/.ssh/id_rsa."""
     root = Path(folder).resolve()
     for path in sorted(Path(folder).rglob("*")):
-        if path.is_symlink() and not path.resolve().is_relative_to(root):
+        if not path.is_symlink():
+            continue
+        try:
+            target = path.resolve(strict=True)
+        except (OSError, RuntimeError):  # a loop (RuntimeError on Python 3.11) or a dangling link
             raise CorruptAdapterError(
-                f"{folder}: {path.relative_to(folder)} is a link to {path.resolve()}, outside the folder; refusing to "
+                f"{folder}: {path.relative_to(folder)} is a broken or looping link; refusing to upload the folder. "
+                "Remove the link."
+            ) from None
+        if not target.is_relative_to(root):
+            raise CorruptAdapterError(
+                f"{folder}: {path.relative_to(folder)} is a link to {target}, outside the folder; refusing to "
                 "upload it. Replace the link by the file, or remove it."
             )
 

@@ -66,7 +66,7 @@ def _options(flags: list[str]) -> dict[str, object]:
 
 
 def test_a_failure_in_one_process_stops_every_process_and_writes_nothing(adapters, tmp_path) -> None:
-    # Modules are dealt in order, so the second one (layer 0 v_proj) belongs to process 1 only.
+    # Equal costs are dealt by name in turn: the second module (layer 0 v_proj) belongs to process 1 only.
     broken = adapters[2] / "adapter_model.safetensors"
     from safetensors.torch import load_file
 
@@ -79,11 +79,12 @@ def test_a_failure_in_one_process_stops_every_process_and_writes_nothing(adapter
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 
-def test_shards_deal_modules_round_robin() -> None:
-    names = [f"m{i}" for i in range(7)]
-    shares = [Shard(index=i, count=3, device="cpu").take(names) for i in range(3)]
-    assert shares == [["m0", "m3", "m6"], ["m1", "m4"], ["m2", "m5"]]
-    assert sorted(sum(shares, [])) == sorted(names)
+def test_shards_balance_module_costs_even_when_module_types_repeat() -> None:
+    # 8 layers of q/k/v/o with GQA (k, v 4× smaller): every-N-th dealing would give process 0 all the q_proj.
+    costs = {f"l{layer}.{proj}": 4.0 if proj in "qo" else 1.0 for layer in range(8) for proj in "qkvo"}
+    shares = [Shard(index=i, count=4, device="cpu").take(costs) for i in range(4)]
+    assert sorted(sum(shares, [])) == sorted(costs)
+    assert [sum(costs[n] for n in share) for share in shares] == [20.0] * 4
 
 
 def test_base_weights_follow_the_adapter_layout(llama_dir, make_llama_lora) -> None:
@@ -130,3 +131,23 @@ def test_base_weights_read_shards_through_the_index_and_transpose_conv1d(tmp_pat
 def test_base_model_is_refused_by_methods_that_do_not_read_it(adapters, llama_dir) -> None:
     with pytest.raises(InvalidParameterError, match="svd reads no base weights"):
         merge(adapters, method="svd", base_model=llama_dir)
+
+
+def test_a_mistyped_base_model_path_is_a_clear_error(adapters) -> None:
+    with pytest.raises(SourceNotFoundError, match="not a Hub repo id"):
+        merge(adapters, method="rapf", base_model="./no-such-model")
+
+
+def test_dense_merges_do_not_depend_on_the_thread_count(tmp_path) -> None:
+    # Above 1024 rows and columns the full-space path takes the randomized SVD, whose BLAS reductions round
+    # differently with the thread count; the engine runs every module on one thread so the bytes never change.
+    sources = [write_adapter(tmp_path / f"big-{i}", seed=i, layers=1, hidden=1100, rank=16) for i in range(3)]
+    results, default = [], torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            merged = merge(sources, method="ties", density=0.3, rank=16)
+            results.append(merged.delta("model.layers.0.self_attn.q_proj"))
+    finally:
+        torch.set_num_threads(default)
+    assert torch.equal(*results)

@@ -1,6 +1,6 @@
 """Merge methods, one module per family, each method registered by name (see `lora-fusion methods`)."""
 
-from . import exact, interference, subspace  # noqa: F401  (importing a family registers its methods)
+from . import exact, interference, rapf, subspace  # noqa: F401  (importing a family registers its methods)
 from .base import (
     MergeParams,
     MethodSpec,
@@ -10,6 +10,7 @@ from .base import (
     describe_params,
     get_method,
     list_methods,
+    register_adapter_method,
     register_method,
 )
 
@@ -22,5 +23,6 @@ __all__ = [
     "describe_params",
     "get_method",
     "list_methods",
+    "register_adapter_method",
     "register_method",
 ]

@@ -15,7 +15,7 @@ from typing import Literal
 
 import torch
 
-from ..adapter import ModuleFactors
+from ..adapter import LoraAdapter, ModuleFactors
 from ..linalg import FactoredSVD, choose_rank, relative_error, retained_energy, truncate
 from ..errors import InvalidParameterError, UnknownMethodError
 
@@ -34,11 +34,19 @@ class MergeParams:
     )
     majority: str = field(default="total", metadata={"help": "TIES sign election: 'total' (mass) or 'frequency'."})
     gamma: float = field(default=0.01, metadata={"help": "Breadcrumbs: fraction of the largest entries removed."})
-    seed: int = field(default=0, metadata={"help": "Seed of DARE's masks and of randomized SVD."})
+    seed: int = field(default=0, metadata={"help": "Seed of the random draws: DARE masks, randomized SVD, ICM-Fusion."})
     space: str = field(default="full", metadata={"help": "'full' (dense update per module) or 'core' (k×k cores)."})
     common_fraction: float = field(default=0.8, metadata={"help": "Iso-CTS: share of the rank given to the common subspace."})
     bias: float | None = field(
         default=None, metadata={"help": "RAPF: offset b of the fusion mask M = min(1, D/max D + b), in [0, 1]."}
+    )
+    chained: bool = field(
+        default=False,
+        metadata={"help": "RAPF: each adapter was trained on top of the previous fused weights (not from the base)."},
+    )
+    fvae: str | None = field(default=None, metadata={"help": "ICM-Fusion: F-VAE directory from `lora-fusion icm train`."})
+    support: str | None = field(
+        default=None, metadata={"help": "ICM-Fusion: JSONL support file of labelled examples of each source's task."}
     )
 
     def __post_init__(self) -> None:
@@ -64,6 +72,11 @@ class MergeParams:
             raise InvalidParameterError("space", self.space, expected="'full' or 'core'")
         if self.bias is not None and not (_real(self.bias) and 0.0 <= self.bias <= 1.0):
             raise InvalidParameterError("bias", self.bias, expected="a number in [0, 1], e.g. 0.6")
+        if not isinstance(self.chained, bool):
+            raise InvalidParameterError("chained", self.chained, expected="true or false")
+        for name in ("fvae", "support"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise InvalidParameterError(name, getattr(self, name), expected="a path")
 
 
 
@@ -151,6 +164,8 @@ def lowrank_result(
 
 
 MethodFn = Callable[[ModuleGroup, MergeParams], ModuleResult]
+# Methods that need every adapter at once and data (ICM-Fusion) take the loaded adapters and return the merged one.
+AdapterMethodFn = Callable[[Sequence[LoraAdapter], MergeParams], LoraAdapter]
 
 
 @dataclass(frozen=True)
@@ -158,7 +173,7 @@ class MethodSpec:
     """A registered method: its function, what it computes, where it comes from, which parameters it takes."""
 
     name: str
-    fn: MethodFn
+    fn: MethodFn | AdapterMethodFn
     summary: str
     formula: str
     reference: str
@@ -168,6 +183,7 @@ class MethodSpec:
     spaces: tuple[str, ...] = ("full",)
     output_rank: Literal["sum", "max", "merged"] = "max"
     uses_base: bool = False
+    whole_adapters: bool = False
 
     def resolve(self, given: Mapping[str, object]) -> MergeParams:
         """The method's parameters: its defaults, overridden by what the user gave (only parameters it takes).
@@ -225,6 +241,21 @@ def register_method(
         )
         _REGISTRY[name] = spec
         _ALIASES.update({alias: name for alias in aliases})
+        return fn
+
+    return decorator
+
+
+def register_adapter_method(
+    name: str, *, summary: str, formula: str, reference: str, params: Sequence[str] = ()
+) -> Callable[[AdapterMethodFn], AdapterMethodFn]:
+    """Register `fn` under `name` as a method on whole adapters: it receives every loaded adapter and the
+    [`MergeParams`] and returns the merged [`LoraAdapter`] (for methods that learn from data, like ICM-Fusion)."""
+
+    def decorator(fn: AdapterMethodFn) -> AdapterMethodFn:
+        _REGISTRY[name] = MethodSpec(
+            name, fn, summary, formula, reference, frozenset(params), output_rank="merged", whole_adapters=True
+        )
         return fn
 
     return decorator

@@ -32,6 +32,10 @@ def density_of(params: MergeParams) -> float:
     return params.density
 
 
+_SAMPLE = 1 << 16
+_SAMPLED_SELECT_MIN = 1 << 20  # below this, topk is fast enough and the bracket would cover most entries
+
+
 def magnitude_threshold(size: torch.Tensor, keep: int) -> tuple[torch.Tensor, int]:
     """The `keep`-th largest value t of the flat non-negative tensor `size`, exactly, and how many entries are ≥ t.
 
@@ -49,6 +53,10 @@ def magnitude_threshold(size: torch.Tensor, keep: int) -> tuple[torch.Tensor, in
         low = sample[max(0, int((quantile - margin) * _SAMPLE))]
         high = sample[min(_SAMPLE - 1, int((quantile + margin) * _SAMPLE))]
         above = int(torch.count_nonzero(size > high))
+        if low == high:  # the k-th value is shared by a large share of the entries (zeros of a sparse task)
+            at_or_above = int(torch.count_nonzero(size >= high))
+            if above < keep <= at_or_above:
+                return high, at_or_above
         band = size[(size >= low) & (size <= high)]
         if 0 < keep - above <= band.numel():
             threshold = torch.topk(band, keep - above, sorted=False).values.min()
@@ -57,21 +65,17 @@ def magnitude_threshold(size: torch.Tensor, keep: int) -> tuple[torch.Tensor, in
     return threshold, int(torch.count_nonzero(size >= threshold))
 
 
-_SAMPLE = 1 << 16
-_SAMPLED_SELECT_MIN = 1 << 20  # below this, topk is fast enough and the bracket would cover most entries
-
-
 def keep_top_magnitude_(task: torch.Tensor, density: float) -> torch.Tensor:
     """In place: zero all but the ⌊density·numel⌋ entries of largest |value| (ties at the threshold: lower flat index
-    kept); returns `task`. In place because the inputs are dense updates of up to hundreds of MB formed just for this,
-    and a fresh tensor of that size costs more in page faults than the masking itself."""
+    kept); returns `task`, which must be contiguous. In place because the inputs are dense updates of up to hundreds
+    of MB formed just for this, and a fresh tensor of that size costs more in page faults than the masking itself."""
     flat = task.view(-1)
     keep = int(density * flat.numel())
     if keep >= flat.numel():
         return task
-    size = flat.abs()
     if keep == 0:
         return task.zero_()
+    size = flat.abs()
     threshold, at_or_above = magnitude_threshold(size, keep)
     drop = size < threshold
     if at_or_above > keep:  # entries equal to the threshold beyond the k-th: drop those with the highest flat index

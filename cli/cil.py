@@ -1,0 +1,46 @@
+"""`lora-fusion cil`: RAPF class-incremental training of a CLIP-style adapter (thin: parse, call, print).
+
+The library (`lora_fusion.cil`) is imported inside the command, so `lora-fusion --help` imports no torch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+cil_app = typer.Typer(
+    name="cil",
+    help="Class-incremental training with RAPF (frozen encoders, linear adapter, Gaussian replay, fusion).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+@cil_app.command("run")
+def run(
+    recipe: Annotated[
+        Path, typer.Argument(help="YAML recipe, e.g. recipes/rapf_fashion_mnist.yaml.", show_default=False)
+    ],
+    restart: Annotated[bool, typer.Option("--restart", help="Ignore finished tasks in the output folder.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Train task by task; write metrics.json, accuracy.png and task_XX/adapter.safetensors to the recipe's `out`."""
+    # Imported here: main.py imports this module to register the sub-app.
+    from .main import user_errors
+
+    with user_errors():
+        from lora_fusion.cil import run_recipe
+
+        result = run_recipe(recipe, resume=not restart, progress=not quiet)
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    for t, (accuracy, names) in enumerate(zip(result.accuracies, result.tasks)):
+        typer.echo(f"task {t}: {', '.join(names)} -> accuracy on seen classes {100 * accuracy:.2f}%")
+    typer.echo(f"Last {100 * result.last:.2f}%  Avg {100 * result.avg:.2f}%  ({result.out})")
