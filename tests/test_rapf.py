@@ -336,12 +336,8 @@ def test_bad_inputs_are_one_line_user_errors(tmp_path: Path, tiny_clip) -> None:
 
 
 def test_cli_reports_bad_recipe_with_exit_2(tmp_path: Path) -> None:
-    import typer
+    from lora_fusion_cli.main import app
 
-    from cli.cil import cil_app
-
-    app = typer.Typer()  # mounted as main.py mounts it: `lora-fusion cil run`
-    app.add_typer(cil_app, name="cil")
     recipe = tmp_path / "r.yaml"
     recipe.write_text("data: {source: fashion_mnist, root: %s}\nrapf: {bias: 0.6}\n" % (tmp_path / "nowhere"))
     result = CliRunner().invoke(app, ["cil", "run", str(recipe)])
