@@ -256,6 +256,7 @@ def test_feature_cache_hits_and_invalidates(tmp_path: Path, tiny_clip) -> None:
     key = cache_key(tiny_clip, split)
     other_data = synthetic_dataset(seed=1).train
     assert cache_key(tiny_clip, other_data) != key
+    assert cache_key(tiny_clip, split, precision="fp16") != key  # half-precision features are other features
     p = tiny_clip.preprocessing
     resized = ClipEncoders(tiny_clip.model, tiny_clip.tokenizer,
                            preprocessing=Preprocessing(p.size, p.crop, p.mean, p.std, "bilinear"))
@@ -277,6 +278,31 @@ def test_extraction_in_batches_keeps_order(tiny_clip) -> None:
     features = extract_features(tiny_clip, split, accelerator=Accelerator(cpu=True), batch_size=5)
     direct = tiny_clip.encode_images(tiny_clip.preprocessing(split.load(range(len(split)))))
     torch.testing.assert_close(features, direct, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("processes", [3, 4])
+def test_shares_of_several_processes_gather_in_row_order(tiny_clip, processes) -> None:
+    # 18 images on 4 processes: shares of 5, 5, 5, 3; the padding must end up after the last row, not in between.
+    import contextlib
+    import types
+
+    from lora_fusion.cil.cache import extract_features
+
+    split = synthetic_dataset(train_per_class=3).train
+    assert len(split) == 18
+    shares = []
+
+    def rank(index: int) -> types.SimpleNamespace:
+        return types.SimpleNamespace(
+            num_processes=processes, process_index=index, device=torch.device("cpu"), is_local_main_process=False,
+            autocast=contextlib.nullcontext, gather=lambda local: shares.append(local) or local,
+        )
+
+    for index in range(processes):
+        extract_features(tiny_clip, split, accelerator=rank(index), batch_size=4)
+    gathered = torch.cat(shares)[: len(split)]  # what accelerator.gather hands every process, cut to n
+    direct = tiny_clip.encode_images(tiny_clip.preprocessing(split.load(range(len(split)))))
+    torch.testing.assert_close(gathered, direct, atol=1e-5, rtol=0)
 
 
 def test_hard_pairs_and_hinge() -> None:
@@ -510,3 +536,13 @@ def test_evaluation_per_task_and_zero_shot_rule() -> None:
     swap = torch.eye(4)[[0, 1, 3, 2]]  # an adapter that swaps the last two coordinates
     assert evaluate_seen(swap, features, positions, text, [[0, 1], [2, 3]])[1] == [1.0, 0.5]  # image 2 now right
     assert last_and_avg([1.0, 0.5]) == (0.5, 0.75)
+
+
+def test_every_shipped_recipe_is_valid() -> None:
+    from lora_fusion.cil.recipe import load_recipe
+
+    recipes = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("rapf_*.yaml"))
+    assert len(recipes) >= 15
+    for path in recipes:
+        recipe = load_recipe(path)
+        assert recipe.name == path.stem, path

@@ -30,32 +30,43 @@ def default_cache_dir() -> Path:
     return Path(root) / "lora-fusion" / "cil"
 
 
-def cache_key(encoders: FrozenEncoders, split: ImageSplit) -> str:
-    """The entry name: a digest of the encoder fingerprint (weights + preprocessing) and the split's content."""
-    return hashlib.sha256(f"{encoders.fingerprint()}|{split.fingerprint}".encode()).hexdigest()[:24]
+# Part of every key: bump it when the stored features of an unchanged input would change (v2: rows of multi-process
+# extraction kept in order).
+CACHE_FORMAT = 2
+
+
+def cache_key(encoders: FrozenEncoders, split: ImageSplit, *, precision: str = "no") -> str:
+    """The entry name: a digest of the encoder fingerprint (weights + preprocessing), the split's content, the
+    precision the features were computed in (`mixed_precision`) and the cache format."""
+    identity = f"{encoders.fingerprint()}|{split.fingerprint}|{precision}|v{CACHE_FORMAT}"
+    return hashlib.sha256(identity.encode()).hexdigest()[:24]
 
 
 def extract_features(encoders: FrozenEncoders, split: ImageSplit, *, accelerator: Any, batch_size: int = 64,
                      desc: str = "features") -> torch.Tensor:
     """g(x) for every image of `split`, in order, as float32 on the CPU.
 
-    Each process encodes its share (`accelerator.split_between_processes`, padded so that shares are equal); the
-    shares are gathered in process order and the padding cut off. Runs under the accelerator's autocast, so
+    Process r encodes the contiguous chunk [r·c, (r+1)·c) with c = ⌈n / N⌉, padded at its end to c rows (only the
+    last chunks can be short), so gathering the chunks in process order and cutting to n keeps every row in place.
+    (Accelerate's `split_between_processes(apply_padding=True)` gives the longer shares to the first processes and
+    pads the short ones in the middle of the gathered order.) Runs under the accelerator's autocast, so
     `mixed_precision="fp16"`/`"bf16"` encodes in half precision as the official code does.
     """
     from tqdm.auto import tqdm
 
-    indices = list(range(len(split)))
+    count = len(split)
+    chunk = -(-count // accelerator.num_processes)
+    mine = list(range(accelerator.process_index * chunk, min(count, (accelerator.process_index + 1) * chunk)))
     encoders.to(accelerator.device)
-    with accelerator.split_between_processes(indices, apply_padding=True) as mine:
-        chunks = []
-        batches = range(0, len(mine), batch_size)
-        for start in tqdm(batches, desc=desc, disable=not accelerator.is_local_main_process, leave=False):
-            pixels = encoders.preprocessing(split.load(mine[start : start + batch_size]))
-            with accelerator.autocast():
-                chunks.append(encoders.encode_images(pixels.to(accelerator.device)).float())
-        local = torch.cat(chunks) if chunks else torch.empty(0, encoders.image_dim, device=accelerator.device)
-    return accelerator.gather(local.contiguous())[: len(split)].cpu()
+    rows = []
+    batches = range(0, len(mine), batch_size)
+    for start in tqdm(batches, desc=desc, disable=not accelerator.is_local_main_process, leave=False):
+        pixels = encoders.preprocessing(split.load(mine[start : start + batch_size]))
+        with accelerator.autocast():
+            rows.append(encoders.encode_images(pixels.to(accelerator.device)).float())
+    local = torch.cat(rows) if rows else torch.empty(0, encoders.image_dim, device=accelerator.device)
+    padding = local.new_zeros(chunk - local.shape[0], local.shape[1])
+    return accelerator.gather(torch.cat([local, padding]).contiguous())[:count].cpu()
 
 
 def cached_features(encoders: FrozenEncoders, split: ImageSplit, *, accelerator: Any, cache_dir: Path | None = None,
@@ -67,7 +78,7 @@ def cached_features(encoders: FrozenEncoders, split: ImageSplit, *, accelerator:
         miss and the load time on a hit.
     """
     folder = cache_dir or default_cache_dir()
-    key = cache_key(encoders, split)
+    key = cache_key(encoders, split, precision=str(accelerator.mixed_precision))
     path = folder / f"{key}.safetensors"
     start = time.perf_counter()
     if path.is_file():
