@@ -106,18 +106,21 @@ def capture_peft_dense(lora_model: Any, combination: str, into: dict[str, Any]) 
 @contextmanager
 def capture_lora_fusion_dense(into: dict[str, Any]) -> Iterator[None]:
     """While active, store in `into[module]` the dense merged ΔW that lora-fusion's full-space element-wise merge
-    hands to `dense_svd` (wrapping the module-level names in `lora_fusion.methods.interference`)."""
+    hands to `dense_svd` (wrapping the module-level names in `lora_fusion.methods.interference`). The engine merges
+    two modules at a time on worker threads, so the module being merged is remembered per thread."""
+    import threading
+
     from lora_fusion.methods import interference
 
     original_merge, original_svd = interference.elementwise_merge, interference.dense_svd
-    current: list[str] = []
+    current = threading.local()
 
     def merge(group: Any, *args: Any, **kwargs: Any) -> Any:
-        current.append(group.name)
+        current.name = group.name
         return original_merge(group, *args, **kwargs)
 
     def svd(dense: Any, **kwargs: Any) -> Any:
-        into[current[-1]] = dense
+        into[current.name] = dense
         return original_svd(dense, **kwargs)
 
     interference.elementwise_merge, interference.dense_svd = merge, svd

@@ -342,8 +342,10 @@ def methods(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
 from .cil import cil_app  # noqa: E402  (the sub-apps import user_errors from here, inside their commands)
+from .icm import icm_app  # noqa: E402
 
 app.add_typer(cil_app, name="cil")
+app.add_typer(icm_app, name="icm")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,41 @@
+"""ICM-Fusion (Shao et al., AAAI 2026, arXiv:2508.04153) as interpreted in METHODS.md §e: an F-VAE over flat LoRAs
+conditioned on in-context task vectors, meta-trained with Algorithm 1, and latent fusion with conflict projection.
+
+Names are imported on first use, so `import lora_fusion.icm` loads no torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_LAZY = {
+    "icm_merge": "api",
+    "read_support": "api",
+    "FVAE": "fvae",
+    "FVAEConfig": "fvae",
+    "FusionConfig": "fusion",
+    "fuse": "fusion",
+    "MetaTrainConfig": "meta",
+    "TaskSnapshots": "meta",
+    "TrainedFVAE": "meta",
+    "load_fvae": "meta",
+    "meta_train": "meta",
+    "LoraLayout": "lora_io",
+    "Normaliser": "lora_io",
+}
+
+if TYPE_CHECKING:
+    from .api import icm_merge, read_support
+    from .fusion import FusionConfig, fuse
+    from .fvae import FVAE, FVAEConfig
+    from .lora_io import LoraLayout, Normaliser
+    from .meta import MetaTrainConfig, TaskSnapshots, TrainedFVAE, load_fvae, meta_train
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'lora_fusion.icm' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"lora_fusion.icm.{_LAZY[name]}"), name)

@@ -1,0 +1,179 @@
+"""The F-VAE: a conditional VAE over flat, normalised LoRA vectors, conditioned on a task vector.
+
+Encoder E([l; v]) → (μ, log σ²), decoder D([z; v]) → l (the Algorithm 1 form of ICM-Fusion, Shao et al., AAAI 2026,
+arXiv:2508.04153, as paraphrased in METHODS.md e.2); loss MSE(l̂, l) + β·KL(N(μ, σ²) ‖ N(0, I)) with β = 0.005 and
+the KL summed over latent dimensions and averaged over the batch, as in ICM-LoRA's `model/CVAE_design.py`
+(Shao et al., IJCAI 2025, arXiv:2501.17635).
+
+Two bodies by size (METHODS.md e.5.3):
+
+* ``mlp`` (D ≤ 16,384 by default): [l; v] → H → H → (μ, log σ²) and [z; v] → H → H → D.
+* ``conv``: ICM-LoRA's 1-D convolution stack. l is right-padded to a multiple of 2^S and passed through S stride-2
+  Conv1d blocks (kernel 7), flattened and projected to H; v joins there (ICM-LoRA joins the condition after its
+  `to_latent` layer, which is functionally close to the Algorithm 1 form). The decoder mirrors it with
+  ConvTranspose1d. GroupNorm replaces ICM-LoRA's BatchNorm: F-VAE batches are one task at a time (and a single
+  fused LoRA at inference), where batch statistics are meaningless.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lora_fusion.errors import InvalidParameterError
+
+Architecture = Literal["auto", "mlp", "conv"]
+MLP_MAX_NUMEL = 16_384
+# Upper bound of log σ² (σ ≤ e ≈ 2.7, beyond the prior's 1). Without it a posterior variance can grow faster than the
+# small KL weight pulls it back, and one sample z far off the data makes the decoded LoRA explode in the inner loop
+# (measured: log σ² 20 → 134 within 5 steps, then an infinite loss, on the long-tailed MiniLM setting).
+LOGVAR_MAX = 2.0
+# ICM-LoRA's encoder channels (1→8→…→8 over 12 stages); shorter stacks take the first stages.
+ICM_LORA_CHANNELS = (8, 16, 32, 64, 128, 256, 256, 128, 64, 32, 16, 8)
+
+
+@dataclass(frozen=True)
+class FVAEConfig:
+    """Shape and loss weight of an F-VAE."""
+
+    numel: int = field(metadata={"help": "D, the length of a flat LoRA vector of the layout."})
+    condition_dim: int = field(metadata={"help": "c, the length of a task vector."})
+    latent_dim: int = field(default=16, metadata={"help": "Latent size (METHODS.md e.5.3: 16 for the MLP form)."})
+    hidden_dim: int = field(default=256, metadata={"help": "Width H of the hidden layers."})
+    beta: float = field(default=0.005, metadata={"help": "KL weight β (ICM-LoRA's 0.005)."})
+    architecture: Architecture = field(default="auto", metadata={"help": "mlp, conv, or auto (mlp if D ≤ 16,384)."})
+    conv_stages: int = field(default=12, metadata={"help": "Stride-2 stages of the conv form (pads D to 2^S·k)."})
+
+    def __post_init__(self) -> None:
+        for name in ("numel", "condition_dim", "latent_dim", "hidden_dim"):
+            if getattr(self, name) < 1:
+                raise InvalidParameterError(name, getattr(self, name), expected="a positive integer")
+        if self.beta < 0:
+            raise InvalidParameterError("beta", self.beta, expected="a KL weight ≥ 0, e.g. 0.005")
+        if self.architecture not in ("auto", "mlp", "conv"):
+            raise InvalidParameterError("architecture", self.architecture, expected="'auto', 'mlp' or 'conv'")
+        if not 1 <= self.conv_stages <= len(ICM_LORA_CHANNELS):
+            raise InvalidParameterError("conv_stages", self.conv_stages, expected=f"1 … {len(ICM_LORA_CHANNELS)}")
+
+    @property
+    def body(self) -> Literal["mlp", "conv"]:
+        if self.architecture != "auto":
+            return self.architecture
+        return "mlp" if self.numel <= MLP_MAX_NUMEL else "conv"
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+class FVAE(nn.Module):
+    """Conditional VAE over flat normalised LoRAs: `encode(l, v)`, `decode(z, v)`, `forward` = both with sampling."""
+
+    def __init__(self, config: FVAEConfig) -> None:
+        super().__init__()
+        self.config = config
+        c, h, k = config.condition_dim, config.hidden_dim, config.latent_dim
+        if config.body == "mlp":
+            self.encoder_body: nn.Module = nn.Sequential(
+                nn.Linear(config.numel + c, h), nn.LeakyReLU(), nn.Linear(h, h), nn.LeakyReLU()
+            )
+            self.decoder_body: nn.Module = nn.Sequential(
+                nn.Linear(k + c, h), nn.LeakyReLU(), nn.Linear(h, h), nn.LeakyReLU(), nn.Linear(h, config.numel)
+            )
+        else:
+            self.encoder_body = _ConvEncoder(config)
+            self.decoder_body = _ConvDecoder(config)
+        self.to_mu = nn.Linear(h, k)
+        self.to_logvar = nn.Linear(h, k)
+
+    def encode(self, flat: torch.Tensor, condition: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(μ, log σ²) = E([l; v]) for a batch of flat LoRAs (B×D) and task vectors (B×c); log σ² is bounded softly
+        by `LOGVAR_MAX` (m − softplus(m − x), smooth, so the KL gradient never vanishes)."""
+        if self.config.body == "mlp":
+            hidden = self.encoder_body(torch.cat([flat, condition], dim=-1))
+        else:
+            hidden = self.encoder_body(flat, condition)
+        logvar = LOGVAR_MAX - F.softplus(LOGVAR_MAX - self.to_logvar(hidden))
+        return self.to_mu(hidden), logvar
+
+    def decode(self, z: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """l = D([z; v]), B×D."""
+        return self.decoder_body(torch.cat([z, condition], dim=-1))
+
+    def forward(self, flat: torch.Tensor, condition: torch.Tensor, *, generator: torch.Generator | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Encode, reparameterise z = μ + σ·ε (ε ~ N(0, I)), decode: returns (l̂, μ, log σ²)."""
+        mu, logvar = self.encode(flat, condition)
+        noise = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        z = mu + torch.exp(0.5 * logvar) * noise
+        return self.decode(z, condition), mu, logvar
+
+
+def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(μ, σ²) ‖ N(0, I)) = −½·Σ(1 + log σ² − μ² − σ²), summed over the latent, averaged over the batch."""
+    return (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(-1)).mean()
+
+
+def vae_loss(recon: torch.Tensor, target: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, beta: float
+             ) -> torch.Tensor:
+    """MSE(l̂, l) + β·KL: ICM-LoRA's CVAE loss (Eq. 11–12 of ICM-Fusion's Algorithm 1)."""
+    return F.mse_loss(recon, target) + beta * kl_divergence(mu, logvar)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _padded_length(config: FVAEConfig) -> int:
+    unit = 2**config.conv_stages
+    return -(-config.numel // unit) * unit
+
+
+def _norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(1, channels)
+
+
+class _ConvEncoder(nn.Module):
+    """S blocks of Conv1d(k 7, stride 2, pad 3) → GroupNorm → LeakyReLU, flattened, then Linear → H and [·; v] → H."""
+
+    def __init__(self, config: FVAEConfig) -> None:
+        super().__init__()
+        channels = (1, *ICM_LORA_CHANNELS[: config.conv_stages])
+        self.numel, self.padded = config.numel, _padded_length(config)
+        self.blocks = nn.Sequential(*[
+            nn.Sequential(nn.Conv1d(c_in, c_out, 7, stride=2, padding=3), _norm(c_out), nn.LeakyReLU())
+            for c_in, c_out in zip(channels[:-1], channels[1:])
+        ])
+        flat_size = channels[-1] * self.padded // 2**config.conv_stages
+        self.to_hidden = nn.Linear(flat_size, config.hidden_dim)
+        self.with_condition = nn.Sequential(nn.Linear(config.hidden_dim + config.condition_dim, config.hidden_dim),
+                                            nn.LeakyReLU())
+
+    def forward(self, flat: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        padded = F.pad(flat, (0, self.padded - self.numel)).unsqueeze(1)
+        hidden = self.to_hidden(self.blocks(padded).flatten(1))
+        return self.with_condition(torch.cat([hidden, condition], dim=-1))
+
+
+class _ConvDecoder(nn.Module):
+    """[z; v] → Linear → (C, L/2^S), S ConvTranspose1d blocks (×2 each), Conv1d → 1 channel, cut to D."""
+
+    def __init__(self, config: FVAEConfig) -> None:
+        super().__init__()
+        channels = (*reversed(ICM_LORA_CHANNELS[: config.conv_stages]), 8)
+        self.numel, self.padded = config.numel, _padded_length(config)
+        self.start_channels, self.start_length = channels[0], self.padded // 2**config.conv_stages
+        self.from_latent = nn.Linear(config.latent_dim + config.condition_dim, channels[0] * self.start_length)
+        self.blocks = nn.Sequential(*[
+            nn.Sequential(nn.ConvTranspose1d(c_in, c_out, 7, stride=2, padding=3, output_padding=1), _norm(c_out),
+                          nn.ELU())
+            for c_in, c_out in zip(channels[:-1], channels[1:])
+        ])
+        self.to_output = nn.Conv1d(channels[-1], 1, 7, padding=3)
+
+    def forward(self, latent_and_condition: torch.Tensor) -> torch.Tensor:
+        start = self.from_latent(latent_and_condition).view(-1, self.start_channels, self.start_length)
+        return self.to_output(self.blocks(start)).squeeze(1)[:, : self.numel]

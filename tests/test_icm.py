@@ -1,0 +1,378 @@
+"""ICM-Fusion in the toy world of issue 5 §7 (MLP 16 → 64 → 5, rank-4 LoRAs on both layers): seconds on a CPU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lora_fusion import load_adapter
+from lora_fusion.icm.api import icm_merge
+from lora_fusion.icm.errors import (
+    BaseModelMismatchError,
+    FVAECheckpointError,
+    LayoutMismatchError,
+    UnknownSupportLabelError,
+)
+from lora_fusion.icm.fusion import FusionConfig, fuse, project_conflicts
+from lora_fusion.icm.fvae import FVAE, FVAEConfig, vae_loss
+from lora_fusion.icm.lora_io import LoraLayout, Normaliser, adapter_factors, flatten, to_adapter, unflatten
+from lora_fusion.icm.meta import MetaTrainConfig, TaskSnapshots, evaluate_meta_loss, load_fvae, meta_train
+from lora_fusion.icm.toy import make_toy_world, toy_layout
+from lora_fusion.icm.training import train_lora
+from lora_fusion_cli.icm import icm_app
+
+N_TASKS = 4
+
+
+@pytest.fixture(scope="module")
+def toy():
+    """The toy world, its layout, per task (snapshots, support, query) and a meta-trained F-VAE."""
+    torch.manual_seed(0)
+    world, tasks = make_toy_world(n_tasks=N_TASKS, seed=0)
+    layout = toy_layout(world)
+    generator = torch.Generator().manual_seed(1)
+    data, queries = [], []
+    for index, task in enumerate(tasks):
+        train, support, query = (task.sample(n, generator) for n in (400, 10, 300))
+        _, snapshots = train_lora(world, task.name, train, layout, steps=120, seed=index, lr=1e-2,
+                                  snapshots=(6, 4, 2, 1)[index])
+        data.append(TaskSnapshots(task.name, snapshots, support))
+        queries.append(query)
+    config = MetaTrainConfig(steps=150, cpu=True, log_every=150, seed=0)
+    trained = meta_train(world, layout, data, config, log=lambda line: None)
+    return world, layout, data, queries, trained
+
+
+def test_toy_layout_has_the_documented_size(toy):
+    _, layout, data, _, _ = toy
+    assert layout.numel == 596  # METHODS.md e.7: A₁ 4×16, B₁ 64×4, A₂ 4×64, B₂ 5×4
+    assert [d.flats.shape[0] for d in data] == [6, 4, 2, 1]  # uneven (long-tailed) snapshot counts
+
+
+@pytest.mark.parametrize("mode", ["pooled", "per_checkpoint"])
+def test_flatten_normalise_unflatten_is_exact(toy, mode):
+    _, layout, data, _, _ = toy
+    flats = torch.cat([d.flats for d in data])
+    normaliser = Normaliser.fit(flats, layout, mode)
+    for flat in flats:
+        normalised = normaliser.normalise(flat)
+        back = normaliser.denormalise(normalised, normaliser.stats_of(flat))
+        torch.testing.assert_close(back, flat, rtol=0, atol=1e-6)
+        factors = unflatten(back, layout)
+        assert factors["fc1"][0].shape == (4, 16) and factors["fc2"][1].shape == (5, 4)
+        assert torch.equal(flatten(factors, layout), back)
+    # each tensor of the normalised snapshots has mean 0 and std 1 over the pooled set (pooled mode)
+    if mode == "pooled":
+        normalised = torch.stack([normaliser.normalise(f) for f in flats])
+        start = 0
+        for size in layout.tensor_sizes:
+            chunk = normalised[:, start : start + size]
+            assert abs(float(chunk.mean())) < 1e-4 and abs(float(chunk.std(unbiased=False)) - 1) < 1e-3
+            start += size
+
+
+def test_adapter_round_trip_keeps_every_update(toy, tmp_path):
+    world, layout, data, _, _ = toy
+    flat = data[0].flats[-1]
+    adapter = to_adapter(flat, layout, base_model=world.base_model)
+    adapter.save_pretrained(tmp_path / "a")
+    reloaded = load_adapter(tmp_path / "a")
+    assert LoraLayout.of(reloaded) == layout
+    for name, (a, b) in unflatten(flat, layout).items():
+        torch.testing.assert_close(reloaded.delta(name), b @ a, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(flatten(adapter_factors(reloaded), layout), flat, rtol=1e-5, atol=1e-6)
+
+
+def test_decoded_lora_is_a_valid_peft_adapter(toy, tmp_path):
+    from peft import PeftModel
+
+    world, layout, data, queries, trained = toy
+    normalised, condition, stats = trained.prepare(data[1].flats[-1], data[1].support)
+    with torch.no_grad():
+        mu, _ = trained.fvae.encode(normalised[None], condition[None])
+        decoded = trained.normaliser.denormalise(trained.fvae.decode(mu, condition[None])[0], stats)
+    to_adapter(decoded, layout, base_model=world.base_model).save_pretrained(tmp_path / "decoded")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = PeftModel.from_pretrained(world.module(), str(tmp_path / "decoded")).eval()
+    x = queries[1].inputs["x"][:32]
+    with torch.no_grad():
+        ours = world.logits(data[1].task, unflatten(decoded, layout), {"x": x})
+        theirs = peft_model(x)
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+
+
+def test_meta_training_lowers_the_meta_loss(toy):
+    world, layout, data, _, trained = toy
+    untrained = meta_train(world, layout, data, MetaTrainConfig(steps=1, lr=1e-12, cpu=True, seed=0),
+                           log=lambda line: None)
+    before, after = evaluate_meta_loss(untrained, data, seed=3), evaluate_meta_loss(trained, data, seed=3)
+    assert after < 0.5 * before, (before, after)
+    assert trained.history[-1]["meta_loss"] < trained.history[0]["meta_loss"] or len(trained.history) == 1
+
+
+def test_meta_training_resumes_from_a_checkpoint_to_the_same_weights(toy, tmp_path):
+    world, layout, data, _, _ = toy
+    config = MetaTrainConfig(steps=12, cpu=True, seed=5, checkpoint_every=6, log_every=6)
+    straight = meta_train(world, layout, data, config, log=lambda line: None)
+    meta_train(world, layout, data, MetaTrainConfig(**{**config.__dict__, "steps": 6}),
+               checkpoint_dir=tmp_path, log=lambda line: None)
+    lines: list[str] = []
+    resumed = meta_train(world, layout, data, config, checkpoint_dir=tmp_path, log=lines.append)
+    assert any("resumed" in line for line in lines)
+    for (name, a), (_, b) in zip(straight.fvae.state_dict().items(), resumed.fvae.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_fusion_is_deterministic_under_a_seed_and_lowers_the_support_loss(toy):
+    _, _, data, _, trained = toy
+    flats = [d.flats[-1] for d in data]
+    supports = [(d.task, d.support) for d in data]
+    first = fuse(trained, flats, supports, FusionConfig(steps=30, seed=7))
+    second = fuse(trained, flats, supports, FusionConfig(steps=30, seed=7))
+    assert torch.equal(first.flat, second.flat) and first.weights == second.weights
+    assert first.losses[-1] < first.losses[0]
+    assert abs(sum(first.weights) - 1) < 1e-5
+
+
+def test_ablations_change_the_fusion(toy):
+    _, _, data, _, trained = toy
+    flats = [d.flats[-1] for d in data]
+    supports = [(d.task, d.support) for d in data]
+    uniform = fuse(trained, flats, supports, FusionConfig(learn_weights=False))
+    assert uniform.weights == [0.25] * N_TASKS and len(uniform.losses) == 1
+    condition_only = fuse(trained, flats, supports, FusionConfig(condition_only=True))
+    assert not torch.equal(uniform.flat, condition_only.flat)
+    projected = fuse(trained, flats, supports, FusionConfig(steps=0))
+    unprojected = fuse(trained, flats, supports, FusionConfig(steps=0, conflict_projection=False))
+    assert unprojected.conflicts == 0
+    assert projected.conflicts == 0 or not torch.equal(projected.flat, unprojected.flat)
+
+
+def test_pcgrad_projection_removes_the_conflict_of_two_directions():
+    u = torch.nn.functional.normalize(torch.tensor([[1.0, 0.2, 0.0], [-0.8, 1.0, 0.3]]), dim=-1)
+    projected, count = project_conflicts(u, torch.Generator().manual_seed(0))
+    assert count == 2
+    assert abs(float(projected[0] @ u[1])) < 1e-6 and abs(float(projected[1] @ u[0])) < 1e-6
+    torch.testing.assert_close(projected.norm(dim=-1), torch.ones(2))
+    aligned = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [1.0, 1.0]]), dim=-1)
+    same, none = project_conflicts(aligned, torch.Generator().manual_seed(0))
+    assert none == 0
+    torch.testing.assert_close(same, aligned)
+
+
+def test_conv_fvae_shapes_and_learning():
+    config = FVAEConfig(numel=1000, condition_dim=8, latent_dim=4, hidden_dim=32, architecture="conv", conv_stages=4)
+    torch.manual_seed(0)
+    model = FVAE(config)
+    flat, condition = torch.randn(3, 1000), torch.randn(3, 8)
+    mu, logvar = model.encode(flat, condition)
+    assert mu.shape == logvar.shape == (3, 4)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        recon, mu, logvar = model(flat, condition)
+        assert recon.shape == (3, 1000)
+        loss = vae_loss(recon, flat, mu, logvar, config.beta)
+        losses.append(float(loss.detach()))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert losses[-1] < losses[0]
+
+
+# ------------------------------------------------------------------ API, CLI and bad input
+
+
+@pytest.fixture(scope="module")
+def saved(toy, tmp_path_factory):
+    """The F-VAE on disk, the tasks' final LoRAs as PEFT adapters and a support file."""
+    world, layout, data, _, trained = toy
+    root = tmp_path_factory.mktemp("icm")
+    trained.save(root / "fvae")
+    adapters = []
+    for item in data:
+        path = root / "adapters" / item.task
+        to_adapter(item.flats[-1], layout, base_model=world.base_model).save_pretrained(path)
+        adapters.append(path)
+    lines = [json.dumps({"task": d.task, "label": int(y), "x": x.tolist()})
+             for d in data for x, y in zip(d.support.inputs["x"], d.support.labels)]
+    (root / "support.jsonl").write_text("\n".join(lines) + "\n")
+    return root, adapters
+
+
+def test_icm_merge_is_deterministic_and_writes_a_loadable_adapter(saved, toy, tmp_path):
+    root, paths = saved
+    world, layout, _, _, _ = toy
+    sources = [load_adapter(p) for p in paths]
+    fused = icm_merge(sources, fvae=root / "fvae", support=root / "support.jsonl", seed=1, steps=20)
+    again = icm_merge(sources, fvae=root / "fvae", support=root / "support.jsonl", seed=1, steps=20)
+    assert fused.provenance["params"]["weights"] == again.provenance["params"]["weights"]
+    fused.save_pretrained(tmp_path / "a")
+    again.save_pretrained(tmp_path / "b")
+    assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() == \
+        (tmp_path / "b" / "adapter_model.safetensors").read_bytes()
+    assert LoraLayout.of(load_adapter(tmp_path / "a")) == layout
+    assert fused.provenance["params"]["tasks"] == [f"domain{i}" for i in range(N_TASKS)]
+
+
+def test_fvae_directory_round_trips(saved, toy):
+    root, _ = saved
+    _, layout, data, _, trained = toy
+    loaded = load_fvae(root / "fvae")
+    assert loaded.layout == layout and loaded.base_model == trained.base_model
+    normalised, condition, _ = loaded.prepare(data[0].flats[-1], data[0].support)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.fvae.encode(normalised[None], condition[None])[0],
+                                   trained.fvae.encode(normalised[None], condition[None])[0])
+
+
+def test_a_lora_of_another_shape_is_refused(saved, toy, tmp_path):
+    root, paths = saved
+    world, _, _, _, _ = toy
+    other = toy_layout(world, rank=2)
+    to_adapter(torch.zeros(other.numel), other, base_model=world.base_model).save_pretrained(tmp_path / "r2")
+    sources = [load_adapter(p) for p in paths[:-1]] + [load_adapter(tmp_path / "r2")]
+    with pytest.raises(LayoutMismatchError, match="rank 2"):
+        icm_merge(sources, fvae=root / "fvae", support=root / "support.jsonl")
+
+
+def test_a_support_label_the_fvae_does_not_know_is_refused(saved, tmp_path):
+    root, paths = saved
+    bad = tmp_path / "support.jsonl"
+    bad.write_text(json.dumps({"task": "domain0", "label": "giraffe", "x": [0.0] * 16}) + "\n")
+    with pytest.raises(UnknownSupportLabelError, match="giraffe"):
+        icm_merge([load_adapter(p) for p in paths[:1]], fvae=root / "fvae", support=bad)
+
+
+def test_an_fvae_of_another_base_model_is_refused(saved, toy, tmp_path):
+    root, paths = saved
+    _, layout, data, _, _ = toy
+    to_adapter(data[0].flats[-1], layout, base_model="someone/else").save_pretrained(tmp_path / "other")
+    sources = [load_adapter(tmp_path / "other")] + [load_adapter(p) for p in paths[1:]]
+    with pytest.raises(BaseModelMismatchError, match="someone/else"):
+        icm_merge(sources, fvae=root / "fvae", support=root / "support.jsonl")
+
+
+def test_cli_fuse_and_info(saved, tmp_path):
+    root, paths = saved
+    runner = CliRunner()
+    result = runner.invoke(icm_app, ["fuse", *map(str, paths), "--fvae", str(root / "fvae"),
+                                     "--support", str(root / "support.jsonl"), "--out", str(tmp_path / "f"),
+                                     "--steps", "5"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["tasks"] == [f"domain{i}" for i in range(N_TASKS)]
+    assert load_adapter(tmp_path / "f").base_model == load_fvae(root / "fvae").base_model
+    info = runner.invoke(icm_app, ["info", str(root / "fvae")])
+    assert info.exit_code == 0 and json.loads(info.stdout)["lora_numel"] == 596
+
+
+def test_merge_method_icm_through_the_main_cli(saved, tmp_path):
+    from lora_fusion_cli.main import app
+
+    root, paths = saved
+    common = ["merge", *map(str, paths), "--method", "icm", "--fvae", str(root / "fvae"),
+              "--support", str(root / "support.jsonl"), "--seed", "1"]
+    result = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "m")])
+    assert result.exit_code == 0, result.output
+    merged = load_adapter(tmp_path / "m")
+    assert "icm" in (tmp_path / "m" / "README.md").read_text() and merged.base_model == load_fvae(root / "fvae").base_model
+    refused = CliRunner().invoke(app, [*common, "--weights", ",".join(["1"] * len(paths)), "--out", str(tmp_path / "w")])
+    assert refused.exit_code == 2 and "learns its own weights" in refused.stderr and not (tmp_path / "w").exists()
+    missing = CliRunner().invoke(app, ["merge", *map(str, paths), "--method", "icm", "--out", str(tmp_path / "x")])
+    assert missing.exit_code == 2 and "icm needs --fvae" in missing.stderr
+
+
+@pytest.mark.parametrize("case", ["label", "fvae_dir"])
+def test_cli_bad_input_exits_2_with_one_line(saved, tmp_path, case):
+    root, paths = saved
+    support, fvae = root / "support.jsonl", root / "fvae"
+    if case == "label":
+        support = tmp_path / "bad.jsonl"
+        support.write_text(json.dumps({"task": "domain0", "label": 9, "x": [0.0] * 16}) + "\n")
+    else:
+        fvae = tmp_path
+    result = CliRunner().invoke(icm_app, ["fuse", str(paths[0]), "--fvae", str(fvae), "--support", str(support),
+                                          "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert result.stderr.startswith("Error:") and result.stderr.count("\n") == 1
+    assert "Traceback" not in result.output
+    with pytest.raises(FVAECheckpointError):
+        load_fvae(tmp_path)
+
+
+def test_importing_the_icm_package_and_cli_loads_no_torch():
+    code = "import sys, lora_fusion.icm, lora_fusion_cli.icm; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_minilm_top_layer_cache_is_exact():
+    from lora_fusion.icm.minilm import MiniLMTopLayerWorld
+
+    world = MiniLMTopLayerWorld.load({"t": ("a", "b")})
+    texts = ["a small domesticated carnivorous mammal", "move fast on foot", "of or relating to the sun"]
+    assert world.check_cache_exact(texts) < 1e-5
+
+
+def test_cli_train_then_fuse_on_minilm_at_tiny_scale(tmp_path):
+    """The real path end to end (MiniLM, testbed texts, JSONL support of texts) at a scale of seconds."""
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text("tasks: [noun_supersense, verb_supersense]\ntrain_per_task: [24, 24]\nsnapshots: [2, 1]\n"
+                      "support_k: 4\ntest_per_task: 8\nlora_steps: 10\nmeta: {steps: 3, log_every: 3}\n")
+    runner = CliRunner()
+    trained = runner.invoke(icm_app, ["train", str(recipe), "--out", str(tmp_path / "run")])
+    assert trained.exit_code == 0, trained.output
+    adapters = [str(tmp_path / "run" / "adapters" / t) for t in ("noun_supersense", "verb_supersense")]
+    fused = runner.invoke(icm_app, ["fuse", *adapters, "--fvae", str(tmp_path / "run" / "fvae"), "--support",
+                                    str(tmp_path / "run" / "support.jsonl"), "--out", str(tmp_path / "f"),
+                                    "--steps", "2"])
+    assert fused.exit_code == 0, fused.output
+    assert load_adapter(tmp_path / "f").base_model == "sentence-transformers/all-MiniLM-L6-v2"
+    bad = runner.invoke(icm_app, ["train", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and bad.stderr.startswith("Error:")
+
+
+def test_latent_sensitivity_is_zero_for_a_decoder_that_ignores_z(toy):
+    from lora_fusion.icm.fusion import latent_sensitivity
+
+    _, _, data, _, trained = toy
+    flats, supports = [d.flats[-1] for d in data], [(d.task, d.support) for d in data]
+    assert all(s >= 0 for s in latent_sensitivity(trained, flats, supports))
+    first = trained.fvae.decoder_body[0]
+    saved = first.weight.detach().clone()
+    with torch.no_grad():
+        first.weight[:, : trained.fvae.config.latent_dim] = 0  # the decoder now sees only the condition
+    try:
+        assert max(latent_sensitivity(trained, flats, supports)) < 1e-6
+    finally:
+        with torch.no_grad():
+            first.weight.copy_(saved)
+
+
+def test_a_diverging_meta_training_raises_instead_of_returning_nan(toy):
+    from lora_fusion.icm.errors import TrainingDivergedError
+    from lora_fusion.icm.worlds import ToyMLPWorld
+
+    world, layout, data, _, _ = toy
+
+    class NaNWorld(ToyMLPWorld):
+        def loss(self, task, factors, batch):
+            return super().loss(task, factors, batch) * float("nan")
+
+    broken = NaNWorld(world.fc1, world.fc2, world.task_classes, base_model=world.base_model)
+    with pytest.raises(TrainingDivergedError, match="step 1"):
+        meta_train(broken, layout, data, MetaTrainConfig(steps=3, cpu=True), log=lambda line: None)
+
+
+def test_posterior_log_variance_is_bounded():
+    from lora_fusion.icm.fvae import LOGVAR_MAX
+
+    model = FVAE(FVAEConfig(numel=50, condition_dim=3))
+    _, logvar = model.encode(1e4 * torch.randn(2, 50), torch.randn(2, 3))
+    assert float(logvar.detach().max()) <= LOGVAR_MAX
