@@ -107,7 +107,8 @@ def dense_svd(dense: torch.Tensor, *, components: int, generator: torch.Generato
     if min(m, n) <= EXACT_SVD_LIMIT:
         U, S, Vh = torch.linalg.svd(dense.double(), full_matrices=False)
         return FactoredSVD.of(U.float(), S, Vh.mT.float())  # the whole spectrum: ‖ΔW‖_F² = Σσ²
-    total = float(torch.linalg.vector_norm(dense)) ** 2  # no float64 copy of an m×n matrix just for its norm
+    # accumulated in float64 without a float64 copy: a float32 norm of millions of entries is off by ~1e-4
+    total = float(torch.linalg.vector_norm(dense, dtype=torch.float64)) ** 2
     width = min(components + 10, min(m, n))
     omega = torch.randn(n, width, generator=generator, dtype=torch.float32).to(dense.device)
     Y = torch.linalg.qr(dense @ omega).Q

@@ -275,3 +275,29 @@ def test_sampled_threshold_selects_exactly_the_top_k_of_large_tensors(values) ->
     order = torch.sort(size, descending=True, stable=True).indices[:keep]  # ties: lower flat index first
     expected[order] = task.reshape(-1)[order]
     assert torch.equal(keep_top_magnitude_(task.clone(), 0.2).reshape(-1), expected)
+
+
+def test_full_space_stats_report_the_error_of_the_written_factors() -> None:
+    # Above 1024 rows and columns the SVD is randomized; the written factors are the projection of the dense merge
+    # on the kept basis, so ‖M − B·A‖ / ‖M‖ is exactly what the stats say, if ‖M‖ is computed accurately.
+    from lora_fusion.methods import interference
+
+    generator = torch.Generator().manual_seed(0)
+    factors = [ModuleFactors(torch.randn(16, 1800, generator=generator), torch.randn(1600, 16, generator=generator), 0.5)
+               for _ in range(3)]
+    group = ModuleGroup("big", factors, [0.5, 0.3, 0.2])
+    captured = {}
+    original = interference.dense_svd
+
+    def capture(dense, **kwargs):
+        captured["merged"] = dense.double().clone()
+        return original(dense, **kwargs)
+
+    interference.dense_svd = capture
+    try:
+        result = get_method("ties").fn(group, get_method("ties").resolve({"rank": 16}))
+    finally:
+        interference.dense_svd = original
+    merged = captured["merged"]
+    actual = float((merged - result.B.double() @ result.A.double()).norm() / merged.norm())
+    assert result.stats.relative_error == pytest.approx(actual, rel=5e-7), (result.stats.relative_error, actual)
