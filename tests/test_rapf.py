@@ -546,3 +546,20 @@ def test_every_shipped_recipe_is_valid() -> None:
     for path in recipes:
         recipe = load_recipe(path)
         assert recipe.name == path.stem, path
+
+
+def test_gradient_accumulation_of_two_half_batches_equals_one_batch(tmp_path: Path, tiny_clip) -> None:
+    # Task 0 has 16 training images, no replay and no hinge: one batch of 16, or two micro-batches of 8 whose
+    # gradients Accelerate adds up (each loss halved), make the same Adam steps.
+    from safetensors.torch import load_file
+
+    from lora_fusion.cil.trainer import run_cil
+
+    dataset = synthetic_dataset(train_per_class=8)
+    weights = []
+    for name, batch, accumulation in (("whole", 16, 1), ("halves", 8, 2)):
+        train = {"epochs": 3, "batch_size": batch, "lr": 0.02, "milestones": [2], "gradient_accumulation": accumulation}
+        recipe = tiny_recipe(tmp_path / name, train=train)
+        run_cil(recipe, encoders=tiny_clip, dataset=dataset, stop_after=0, progress=False)
+        weights.append(load_file(str(tmp_path / name / "run" / "task_00" / "adapter.safetensors"))["weight"])
+    torch.testing.assert_close(weights[0], weights[1], atol=1e-5, rtol=1e-4)

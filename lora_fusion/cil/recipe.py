@@ -58,6 +58,8 @@ class TrainSpec(_Section):
     milestones: list[int] = [4, 10]
     lr_gamma: float = Field(0.1, gt=0)
     logit_scale: float = Field(100.0, gt=0)
+    # micro-batches of `batch_size` whose gradients add up to one step (Accelerate; 1 in the official code)
+    gradient_accumulation: int = Field(1, ge=1)
 
 
 class RapfSpec(_Section):

@@ -194,7 +194,8 @@ def run_cil(recipe: CILRecipe, *, encoders: FrozenEncoders | None = None, datase
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    accelerator = accelerator or Accelerator(cpu=recipe.cpu, mixed_precision=recipe.mixed_precision)
+    accelerator = accelerator or Accelerator(cpu=recipe.cpu, mixed_precision=recipe.mixed_precision,
+                                             gradient_accumulation_steps=recipe.train.gradient_accumulation)
     dataset = dataset or build_dataset(recipe)
     split = split_tasks(dataset, initial=recipe.initial_classes, increment=recipe.increment,
                         class_order=recipe.class_order)
@@ -339,7 +340,9 @@ def _train_task(recipe: CILRecipe, weight: torch.Tensor, train: tuple[torch.Tens
             if pair_index is not None:
                 inputs += [gaussians[i].sample(edge_count, generator) for i, _ in pairs]
             batch = torch.cat(inputs).to(device)
-            with accelerator.autocast():
+            # Under gradient accumulation, Accelerate divides the loss, and the prepared optimizer only steps (and
+            # zeroes) on every `gradient_accumulation`-th micro-batch.
+            with accelerator.accumulate(adapter), accelerator.autocast():
                 adapted = adapter(batch)
                 logits = opt.logit_scale * F.normalize(adapted[:ce_rows], dim=-1) @ text.to(adapted.dtype).mT
                 # A process whose share of a short last batch is empty still joins the synchronised backward.
@@ -347,9 +350,9 @@ def _train_task(recipe: CILRecipe, weight: torch.Tensor, train: tuple[torch.Tens
                 loss = ce_sum * accelerator.num_processes / ce_total
                 if pair_index is not None:
                     loss = loss + hinge_loss(adapted[ce_rows:].float(), text, pair_index.to(device), spec.margin)
-            optimizer.zero_grad()
-            accelerator.backward(loss)
-            optimizer.step()
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad()
             bar.update(1)
         scheduler.step()
     bar.close()

@@ -63,8 +63,11 @@ class TaskSnapshots:
 class MetaTrainConfig:
     """Algorithm 1's hyper-parameters (defaults: METHODS.md e.5.4) and the F-VAE's shape."""
 
-    steps: int = field(default=1000, metadata={"help": "Outer Adam steps."})
+    steps: int = field(default=1000, metadata={"help": "Outer steps (micro-steps under gradient accumulation)."})
     meta_batch: int = field(default=4, metadata={"help": "Snapshots per outer step."})
+    gradient_accumulation: int = field(
+        default=1, metadata={"help": "Outer steps whose gradients add up to one Adam update (Accelerate)."}
+    )
     inner_steps: int = field(default=2, metadata={"help": "K, Eq. 8 steps on the decoded LoRA; 0 = no-meta."})
     inner_lr: float = field(default=0.05, metadata={"help": "β of Eq. 8, in normalised units."})
     lr: float = field(default=1e-3, metadata={"help": "Outer Adam learning rate γ."})
@@ -83,7 +86,7 @@ class MetaTrainConfig:
     log_every: int = field(default=50, metadata={"help": "Log the mean loss every N steps."})
 
     def __post_init__(self) -> None:
-        for name in ("steps", "meta_batch"):
+        for name in ("steps", "meta_batch", "gradient_accumulation"):
             if getattr(self, name) < 1:
                 raise InvalidParameterError(name, getattr(self, name), expected="a positive integer")
         if self.inner_steps < 0:
@@ -230,7 +233,8 @@ def meta_train(
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    accelerator = Accelerator(cpu=config.cpu, mixed_precision=config.mixed_precision)
+    accelerator = Accelerator(cpu=config.cpu, mixed_precision=config.mixed_precision,
+                              gradient_accumulation_steps=config.gradient_accumulation)
     set_seed(config.seed)
     device = accelerator.device
     world.to(device)
@@ -266,35 +270,50 @@ def meta_train(
     targets, conditions = targets.to(device), conditions.to(device)
     started, window = time.perf_counter(), []
     model.train()
+    if config.meta_batch < accelerator.num_processes:
+        raise InvalidParameterError(
+            "meta_batch", config.meta_batch,
+            expected=f"at least the number of processes ({accelerator.num_processes}), or launch fewer processes",
+        )
     for step in range(start_step + 1, config.steps + 1):
         picked = torch.randint(len(targets), (config.meta_batch,), generator=sampler).tolist()
-        target, condition = targets[picked], conditions[picked]
-        with accelerator.autocast():
-            recon, mu, logvar = model(target, condition, generator=noise)
-            first = vae_loss(recon.float(), target, mu.float(), logvar.float(), config.beta)
-        if config.inner_steps:
-            adapted = torch.stack([
-                inner_loop(world, layout, normaliser, recon[i].detach().float(), stats[j], data[snapshot_task[j]].task,
-                           supports[snapshot_task[j]], config.inner_steps, config.inner_lr)
-                for i, j in enumerate(picked)
-            ])
+        # Data parallel: every process draws the same meta-batch and takes every N-th task of it. Its mean losses
+        # are weighted by its share × N, so DDP's average of the gradients is the gradient of the meta-batch mean.
+        mine = picked[accelerator.process_index :: accelerator.num_processes]
+        share = len(mine) / len(picked)
+        with accelerator.accumulate(model):
+            target, condition = targets[mine], conditions[mine]
             with accelerator.autocast():
-                recon2, mu2, logvar2 = model(adapted, condition, generator=noise)
-                meta = vae_loss(recon2.float(), target, mu2.float(), logvar2.float(), config.beta)
-            loss = meta + config.first_pass_weight * first
-        else:
-            meta, loss = first, first
-        if not torch.isfinite(loss.detach()):
-            raise TrainingDivergedError(
-                f"F-VAE meta-training diverged at step {step} (loss {float(loss.detach()):.3g}); lower `lr` or "
-                f"`inner_lr`, or raise the KL weight `beta` (it is {config.beta})."
-            )
-        accelerator.backward(loss)
-        if config.max_grad_norm:
-            accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad()
-        window.append((float(loss.detach()), float(meta.detach()), float(first.detach())))
+                recon, mu, logvar = model(target, condition, generator=noise)
+                first = vae_loss(recon.float(), target, mu.float(), logvar.float(), config.beta)
+            if config.inner_steps:
+                adapted = torch.stack([
+                    inner_loop(world, layout, normaliser, recon[i].detach().float(), stats[j],
+                               data[snapshot_task[j]].task, supports[snapshot_task[j]], config.inner_steps,
+                               config.inner_lr)
+                    for i, j in enumerate(mine)
+                ])
+                with accelerator.autocast():
+                    recon2, mu2, logvar2 = model(adapted, condition, generator=noise)
+                    meta = vae_loss(recon2.float(), target, mu2.float(), logvar2.float(), config.beta)
+                loss = meta + config.first_pass_weight * first
+            else:
+                meta, loss = first, first
+            # the meta-batch means, identical in every process (the sum over processes of share-weighted means)
+            losses = accelerator.reduce(torch.stack([loss, meta, first]).detach() * share, reduction="sum")
+            if not torch.isfinite(losses[0]):
+                raise TrainingDivergedError(
+                    f"F-VAE meta-training diverged at step {step} (loss {float(losses[0]):.3g}); lower `lr` or "
+                    f"`inner_lr`, or raise the KL weight `beta` (it is {config.beta})."
+                )
+            # Under gradient accumulation Accelerate divides the loss, and the prepared optimizer only updates (and
+            # zeroes) on every `gradient_accumulation`-th step; clipping applies to the summed gradient then.
+            accelerator.backward(loss * share * accelerator.num_processes)
+            if config.max_grad_norm and accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad()
+        window.append(tuple(float(value) for value in losses))
         if step % config.log_every == 0 or step == config.steps:
             mean = [sum(v) / len(window) for v in zip(*window)]
             history.append({"step": step, "loss": mean[0], "meta_loss": mean[1], "vae_loss": mean[2],
