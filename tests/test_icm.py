@@ -379,13 +379,14 @@ def test_posterior_log_variance_is_bounded():
 
 
 TWO_PROCESS_META = """
-import json, sys, torch
+import json, os, sys, torch
+from pathlib import Path
 from lora_fusion.icm.meta import MetaTrainConfig, meta_train
 from tests.test_icm import toy_data
 torch.set_num_threads(1)
 world, layout, data = toy_data()
 trained = meta_train(world, layout, data, MetaTrainConfig(steps=60, cpu=True, log_every=60, seed=0), log=lambda line: None)
-print(json.dumps(trained.history[-1]))
+Path(sys.argv[1], f"rank{os.environ['RANK']}.json").write_text(json.dumps(trained.history[-1]))
 """
 
 
@@ -414,16 +415,16 @@ def test_meta_training_on_two_processes_matches_one_process(tmp_path):
     script = tmp_path / "meta.py"
     script.write_text(TWO_PROCESS_META)
     torchrun = Path(sys.executable).with_name("torchrun")
-    launched = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(script)], capture_output=True,
-                              text=True, env=env, timeout=300)
+    launched = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(script), str(tmp_path)],
+                              capture_output=True, text=True, env=env, timeout=300)
     assert launched.returncode == 0, launched.stderr[-2000:]
-    two = [json.loads(line) for line in launched.stdout.splitlines() if line.startswith("{")]
+    two = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     losses = [{key: entry[key] for key in ("loss", "meta_loss", "vae_loss")} for entry in two]
     assert len(losses) == 2 and losses[0] == losses[1]  # the logged losses are the meta-batch means, everywhere
     world, layout, data = toy_data()
     one = meta_train(world, layout, data, MetaTrainConfig(steps=60, cpu=True, log_every=60, seed=0),
                      log=lambda line: None).history[-1]
-    assert two[0]["meta_loss"] == pytest.approx(one["meta_loss"], rel=0.15), (two[0], one)
+    assert two[0]["meta_loss"] == pytest.approx(one["meta_loss"], rel=0.05), (two[0], one)
 
 
 def test_gradient_accumulation_of_two_half_meta_batches_equals_one_meta_batch(toy):
