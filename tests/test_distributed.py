@@ -151,3 +151,25 @@ def test_dense_merges_do_not_depend_on_the_thread_count(tmp_path) -> None:
     finally:
         torch.set_num_threads(default)
     assert torch.equal(*results)
+
+
+def test_a_process_killed_outright_stops_the_launch_and_writes_nothing(adapters, tmp_path) -> None:
+    # Process 1 dies by SIGKILL in the middle of its share (injected through sitecustomize, test code only): the
+    # launcher stops process 0, which has not written anything yet, and nothing is left behind.
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os, signal\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    import lora_fusion.engine as engine\n"
+        "    def die(*args, **kwargs):\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    engine._merge_modules = die\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    env["PYTHONPATH"] = os.pathsep.join([str(hook), env.get("PYTHONPATH", "")])
+    command = [str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "lora_fusion_cli", "merge", *map(str, adapters),
+               "--method", "svd", "--out", str(tmp_path / "out"), "--quiet"]
+    launched = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert launched.returncode != 0 and "SIGKILL" in launched.stderr
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
