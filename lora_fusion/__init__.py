@@ -12,9 +12,10 @@ Example:
 
 from __future__ import annotations
 
-import importlib
 from importlib.metadata import PackageNotFoundError, version
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ._lazy import lazy_attributes
 
 try:
     __version__ = version("lora-fusion")
@@ -49,7 +50,4 @@ if TYPE_CHECKING:
     from .sources import load_adapter
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'lora_fusion' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"lora_fusion.{_LAZY[name]}"), name)
+__getattr__ = lazy_attributes(__name__, _LAZY)

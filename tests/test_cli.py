@@ -22,13 +22,15 @@ def invoke(*args: str):
     return runner.invoke(app, [str(a) for a in args])
 
 
-def assert_user_error(result, *fragments: str) -> None:
+def assert_user_error(result, *fragments: str) -> str:
+    """Assert the CLI's contract for user errors (exit 2, one `Error:` line, no traceback); return the line."""
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+    return lines[0]
 
 
 @pytest.fixture

@@ -31,6 +31,7 @@ from typer.testing import CliRunner
 from lora_fusion import load_adapter, merge
 from lora_fusion.errors import CorruptAdapterError, HubError, LoraFusionError, UnsupportedAdapterError
 from lora_fusion_cli.main import app
+from tests.test_cli import assert_user_error
 from tests.test_properties import write_lora
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,15 +44,6 @@ def invoke(*args: object):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
-def one_line_error(result, *fragments: str) -> str:
-    """Assert the CLI's contract for user errors (exit 2, one `Error:` line, no traceback); return the line."""
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def lora(folder: Path, seed: int = 0, *, shapes: dict | None = None, r: int = 4, alpha: float = 8) -> Path:
@@ -263,7 +255,7 @@ def test_symlinks_leaving_the_adapter_directory_are_refused(linked, tmp_path) ->
     message = refuse(folder, CorruptAdapterError, "outside the adapter directory")
     assert str(elsewhere / linked) in message
     result = invoke("merge", folder, "--out", tmp_path / "never")
-    one_line_error(result, "outside the adapter directory")
+    assert_user_error(result, "outside the adapter directory")
     assert not (tmp_path / "never").exists()
 
 
@@ -286,14 +278,14 @@ def test_push_refuses_a_folder_with_a_link_to_a_file_outside_it(hub, tmp_path) -
     folder = merge([lora(tmp_path / "a")]).save_pretrained(tmp_path / "download")
     (folder / "README.md").unlink()
     (folder / "README.md").symlink_to(secret)  # huggingface_hub's upload_folder would upload the key's content
-    one_line_error(invoke("push", folder, "me/leak"), "outside the folder", "README.md")
+    assert_user_error(invoke("push", folder, "me/leak"), "outside the folder", "README.md")
     assert not [path for method, path in hub.requests if method == "POST"]
 
 
 def test_push_refuses_a_folder_with_a_looping_link(hub, tmp_path) -> None:
     folder = merge([lora(tmp_path / "a")]).save_pretrained(tmp_path / "out")
     (folder / "loop").symlink_to(folder / "loop")
-    one_line_error(invoke("push", folder, "me/loop"), "broken or looping link", "loop")
+    assert_user_error(invoke("push", folder, "me/loop"), "broken or looping link", "loop")
     assert not [path for method, path in hub.requests if method == "POST"]
 
 
@@ -413,7 +405,7 @@ def test_a_size_capped_write_is_one_clear_error_and_leaves_nothing(tmp_path) -> 
     source = lora(tmp_path / "big", shapes=big, r=16)
     with file_size_limit(32 * 1024):
         result = invoke("merge", source, "--out", out, "--overwrite")
-    one_line_error(result, "File too large", "nothing was written")
+    assert_user_error(result, "File too large", "nothing was written")
     assert snapshot(out) == before
     assert hidden_leftovers(tmp_path) == []
 
@@ -430,7 +422,7 @@ def test_a_full_tmpfs_is_one_clear_error_and_leaves_nothing(tmp_path) -> None:
         out = merge([lora(tmp_path / "small")]).save_pretrained(disk / "out")
         before = snapshot(out)
         big = lora(tmp_path / "big", shapes={name: (256, 256) for name in SHAPES}, r=16)
-        one_line_error(invoke("merge", big, "--out", out, "--overwrite"), "No space left on device", "nothing was written")
+        assert_user_error(invoke("merge", big, "--out", out, "--overwrite"), "No space left on device", "nothing was written")
         assert snapshot(out) == before
         assert hidden_leftovers(disk) == []
     finally:
@@ -504,7 +496,7 @@ def test_persistent_hub_faults_end_in_one_line_after_the_retries(fault, message,
     name = f"rel/down-{kind}-{value}-{method}".replace(".", "-")
     hub.add_repo(name, snapshot(lora(tmp_path / "a")))
     (hub.fail_next if kind == "fail" else hub.delay_next)(value, 1000, "adapter_config.json", method=method)
-    one_line_error(invoke("merge", name, "--out", tmp_path / "never"), name, message)
+    assert_user_error(invoke("merge", name, "--out", tmp_path / "never"), name, message)
     assert not (tmp_path / "never").exists()
     if method == "HEAD":  # one plain HEAD, then http_backoff's 1 + 5 retries
         assert requests_for(hub, "HEAD", "adapter_config.json") == 7
@@ -519,7 +511,7 @@ def test_a_failed_push_keeps_the_local_result(hub, backoff, tmp_path) -> None:
     hub.fail_next(500, 1000, "/preupload/")
     out = tmp_path / "merged"
     result = invoke("merge", source, "--out", out, "--push-to-hub", "me/unlucky")
-    one_line_error(result, "me/unlucky", "answered 500")
+    assert_user_error(result, "me/unlucky", "answered 500")
     assert requests_for(hub, "POST", "/preupload/") == 6 and backoff == [1, 2, 4, 8, 8]  # preupload uses http_backoff
     assert load_adapter(out).modules.keys() == SHAPES.keys()
     assert hidden_leftovers(tmp_path) == []
@@ -532,7 +524,7 @@ def test_a_failed_push_keeps_the_local_result(hub, backoff, tmp_path) -> None:
 def test_a_failed_push_says_the_local_result_is_kept(hub, backoff, tmp_path) -> None:
     hub.fail_next(500, 1000, "/preupload/")
     out = tmp_path / "merged"
-    line = one_line_error(invoke("merge", lora(tmp_path / "a"), "--out", out, "--push-to-hub", "me/unlucky"))
+    line = assert_user_error(invoke("merge", lora(tmp_path / "a"), "--out", out, "--push-to-hub", "me/unlucky"))
     assert "answered 500" in line and f"saved in {out}" in line and f"lora-fusion push {out} me/unlucky" in line
 
 

@@ -6,8 +6,9 @@ Names are imported on first use, so `import lora_fusion.icm` loads no torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_attributes
 
 _LAZY = {
     "icm_merge": "api",
@@ -35,7 +36,4 @@ if TYPE_CHECKING:
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'lora_fusion.icm' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"lora_fusion.icm.{_LAZY[name]}"), name)
+__getattr__ = lazy_attributes(__name__, _LAZY)
