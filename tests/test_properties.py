@@ -139,7 +139,8 @@ def rel(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 weights_st = st.floats(-2, 2, allow_nan=False).filter(lambda w: abs(w) > 0.05)
-FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomize: CI runs the same examples every time (a new failure is found by raising max_examples locally)
+FAST = settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 
 @FAST
@@ -155,15 +156,21 @@ def test_one_adapter_with_weight_one_round_trips(case) -> None:
         for name, module in original.modules.items():
             assert reloaded.modules[name].dtype == module.dtype and reloaded.modules[name].rank == module.rank
             got, expected = reloaded.delta(name), original.delta(name)
-            if math.log2(module.scale).is_integer():
-                # a power-of-two scale folded into B is exact in every dtype: the update is bit-identical
+            f = original.factors(name)
+            info = torch.finfo(module.dtype)
+            scaled = module.scale * f.B.float()
+            normal = bool((scaled[scaled != 0].abs() >= info.smallest_normal).all())
+            if math.log2(module.scale).is_integer() and normal:
+                # a power-of-two scale folded into B is exact in every dtype while s·B stays out of the subnormal
+                # range: the update is bit-identical
                 assert torch.equal(got, expected), name
             else:
-                # otherwise each entry of s·B is rounded once to the file dtype (relative error ≤ eps/2), so
-                # |ΔW' − ΔW| ≤ (eps/2 + float32 matmul rounding)·s·|B|·|A| entry-wise, however much the rank sum cancels
-                f = original.factors(name)
-                eps = torch.finfo(module.dtype).eps / 2 + module.rank * torch.finfo(torch.float32).eps
+                # otherwise each entry of s·B is rounded once to the file dtype: relative error ≤ eps/2, or an
+                # absolute smallest_normal·eps/2 for subnormals, so entry-wise |ΔW' − ΔW| ≤ (eps/2 + float32 matmul
+                # rounding)·s·|B|·|A| + smallest_normal·eps/2·Σ|A|, however much the rank sum cancels
+                eps = info.eps / 2 + module.rank * torch.finfo(torch.float32).eps
                 bound = eps * abs(f.scale) * (f.B.float().abs() @ f.A.float().abs())
+                bound += info.smallest_normal * info.eps / 2 * f.A.float().abs().sum(0, keepdim=True)
                 assert bool(((got - expected).abs() <= bound * 1.01 + 1e-30).all()), name
 
 
