@@ -36,8 +36,14 @@ def run(
 
     with user_errors():
         from lora_fusion.cil import run_recipe
+        from lora_fusion.distributed import finish, is_main_process
 
-        result = run_recipe(recipe, resume=not restart, progress=not quiet)
+        try:
+            result = run_recipe(recipe, resume=not restart, progress=not quiet)
+        finally:
+            finish()  # a launched process that exits with its process group open aborts
+    if not is_main_process():
+        return
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
         return

@@ -43,7 +43,14 @@ def train(
             spec["seed"] = seed
         if steps is not None:
             spec["meta"] = {**(spec.get("meta") or {}), "steps": steps}
-        trained = train_minilm_fvae(ICMRecipe.from_mapping(spec), out, log=lambda line: typer.echo(line, err=True))
+        from lora_fusion.distributed import finish, is_main_process
+
+        try:
+            trained = train_minilm_fvae(ICMRecipe.from_mapping(spec), out, log=lambda line: typer.echo(line, err=True))
+        finally:
+            finish()  # a launched process that exits with its process group open aborts
+        if not is_main_process():
+            return  # the main process wrote the outputs and reports them
         last = trained.history[-1] if trained.history else {}
         typer.echo(json.dumps({"fvae": str(out / "fvae"), "adapters": str(out / "adapters"),
                                "support": str(out / "support.jsonl"), "final_loss": last.get("loss")}))

@@ -199,7 +199,9 @@ def merge(
         raise InvalidParameterError("base_model", str(base_model), expected=f"none: {spec.name} reads no base weights")
     weight_list = _weights(weights, len(sources))
     target = _device(device)
-    shard = current_shard(device) if distributed and not dry_run else None
+    if spec.whole_adapters:
+        _check_whole(spec, params, weights=weights, dry_run=dry_run, dtype=dtype, device=device)
+    shard = None if dry_run or spec.whole_adapters else current_shard(device) if distributed else None
 
     def open_sources() -> tuple[list[LoraAdapter], dict[str, ModuleSpec], torch.dtype]:
         adapters = [_open(s, revision=revision, subfolder=subfolder, token=token) for s in sources]
@@ -209,7 +211,7 @@ def merge(
     if shard is None:
         adapters, layout, out_dtype = open_sources()
         if spec.whole_adapters:
-            return _merge_whole(spec, params, adapters, weights, dry_run=dry_run)
+            return spec.fn(adapters, params)  # type: ignore[call-arg, arg-type]
         if dry_run:
             return _plan(spec, params, adapters, weight_list, layout, out_dtype, with_base=base_model is not None)
         base = _open_base(base_model, token=token) if base_model is not None else None
@@ -217,8 +219,6 @@ def merge(
             list(layout), spec, params, adapters, weight_list, layout, target, out_dtype, progress, base
         )
     else:
-        if spec.whole_adapters:
-            raise InvalidParameterError("distributed", True, expected=f"False: {spec.name} runs in one process")
         target = torch.device(shard.device)
         opened: dict[str, Any] = {}
 
@@ -261,15 +261,20 @@ def merge(
     return LoraAdapter(config=config, modules=modules, store=MemoryStore(tensors), provenance=provenance, stats=stats)
 
 
-def _merge_whole(
-    spec: MethodSpec, params: MergeParams, adapters: Sequence[LoraAdapter], weights: Sequence[float] | None, *, dry_run: bool
-) -> LoraAdapter:
-    """A method on whole adapters (ICM-Fusion) learns its own combination: it takes no weights and has no plan."""
-    if weights is not None:
-        raise InvalidParameterError("weights", list(weights), expected=f"none: {spec.name} learns its own weights")
-    if dry_run:
-        raise InvalidParameterError("dry_run", True, expected=f"False: {spec.name} has no plan before it runs")
-    return spec.fn(adapters, params)  # type: ignore[call-arg, arg-type]
+def _check_whole(
+    spec: MethodSpec, params: MergeParams, *, weights: Sequence[float] | None, dry_run: bool,
+    dtype: torch.dtype | str | None, device: str,
+) -> None:
+    """A method on whole adapters (ICM-Fusion) learns its own combination and writes float32 from the CPU: refuse
+    what it would ignore, before anything is downloaded. Under a launcher each process runs it whole."""
+    for name in spec.required:
+        if getattr(params, name) is None:
+            raise InvalidParameterError(name, None, expected=f"a path: {spec.name} needs --{name.replace('_', '-')}")
+    given = {"weights": weights, "dry_run": dry_run or None, "dtype": dtype, "device": None if device == "cpu" else device}
+    for name, value in given.items():
+        if value is not None:
+            raise InvalidParameterError(name, value, expected=f"none: {spec.name} learns its own weights, runs on the "
+                                        "CPU in one process, writes float32 and has no plan before it runs")
 
 
 ModuleOutput = tuple[ModuleSpec, dict[str, torch.Tensor], ModuleStats]

@@ -548,14 +548,16 @@ def test_every_shipped_recipe_is_valid() -> None:
         assert recipe.name == path.stem, path
 
 
-def test_gradient_accumulation_of_two_half_batches_equals_one_batch(tmp_path: Path, tiny_clip) -> None:
-    # Task 0 has 16 training images, no replay and no hinge: one batch of 16, or two micro-batches of 8 whose
-    # gradients Accelerate adds up (each loss halved), make the same Adam steps.
+@pytest.mark.parametrize("per_class", [8, 12])
+def test_gradient_accumulation_of_two_half_batches_equals_one_batch(tmp_path: Path, tiny_clip, per_class) -> None:
+    # Task 0 (no replay, no hinge) has 16 or 24 training images: batches of 16, or groups of two micro-batches of 8
+    # (each loss halved; with 24 images the last group of each epoch is a single micro-batch, as the last batch of 16
+    # is a batch of 8) make the same Adam steps.
     from safetensors.torch import load_file
 
     from lora_fusion.cil.trainer import run_cil
 
-    dataset = synthetic_dataset(train_per_class=8)
+    dataset = synthetic_dataset(train_per_class=per_class)
     weights = []
     for name, batch, accumulation in (("whole", 16, 1), ("halves", 8, 2)):
         train = {"epochs": 3, "batch_size": batch, "lr": 0.02, "milestones": [2], "gradient_accumulation": accumulation}

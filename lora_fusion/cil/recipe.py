@@ -106,7 +106,8 @@ class CILRecipe(_Section):
     rapf: RapfSpec = RapfSpec()
     joint: bool = Field(False, description="Upper bound: one task with every class (no replay, hinge or fusion).")
     seed: int = Field(2, ge=0)
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    # None: the launcher's choice (`accelerate launch --mixed_precision bf16`), else no
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = None
     cpu: bool = False
     feature_batch_size: int = Field(64, ge=1)
     cache_dir: str | None = None

@@ -19,6 +19,7 @@ with the adapter, so a run resumed from its last finished task equals an uninter
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -194,8 +195,7 @@ def run_cil(recipe: CILRecipe, *, encoders: FrozenEncoders | None = None, datase
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    accelerator = accelerator or Accelerator(cpu=recipe.cpu, mixed_precision=recipe.mixed_precision,
-                                             gradient_accumulation_steps=recipe.train.gradient_accumulation)
+    accelerator = accelerator or Accelerator(cpu=recipe.cpu, mixed_precision=recipe.mixed_precision)
     dataset = dataset or build_dataset(recipe)
     split = split_tasks(dataset, initial=recipe.initial_classes, increment=recipe.increment,
                         class_order=recipe.class_order)
@@ -313,6 +313,7 @@ def _train_task(recipe: CILRecipe, weight: torch.Tensor, train: tuple[torch.Tens
     replaying = spec.replay and bool(old_classes)
     pair_index = torch.tensor(pairs, dtype=torch.long).repeat_interleave(edge_count, dim=0) if pairs else None
     batches = math.ceil(x_task.shape[0] / opt.batch_size)
+    accumulation = opt.gradient_accumulation
     bar = tqdm(total=opt.epochs * batches, desc=desc, disable=not progress, leave=False)
     for _ in range(opt.epochs):
         order = torch.randperm(x_task.shape[0], generator=generator)
@@ -340,17 +341,23 @@ def _train_task(recipe: CILRecipe, weight: torch.Tensor, train: tuple[torch.Tens
             if pair_index is not None:
                 inputs += [gaussians[i].sample(edge_count, generator) for i, _ in pairs]
             batch = torch.cat(inputs).to(device)
-            # Under gradient accumulation, Accelerate divides the loss, and the prepared optimizer only steps (and
-            # zeroes) on every `gradient_accumulation`-th micro-batch.
-            with accelerator.accumulate(adapter), accelerator.autocast():
+            with accelerator.autocast():
                 adapted = adapter(batch)
                 logits = opt.logit_scale * F.normalize(adapted[:ce_rows], dim=-1) @ text.to(adapted.dtype).mT
-                # A process whose share of a short last batch is empty still joins the synchronised backward.
-                ce_sum = F.cross_entropy(logits.float(), target, reduction="sum") if ce_rows else adapted.sum() * 0.0
-                loss = ce_sum * accelerator.num_processes / ce_total
-                if pair_index is not None:
-                    loss = loss + hinge_loss(adapted[ce_rows:].float(), text, pair_index.to(device), spec.margin)
-                accelerator.backward(loss)
+            # A process whose share of a short last batch is empty still joins the synchronised backward.
+            ce_sum = F.cross_entropy(logits.float(), target, reduction="sum") if ce_rows else adapted.sum() * 0.0
+            loss = ce_sum * accelerator.num_processes / ce_total
+            if pair_index is not None:
+                loss = loss + hinge_loss(adapted[ce_rows:].float(), text, pair_index.to(device), spec.margin)
+            # Gradient accumulation: groups of `gradient_accumulation` micro-batches, the last group of an epoch
+            # possibly shorter; each loss is divided by its group's size and DDP synchronises on the group's last
+            # micro-batch only, where the optimizer steps. No group spans an epoch or a task.
+            group_start = b - b % accumulation
+            group_size = min(accumulation, batches - group_start)
+            last_of_group = b == group_start + group_size - 1
+            with contextlib.nullcontext() if last_of_group else accelerator.no_sync(adapter):
+                accelerator.backward(loss / group_size)
+            if last_of_group:
                 optimizer.step()
                 optimizer.zero_grad()
             bar.update(1)

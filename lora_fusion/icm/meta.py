@@ -81,7 +81,9 @@ class MetaTrainConfig:
     architecture: str = field(default="auto", metadata={"help": "F-VAE body: auto, mlp or conv."})
     seed: int = field(default=0, metadata={"help": "Seeds the F-VAE's initialisation, sampling and noise."})
     checkpoint_every: int = field(default=0, metadata={"help": "Save a resumable checkpoint every N steps (0: off)."})
-    mixed_precision: str = field(default="no", metadata={"help": "Accelerate mixed precision: no, fp16, bf16."})
+    mixed_precision: str | None = field(
+        default=None, metadata={"help": "no, fp16 or bf16; None: the launcher's (`accelerate launch --mixed_precision`)."}
+    )
     cpu: bool = field(default=False, metadata={"help": "Force the CPU even when an accelerator is present."})
     log_every: int = field(default=50, metadata={"help": "Log the mean loss every N steps."})
 
@@ -89,13 +91,20 @@ class MetaTrainConfig:
         for name in ("steps", "meta_batch", "gradient_accumulation"):
             if getattr(self, name) < 1:
                 raise InvalidParameterError(name, getattr(self, name), expected="a positive integer")
+        # A group of accumulated steps must end before the run and before each checkpoint: a checkpoint does not hold
+        # half-summed gradients, and a last partial group would never be applied.
+        for name in ("steps", "checkpoint_every"):
+            if getattr(self, name) % self.gradient_accumulation:
+                raise InvalidParameterError(
+                    name, getattr(self, name), expected=f"a multiple of gradient_accumulation ({self.gradient_accumulation})"
+                )
         if self.inner_steps < 0:
             raise InvalidParameterError("inner_steps", self.inner_steps, expected="K ≥ 0 (0 = no-meta)")
         if self.task_vectors not in TASK_VECTOR_MODES:
             raise InvalidParameterError("task_vectors", self.task_vectors, expected=f"one of {TASK_VECTOR_MODES}")
         if self.normalisation not in ("pooled", "per_checkpoint"):
             raise InvalidParameterError("normalisation", self.normalisation, expected="'pooled' or 'per_checkpoint'")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
+        if self.mixed_precision not in (None, "no", "fp16", "bf16"):
             raise InvalidParameterError("mixed_precision", self.mixed_precision, expected="'no', 'fp16' or 'bf16'")
 
 
@@ -263,7 +272,7 @@ def meta_train(
     start_step = 0
     checkpoints = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if checkpoints is not None:
-        start_step, history = _resume(checkpoints, accelerator, model, optimizer, sampler, noise)
+        start_step, history = _resume(checkpoints, accelerator, model, optimizer, sampler, noise, _identity(config))
         if start_step:
             log(f"resumed from {checkpoints / f'step-{start_step}'}")
 
@@ -321,7 +330,8 @@ def meta_train(
             log(f"step {step}/{config.steps} loss {mean[0]:.4f} meta {mean[1]:.4f} vae {mean[2]:.4f}")
             window = []
         if checkpoints is not None and config.checkpoint_every and step % config.checkpoint_every == 0:
-            _save_checkpoint(checkpoints, step, accelerator, model, optimizer, sampler, noise, history)
+            _save_checkpoint(checkpoints, step, accelerator, model, optimizer, sampler, noise, history,
+                             _identity(config))
 
     fvae = accelerator.unwrap_model(model).cpu().eval()
     world.to("cpu")
@@ -377,8 +387,15 @@ def _checkpoint_steps(root: Path) -> list[int]:
                   if p.name.removeprefix("step-").isdigit() and (p / "state.pt").is_file())
 
 
+def _identity(config: MetaTrainConfig) -> str:
+    """What a checkpoint must share with the run that resumes it: every setting but the length and the logging."""
+    settings = {k: v for k, v in asdict(config).items() if k not in ("steps", "log_every", "checkpoint_every")}
+    return json.dumps(settings, sort_keys=True, default=str)
+
+
 def _save_checkpoint(root: Path, step: int, accelerator: Any, model: torch.nn.Module, optimizer: Any,
-                     sampler: torch.Generator, noise: torch.Generator, history: list[dict[str, float]]) -> None:
+                     sampler: torch.Generator, noise: torch.Generator, history: list[dict[str, float]],
+                     identity: str) -> None:
     if not accelerator.is_main_process:
         return
     target = root / f"step-{step}"
@@ -391,6 +408,7 @@ def _save_checkpoint(root: Path, step: int, accelerator: Any, model: torch.nn.Mo
         "sampler": sampler.get_state(),
         "noise": noise.get_state(),
         "torch_rng": torch.get_rng_state(),
+        "identity": identity,
     }
     accelerator.save(state, stage / "state.pt")
     (stage / "history.json").write_text(json.dumps(history))
@@ -402,13 +420,23 @@ def _save_checkpoint(root: Path, step: int, accelerator: Any, model: torch.nn.Mo
 
 
 def _resume(root: Path, accelerator: Any, model: torch.nn.Module, optimizer: Any, sampler: torch.Generator,
-            noise: torch.Generator) -> tuple[int, list[dict[str, float]]]:
+            noise: torch.Generator, identity: str) -> tuple[int, list[dict[str, float]]]:
     steps = _checkpoint_steps(root) if root.is_dir() else []
     if not steps:
         return 0, []
     folder = root / f"step-{steps[-1]}"
     state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
-    accelerator.unwrap_model(model).load_state_dict(state["model"])
+    if state.get("identity") != identity:
+        raise FVAECheckpointError(
+            f"{folder} is a checkpoint of a run with other settings; delete {root} to start over, "
+            "or write this run elsewhere."
+        )
+    try:
+        accelerator.unwrap_model(model).load_state_dict(state["model"])
+    except RuntimeError:
+        raise FVAECheckpointError(
+            f"{folder} holds an F-VAE of another shape (another layout or rank); delete {root} to start over."
+        ) from None
     optimizer.load_state_dict(state["optimizer"])
     sampler.set_state(state["sampler"])
     noise.set_state(state["noise"])

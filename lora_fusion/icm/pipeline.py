@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from lora_fusion.distributed import is_main_process
 from lora_fusion.errors import InvalidParameterError, RecipeError
 
 from .lora_io import LoraLayout, to_adapter
@@ -146,6 +147,8 @@ def train_minilm_fvae(recipe: ICMRecipe, out: str | Path, *, log: Callable[[str]
     loras = train_task_loras(world, layout, splits, recipe, log=log)
     data = [TaskSnapshots(s.task, snaps, s.support) for s, (_, snaps) in zip(splits, loras)]
     trained = meta_train(world, layout, data, recipe.meta, checkpoint_dir=out / "checkpoints", log=log)
+    if not is_main_process():
+        return trained  # under `accelerate launch` every process holds the same result; the main one writes it
     trained.save(out / "fvae")
     for split, (factors, snaps) in zip(splits, loras):
         adapter = to_adapter(snaps[-1], layout, base_model=world.base_model,

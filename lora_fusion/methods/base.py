@@ -184,6 +184,7 @@ class MethodSpec:
     output_rank: Literal["sum", "max", "merged"] = "max"
     uses_base: bool = False
     whole_adapters: bool = False
+    required: tuple[str, ...] = ()
 
     def resolve(self, given: Mapping[str, object]) -> MergeParams:
         """The method's parameters: its defaults, overridden by what the user gave (only parameters it takes).
@@ -247,14 +248,16 @@ def register_method(
 
 
 def register_adapter_method(
-    name: str, *, summary: str, formula: str, reference: str, params: Sequence[str] = ()
+    name: str, *, summary: str, formula: str, reference: str, params: Sequence[str] = (), required: Sequence[str] = ()
 ) -> Callable[[AdapterMethodFn], AdapterMethodFn]:
     """Register `fn` under `name` as a method on whole adapters: it receives every loaded adapter and the
-    [`MergeParams`] and returns the merged [`LoraAdapter`] (for methods that learn from data, like ICM-Fusion)."""
+    [`MergeParams`] and returns the merged [`LoraAdapter`] (for methods that learn from data, like ICM-Fusion).
+    `required` names the parameters it cannot run without, checked before anything is downloaded."""
 
     def decorator(fn: AdapterMethodFn) -> AdapterMethodFn:
         _REGISTRY[name] = MethodSpec(
-            name, fn, summary, formula, reference, frozenset(params), output_rank="merged", whole_adapters=True
+            name, fn, summary, formula, reference, frozenset(params), output_rank="merged", whole_adapters=True,
+            required=tuple(required),
         )
         return fn
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..adapter import LoraAdapter
-from ..errors import InvalidParameterError
 from .base import MergeParams, register_adapter_method
 
 
@@ -20,6 +19,7 @@ from .base import MergeParams, register_adapter_method
     formula="l_f = D([z_f; Σwᵢvᵢ]), z_f = (Σwᵢρᵢ)·normalize(Σwᵢuᵢ + δ), uᵢ conflict-projected; w, δ fitted on support",
     reference="Shao et al., ICM-Fusion, AAAI 2026 (arXiv:2508.04153); our interpretation, docs/icm.md",
     params=("fvae", "support", "seed"),
+    required=("fvae", "support"),
 )
 def icm(adapters: Sequence[LoraAdapter], params: MergeParams) -> LoraAdapter:
     """ICM-Fusion (Shao et al., AAAI 2026, arXiv:2508.04153), as interpreted in docs/icm.md: each LoRA lᵢ is encoded
@@ -28,7 +28,4 @@ def icm(adapters: Sequence[LoraAdapter], params: MergeParams) -> LoraAdapter:
     frozen; the fused LoRA is l_f = D([(Σwᵢρᵢ)·normalize(Σwᵢuᵢ + δ); Σwᵢvᵢ])."""
     from ..icm.api import icm_merge
 
-    for name in ("fvae", "support"):
-        if getattr(params, name) is None:
-            raise InvalidParameterError(name, None, expected=f"a path: icm needs --{name}")
     return icm_merge(adapters, fvae=params.fvae, support=params.support, seed=params.seed)
