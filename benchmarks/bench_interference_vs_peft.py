@@ -33,14 +33,22 @@ import math
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from _common import CpuShare, Timings, emit, log, machine, repeat, rounded, timed, wait_for_idle
-from bench_vs_peft import TARGETS, ErrorReport, build_base, peft_delta, relative_errors, write_lora
+from bench_vs_peft import (
+    TARGETS,
+    ErrorReport,
+    add_model_arguments,
+    build_base,
+    peft_delta,
+    relative_errors,
+    write_lora,
+)
 
 METHODS = {"ties": "ties_svd", "dare_ties": "dare_ties_svd"}  # lora-fusion method -> PEFT combination_type
 QUIET = 0.05  # largest share of the machine's CPU time other processes may take during a timed call, for "quiet"
@@ -208,12 +216,7 @@ def errors_entry(report: ErrorReport, optimal: float) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--intermediate", type=int, default=5504)
-    parser.add_argument("--layers", type=int, default=1)
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--vocab", type=int, default=256)
-    parser.add_argument("--rank", type=int, default=16, help="rank of each input LoRA")
+    add_model_arguments(parser, hidden=2048, intermediate=5504, layers=1)
     parser.add_argument("--svd-rank", type=int, default=16, help="output rank of every merge")
     parser.add_argument("--alphas", type=int, nargs="+", default=[32, 16, 8], help="lora_alpha of each adapter")
     parser.add_argument("--weights", type=float, nargs="+", default=[0.5, 0.3, 0.2], help="one weight per adapter")

@@ -50,6 +50,16 @@ class PeftRun:
     svd_runs_s: tuple[float, ...]
 
 
+def add_model_arguments(parser: argparse.ArgumentParser, *, hidden: int, intermediate: int, layers: int) -> None:
+    """The options `build_base` and the adapters read: model shape and input rank, with this benchmark's defaults."""
+    parser.add_argument("--hidden", type=int, default=hidden)
+    parser.add_argument("--intermediate", type=int, default=intermediate)
+    parser.add_argument("--layers", type=int, default=layers)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--vocab", type=int, default=256)
+    parser.add_argument("--rank", type=int, default=16, help="rank of each input LoRA")
+
+
 def build_base(args: argparse.Namespace) -> Any:
     """A random float32 Llama with the requested shapes (no weights are downloaded)."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -143,12 +153,7 @@ def time_lora_fusion(sources: list[str], *, svd_rank: int, runs: int) -> dict[st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--intermediate", type=int, default=2752)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--vocab", type=int, default=256)
-    parser.add_argument("--rank", type=int, default=16, help="rank of each input LoRA")
+    add_model_arguments(parser, hidden=1024, intermediate=2752, layers=2)
     parser.add_argument("--svd-rank", type=int, default=16, help="output rank of both SVD merges")
     parser.add_argument("--alphas", type=int, nargs=2, default=[32, 8], help="lora_alpha of the two adapters")
     parser.add_argument("--runs", type=int, default=3, help="lora-fusion runs per method (best is reported)")

@@ -13,7 +13,7 @@ import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar, overload
 
@@ -22,7 +22,7 @@ import torch
 from . import __version__
 from .adapter import AdapterConfig, LoraAdapter, MemoryStore, ModuleFactors, ModuleSpec, all_finite
 from .base_weights import BaseWeights
-from .distributed import Shard, current_shard, gather_shards, is_main_process
+from .distributed import current_shard, gather_shards, is_main_process
 from .linalg import EXACT_SVD_LIMIT
 from .runtime import thread_limit
 from .errors import IncompatibleAdaptersError, InvalidParameterError, NonFiniteError, SourceNotFoundError

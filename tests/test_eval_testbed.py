@@ -12,7 +12,6 @@ import pytest
 from lora_fusion.eval.catalog import ALL_TASKS, TESTBED_TASKS, DataDirs, load_split
 from lora_fusion.eval.fortunes import FORTUNE_TOPICS, parse_fortunes, read_fortunes, topic_task
 from lora_fusion.eval.scores import (
-    ResultRow,
     collect_rows,
     findings,
     format_mean_std,

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from lora_fusion import load_adapter, merge
-from lora_fusion.errors import CorruptAdapterError, HubError, LoraFusionError, UnsupportedAdapterError
+from lora_fusion.errors import CorruptAdapterError, LoraFusionError, UnsupportedAdapterError
 from lora_fusion_cli.main import app
 from tests.test_cli import assert_user_error
 from tests.test_properties import write_lora
@@ -313,7 +313,6 @@ def test_no_unrestricted_pickle_load() -> None:
 
 
 def test_a_cifar_folder_carrying_a_pickled_payload_is_refused_without_running_it(tmp_path) -> None:
-    import pickle
 
     from lora_fusion.cil.data import cifar100
     from lora_fusion.cil.errors import DatasetNotFoundError
@@ -417,7 +416,8 @@ def test_a_full_tmpfs_is_one_clear_error_and_leaves_nothing(tmp_path) -> None:
         ["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(disk)], capture_output=True
     ).returncode == 0
     if not mounted:
-        pytest.skip("mounting a tmpfs needs root (CAP_SYS_ADMIN); the RLIMIT_FSIZE test covers the same path")
+        pytest.skip("cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN); the RLIMIT_FSIZE test above covers "
+                    "the same full-disk path in every environment")
     try:
         out = merge([lora(tmp_path / "small")]).save_pretrained(disk / "out")
         before = snapshot(out)

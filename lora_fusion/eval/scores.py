@@ -184,7 +184,7 @@ def findings(rows: Sequence[ResultRow], n_seeds: int) -> str:
     test is implied; "on every seed" compares the same seed's LoRAs (a paired comparison)."""
     base_row = next(r for r in rows if r.method == REFERENCES[0])
     average_row = next(r for r in rows if r.method == REFERENCES[2])
-    base, average = row_summary(base_row)[0], row_summary(average_row)[0]
+    base = row_summary(base_row)[0]
     average_per_seed = average_row.mean_normalised()
     defaults = [r for r in rows if r.kind == "default"]
     tuned_rows = {(r.method, r.space): r for r in rows if r.kind == "tuned"}

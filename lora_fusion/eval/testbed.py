@@ -35,7 +35,7 @@ from torch import nn
 from lora_fusion import load_adapter
 from lora_fusion.adapter import LoraAdapter
 from lora_fusion.eval import train_quickstart as trainer
-from lora_fusion.eval.catalog import TESTBED_TASKS, DataDirs, get_task, load_split
+from lora_fusion.eval.catalog import DataDirs, get_task, load_split
 from lora_fusion.eval.tasks import (
     MAX_TRAIN_PER_CLASS,
     SPLITS,
