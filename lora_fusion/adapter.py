@@ -82,6 +82,29 @@ class ModuleSpec:
         """What must agree between adapters for their updates of this module to be added."""
         return (self.kind, self.shape, self.kernel)
 
+    def written(self, *, rank: int, dtype: torch.dtype, bias: bool = False) -> ModuleSpec:
+        """The spec of this module as lora-fusion writes it: same kind and shapes, rank `rank`, every scale folded
+        into the factors (scale 1), PEFT's key names (`base_model.model.<name>.lora_A.weight`, …)."""
+        prefix = f"base_model.model.{self.name}"
+        if self.kind == "embedding":
+            a_key, b_key = f"{prefix}.lora_embedding_A", f"{prefix}.lora_embedding_B"
+        else:
+            a_key, b_key = f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight"
+        return ModuleSpec(
+            name=self.name,
+            kind=self.kind,
+            out_features=self.out_features,
+            in_features=self.in_features,
+            rank=rank,
+            scale=1.0,
+            dtype=dtype,
+            a_shape=(rank, *self.a_shape[1:]),
+            b_shape=(self.b_shape[0], rank, *self.b_shape[2:]),
+            a_key=a_key,
+            b_key=b_key,
+            bias_key=f"{prefix}.lora_B.bias" if bias else None,
+        )
+
 
 @dataclass(frozen=True)
 class AdapterConfig:

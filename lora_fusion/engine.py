@@ -312,7 +312,7 @@ def _merge_modules(
             base=base_weight,
         )
         result = spec.fn(group, params)  # type: ignore[call-arg, arg-type]
-        spec_out = _output_spec(layout[name], rank=result.stats.rank, dtype=out_dtype, bias=result.bias is not None)
+        spec_out = layout[name].written(rank=result.stats.rank, dtype=out_dtype, bias=result.bias is not None)
         outputs = {spec_out.a_key: result.A, spec_out.b_key: result.B}
         if result.bias is not None and spec_out.bias_key:
             outputs[spec_out.bias_key] = result.bias
@@ -428,29 +428,6 @@ def _to(factors: ModuleFactors, device: torch.device) -> ModuleFactors:
     bias = factors.bias.to(device, torch.float32) if factors.bias is not None else None
     return ModuleFactors(
         A=factors.A.to(device, torch.float32), B=factors.B.to(device, torch.float32), scale=factors.scale, bias=bias
-    )
-
-
-def _output_spec(template: ModuleSpec, *, rank: int, dtype: torch.dtype, bias: bool) -> ModuleSpec:
-    """The spec of an output module: same kind and shapes as the inputs, the new rank, scale folded in (1)."""
-    prefix = f"base_model.model.{template.name}"
-    if template.kind == "embedding":
-        a_key, b_key = f"{prefix}.lora_embedding_A", f"{prefix}.lora_embedding_B"
-    else:
-        a_key, b_key = f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight"
-    return ModuleSpec(
-        name=template.name,
-        kind=template.kind,
-        out_features=template.out_features,
-        in_features=template.in_features,
-        rank=rank,
-        scale=1.0,
-        dtype=dtype,
-        a_shape=(rank, *template.a_shape[1:]),
-        b_shape=(template.b_shape[0], rank, *template.b_shape[2:]),
-        a_key=a_key,
-        b_key=b_key,
-        bias_key=f"{prefix}.lora_B.bias" if bias else None,
     )
 
 

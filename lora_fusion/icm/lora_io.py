@@ -210,20 +210,9 @@ def to_adapter(
     tensors: dict[str, torch.Tensor] = {}
     modules: dict[str, ModuleSpec] = {}
     for name, (a, b) in unflatten(flat.detach().float(), layout).items():
-        prefix = f"base_model.model.{name}"
-        spec = ModuleSpec(
-            name=name,
-            kind="linear",
-            out_features=b.shape[0],
-            in_features=a.shape[1],
-            rank=a.shape[0],
-            scale=1.0,
-            dtype=torch.float32,
-            a_shape=tuple(a.shape),
-            b_shape=tuple(b.shape),
-            a_key=f"{prefix}.lora_A.weight",
-            b_key=f"{prefix}.lora_B.weight",
-        )
+        decoded = ModuleSpec(name, "linear", b.shape[0], a.shape[1], a.shape[0], 1.0, torch.float32,
+                             tuple(a.shape), tuple(b.shape), a_key="", b_key="")
+        spec = decoded.written(rank=a.shape[0], dtype=torch.float32)
         modules[name] = spec
         tensors[spec.a_key], tensors[spec.b_key] = a.clone().contiguous(), b.clone().contiguous()
     rank = max(m.rank for m in layout.modules)
