@@ -37,7 +37,7 @@ import torch
 
 import lora_fusion
 from lora_fusion.adapter import LoraAdapter
-from lora_fusion.eval.catalog import TASK_SOURCE, DataDirs
+from lora_fusion.eval.catalog import TASK_SOURCE, TESTBED_TASKS, DataDirs
 from lora_fusion.eval.scores import (
     ResultRow,
     collect_rows,
@@ -52,7 +52,6 @@ from lora_fusion.eval.scores import (
 )
 from lora_fusion.eval.testbed import (
     STEPS,
-    TESTBED_TASKS,
     Evaluator,
     Member,
     TaskData,
