@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from .adapter import LoraAdapter, ModuleFactors
-from .methods.interference import keep_top_magnitude_
+from .methods.elementwise import keep_top_magnitude_
 
 
 def cosine(first: ModuleFactors, second: ModuleFactors) -> float:

@@ -12,7 +12,8 @@ from lora_fusion.adapter import ModuleFactors
 from lora_fusion.errors import InvalidParameterError, UnsupportedAdapterError
 from lora_fusion.linalg import core_bases
 from lora_fusion.methods import ModuleGroup, get_method
-from lora_fusion.methods.interference import drop_and_rescale_, seeded, stacked
+from lora_fusion.methods.elementwise import DenseTask, Drop, TopMagnitude, Trim, combine, keep_top_magnitude_
+from lora_fusion.methods.interference import seeded, stacked
 
 M, N = 24, 36
 FULL = min(M, N)
@@ -60,8 +61,13 @@ def test_magnitude_prune_full_space_equals_peft() -> None:
     assert_close(run("magnitude_prune", group, density=0.3, rank=FULL), expected)
 
 
+def drop_and_rescale(task: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
+    # DARE as specified: one uniform draw per entry of the whole tensor in flat order, drop where ≥ d, rescale by 1/d
+    return task.masked_fill(torch.rand(task.shape, generator=generator) >= density, 0.0) / density
+
+
 def dare_masked(group: ModuleGroup, density: float, seed: int) -> list[torch.Tensor]:
-    return [drop_and_rescale_(t, density, seeded(seed, group.name, i)) for i, t in enumerate(taus(group))]
+    return [drop_and_rescale(t, density, seeded(seed, group.name, i)) for i, t in enumerate(taus(group))]
 
 
 def test_dare_linear_and_ties_equal_peft_combination_of_the_same_masks() -> None:
@@ -75,12 +81,13 @@ def test_dare_linear_and_ties_equal_peft_combination_of_the_same_masks() -> None
     assert_close(run("dare_ties", group, density=0.4, seed=7, rank=FULL), ties)
 
 
-def test_dare_mask_keeps_density_and_rescales() -> None:
-    tensor = torch.randn(200, 300)
-    dropped = drop_and_rescale_(tensor.clone(), 0.3, seeded(1, "m", 0))
+def test_dare_mask_keeps_density_and_rescales_in_flat_order_across_blocks() -> None:
+    tensor = torch.randn(500, 300)  # 150,000 entries: three row blocks, the draws must continue across them
+    dropped = combine([DenseTask.of(tensor.clone())], [Drop(0.3, seeded(1, "m", 0))], [1.0], majority=None)
     kept = dropped != 0
     assert abs(float(kept.float().mean()) - 0.3) < 0.01
     assert torch.allclose(dropped[kept], tensor[kept] / 0.3)
+    assert torch.equal(dropped, drop_and_rescale(tensor, 0.3, seeded(1, "m", 0)))
 
 
 def test_dare_is_seeded_and_order_independent() -> None:
@@ -258,23 +265,45 @@ def test_interference_diagnostics(make_llama_lora) -> None:
     assert "sign conflicts" in CliRunner().invoke(app, ["inspect", str(first), str(second), "--interference"]).stdout
 
 
-@pytest.mark.parametrize("values", ["continuous", "heavy ties"])
-def test_sampled_threshold_selects_exactly_the_top_k_of_large_tensors(values) -> None:
-    from lora_fusion.methods.interference import keep_top_magnitude_, magnitude_threshold
+def top_k_reference(task: torch.Tensor, keep: int) -> torch.Tensor:
+    flat = task.reshape(-1)
+    expected = torch.zeros_like(flat)
+    order = torch.sort(flat.abs(), descending=True, stable=True).indices[:keep]  # ties: lower flat index first
+    expected[order] = flat[order]
+    return expected.reshape(task.shape)
 
+
+@pytest.mark.parametrize("values", ["continuous", "heavy ties", "mostly zeros", "constant"])
+def test_sampled_threshold_selects_exactly_the_top_k_of_large_tensors(values) -> None:
     generator = torch.Generator().manual_seed(0)
     task = torch.randn(1100, 1000, generator=generator)  # above the size where the sampled bracket is used
     if values == "heavy ties":
         task = task.round()  # a handful of distinct magnitudes: the k-th value is shared by ~10⁵ entries
+    elif values == "mostly zeros":
+        task = task * (torch.rand(task.shape, generator=generator) < 0.1)  # the 20% kept reach into the zeros
+    elif values == "constant":
+        task = torch.full_like(task, -0.5)
     keep = int(0.2 * task.numel())
     size = task.abs().reshape(-1)
-    threshold, at_or_above = magnitude_threshold(size, keep)
-    assert threshold == torch.topk(size, keep).values[-1]
-    assert at_or_above == int((size >= threshold).sum())
-    expected = torch.zeros(task.numel())
-    order = torch.sort(size, descending=True, stable=True).indices[:keep]  # ties: lower flat index first
-    expected[order] = task.reshape(-1)[order]
-    assert torch.equal(keep_top_magnitude_(task.clone(), 0.2).reshape(-1), expected)
+    selection = TopMagnitude.of(DenseTask.of(task), keep)
+    assert selection.threshold == torch.topk(size, keep).values[-1]
+    assert torch.equal(keep_top_magnitude_(task.clone(), 0.2), top_k_reference(task, keep))
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_streamed_trim_of_a_product_equals_the_whole_tensor_trim(scale) -> None:
+    # Integer factors: the product has few distinct magnitudes, so the k-th is tied across many row blocks and
+    # the tie rule (lower flat index first) must hold across them; the blocks must equal the whole product.
+    generator = torch.Generator().manual_seed(1)
+    left = torch.randint(-2, 3, (1200, 3), generator=generator).float()
+    right = torch.randint(-2, 3, (3, 1000), generator=generator).float()
+    task = DenseTask.product(scale * left, right)
+    dense = scale * left @ right
+    for density in (0.2, 0.55):
+        trim = TopMagnitude.of(task, int(density * dense.numel()))
+        assert trim.tie_cutoff is not None
+        got = combine([task], [Trim(trim)], [1.0], majority=None)
+        assert torch.equal(got, top_k_reference(dense, int(density * dense.numel())))
 
 
 def test_full_space_stats_report_the_error_of_the_written_factors() -> None:

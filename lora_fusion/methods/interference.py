@@ -1,8 +1,8 @@
 """Element-wise interference-aware merges (METHODS.md §c.2–c.5): TIES, DARE, magnitude pruning, Breadcrumbs.
 
 The papers define these on dense task vectors τᵢ = ΔWᵢ = sᵢ·Bᵢ·Aᵢ. With `space="full"` (the default, the papers'
-semantics) each module's τᵢ are formed densely, one module at a time, and the result goes back to low rank by exact
-or randomized SVD. With `space="core"` (Panariello et al., NeurIPS 2025) the same operation runs on the k×k cores
+semantics) each module's τᵢ are streamed densely in row blocks (`elementwise`), only the merged update is formed
+whole, and it goes back to low rank by exact or randomized SVD. With `space="core"` (Panariello et al., NeurIPS 2025) the same operation runs on the k×k cores
 Mᵢ = U_Bᵀ·τᵢ·V_A; for these element-wise methods that gives a different (basis-dependent) result, not an
 approximation of the full-space one.
 
@@ -20,8 +20,9 @@ import torch
 from ..errors import InvalidParameterError, UnsupportedAdapterError
 from ..linalg import FactoredSVD, core_bases, dense_svd
 from .base import MergeParams, ModuleGroup, ModuleResult, lowrank_result, register_method
+from .elementwise import Crumbs, DenseTask, Drop, Sparsifier, Trim, combine
 
-Sparsify = Callable[[torch.Tensor, MergeParams, torch.Generator], torch.Tensor]
+Sparsify = Callable[[DenseTask, MergeParams, torch.Generator], Sparsifier]
 _COMMON = ("scale", "density", "rank", "energy", "seed", "space")
 
 
@@ -30,98 +31,6 @@ def density_of(params: MergeParams) -> float:
     if params.density is None:
         raise InvalidParameterError("density", None, expected="a fraction in (0, 1], e.g. 0.2")
     return params.density
-
-
-_SAMPLE = 1 << 16
-_SAMPLED_SELECT_MIN = 1 << 20  # below this, topk is fast enough and the bracket would cover most entries
-
-
-def magnitude_threshold(size: torch.Tensor, keep: int) -> tuple[torch.Tensor, int]:
-    """The `keep`-th largest value t of the flat non-negative tensor `size`, exactly, and how many entries are ≥ t.
-
-    `torch.topk` over millions of entries costs ~25 ns per entry on one core; instead a fixed sample of 2¹⁶ entries
-    brackets the wanted quantile with a wide margin (±8 standard errors), one pass counts the entries above the
-    bracket and one selects those inside it (~1–2% of them), and the answer is the right order statistic of that
-    small set. If the bracket misses (ties or odd data), topk over everything decides.
-    """
-    count = size.numel()
-    if count > _SAMPLED_SELECT_MIN:
-        positions = torch.randint(count, (_SAMPLE,), generator=torch.Generator().manual_seed(0)).to(size.device)
-        sample = size[positions].sort().values
-        quantile = 1.0 - keep / count
-        margin = 8.0 * (quantile * (1.0 - quantile) / _SAMPLE) ** 0.5 + 2.0 / _SAMPLE
-        low = sample[max(0, int((quantile - margin) * _SAMPLE))]
-        high = sample[min(_SAMPLE - 1, int((quantile + margin) * _SAMPLE))]
-        above = int(torch.count_nonzero(size > high))
-        if low == high:  # the k-th value is shared by a large share of the entries (zeros of a sparse task)
-            at_or_above = int(torch.count_nonzero(size >= high))
-            if above < keep <= at_or_above:
-                return high, at_or_above
-        band = size[(size >= low) & (size <= high)]
-        if 0 < keep - above <= band.numel():
-            threshold = torch.topk(band, keep - above, sorted=False).values.min()
-            return threshold, above + int(torch.count_nonzero(band >= threshold))
-    threshold = torch.topk(size, keep, sorted=False).values.min()
-    return threshold, int(torch.count_nonzero(size >= threshold))
-
-
-def keep_top_magnitude_(task: torch.Tensor, density: float) -> torch.Tensor:
-    """In place: zero all but the ⌊density·numel⌋ entries of largest |value| (ties at the threshold: lower flat index
-    kept); returns `task`, which must be contiguous. In place because the inputs are dense updates of up to hundreds
-    of MB formed just for this, and a fresh tensor of that size costs more in page faults than the masking itself."""
-    flat = task.view(-1)
-    keep = int(density * flat.numel())
-    if keep >= flat.numel():
-        return task
-    if keep == 0:
-        return task.zero_()
-    size = flat.abs()
-    threshold, at_or_above = magnitude_threshold(size, keep)
-    drop = size < threshold
-    if at_or_above > keep:  # entries equal to the threshold beyond the k-th: drop those with the highest flat index
-        ties = (size == threshold).nonzero().squeeze(1)
-        drop[ties[ties.numel() - (at_or_above - keep) :]] = True
-    return task.masked_fill_(drop.view(task.shape), 0.0)
-
-
-def drop_and_rescale_(task: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
-    """In place, DARE: keep each entry with probability `density` (a Bernoulli mask drawn on the CPU from `generator`,
-    so the result does not depend on the device) and divide the kept entries by `density`; returns `task`."""
-    drop = torch.rand(task.shape, generator=generator) >= density
-    return task.masked_fill_(drop.to(task.device), 0.0).div_(density)
-
-
-def breadcrumbs_mask(task: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
-    """Model Breadcrumbs: remove the fraction γ of largest |entries| and max(0, 1 − d − γ) of the smallest, keeping the
-    middle; if γ ≥ 1 − d only the largest 1 − d go (mergekit's semantics, with d the fraction kept)."""
-    flat = task.reshape(-1)
-    count = flat.numel()
-    drop_large = int(min(gamma, 1.0 - density) * count)
-    drop_small = int(max(0.0, 1.0 - density - gamma) * count)
-    order = torch.sort(flat.abs(), descending=True, stable=True).indices
-    mask = torch.zeros(count, dtype=torch.bool, device=task.device)
-    mask[order[drop_large : count - drop_small]] = True
-    return (flat * mask).reshape(task.shape)
-
-
-def consensus_mean_(tasks: Sequence[torch.Tensor], weights: Sequence[float], rule: str) -> torch.Tensor:
-    """TIES election and disjoint mean on the sparsified, unweighted tensors τ̂ᵢ (overwritten):
-
-    γ_p = sign of Σᵢ τ̂ᵢ[p] ("total") or of Σᵢ sign(τ̂ᵢ[p]) ("frequency"), +1 where the sum is zero (PEFT's rule);
-    τ_m[p] = Σ_{i∈A_p} wᵢ·τ̂ᵢ[p] / max(1, |A_p|), A_p = {i : τ̂ᵢ[p] ≠ 0 and sign(τ̂ᵢ[p]) = γ_p}.
-    One tensor at a time, in place: no stack of T dense updates.
-    """
-    votes = torch.zeros_like(tasks[0])
-    for task in tasks:
-        votes.add_(task if rule == "total" else task.sign())
-    positive = votes >= 0
-    del votes
-    numerator, count = torch.zeros_like(tasks[0]), torch.zeros_like(tasks[0])
-    for task, weight in zip(tasks, weights):
-        agree = torch.where(positive, task > 0, task < 0)
-        numerator.add_(task.masked_fill_(~agree, 0.0), alpha=weight)
-        count.add_(agree)
-    return numerator.div_(count.clamp_(min=1))
 
 
 def seeded(seed: int, *parts: object) -> torch.Generator:
@@ -136,8 +45,9 @@ def stacked(group: ModuleGroup) -> tuple[torch.Tensor, torch.Tensor]:
     return B, torch.cat([f.A.float() for f in group.factors], dim=0)
 
 
-def elementwise_merge(group: ModuleGroup, params: MergeParams, sparsify: Sparsify, *, consensus: bool) -> ModuleResult:
-    """Sparsify each task tensor, combine (TIES consensus or weighted sum), scale by λ, and return to low rank."""
+def elementwise_merge(group: ModuleGroup, params: MergeParams, sparsifier: Sparsify, *, consensus: bool) -> ModuleResult:
+    """Sparsify each task's dense update, combine (TIES consensus or weighted sum), scale by λ, and return to low
+    rank. The updates are streamed in row blocks (`elementwise.combine`); only the merged one is formed whole."""
     if any(f.bias is not None for f in group.factors):
         raise UnsupportedAdapterError(
             f"module {group.name} has a lora_B bias (lora_bias=True), which element-wise methods do not define; "
@@ -145,19 +55,12 @@ def elementwise_merge(group: ModuleGroup, params: MergeParams, sparsify: Sparsif
         )
     if params.space == "core":
         U_B, V_A = core_bases(*stacked(group))
-        tasks = [(U_B.mT @ (f.scale * f.B.float())) @ (f.A.float() @ V_A) for f in group.factors]
+        tasks = [DenseTask.product(U_B.mT @ (f.scale * f.B.float()), f.A.float() @ V_A) for f in group.factors]
     else:
-        tasks = [f.delta() for f in group.factors]
-    sparse = [sparsify(t, params, seeded(params.seed, group.name, i)) for i, t in enumerate(tasks)]
-    del tasks
-    if consensus:
-        merged = consensus_mean_(sparse, group.weights, params.majority)
-    else:
-        merged = sparse[0].mul_(group.weights[0])
-        for task, weight in zip(sparse[1:], group.weights[1:]):
-            merged.add_(task, alpha=weight)
-    merged.mul_(params.scale)
-    del sparse
+        tasks = [DenseTask.product(f.scale * f.B.float(), f.A.float()) for f in group.factors]
+    sparsifiers = [sparsifier(task, params, seeded(params.seed, group.name, i)) for i, task in enumerate(tasks)]
+    majority = params.majority if consensus else None
+    merged = combine(tasks, sparsifiers, group.weights, majority=majority, scale=params.scale)
     if params.space == "core":
         U_m, S, Vh_m = torch.linalg.svd(merged.double(), full_matrices=False)
         svd = FactoredSVD.of(U_B @ U_m.float(), S, V_A @ Vh_m.mT.float())
@@ -168,16 +71,16 @@ def elementwise_merge(group: ModuleGroup, params: MergeParams, sparsify: Sparsif
     return lowrank_result(svd, group, params)
 
 
-def _trim(task: torch.Tensor, params: MergeParams, generator: torch.Generator) -> torch.Tensor:
-    return keep_top_magnitude_(task, density_of(params))
+def _trim(task: DenseTask, params: MergeParams, generator: torch.Generator) -> Sparsifier:
+    return Trim.of(task, density_of(params))
 
 
-def _drop(task: torch.Tensor, params: MergeParams, generator: torch.Generator) -> torch.Tensor:
-    return drop_and_rescale_(task, density_of(params), generator)
+def _drop(task: DenseTask, params: MergeParams, generator: torch.Generator) -> Sparsifier:
+    return Drop(density_of(params), generator)
 
 
-def _crumbs(task: torch.Tensor, params: MergeParams, generator: torch.Generator) -> torch.Tensor:
-    return breadcrumbs_mask(task, density_of(params), params.gamma)
+def _crumbs(task: DenseTask, params: MergeParams, generator: torch.Generator) -> Sparsifier:
+    return Crumbs.of(task, density_of(params), params.gamma)
 
 
 def _register(

@@ -17,7 +17,8 @@ import torch
 from ..linalg import FactoredSVD, factored_svd
 from .base import MergeParams, ModuleGroup, ModuleResult, lowrank_result, register_method
 from .exact import concatenated
-from .interference import consensus_mean_, density_of, keep_top_magnitude_
+from .elementwise import DenseTask, Trim, combine
+from .interference import density_of
 
 # Singular values below this fraction of the largest are numerical zeros of a low-rank update.
 RANK_TOLERANCE = 1e-6
@@ -91,8 +92,9 @@ def knots(group: ModuleGroup, params: MergeParams) -> ModuleResult:
         (S[:keep, None] * Vh_c[:keep, int(offsets[i]) : int(offsets[i + 1])]).float() @ Q.mT
         for i, (Q, _) in enumerate(qrs)
     ]
-    trimmed = [keep_top_magnitude_(t, density_of(params)) for t in aligned]
-    merged = params.scale * consensus_mean_(trimmed, group.weights, params.majority)
+    tasks = [DenseTask.of(t) for t in aligned]
+    trims = [Trim.of(task, density_of(params)) for task in tasks]
+    merged = combine(tasks, trims, group.weights, majority=params.majority, scale=params.scale)
     return full_rank_result(factored_svd(U, merged), group, params)
 
 
