@@ -107,9 +107,12 @@ def dense_svd(dense: torch.Tensor, *, components: int, generator: torch.Generato
     if min(m, n) <= EXACT_SVD_LIMIT:
         U, S, Vh = torch.linalg.svd(dense.double(), full_matrices=False)
         return FactoredSVD.of(U.float(), S, Vh.mT.float())  # the whole spectrum: ‖ΔW‖_F² = Σσ²
-    # row norms in float32 (a few thousand terms each, ~1e-7 relative), their squares summed in float64: a float32
-    # norm of millions of entries is off by ~1e-4, and a float64 reduction costs 30 times as much
+    # row norms in float32 (a few thousand terms each, ~1e-7 relative), their squares summed in float64: one float32
+    # norm of millions of entries is off by 1e-6 to 1e-3 with the spread of the values, and a float64 reduction costs
+    # 30 times as much. Float32 squares overflow or lose precision outside this range: then the float64 one.
     total = float((torch.linalg.vector_norm(dense, dim=1).double() ** 2).sum())
+    if not 1e-20 < total < 1e30:
+        total = float(torch.linalg.vector_norm(dense, dtype=torch.float64)) ** 2
     width = min(components + 10, min(m, n))
     omega = torch.randn(n, width, generator=generator, dtype=torch.float32).to(dense.device)
     Y = torch.linalg.qr(dense @ omega).Q

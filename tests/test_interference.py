@@ -12,7 +12,7 @@ from lora_fusion.adapter import ModuleFactors
 from lora_fusion.errors import InvalidParameterError, UnsupportedAdapterError
 from lora_fusion.linalg import core_bases
 from lora_fusion.methods import ModuleGroup, get_method
-from lora_fusion.methods.elementwise import DenseTask, Drop, TopMagnitude, Trim, combine, keep_top_magnitude_
+from lora_fusion.methods.elementwise import Crumbs, DenseTask, Drop, TopMagnitude, Trim, combine, keep_top_magnitude_
 from lora_fusion.methods.interference import seeded, stacked
 
 M, N = 24, 36
@@ -98,13 +98,27 @@ def test_dare_is_seeded_and_order_independent() -> None:
 
 
 def breadcrumbs_reference(tensor: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
-    # Direct transcription of mergekit's docs: drop top γ, drop bottom 1−d−γ (or only the top 1−d if γ ≥ 1−d).
+    # mergekit's magnitude_outliers: keep int(d·N); remove the int(γ·N) largest and the smallest N − kept − top,
+    # and if that is negative, fewer large ones. Ties: lower flat index ranks higher (mergekit leaves them to sort).
     values = tensor.flatten().tolist()
-    order = sorted(range(len(values)), key=lambda i: (-abs(values[i]), i))
-    top = int(min(gamma, 1 - density) * len(values))
-    bottom = int(max(0.0, 1 - density - gamma) * len(values))
-    keep = set(order[top : len(values) - bottom])
+    count = len(values)
+    order = sorted(range(count), key=lambda i: (-abs(values[i]), i))
+    kept, top = int(density * count), int(gamma * count)
+    bottom = count - kept - top
+    if bottom < 0:
+        top, bottom = top + bottom, 0
+    keep = set(order[top : count - bottom])
     return torch.tensor([v if i in keep else 0.0 for i, v in enumerate(values)]).reshape(tensor.shape)
+
+
+@pytest.mark.parametrize(("density", "gamma"), [(0.9, 0.01), (0.5, 0.1), (0.5, 0.7), (0.3, 0.0)])
+def test_breadcrumbs_masks_equal_mergekit_counts(density, gamma) -> None:
+    tensor = torch.randn(24, 36, generator=torch.Generator().manual_seed(9)).round(decimals=1)  # with ties
+    masked = combine([DenseTask.of(tensor.clone())], [Crumbs.of(DenseTask.of(tensor), density, gamma)], [1.0],
+                     majority=None)
+    expected = breadcrumbs_reference(tensor, density, gamma)
+    assert torch.equal(masked, expected)
+    assert int(torch.count_nonzero(expected)) <= int(density * tensor.numel())  # exactly, but for zeros kept
 
 
 @pytest.mark.parametrize(("density", "gamma"), [(0.9, 0.01), (0.5, 0.1), (0.5, 0.7)])
@@ -290,6 +304,34 @@ def test_sampled_threshold_selects_exactly_the_top_k_of_large_tensors(values) ->
     assert torch.equal(keep_top_magnitude_(task.clone(), 0.2), top_k_reference(task, keep))
 
 
+@pytest.mark.parametrize(
+    ("shape", "rank", "density"),
+    [((768, 768), 8, 0.425), ((5, 100000), 7, 0.03), ((5, 100000), 7, 0.64), ((300, 5000), 16, 30 / 1.5e6)],
+)
+def test_streamed_trim_selects_the_top_k_of_the_values_it_merges(shape, rank, density) -> None:
+    # A BLAS may round a block of rows differently from the whole product in the last bit; the selection must be
+    # exact for the blocks' values (these cases once kept k ± 1 or failed when the threshold came from `L @ R`).
+    generator = torch.Generator().manual_seed(0)
+    task = DenseTask.product(torch.randn(shape[0], rank, generator=generator) * 0.01,
+                             torch.randn(rank, shape[1], generator=generator) * 0.01)
+    values = combine([task], [None], [1.0], majority=None)
+    keep = int(density * values.numel())
+    got = combine([task], [Trim.of(task, density)], [1.0], majority=None)
+    assert torch.equal(got, top_k_reference(values, keep))
+
+
+@pytest.mark.parametrize(("shape", "density"), [((3, 10), 0.7), ((192, 320), 0.7), ((1100, 1000), 0.3)])
+def test_trim_keeps_as_many_entries_as_peft(shape, density) -> None:
+    tensor = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    expected = merge_utils.magnitude_based_pruning(tensor, density)
+    assert torch.equal(keep_top_magnitude_(tensor.clone(), density), expected)
+
+
+def test_dense_task_refuses_a_tensor_it_could_not_change_in_place() -> None:
+    with pytest.raises(ValueError, match="contiguous"):
+        keep_top_magnitude_(torch.randn(40, 30).mT, 0.2)
+
+
 @pytest.mark.parametrize("scale", [1.0, 0.5])
 def test_streamed_trim_of_a_product_equals_the_whole_tensor_trim(scale) -> None:
     # Integer factors: the product has few distinct magnitudes, so the k-th is tied across many row blocks and
@@ -330,3 +372,15 @@ def test_full_space_stats_report_the_error_of_the_written_factors() -> None:
     merged = captured["merged"]
     actual = float((merged - result.B.double() @ result.A.double()).norm() / merged.norm())
     assert result.stats.relative_error == pytest.approx(actual, rel=5e-7), (result.stats.relative_error, actual)
+
+
+@pytest.mark.parametrize("magnitude", [1.0, 1e20, 1e-22])
+def test_randomized_svd_measures_the_whole_energy_at_any_scale(magnitude) -> None:
+    # The energy behind retained_energy and relative_error: float32 row norms in the usual range, the float64
+    # reduction where float32 squares would overflow or underflow.
+    from lora_fusion.linalg import dense_svd
+
+    dense = torch.randn(1100, 1030, generator=torch.Generator().manual_seed(2)) * magnitude
+    svd = dense_svd(dense, components=4, generator=torch.Generator().manual_seed(0))
+    exact = float(torch.linalg.vector_norm(dense.double())) ** 2
+    assert svd.total_energy == pytest.approx(exact, rel=1e-6)

@@ -13,8 +13,9 @@ Selections, draws and combinations are exactly those of the whole-tensor definit
 same tie rule (lower flat index first), DARE's Bernoulli draws consume the generator in flat order as one
 `torch.rand` of the whole shape would, and the election and mean run the same operations in the same order
 (`tests/test_interference.py`). Only the entries of τᵢ themselves may differ from one whole `B @ A` in the last
-bit, since a BLAS may order the r-term sums differently for a block of rows than for the whole matrix; both
-passes use the same blocks, so the selection is exact for the values that are merged.
+bit, since a BLAS may order the r-term sums differently for a block of rows than for the whole matrix; every pass
+(and the whole-tensor fallback) computes τᵢ from the same row blocks, so the selection is exact for the values
+that are merged.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Protocol
 import torch
 
 _CPU_BLOCK = 1 << 16  # entries per block on the CPU: with its scratch (~10 blocks) it stays within L2/L3
-_DEVICE_BLOCK = 1 << 24  # on an accelerator, blocks large enough that kernel launches do not dominate
+_DEVICE_BLOCK = 1 << 22  # on an accelerator: kernel launches do not dominate, and (T + 8) buffers stay < 1 GB at T = 50
 _SAMPLE = 1 << 16
 _SAMPLED_SELECT_MIN = 1 << 20  # below this, topk over everything is fast enough and the bracket would cover most
 
@@ -35,8 +36,8 @@ _SAMPLED_SELECT_MIN = 1 << 20  # below this, topk over everything is fast enough
 @dataclass(frozen=True)
 class DenseTask:
     """A dense task update τ (m×n), produced one block of rows at a time: either the product L·R of factors
-    L (m×r) and R (r×n), computed per block and never held whole, or a given contiguous tensor, whose blocks are
-    views (sparsifying them changes the tensor)."""
+    L (m×r) and R (r×n), computed per block (held whole only for the exact top-k of a small update, see
+    `TopMagnitude.of`), or a given contiguous tensor, whose blocks are views (sparsifying them changes it)."""
 
     left: torch.Tensor | None = None
     right: torch.Tensor | None = None
@@ -49,7 +50,9 @@ class DenseTask:
 
     @classmethod
     def of(cls, tensor: torch.Tensor) -> DenseTask:
-        """τ = `tensor` (contiguous; anything of more than two dimensions is seen as shape[0] rows)."""
+        """τ = `tensor`, seen as shape[0] rows; it must be contiguous, so that sparsifying its blocks changes it."""
+        if tensor.dim() == 0 or not tensor.is_contiguous():
+            raise ValueError("DenseTask.of needs a contiguous tensor of at least one dimension; pass .contiguous()")
         return cls(given=tensor.view(tensor.shape[0], -1))
 
     @property
@@ -62,10 +65,14 @@ class DenseTask:
     def device(self) -> torch.device:
         return (self.given if self.given is not None else self.left).device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return (self.given if self.given is not None else self.left).dtype
+
     def rows(self, start: int, stop: int, buffer: torch.Tensor) -> torch.Tensor:
         """Rows [start, stop) of τ, flat: computed into `buffer` (at least (stop − start)·n entries) or a view."""
         if self.given is not None:
-            return self.given[start:stop].reshape(-1)
+            return self.given[start:stop].view(-1)
         n = self.right.shape[1]
         block = buffer[: (stop - start) * n]
         torch.mm(self.left[start:stop], self.right, out=block.view(stop - start, n))
@@ -78,10 +85,13 @@ class DenseTask:
             yield start * n, self.rows(start, stop, buffer)
 
     def whole(self) -> torch.Tensor:
-        """τ as one m×n tensor (the fallback when a streamed selection cannot decide)."""
+        """τ as one m×n tensor, entry for entry equal to the blocks (the fallback of a streamed selection)."""
         if self.given is not None:
             return self.given
-        return self.left @ self.right
+        whole = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        for start, stop in row_blocks(self.shape, self.device):
+            self.rows(start, stop, whole[start:stop].view(-1))
+        return whole
 
     def sample(self, positions: torch.Tensor) -> torch.Tensor:
         """τ at the given flat positions, without forming τ (for products: the r-term dot products, rounded
@@ -108,9 +118,9 @@ def block_entries(shape: tuple[int, int], device: torch.device) -> int:
 class Scratch:
     """Per-module block buffers, allocated once and reused by every block (see the module docstring)."""
 
-    def __init__(self, tasks: int, entries: int, device: torch.device) -> None:
+    def __init__(self, tasks: int, entries: int, device: torch.device, dtype: torch.dtype) -> None:
         def floats() -> torch.Tensor:
-            return torch.empty(entries, device=device)
+            return torch.empty(entries, device=device, dtype=dtype)
 
         self.tasks = [floats() for _ in range(tasks)]
         self.size, self.kept, self.other, self.votes, self.sign, self.numerator, self.count, self.part = (
@@ -175,7 +185,7 @@ def _bracketed(task: DenseTask, keep: int) -> tuple[torch.Tensor, int, int] | No
     margin = 8.0 * (quantile * (1.0 - quantile) / _SAMPLE) ** 0.5 + 2.0 / _SAMPLE
     low = float(torch.kthvalue(sample, max(0, int((quantile - margin) * _SAMPLE)) + 1).values)
     high = float(torch.kthvalue(sample, min(_SAMPLE - 1, int((quantile + margin) * _SAMPLE)) + 1).values)
-    scratch = Scratch(1, block_entries(task.shape, task.device), task.device)
+    scratch = Scratch(1, block_entries(task.shape, task.device), task.device, task.dtype)
     above, band = 0, []
     for _, block in task.blocks(scratch.tasks[0]):
         entries = block.numel()
@@ -203,14 +213,14 @@ def _count(kept: torch.Tensor) -> int:
 
 def _tie_position(task: DenseTask, threshold: float, kept: int) -> int:
     """The flat position of the (kept + 1)-th entry with |τ| = threshold: ties from there on are dropped."""
-    scratch = Scratch(1, block_entries(task.shape, task.device), task.device)
+    scratch = Scratch(1, block_entries(task.shape, task.device), task.device, task.dtype)
     seen = 0
     for offset, block in task.blocks(scratch.tasks[0]):
         ties = (block.abs() == threshold).nonzero().squeeze(1)
         if seen + ties.numel() > kept:
             return offset + int(ties[kept - seen])
         seen += ties.numel()
-    raise AssertionError("fewer ties than counted")  # at_or_above > keep guarantees one
+    raise AssertionError("fewer ties than counted")  # the counts came from these same blocks
 
 
 class Sparsifier(Protocol):
@@ -228,7 +238,8 @@ class Trim:
     @classmethod
     def of(cls, task: DenseTask, density: float) -> Trim:
         m, n = task.shape
-        return cls(TopMagnitude.of(task, int(density * m * n)))
+        count = m * n
+        return cls(TopMagnitude.of(task, int(density * count)))  # d·(m·n), rounded as PEFT rounds d·numel
 
     def apply_(self, block: torch.Tensor, offset: int, scratch: Scratch) -> None:
         size = torch.abs(block, out=scratch.size[: block.numel()])
@@ -259,13 +270,13 @@ class Crumbs:
 
     @classmethod
     def of(cls, task: DenseTask, density: float, gamma: float) -> Crumbs:
-        """Remove the fraction γ of largest |entries| and max(0, 1 − d − γ) of the smallest; if γ ≥ 1 − d only the
-        largest 1 − d go (mergekit's semantics, with d the fraction kept)."""
+        """Keep ⌊d·N⌋ entries: remove the ⌊γ·N⌋ largest |entries| and the smallest ones down to ⌊d·N⌋; if that
+        leaves fewer than none to remove at the bottom, remove fewer large ones (mergekit's `magnitude_outliers`)."""
         m, n = task.shape
         count = m * n
-        drop_large = int(min(gamma, 1.0 - density) * count)
-        drop_small = int(max(0.0, 1.0 - density - gamma) * count)
-        return cls(TopMagnitude.of(task, count - drop_small), TopMagnitude.of(task, drop_large))
+        kept = int(density * count)
+        drop_large = min(int(gamma * count), count - kept)
+        return cls(TopMagnitude.of(task, kept + drop_large), TopMagnitude.of(task, drop_large))
 
     def apply_(self, block: torch.Tensor, offset: int, scratch: Scratch) -> None:
         size = torch.abs(block, out=scratch.size[: block.numel()])
@@ -289,8 +300,8 @@ def combine(
     A_p = {i : τ̂ᵢ[p] ≠ 0 and sign(τ̂ᵢ[p]) = γ_p}.
     """
     shape, device = tasks[0].shape, tasks[0].device
-    merged = torch.empty(shape, device=device)
-    scratch = Scratch(len(tasks), block_entries(shape, device), device)
+    merged = torch.empty(shape, device=device, dtype=tasks[0].dtype)
+    scratch = Scratch(len(tasks), block_entries(shape, device), device, tasks[0].dtype)
     for start, stop in row_blocks(shape, device):
         offset, out = start * shape[1], merged[start:stop].view(-1)
         blocks = [task.rows(start, stop, buffer) for task, buffer in zip(tasks, scratch.tasks)]
@@ -335,7 +346,7 @@ def keep_top_magnitude_(task: torch.Tensor, density: float) -> torch.Tensor:
     the threshold going to the lower flat index; returns `task`."""
     dense = DenseTask.of(task)
     trim = Trim.of(dense, density)
-    scratch = Scratch(1, block_entries(dense.shape, dense.device), dense.device)
+    scratch = Scratch(1, block_entries(dense.shape, dense.device), dense.device, dense.dtype)
     for offset, block in dense.blocks(scratch.tasks[0]):
         trim.apply_(block, offset, scratch)
     return task
