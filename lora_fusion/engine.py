@@ -452,10 +452,16 @@ def _plan(
         ceiling = min(m, n) if dense else k
         out_rank = min(ceiling, params.rank or (ceiling if params.energy else natural))
         if dense:
-            # form T dense updates, sparsify and combine them, then an exact or randomized SVD (b.4)
-            svd = 4.0 * m * n * min(m, n) if min(m, n) <= EXACT_SVD_LIMIT else 12.0 * m * n * (out_rank + 10)
-            flops = 2.0 * m * n * k + 10.0 * m * n * len(ranks) + svd
-            working = 4 * m * n * (len(ranks) + 3) + item * (m + n) * out_rank  # T updates, |τ|, Σ, count
+            # T dense updates, formed twice (top-k pass, merge pass), sparsified and combined, then an exact or
+            # randomized SVD (b.4)
+            exact = min(m, n) <= EXACT_SVD_LIMIT
+            svd = 4.0 * m * n * min(m, n) if exact else 12.0 * m * n * (out_rank + 10)
+            flops = 4.0 * m * n * k + 10.0 * m * n * len(ranks) + svd
+            if spec.uses_base:  # RAPF: the T updates and the base weight as whole tensors
+                working = 4 * m * n * (len(ranks) + 3) + item * (m + n) * out_rank
+            else:  # element-wise: streamed in row blocks, only the merged update is whole (methods/elementwise.py)
+                svd_bytes = 8 * m * n + 8 * (m + n) * min(m, n) if exact else 8 * (m + n) * (out_rank + 10)
+                working = 4 * m * n + svd_bytes + item * (m + n) * out_rank
         else:
             # QRs of the stacked factors, SVDs of k×k cores, the output factors
             flops = 4.0 * (m + n) * k * k + 10.0 * k**3 * len(ranks) + 2.0 * (m + n) * k * out_rank
