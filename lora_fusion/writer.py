@@ -178,9 +178,11 @@ def _provenance_record(adapter: LoraAdapter) -> dict[str, Any]:
 
 
 def model_card(adapter: LoraAdapter) -> str:
-    """A Hub model card (huggingface_hub `ModelCard`) with the merge's provenance: sources, commits, method,
-    parameters, version, and per-module retained energy where the merge truncated."""
-    from huggingface_hub import ModelCard, ModelCardData
+    """A Hub model card (YAML metadata from huggingface_hub's `ModelCardData`, then markdown) with the merge's
+    provenance: sources, commits, method, parameters, version, and per-module retained energy where the merge
+    truncated."""
+    # repocard_data, not the package's ModelCard: that import pulls the HTTP client (~0.1 s of every local merge)
+    from huggingface_hub.repocard_data import ModelCardData
 
     record = _provenance_record(adapter)
     method = record.get("method", "copy")
@@ -232,7 +234,7 @@ def model_card(adapter: LoraAdapter) -> str:
         "The same provenance is stored in the safetensors metadata under `lora_fusion`.",
         "",
     ]
-    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
+    return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)
 
 
 def _check_written(adapter: LoraAdapter, folder: Path) -> None:

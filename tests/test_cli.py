@@ -47,6 +47,9 @@ def test_merge_svd_writes_a_peft_adapter(two_loras, tmp_path) -> None:
     assert {s.rank for s in merged.modules.values()} == {6}
     card = (out / "README.md").read_text()
     assert "svd" in card and str(two_loras[0]) in card and "retained energy" in card
+    from huggingface_hub import ModelCard
+
+    assert ModelCard.load(out / "README.md").data.library_name == "peft"  # the Hub reads its metadata
     metadata = json.loads(_metadata(out / "adapter_model.safetensors")["lora_fusion"])
     assert metadata["method"] == "svd" and metadata["params"]["rank"] == 6
     assert [s["weight"] for s in metadata["sources"]] == [0.6, 0.4]
