@@ -170,8 +170,12 @@ def time_peft_merge(model: Any, adapters: list[str], weights: list[float], *, na
 
 
 def _share(cpu: CpuShare) -> float | None:
+    """Other processes' share of the CPU time during the block, or None where it cannot tell QUIET from busy: off
+    Linux, or a block so short (the core-space merges: ~60 ms) that one 10 ms clock tick is more than QUIET of it."""
     result = cpu.result()
-    return result["others_cpu_share"] if result else None
+    if not result or result["resolution"] is None or result["resolution"] > QUIET:
+        return None
+    return result["others_cpu_share"]
 
 
 def time_lora_fusion(sources: list[str], weights: list[float], *, method: str, space: str, density: float,
@@ -423,10 +427,15 @@ def main() -> None:
                 **{f"peft_{key}": list(run.others_cpu_share) for key, run in peft_runs.items()},
                 **{f"lora_fusion_{m}_{s}": share for (m, s), share in ours_shares.items()},
             },
-            # Another job's threads distort both sides by erratic factors (README): trust figures only when quiet.
+            # Another job's threads distort both sides by erratic factors (README): trust figures only when quiet,
+            # judged on every timed call long enough to measure (None: too short) and on both sections as a whole.
             "quiet_machine": all(
                 share is not None and share < QUIET
+                for share in [_share(peft_cpu), _share(ours_cpu)]
+            ) and all(
+                share < QUIET
                 for share in [*(x for run in peft_runs.values() for x in run.others_cpu_share), *ours_shares.values()]
+                if share is not None
             ),
         },
         "shapes": {
