@@ -452,7 +452,7 @@ def _plan(
         ceiling = min(m, n) if dense else k
         out_rank = min(ceiling, params.rank or (ceiling if params.energy else natural))
         if dense:
-            # T dense updates, formed twice (top-k pass, merge pass), sparsified and combined, then an exact or
+            # T dense updates, formed up to twice (top-k pass, merge pass), sparsified and combined, then an exact or
             # randomized SVD (b.4)
             exact = min(m, n) <= EXACT_SVD_LIMIT
             svd = 4.0 * m * n * min(m, n) if exact else 12.0 * m * n * (out_rank + 10)

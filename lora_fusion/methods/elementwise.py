@@ -11,11 +11,11 @@ than storing and re-reading it.
 
 Selections, draws and combinations are exactly those of the whole-tensor definitions: the top-k is exact with the
 same tie rule (lower flat index first), DARE's Bernoulli draws consume the generator in flat order as one
-`torch.rand` of the whole shape would, and the election and mean run the same operations in the same order
-(`tests/test_interference.py`). Only the entries of τᵢ themselves may differ from one whole `B @ A` in the last
-bit, since a BLAS may order the r-term sums differently for a block of rows than for the whole matrix; every pass
-(and the whole-tensor fallback) computes τᵢ from the same row blocks, so the selection is exact for the values
-that are merged.
+`torch.rand` of the whole shape would, and the election and mean give the same values (`_consensus_mean`;
+`tests/test_interference.py` compares with PEFT's `merge_utils`). Only the entries of τᵢ themselves may differ
+from one whole `B @ A` in the last bit, since a BLAS may order the r-term sums differently for a block of rows than
+for the whole matrix; every pass (and the whole-tensor fallback) computes τᵢ from the same row blocks, so the
+selection is exact for the values that are merged.
 """
 
 from __future__ import annotations
@@ -206,8 +206,8 @@ def _bracketed(task: DenseTask, keep: int) -> tuple[torch.Tensor, int, int] | No
 
 
 def _count(kept: torch.Tensor) -> int:
-    """The number of ones in a float 0/1 mask: a float32 sum, exact up to 2²⁴ entries (every block but one row of
-    more columns), where counting into int64 costs five times as much."""
+    """The number of ones in a float 0/1 mask: a float32 sum, exact up to 2²⁴ entries (any block but a single row
+    wider than that), where counting into int64 costs five times as much."""
     return int(kept.sum()) if kept.numel() <= 1 << 24 else int(torch.count_nonzero(kept))
 
 
@@ -328,7 +328,10 @@ def _consensus_mean(
     numerator, count = scratch.numerator[:entries], scratch.count[:entries]
     for i, block in enumerate(blocks):
         vote = block if majority == "total" else torch.sign(block, out=part)
-        votes.copy_(vote) if i == 0 else votes.add_(vote)
+        if i == 0:
+            votes.copy_(vote)
+        else:
+            votes.add_(vote)
     torch.ge(votes, 0, out=sign).mul_(2.0).sub_(1.0)
     for i, (block, weight) in enumerate(zip(blocks, weights)):
         torch.mul(block, sign, out=part).clamp_(min=0.0)

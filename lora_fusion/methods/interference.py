@@ -2,9 +2,9 @@
 
 The papers define these on dense task vectors τᵢ = ΔWᵢ = sᵢ·Bᵢ·Aᵢ. With `space="full"` (the default, the papers'
 semantics) each module's τᵢ are streamed densely in row blocks (`elementwise`), only the merged update is formed
-whole, and it goes back to low rank by exact or randomized SVD. With `space="core"` (Panariello et al., NeurIPS 2025) the same operation runs on the k×k cores
-Mᵢ = U_Bᵀ·τᵢ·V_A; for these element-wise methods that gives a different (basis-dependent) result, not an
-approximation of the full-space one.
+whole, and it goes back to low rank by exact or randomized SVD. With `space="core"` (Panariello et al., NeurIPS
+2025) the same operation runs on the k×k cores Mᵢ = U_Bᵀ·τᵢ·V_A; for these element-wise methods that gives a
+different (basis-dependent) result, not an approximation of the full-space one.
 
 Order of operations follows PEFT's `merge_utils` so results can be compared: sparsify each unweighted τᵢ, elect signs
 on the unweighted sparsified tensors, then weight by wᵢ and combine, then scale by λ.
@@ -45,7 +45,9 @@ def stacked(group: ModuleGroup) -> tuple[torch.Tensor, torch.Tensor]:
     return B, torch.cat([f.A.float() for f in group.factors], dim=0)
 
 
-def elementwise_merge(group: ModuleGroup, params: MergeParams, sparsifier: Sparsify, *, consensus: bool) -> ModuleResult:
+def elementwise_merge(
+    group: ModuleGroup, params: MergeParams, sparsifier: Sparsify, *, consensus: bool
+) -> ModuleResult:
     """Sparsify each task's dense update, combine (TIES consensus or weighted sum), scale by λ, and return to low
     rank. The updates are streamed in row blocks (`elementwise.combine`); only the merged one is formed whole."""
     if any(f.bias is not None for f in group.factors):
@@ -159,8 +161,8 @@ def magnitude_prune(group: ModuleGroup, params: MergeParams) -> ModuleResult:
     extra=("gamma",),
 )
 def breadcrumbs(group: ModuleGroup, params: MergeParams) -> ModuleResult:
-    """Model Breadcrumbs (Davari & Belilovsky, ECCV 2024): per tensor, drop the fraction γ (0.01) of largest |entries|
-    and max(0, 1 − d − γ) of the smallest (d = 0.9 kept); ΔW = λ·Σᵢ wᵢ·crumbs(τᵢ)."""
+    """Model Breadcrumbs (Davari & Belilovsky, ECCV 2024): per tensor, keep ⌊d·N⌋ entries (d = 0.9) by dropping the
+    ⌊γ·N⌋ largest |entries| (γ = 0.01) and the smallest of the rest (mergekit's counts); ΔW = λ·Σᵢ wᵢ·crumbs(τᵢ)."""
     return elementwise_merge(group, params, _crumbs, consensus=False)
 
 
