@@ -245,8 +245,9 @@ class CpuShare:
         cpus = os.cpu_count() or 1
         return {
             "others_cpu_share": round(others / (wall * cpus), 3) if wall > 0 else None,
-            # /proc/stat counts in clock ticks (10 ms): one tick, as a share of this block's CPU time
-            "resolution": round(1.0 / (os.sysconf("SC_CLK_TCK") * wall * cpus), 3) if wall > 0 else None,
+            # /proc/stat and os.times() count in clock ticks (10 ms), the machine's total as a sum of per-CPU counts:
+            # the share can be off by about cpus + 1 ticks of this block's CPU time
+            "resolution": round((cpus + 1) / (os.sysconf("SC_CLK_TCK") * wall * cpus), 3) if wall > 0 else None,
             "own_cpu_s": round(own, 2),
             "wall_s": round(wall, 2),
         }

@@ -452,15 +452,19 @@ def _plan(
         ceiling = min(m, n) if dense else k
         out_rank = min(ceiling, params.rank or (ceiling if params.energy else natural))
         if dense:
-            # T dense updates, formed up to twice (top-k pass, merge pass), sparsified and combined, then an exact or
-            # randomized SVD (b.4)
             exact = min(m, n) <= EXACT_SVD_LIMIT
             svd = 4.0 * m * n * min(m, n) if exact else 12.0 * m * n * (out_rank + 10)
-            flops = 4.0 * m * n * k + 10.0 * m * n * len(ranks) + svd
-            if spec.uses_base:  # RAPF: the T updates and the base weight as whole tensors
-                working = 4 * m * n * (len(ranks) + 3) + item * (m + n) * out_rank
-            else:  # element-wise: streamed in row blocks, only the merged update is whole (methods/elementwise.py)
-                svd_bytes = 8 * m * n + 8 * (m + n) * min(m, n) if exact else 8 * (m + n) * (out_rank + 10)
+            # an exact SVD in float64: the copy, LAPACK's own copy, U and V, workspace; randomized: the sketches
+            svd_bytes = (16 * m * n + 8 * (m + n) * min(m, n) + 32 * min(m, n) ** 2 if exact
+                         else 8 * (m + n) * (out_rank + 10))
+            if spec.uses_base:
+                # RAPF: one update at a time against W_o, in float64, with an SVD of W_o per step (methods/rapf.py)
+                flops = 2.0 * m * n * k + len(ranks) * 4.0 * m * n * min(m, n) + svd
+                working = 44 * m * n + svd_bytes + item * (m + n) * out_rank
+            else:
+                # element-wise: T updates streamed in row blocks, formed once (DARE) to three times (Breadcrumbs:
+                # two top-k passes and the merge); only the merged update is whole (methods/elementwise.py)
+                flops = 4.0 * m * n * k + 10.0 * m * n * len(ranks) + svd
                 working = 4 * m * n + svd_bytes + item * (m + n) * out_rank
         else:
             # QRs of the stacked factors, SVDs of k×k cores, the output factors

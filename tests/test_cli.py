@@ -82,6 +82,19 @@ def test_dry_run_prints_the_plan_and_writes_nothing(two_loras, tmp_path) -> None
     assert "output ranks" in text.stdout and "peak memory" in text.stdout
 
 
+def test_dry_run_memory_of_full_space_ties_does_not_grow_with_the_adapters(make_llama_lora) -> None:
+    # The adapters' dense updates are streamed in row blocks; only the merged one is held (methods/elementwise.py).
+    loras = [make_llama_lora(seed=s, r=4, lora_alpha=8) for s in range(6)]
+
+    def peak(count: int, method: str) -> int:
+        result = invoke("merge", *loras[:count], "--method", method, "--dry-run", "--json")
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)["estimated_peak_bytes"]
+
+    assert peak(2, "ties") == peak(6, "ties")
+    assert peak(6, "svd") > peak(2, "svd")  # factored methods hold the stacked factors: k = Σ rᵢ grows
+
+
 def test_existing_output_is_refused_without_overwrite(two_loras, tmp_path) -> None:
     out = tmp_path / "out"
     assert invoke("merge", *two_loras, "--out", out).exit_code == 0

@@ -1,6 +1,6 @@
 """Merge quality of every registered method on real tasks: LoRAs of all-MiniLM-L6-v2, 4 tasks.
 
-    python -m lora_fusion.eval.merge_quality [--cache DIR] [--seeds 0 1] [--out docs/results]
+    python -m lora_fusion.eval.merge_quality [--cache DIR] [--seeds 0 1 2] [--out docs/results]
 
 For each training seed: train (or load from the cache) one LoRA and one head per task
 (``testbed``), merge the task LoRAs with every registered method (``lora_fusion.merge``, in
@@ -432,7 +432,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", type=Path, default=None, help=f"trained LoRAs and heads (default: {default_cache_dir()})")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds (default: %(default)s)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=STEPS, help="training steps per task (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")

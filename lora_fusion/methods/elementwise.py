@@ -28,7 +28,7 @@ from typing import Protocol
 import torch
 
 _CPU_BLOCK = 1 << 16  # entries per block on the CPU: with its scratch (~10 blocks) it stays within L2/L3
-_DEVICE_BLOCK = 1 << 22  # on an accelerator: kernel launches do not dominate, and (T + 8) buffers stay < 1 GB at T = 50
+_DEVICE_BLOCK = 1 << 20  # on an accelerator: kernel launches do not dominate; (T + 8) buffers of 4 MB of scratch
 _SAMPLE = 1 << 16
 _SAMPLED_SELECT_MIN = 1 << 20  # below this, topk over everything is fast enough and the bracket would cover most
 

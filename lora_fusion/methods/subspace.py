@@ -88,11 +88,11 @@ def knots(group: ModuleGroup, params: MergeParams) -> ModuleResult:
     keep = numerical_rank(S)
     U = Q_B @ U_c[:, :keep].float()
     offsets = torch.tensor([0] + [f.rank for f in group.factors]).cumsum(0)
-    aligned = [
-        (S[:keep, None] * Vh_c[:keep, int(offsets[i]) : int(offsets[i + 1])]).float() @ Q.mT
+    # the aligned tasks (S·Vᵢᵀ, keep×n) as products, streamed like full-space updates: never T of them held whole
+    tasks = [
+        DenseTask.product((S[:keep, None] * Vh_c[:keep, int(offsets[i]) : int(offsets[i + 1])]).float(), Q.mT)
         for i, (Q, _) in enumerate(qrs)
     ]
-    tasks = [DenseTask.of(t) for t in aligned]
     trims = [Trim.of(task, density_of(params)) for task in tasks]
     merged = combine(tasks, trims, group.weights, majority=params.majority, scale=params.scale)
     return full_rank_result(factored_svd(U, merged), group, params)
