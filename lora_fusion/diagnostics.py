@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from .adapter import LoraAdapter, ModuleFactors
-from .methods.elementwise import keep_top_magnitude_
+from .methods.elementwise import DenseTask, Trim, sparsified_blocks
 
 
 def cosine(first: ModuleFactors, second: ModuleFactors) -> float:
@@ -36,11 +36,14 @@ def subspace_overlap(first: ModuleFactors, second: ModuleFactors) -> float:
 def sign_conflicts(factors: Sequence[ModuleFactors], density: float) -> float:
     """Among the entries in some task's top-`density` magnitudes, the fraction where the tasks keeping that entry
     disagree in sign (the interference TIES resolves by election)."""
-    kept = torch.stack([keep_top_magnitude_(f.delta(), density) for f in factors]).sign()
-    present = kept != 0
-    union = present.any(0)
-    conflict = (kept > 0).any(0) & (kept < 0).any(0)
-    return float(conflict.sum()) / max(1, int(union.sum()))
+    tasks = [DenseTask.product(f.scale * f.B.float(), f.A.float()) for f in factors]
+    union = conflict = 0
+    # streamed like the merges (methods/elementwise.py): no module's T dense updates are ever held whole
+    for _, _, blocks, _ in sparsified_blocks(tasks, [Trim.of(task, density) for task in tasks]):
+        kept = torch.stack(blocks).sign()
+        union += int((kept != 0).any(0).sum())
+        conflict += int(((kept > 0).any(0) & (kept < 0).any(0)).sum())
+    return conflict / max(1, union)
 
 
 def interference_report(adapters: Sequence[LoraAdapter], *, density: float = 0.2) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from lora_fusion.adapter import ModuleFactors
 from lora_fusion.errors import InvalidParameterError, UnsupportedAdapterError
 from lora_fusion.linalg import core_bases
 from lora_fusion.methods import ModuleGroup, get_method
-from lora_fusion.methods.elementwise import Crumbs, DenseTask, Drop, TopMagnitude, Trim, combine, keep_top_magnitude_
+from lora_fusion.methods.elementwise import Crumbs, DenseTask, Drop, TopMagnitude, Trim, combine
 from lora_fusion.methods.interference import seeded, stacked
 
 M, N = 24, 36
@@ -279,6 +279,25 @@ def test_interference_diagnostics(make_llama_lora) -> None:
     assert "sign conflicts" in CliRunner().invoke(app, ["inspect", str(first), str(second), "--interference"]).stdout
 
 
+def test_sign_conflicts_equal_a_dense_count_across_row_blocks() -> None:
+    # Integer factors: exact products with many ties, over several row blocks (1200×1000: the sampled threshold).
+    from lora_fusion.diagnostics import sign_conflicts
+
+    generator = torch.Generator().manual_seed(5)
+    factors = [ModuleFactors(torch.randint(-2, 3, (3, 1000), generator=generator).float(),
+                             torch.randint(-2, 3, (1200, 3), generator=generator).float(), 1.0) for _ in range(3)]
+    kept = torch.stack([top_k_reference(f.delta(), int(0.2 * 1200 * 1000)) for f in factors]).sign()
+    union = int((kept != 0).any(0).sum())
+    conflict = int(((kept > 0).any(0) & (kept < 0).any(0)).sum())
+    assert 0 < conflict < union
+    assert sign_conflicts(factors, 0.2) == conflict / union
+
+
+def trimmed(task: torch.Tensor, density: float) -> torch.Tensor:
+    """The streamed top-k trim of a dense tensor, as the merges apply it (one task, weight 1)."""
+    return combine([DenseTask.of(task)], [Trim.of(DenseTask.of(task), density)], [1.0], majority=None)
+
+
 def top_k_reference(task: torch.Tensor, keep: int) -> torch.Tensor:
     flat = task.reshape(-1)
     expected = torch.zeros_like(flat)
@@ -301,7 +320,7 @@ def test_sampled_threshold_selects_exactly_the_top_k_of_large_tensors(values) ->
     size = task.abs().reshape(-1)
     selection = TopMagnitude.of(DenseTask.of(task), keep)
     assert selection.threshold == torch.topk(size, keep).values[-1]
-    assert torch.equal(keep_top_magnitude_(task.clone(), 0.2), top_k_reference(task, keep))
+    assert torch.equal(trimmed(task.clone(), 0.2), top_k_reference(task, keep))
 
 
 @pytest.mark.parametrize(
@@ -324,12 +343,12 @@ def test_streamed_trim_selects_the_top_k_of_the_values_it_merges(shape, rank, de
 def test_trim_keeps_as_many_entries_as_peft(shape, density) -> None:
     tensor = torch.randn(shape, generator=torch.Generator().manual_seed(3))
     expected = merge_utils.magnitude_based_pruning(tensor, density)
-    assert torch.equal(keep_top_magnitude_(tensor.clone(), density), expected)
+    assert torch.equal(trimmed(tensor.clone(), density), expected)
 
 
 def test_dense_task_refuses_a_tensor_it_could_not_change_in_place() -> None:
     with pytest.raises(ValueError, match="contiguous"):
-        keep_top_magnitude_(torch.randn(40, 30).mT, 0.2)
+        DenseTask.of(torch.randn(40, 30).mT)
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.5])

@@ -299,15 +299,9 @@ def combine(
     +1 where the sum is zero (PEFT's rule); τ_m[p] = Σ_{i∈A_p} wᵢ·τ̂ᵢ[p] / max(1, |A_p|) with
     A_p = {i : τ̂ᵢ[p] ≠ 0 and sign(τ̂ᵢ[p]) = γ_p}.
     """
-    shape, device = tasks[0].shape, tasks[0].device
-    merged = torch.empty(shape, device=device, dtype=tasks[0].dtype)
-    scratch = Scratch(len(tasks), block_entries(shape, device), device, tasks[0].dtype)
-    for start, stop in row_blocks(shape, device):
-        offset, out = start * shape[1], merged[start:stop].view(-1)
-        blocks = [task.rows(start, stop, buffer) for task, buffer in zip(tasks, scratch.tasks)]
-        for block, sparsifier in zip(blocks, sparsifiers):
-            if sparsifier is not None:
-                sparsifier.apply_(block, offset, scratch)
+    merged = torch.empty(tasks[0].shape, device=tasks[0].device, dtype=tasks[0].dtype)
+    for start, stop, blocks, scratch in sparsified_blocks(tasks, sparsifiers):
+        out = merged[start:stop].view(-1)
         if majority is None:
             torch.mul(blocks[0], weights[0], out=out)
             for block, weight in zip(blocks[1:], weights[1:]):
@@ -316,6 +310,21 @@ def combine(
             _consensus_mean(blocks, weights, majority, scratch, out)
         out.mul_(scale)
     return merged
+
+
+def sparsified_blocks(
+    tasks: Sequence[DenseTask], sparsifiers: Sequence[Sparsifier | None]
+) -> Iterator[tuple[int, int, list[torch.Tensor], Scratch]]:
+    """(start row, stop row, each task's block of those rows sparsified, the scratch) for every row block in order.
+    The blocks live in reused buffers: each is overwritten by the next."""
+    shape, device = tasks[0].shape, tasks[0].device
+    scratch = Scratch(len(tasks), block_entries(shape, device), device, tasks[0].dtype)
+    for start, stop in row_blocks(shape, device):
+        blocks = [task.rows(start, stop, buffer) for task, buffer in zip(tasks, scratch.tasks)]
+        for block, sparsifier in zip(blocks, sparsifiers):
+            if sparsifier is not None:
+                sparsifier.apply_(block, start * shape[1], scratch)
+        yield start, stop, blocks, scratch
 
 
 def _consensus_mean(
@@ -342,14 +351,3 @@ def _consensus_mean(
             numerator.add_(part, alpha=weight)
             count.add_(part.sign_())
     torch.div(numerator.mul_(sign), count.clamp_(min=1.0), out=out)
-
-
-def keep_top_magnitude_(task: torch.Tensor, density: float) -> torch.Tensor:
-    """In place: zero all but the ⌊density·numel⌋ entries of `task` (contiguous) with the largest |value|, ties at
-    the threshold going to the lower flat index; returns `task`."""
-    dense = DenseTask.of(task)
-    trim = Trim.of(dense, density)
-    scratch = Scratch(1, block_entries(dense.shape, dense.device), dense.device, dense.dtype)
-    for offset, block in dense.blocks(scratch.tasks[0]):
-        trim.apply_(block, offset, scratch)
-    return task
