@@ -60,6 +60,12 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, hidden: int, interme
     parser.add_argument("--rank", type=int, default=16, help="rank of each input LoRA")
 
 
+def model_record(args: argparse.Namespace) -> dict[str, Any]:
+    """The options `add_model_arguments` defines, as a benchmark's JSON records them."""
+    return {"hidden": args.hidden, "intermediate": args.intermediate, "layers": args.layers, "heads": args.heads,
+            "vocab": args.vocab, "input_rank": args.rank}
+
+
 def build_base(args: argparse.Namespace) -> Any:
     """A random float32 Llama with the requested shapes (no weights are downloaded)."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -225,12 +231,7 @@ def main() -> None:
             "lora_fusion_svd_1thread": svd_1t_times.to_dict(),
         },
         "shapes": {
-            "hidden": args.hidden,
-            "intermediate": args.intermediate,
-            "layers": args.layers,
-            "heads": args.heads,
-            "vocab": args.vocab,
-            "input_rank": args.rank,
+            **model_record(args),
             "lora_alpha": args.alphas,
             "weights": WEIGHTS,
             "svd_rank": args.svd_rank,
