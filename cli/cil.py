@@ -32,8 +32,10 @@ def run(
 ) -> None:
     """Train task by task; write metrics.json, accuracy.png and task_XX/adapter.safetensors to the recipe's `out`."""
     # Imported here: main.py imports this module to register the sub-app.
-    from .main import user_errors
+    from .main import _on_interrupt, user_errors
 
+    _on_interrupt("interrupted; the tasks finished so far are kept in the recipe's out folder: run the same command "
+                  "to resume from them.")
     with user_errors():
         from lora_fusion.cil import run_recipe
         from lora_fusion.distributed import finish, is_main_process

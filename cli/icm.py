@@ -125,6 +125,8 @@ def _read_recipe(path: Path) -> dict:
         raise RecipeError(f"cannot read recipe {path}: {err.strerror or err}.") from None
     except yaml.YAMLError as err:
         raise RecipeError(f"recipe {path} is not valid YAML: {str(err).splitlines()[0]}.") from None
+    except RecursionError:  # the YAML composer recurses once per nesting level
+        raise RecipeError(f"recipe {path} is nested too deeply; an ICM recipe is a mapping of a few levels.") from None
     if not isinstance(spec, dict):
         raise RecipeError(f"recipe {path} must be a mapping of ICM recipe keys.")
     return spec

@@ -28,16 +28,42 @@ app = typer.Typer(
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn library errors into one line on stderr and exit code 2 (re-raise with LORA_FUSION_DEBUG=1)."""
+    """Turn library errors into one line on stderr and exit code 2 (re-raise with LORA_FUSION_DEBUG=1), Ctrl-C into
+    one line saying what was written and exit code 130, and the library's warnings into one `Warning:` line each
+    (Python's default adds the file, line and source code)."""
+    import warnings
+
     from lora_fusion.errors import LoraFusionError
 
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            yield
     except LoraFusionError as err:
         if os.environ.get("LORA_FUSION_DEBUG") == "1":
             raise
         typer.echo(f"Error: {err}", err=True)
         raise typer.Exit(code=2) from None
+    except KeyboardInterrupt:  # Ctrl-C: say what is on disk (writes are atomic), exit as shells expect
+        typer.echo(_interrupted[0], err=True)
+        raise typer.Exit(code=130) from None
+
+
+def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    typer.echo(f"Warning: {message}", err=True)
+
+
+def warn(message: str) -> None:
+    """A warning found by the CLI itself: one line on stderr, printed with --quiet too."""
+    typer.echo(f"Warning: {message}", err=True)
+
+
+# What a Ctrl-C leaves behind, kept current by the commands that write; `main` prints it and exits 130.
+_interrupted = ["interrupted."]
+
+
+def _on_interrupt(message: str) -> None:
+    _interrupted[0] = message
 
 
 def fail(message: str) -> None:
@@ -69,6 +95,13 @@ SourcesArg = Annotated[
 ]
 
 
+# The methods that take --rank and --energy, written out so that `--help` imports no torch (a test checks the registry).
+RANK_METHODS = (
+    "svd, ties, dare_linear, dare_ties, magnitude_prune, breadcrumbs, breadcrumbs_ties, knots, tsv, iso_c, iso_cts, "
+    "rapf; default: the largest input rank"
+)
+
+
 def _parse_weights(text: str | None) -> list[float] | None:
     if text is None:
         return None
@@ -82,10 +115,14 @@ def _parse_weights(text: str | None) -> list[float] | None:
 @app.command()
 def merge(
     sources: SourcesArg = None,
-    method: Annotated[Optional[str], typer.Option("--method", "-m", help="Merge method (see `methods`).")] = None,
+    method: Annotated[
+        Optional[str], typer.Option("--method", "-m", help="Merge method (see `methods`); default: linear.")
+    ] = None,
     weights: Annotated[Optional[str], typer.Option(help="One weight per source, e.g. 0.6,0.4 (default 1 each).")] = None,
-    rank: Annotated[Optional[int], typer.Option("--rank", "-r", help="Output rank (svd).")] = None,
-    energy: Annotated[Optional[float], typer.Option(help="Per-module rank keeping this energy fraction (svd).")] = None,
+    rank: Annotated[Optional[int], typer.Option("--rank", "-r", help=f"Output rank ({RANK_METHODS}).")] = None,
+    energy: Annotated[
+        Optional[float], typer.Option(help=f"Per-module rank keeping this energy fraction, e.g. 0.99 ({RANK_METHODS}).")
+    ] = None,
     scale: Annotated[Optional[float], typer.Option(help="Global factor λ on the merged update.")] = None,
     density: Annotated[Optional[float], typer.Option(help="Fraction kept (TIES/magnitude trim, DARE).")] = None,
     majority: Annotated[Optional[str], typer.Option(help="TIES sign election: total or frequency.")] = None,
@@ -120,6 +157,7 @@ def merge(
     """Merge adapters into one PEFT adapter: `lora-fusion merge A B --method svd --rank 16 --out merged/`."""
     with user_errors():
         from lora_fusion.recipe import load_recipe, validated
+        from lora_fusion.sources import check_push_repo_id
 
         given = {
             "method": method,
@@ -147,8 +185,12 @@ def merge(
             "ignore_base_model": ignore_base_model,
         }
         flags = {k: v for k, v in given.items() if v is not None}
+        if flags.get("push_to_hub") is not None:
+            check_push_repo_id(flags["push_to_hub"])
         if recipe is not None:
             base = load_recipe(recipe).model_dump(exclude_none=True)
+            if sources:
+                warn(f"the sources given on the command line replace the {len(base['sources'])} of {recipe}.")
             plan = validated(base | flags | ({"sources": sources} if sources else {}), origin="options")
         elif sources:
             plan = validated({"sources": sources, **flags}, origin="options")
@@ -168,8 +210,18 @@ def _run_merge(plan: Any, *, subfolder: str | None, dry_run: bool, as_json: bool
 
     if not dry_run and plan.out is None and plan.push_to_hub is None:
         fail("say where the merged adapter goes: --out DIR (and/or --push-to-hub REPO).")
-    if not dry_run and plan.out and Path(plan.out).exists() and not plan.overwrite:
-        fail(f"{plan.out} already exists; pass --overwrite or choose another --out.")
+    from lora_fusion.writer import check_output_folder, check_push_allowed
+
+    if not dry_run and plan.out:  # before any download or merge: what --overwrite may replace, sources protected
+        inputs = [*(entry.source for entry in plan.entries()), *(p for p in (plan.base_model, plan.fvae, plan.support) if p)]
+        check_output_folder(Path(plan.out), overwrite=bool(plan.overwrite), protected=inputs)
+    if not dry_run and plan.push_to_hub:
+        check_push_allowed(plan.push_to_hub)
+    if dry_run and plan.out and Path(plan.out).exists():
+        warn(f"--out {plan.out} already exists: a real run would need --overwrite.")
+    if plan.out:
+        kept = "untouched" if Path(plan.out).exists() else "not created"
+        _on_interrupt(f"interrupted; nothing written; {plan.out} {kept}.")
     result = fuse(
         plan.entries(),
         method=plan.method,
@@ -202,6 +254,9 @@ def _run_merge(plan: Any, *, subfolder: str | None, dry_run: bool, as_json: bool
         typer.echo(json.dumps(result.to_dict(), indent=2) if as_json else str(result))
         return
     written = result.save_pretrained(plan.out, overwrite=plan.overwrite) if plan.out else None
+    if written and plan.push_to_hub:
+        _on_interrupt(f"interrupted; {written} is written; the push to {plan.push_to_hub} may be incomplete: run "
+                      f"`lora-fusion push {written} {plan.push_to_hub}`.")
     url = _push(result, plan, written) if plan.push_to_hub else None
     truncated = [s for s in result.stats.values() if s.truncated]
     summary = {
@@ -285,6 +340,10 @@ def _print_interference(adapters: list[Any], *, density: float, as_json: bool) -
     typer.echo(f"{overall['modules']} shared modules; top-{density:g} sign conflicts {overall['sign_conflict']:.3f}")
     for pair, stats in overall["pairs"].items():
         typer.echo(f"  {pair}: cosine {stats['cosine']:+.3f}, subspace overlap {stats['subspace_overlap']:.3f}")
+    if report["unmatched"]:
+        typer.echo(f"{len(report['unmatched'])} modules not compared:")
+        for module, reason in report["unmatched"].items():
+            typer.echo(f"  {module}: {reason}")
 
 
 def _describe(adapter: Any) -> dict[str, Any]:
@@ -313,12 +372,15 @@ def push(
 ) -> None:
     """Upload an adapter directory to the Hub (token from HF_TOKEN or `hf auth login`)."""
     with user_errors():
-        from lora_fusion.sources import load_adapter
+        from lora_fusion.sources import check_push_repo_id, load_adapter
         from lora_fusion.writer import push_folder
 
-        load_adapter(directory)  # refuse to publish something that is not a valid adapter
-        url = push_folder(directory, repo_id, private=private, revision=revision, commit_message=commit_message)
-        typer.echo(f"pushed {directory} -> {url}")
+        check_push_repo_id(repo_id)
+        load_adapter(directory)
+        _on_interrupt(f"interrupted; {directory} is unchanged; the upload to {repo_id} may be incomplete: run the "
+                      "same command again.")  # refuse to publish something that is not a valid adapter
+        pushed = push_folder(directory, repo_id, private=private, revision=revision, commit_message=commit_message)
+        typer.echo(f"pushed {directory} -> {pushed}" if pushed.changed else f"{directory}: {pushed.summary}")
 
 
 @app.command()
@@ -350,12 +412,13 @@ app.add_typer(icm_app, name="icm")
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point: like `app()`, but parse errors also end on one line with exit code 2."""
+    _on_interrupt("interrupted.")
     try:
         code = app(args=list(argv) if argv is not None else None, standalone_mode=False)
     except typer.Exit as done:
         return done.exit_code
-    except typer.Abort:
-        typer.echo("Aborted.", err=True)
+    except (typer.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort; outside its parser it stays itself
+        typer.echo(_interrupted[0], err=True)
         return 130
     except Exception as err:
         # Parser errors (unknown option, bad value, missing argument) carry exit_code 2 and format_message().

@@ -11,10 +11,12 @@ Conventions (METHODS.md §a):
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -156,7 +158,12 @@ class MemoryStore:
 
 @dataclass(frozen=True)
 class SourceInfo:
-    """Where an adapter came from: what the user asked for and what it resolved to."""
+    """Where an adapter came from: what the user asked for and what it resolved to.
+
+    `path` is where the files are on this machine (the resolved local path as given, or the Hub cache snapshot). It
+    stays in memory: [`to_dict`](SourceInfo.to_dict), the record that model cards and safetensors metadata carry,
+    never holds it.
+    """
 
     source: str
     revision: str | None = None
@@ -164,8 +171,67 @@ class SourceInfo:
     commit: str | None = None
     path: str | None = None
 
+    @property
+    def local_path(self) -> Path | None:
+        """The adapter's directory or file when it was read from disk; None for Hub sources and in-memory ones.
+
+        A Hub source always has a resolved commit (the cache lays files out by commit) or a revision; a local one has
+        neither.
+        """
+        if self.path is None or self.commit is not None or self.revision is not None:
+            return None
+        return Path(self.path)
+
+    @cached_property
+    def sha256(self) -> str | None:
+        """sha256 of a local adapter's `adapter_config.json` followed by its weights file, as
+        `cat adapter_config.json adapter_model.safetensors | sha256sum` prints it; None for Hub sources (their commit
+        identifies them) or when the files are gone. Computed once, when first asked for."""
+        files = _adapter_files(self.local_path, self.subfolder) if self.local_path else None
+        if not files:
+            return None
+        digest = hashlib.sha256()
+        try:
+            for file in files:
+                with file.open("rb") as handle:
+                    while block := handle.read(1 << 20):
+                        digest.update(block)
+        except OSError:
+            return None
+        return digest.hexdigest()
+
     def to_dict(self) -> dict[str, str | None]:
-        return {"source": self.source, "revision": self.revision, "subfolder": self.subfolder, "commit": self.commit}
+        """The record of this source in model cards and safetensors metadata, which may be published.
+
+        A Hub source: repo id, revision, subfolder and resolved commit. A local one: its folder's name and the
+        [`sha256`](SourceInfo.sha256) of its files, never its path (absolute paths show user names and the machine's
+        layout; the name and hash still identify the adapter).
+        """
+        local = self.local_path
+        if local is None:
+            return {
+                "source": self.source, "revision": self.revision, "subfolder": self.subfolder, "commit": self.commit
+            }
+        name = local.name if local.is_dir() or not local.parent.name else f"{local.parent.name}/{local.name}"
+        return {"source": name, "revision": None, "subfolder": self.subfolder, "commit": None, "sha256": self.sha256}
+
+
+def _adapter_files(path: Path, subfolder: str | None) -> list[Path]:
+    """The config and weights files `load_adapter` reads for a local `path` (a directory, or a weights file)."""
+    from .sources import CONFIG_NAME, LEGACY_NAME, SAFETENSORS_NAME  # sources imports this module
+
+    if path.is_file():
+        return [file for file in (path.parent / CONFIG_NAME, path) if file.is_file()]
+    folder = path / subfolder if subfolder else path
+    weights = [folder / name for name in (SAFETENSORS_NAME, LEGACY_NAME) if (folder / name).is_file()][:1]
+    return [file for file in (folder / CONFIG_NAME, *weights) if file.is_file()]
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):  # a Hub id with a NUL byte or a too-long name: not a local path
+        return False
 
 
 class LoraAdapter:
@@ -192,12 +258,16 @@ class LoraAdapter:
         source: SourceInfo | None = None,
         provenance: Mapping[str, Any] | None = None,
         stats: Mapping[str, ModuleStats] | None = None,
+        inputs: Iterable[str | Path] = (),
     ) -> None:
         self.config = config
         self.modules: dict[str, ModuleSpec] = dict(modules)
         self.source = source
         self.provenance: dict[str, Any] = dict(provenance or {})
         self.stats: dict[str, ModuleStats] = dict(stats or {})
+        # Local files this adapter was made from (a merge's sources): memory only, so that writing never replaces
+        # them; the written provenance names sources without their paths.
+        self.inputs: tuple[Path, ...] = tuple(Path(p) for p in inputs)
         self._store = store
 
     def __repr__(self) -> str:
@@ -207,6 +277,21 @@ class LoraAdapter:
     @property
     def base_model(self) -> str | None:
         return self.config.base_model
+
+    def local_inputs(self) -> tuple[Path, ...]:
+        """Files and folders on this machine that this adapter was read or made from, which writing it must never
+        replace or write inside: its own local source, the local sources of a merge (`inputs`), and a local base
+        model, F-VAE or support file named in its provenance. Hub sources are not listed (the cache is not the
+        user's data). Used by [`write_adapter`]; never written anywhere.
+        """
+        paths = list(self.inputs)
+        if self.source is not None and self.source.local_path is not None:
+            paths.append(self.source.local_path)
+        params = self.provenance.get("params") or {}
+        for value in (self.provenance.get("base_model"), params.get("fvae"), params.get("support")):
+            if isinstance(value, (str, Path)) and str(value) and _exists(Path(value).expanduser()):
+                paths.append(Path(value).expanduser())
+        return tuple(dict.fromkeys(paths))
 
     def factors(self, module: str) -> ModuleFactors:
         """Read one module's factors in canonical form (A r×n, B m×r), in the file's dtype.
@@ -241,8 +326,14 @@ class LoraAdapter:
 
         The result loads with `peft.PeftModel.from_pretrained(base_model, save_directory)`.
 
+        With `overwrite=True` an existing folder is replaced only if it holds nothing but adapter files (as one
+        lora-fusion wrote); see [`check_output_folder`] for what is refused.
+
         Raises:
             OutputExistsError: if `save_directory` exists and `overwrite` is False.
+            OutputProtectedError: `overwrite=True` would delete something else: the current directory or a parent,
+                the home folder, this adapter's local sources or base model, a folder with other files.
+            OutputWriteError: the disk refused the write; nothing was written.
         """
         from .writer import write_adapter
 

@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from .adapter import ModuleSpec
-from .errors import IncompatibleAdaptersError, SourceNotFoundError
-from .sources import hub_error
+from .adapter import ModuleSpec, all_finite
+from .errors import HubError, IncompatibleAdaptersError, NonFiniteError, SourceNotFoundError
+from .sources import cache_progress, call_hub, hub_error
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -62,6 +62,12 @@ class BaseWeights:
             raise IncompatibleAdaptersError(
                 f"{self.source}: {key} has shape {list(tensor.shape)} but the adapters' {spec.name} is "
                 f"{list(spec.shape)}; pass the base model the adapters were trained on."
+            )
+        if not all_finite(tensor):
+            # an SVD of a weight with NaN/Inf fails deep in LAPACK or spreads NaN through every merged factor
+            raise NonFiniteError(
+                f"{self.source}: {key} (base weight of {spec.name}) holds NaN or Inf; the base model is corrupt: "
+                "re-download it or pass the checkpoint the adapters were trained on."
             )
         return tensor
 
@@ -116,8 +122,13 @@ class BaseWeights:
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
+        def download() -> str:
+            return hf_hub_download(self.source, name, revision=self._revision, token=self._token)
+
         try:
-            path = Path(hf_hub_download(self.source, name, revision=self._revision, token=self._token))
+            path = Path(call_hub(download, repo_id=self.source, progress=cache_progress(self.source)))
+        except HubError:
+            raise
         except LocalEntryNotFoundError as err:
             raise hub_error(err, self.source, self._revision) from None
         except EntryNotFoundError:
@@ -134,7 +145,7 @@ class BaseWeights:
 def _index_map(path: Path, source: str) -> dict[str, str]:
     try:
         weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):  # RecursionError: JSON nested ~1000 deep
         raise SourceNotFoundError(f"{source}: {path.name} is not a valid safetensors index.") from None
     if not isinstance(weight_map, dict) or not all(
         isinstance(v, str) and "/" not in v and "\\" not in v and v not in ("", ".", "..") for v in weight_map.values()

@@ -47,15 +47,26 @@ def sign_conflicts(factors: Sequence[ModuleFactors], density: float) -> float:
 
 
 def interference_report(adapters: Sequence[LoraAdapter], *, density: float = 0.2) -> dict[str, Any]:
-    """Per module shared by at least two adapters: pairwise cosine and subspace overlap, and the top-`density` sign
-    conflict fraction; plus their means over modules. Pairs are keyed "i-j" by source position."""
+    """Per module held by at least two adapters with the same shape: pairwise cosine and subspace overlap, and the
+    top-`density` sign conflict fraction; plus their means over modules. Pairs are keyed "i-j" by source position.
+
+    Modules that cannot be compared are listed under "unmatched" with the reason (held by one adapter only, or shapes
+    that differ: adapters of different base models), so partly different adapters still get a report.
+    """
     names = [a.source.source if a.source else f"adapter {i}" for i, a in enumerate(adapters)]
     modules: dict[str, Any] = {}
-    shared = sorted({m for a in adapters for m in a.modules})
-    for module in shared:
-        present = [(i, a.factors(module)) for i, a in enumerate(adapters) if module in a.modules]
-        if len(present) < 2:
+    unmatched: dict[str, str] = {}
+    for module in sorted({m for a in adapters for m in a.modules}):
+        holders = [(i, a.modules[module]) for i, a in enumerate(adapters) if module in a.modules]
+        if len(holders) < 2:
+            unmatched[module] = f"only in [{holders[0][0]}]"
             continue
+        shapes = {(s.kind, s.shape) for _, s in holders}
+        if len(shapes) > 1:
+            listed = ", ".join(f"[{i}] {s.kind} {'×'.join(map(str, s.shape))}" for i, s in holders)
+            unmatched[module] = f"shapes differ: {listed}"
+            continue
+        present = [(i, adapters[i].factors(module)) for i, _ in holders]
         pairs = {
             f"{i}-{j}": {"cosine": cosine(x, y), "subspace_overlap": subspace_overlap(x, y)}
             for (i, x), (j, y) in combinations(present, 2)
@@ -73,4 +84,4 @@ def interference_report(adapters: Sequence[LoraAdapter], *, density: float = 0.2
         "sign_conflict": fmean(m["sign_conflict"] for m in modules.values()) if modules else 0.0,
         "modules": len(modules),
     }
-    return {"sources": names, "density": density, "overall": overall, "modules": modules}
+    return {"sources": names, "density": density, "overall": overall, "modules": modules, "unmatched": unmatched}

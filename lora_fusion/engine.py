@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,15 +26,23 @@ from .base_weights import BaseWeights
 from .distributed import current_shard, gather_shards, is_main_process
 from .linalg import EXACT_SVD_LIMIT
 from .runtime import thread_limit
-from .errors import IncompatibleAdaptersError, InvalidParameterError, NonFiniteError, SourceNotFoundError
+from .errors import (
+    DegenerateMergeWarning,
+    IncompatibleAdaptersError,
+    InvalidParameterError,
+    NonFiniteError,
+    SourceNotFoundError,
+)
 from .methods import MergeParams, MethodSpec, ModuleGroup, ModuleStats, get_method
 from .recipe import SourceEntry
-from .sources import is_repo_id, load_adapter
+from .sources import check_scale_fits, is_repo_id, load_adapter
 
 Source = str | Path | LoraAdapter | SourceEntry
 T = TypeVar("T")
 # Modules merged at once on the CPU, each on one thread; the dense methods' peak memory grows with it.
 CPU_WORKERS = min(2, os.cpu_count() or 1)
+# Below this retained energy in a module, a merge at the default rank is likely not what was meant (issue 12 §6).
+LOW_RETAINED_ENERGY = 0.9
 
 
 @dataclass(frozen=True)
@@ -206,7 +215,11 @@ def merge(
     def open_sources() -> tuple[list[LoraAdapter], dict[str, ModuleSpec], torch.dtype]:
         adapters = [_open(s, revision=revision, subfolder=subfolder, token=token) for s in sources]
         layout = _module_layout(adapters, ignore_base_model=ignore_base_model)
-        return adapters, layout, _dtype(dtype) if dtype is not None else _common_dtype(adapters)
+        out_dtype = _dtype(dtype) if dtype is not None else _common_dtype(adapters)
+        for adapter in adapters:
+            for name, module in adapter.modules.items():
+                check_scale_fits(name, module.scale, out_dtype, _origin(adapter))
+        return adapters, layout, out_dtype
 
     if shard is None:
         adapters, layout, out_dtype = open_sources()
@@ -236,9 +249,12 @@ def merge(
     tensors: dict[str, torch.Tensor] = {}
     modules: dict[str, ModuleSpec] = {}
     stats: dict[str, ModuleStats] = {}
+    findings: dict[str, ModuleFindings] = {}
     for name in layout:
-        modules[name], outputs, stats[name] = merged[name]
+        modules[name], outputs, stats[name], findings[name] = merged[name]
         tensors.update(outputs)
+    if is_main_process():  # every process of a launch holds the same result: say it once
+        _warn_degenerate(adapters, findings, stats, rank_given=rank is not None or energy is not None)
     first = adapters[0].config
     config = AdapterConfig(
         base_model=first.base_model,
@@ -258,7 +274,11 @@ def merge(
         "dtype": str(out_dtype).removeprefix("torch."),
         **({"base_model": base.source} if base is not None else {}),
     }
-    return LoraAdapter(config=config, modules=modules, store=MemoryStore(tensors), provenance=provenance, stats=stats)
+    # The sources' local paths stay in memory (never in the provenance): writing the result must not replace them.
+    inputs = [path for adapter in adapters for path in adapter.local_inputs()]
+    return LoraAdapter(
+        config=config, modules=modules, store=MemoryStore(tensors), provenance=provenance, stats=stats, inputs=inputs
+    )
 
 
 def _check_whole(
@@ -277,7 +297,55 @@ def _check_whole(
                                         "CPU in one process, writes float32 and has no plan before it runs")
 
 
-ModuleOutput = tuple[ModuleSpec, dict[str, torch.Tensor], ModuleStats]
+@dataclass(frozen=True)
+class ModuleFindings:
+    """What the merge of one module noticed that may make the result degenerate (reported by `_warn_degenerate`)."""
+
+    zero_inputs: tuple[int, ...]  # positions of the sources whose update of this module is zero
+    zero_output: bool
+
+
+ModuleOutput = tuple[ModuleSpec, dict[str, torch.Tensor], ModuleStats, ModuleFindings]
+
+
+def _is_zero(tensor: torch.Tensor) -> bool:
+    return not bool(tensor.any())
+
+
+def _warn_degenerate(
+    adapters: Sequence[LoraAdapter],
+    findings: Mapping[str, ModuleFindings],
+    stats: Mapping[str, ModuleStats],
+    *,
+    rank_given: bool,
+) -> None:
+    """One `DegenerateMergeWarning` per kind of result that is probably not what was meant."""
+    names = [_origin(a) for a in adapters]
+    seen: dict[str, int] = {}
+    for i, adapter in enumerate(adapters):
+        where = adapter.source.path if adapter.source and adapter.source.path else f"object {id(adapter)}"
+        key = f"{where}|{adapter.source.subfolder if adapter.source else ''}"
+        if key in seen:
+            _warn(f"source {i + 1} ({names[i]}) is the same adapter as source {seen[key] + 1}: its update counts "
+                  "twice; give it once with a larger weight if that is what you mean.")
+        seen.setdefault(key, i)
+    for i, adapter in enumerate(adapters):
+        zero = [m for m in adapter.modules if m in findings and i in findings[m].zero_inputs]
+        if zero and len(zero) == len([m for m in adapter.modules if m in findings]):
+            _warn(f"source {i + 1} ({names[i]}) is all zeros (an untrained adapter? PEFT initialises B to 0): it "
+                  "adds nothing to the merge.")
+    if findings and all(f.zero_output for f in findings.values()):
+        _warn("the merged adapter is all zeros: the sources cancel or were trimmed away; check the weights and "
+              "the method's parameters.")
+    low = {name: s.retained_energy for name, s in stats.items() if s.retained_energy < LOW_RETAINED_ENERGY}
+    if low and not rank_given:
+        worst = min(low, key=low.__getitem__)
+        _warn(f"{len(low)} module(s) keep less than {LOW_RETAINED_ENERGY:g} of the merged update's energy at the "
+              f"default rank (lowest: {worst}, {low[worst]:.3f}); pass --energy 0.99 or a larger --rank.")
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, DegenerateMergeWarning, stacklevel=4)
 
 
 def _merge_modules(
@@ -300,15 +368,17 @@ def _merge_modules(
     """
 
     def merge_one(name: str) -> ModuleOutput:
-        present = [(a, w) for a, w in zip(adapters, weight_list) if name in a.modules]
+        present = [(i, a, w) for i, (a, w) in enumerate(zip(adapters, weight_list)) if name in a.modules]
         base_weight = None
         if base is not None:
-            fan_in_fan_out = any(a.config.fan_in_fan_out for a, _ in present)
+            fan_in_fan_out = any(a.config.fan_in_fan_out for _, a, _ in present)
             base_weight = base.weight(layout[name], fan_in_fan_out=fan_in_fan_out).to(target)
+        factors = [a.factors(name) for _, a, _ in present]
+        zero_inputs = tuple(i for (i, _, _), f in zip(present, factors) if _is_zero(f.B) or _is_zero(f.A))
         group = ModuleGroup(
             name=name,
-            factors=[_to(a.factors(name), target) for a, _ in present],
-            weights=[w for _, w in present],
+            factors=[_to(f, target) for f in factors],
+            weights=[w for _, _, w in present],
             base=base_weight,
         )
         result = spec.fn(group, params)  # type: ignore[call-arg, arg-type]
@@ -322,7 +392,8 @@ def _merge_modules(
                 f"module {name}: the merged factors do not fit in {str(out_dtype).removeprefix('torch.')}; "
                 "write them in float32 (--dtype float32) or lower the weights."
             )
-        return spec_out, outputs, result.stats
+        zero_output = _is_zero(outputs[spec_out.a_key]) or _is_zero(outputs[spec_out.b_key])
+        return spec_out, outputs, result.stats, ModuleFindings(zero_inputs, zero_output)
 
     on_cpu = target.type == "cpu"
     workers = CPU_WORKERS if on_cpu else 1

@@ -7,6 +7,8 @@ Messages say what is wrong and what to do about it.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class LoraFusionError(Exception):
     """Base of every error the user can fix: the CLI prints it on one line and exits 2."""
@@ -62,3 +64,36 @@ class HubError(LoraFusionError, OSError):
 
 class RecipeError(LoraFusionError, ValueError):
     """A YAML recipe with an unknown key, a wrong type, or invalid YAML."""
+
+
+class DegenerateMergeWarning(UserWarning):
+    """A merge that ran but whose result is probably not what was meant (all-zero inputs, low retained energy, ...).
+
+    The CLI prints each on one line on stderr, `--quiet` included.
+    """
+
+
+class OutputProtectedError(OutputExistsError):
+    """`--overwrite` (overwrite=True) would delete something lora-fusion did not write: the current directory or one
+    of its parents, the home folder, a source or the base model (or a folder holding or inside one), a file, a link,
+    or a folder with files other than an adapter's. Nothing is written or deleted.
+
+    Attributes:
+        folder: the output that was refused, absolute.
+        reason: why, in words ("it is the current directory", "it holds files lora-fusion did not write", ...).
+        files: the names inside `folder` that replacing it would have lost (all of them; the message shows three).
+    """
+
+    def __init__(self, folder: Path, reason: str, files: list[str], advice: str) -> None:
+        self.folder, self.reason, self.files = folder, reason, list(files)
+        shown = ", ".join(self.files[:3]) + (f" and {len(self.files) - 3} more" if len(self.files) > 3 else "")
+        lost = f"; replacing it would delete {shown}" if self.files else ""
+        super().__init__(f"refusing to replace {folder}: {reason}{lost}. {advice}")
+
+
+class PublicRepoError(HubError):
+    """`--private` (private=True) was asked for, but the Hub repo exists and is public: nothing was uploaded."""
+
+
+class HubOfflineError(HubError):
+    """An upload was asked for while huggingface_hub is in offline mode (`HF_HUB_OFFLINE=1`): nothing was uploaded."""

@@ -1,7 +1,7 @@
 """Linear algebra on factored updates: the SVD of B·A without forming it, core-space bases, randomized SVD of dense
 updates, and the choice of output rank.
 
-METHODS.md §b.2–b.4 and c.10. All functions are pure and work on whatever device their inputs are on.
+docs/methods.md. All functions are pure and work on whatever device their inputs are on.
 """
 
 from __future__ import annotations

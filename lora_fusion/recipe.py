@@ -17,9 +17,10 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import RecipeError
+from .errors import InvalidParameterError, RecipeError
+from .sources import check_push_repo_id
 
 
 class SourceEntry(BaseModel):
@@ -63,6 +64,17 @@ class Recipe(BaseModel):
     private: bool | None = None
     ignore_base_model: bool = False
 
+    @field_validator("push_to_hub")
+    @classmethod
+    def _hub_repo_id(cls, value: str | None) -> str | None:
+        # checked with the rest of the recipe, so a bad id stops the merge (and --dry-run) before any work
+        if value is not None:
+            try:
+                check_push_repo_id(value)
+            except InvalidParameterError as err:
+                raise ValueError(str(err)) from None
+        return value
+
     def entries(self) -> list[SourceEntry]:
         """Sources in long form."""
         return [s if isinstance(s, SourceEntry) else SourceEntry(source=s) for s in self.sources]
@@ -94,6 +106,8 @@ def load_recipe(path: str | Path) -> Recipe:
         where = getattr(err, "problem_mark", None)
         line = f" (line {where.line + 1})" if where else ""
         raise RecipeError(f"{path}: not valid YAML{line}; fix the file.") from None
+    except RecursionError:  # the YAML composer recurses once per nesting level
+        raise RecipeError(f"{path}: nested too deeply to be a recipe; a recipe is a flat mapping of options.") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a YAML mapping of options (method:, sources:, ...).")
     return _resolved(validated(data, origin=str(path)), path.parent)
@@ -118,6 +132,8 @@ def _first_problem(err: ValidationError) -> str:
         allowed = ", ".join(Recipe.model_fields)
         return f"unknown key {location!r}; allowed keys: {allowed}."
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    if problem["type"] == "value_error":  # our own validators' messages already name the value and what to do
+        return f"{location}: {problem['ctx']['error']}"
     return f"{location or 'recipe'}: {problem['msg']} (got {problem.get('input')!r}){more}."
 
 

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import reprlib
+import threading
+import time
 import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -24,6 +27,7 @@ from .adapter import AdapterConfig, LoraAdapter, ModuleSpec, SourceInfo
 from .errors import (
     CorruptAdapterError,
     HubError,
+    InvalidParameterError,
     NotALoraAdapterError,
     SourceNotFoundError,
     UnsupportedAdapterError,
@@ -34,6 +38,7 @@ SAFETENSORS_NAME = "adapter_model.safetensors"
 LEGACY_NAME = "adapter_model.bin"
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_HUB_NAME = re.compile(r"[A-Za-z0-9_](?:[\w.-]{0,94}[A-Za-z0-9_])?", re.ASCII)
 _FACTOR_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_A|lora_B)\.(?P<param>weight|bias)$")
 _EMBEDDING_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_embedding_A|lora_embedding_B)$")
 _BASE_COPY_KEY = re.compile(r"^(?:base_model\.model\.)?.+\.base_layer\.weight$")
@@ -101,6 +106,28 @@ def is_repo_id(text: str) -> bool:
     return bool(_REPO_ID.match(text))
 
 
+def check_push_repo_id(repo_id: str) -> None:
+    """Refuse a repo id that the Hub would reject, before any merge or upload work.
+
+    The Hub's rules (as huggingface_hub's `validate_repo_id`): `owner/name`, each part 1–96 letters, digits, `-`, `_`
+    or `.`, not starting or ending with `-` or `.`, no `--` or `..`, not ending in `.git`. An owner is required here:
+    a bare name would land in whichever account the token belongs to.
+
+    Raises:
+        InvalidParameterError: naming what is wrong and giving the form to use.
+    """
+    owner, slash, name = repo_id.partition("/")
+    problem = None
+    if not slash:
+        problem = "it has no owner; write owner/name (your user or organisation name, then the repo name)"
+    elif not all(_HUB_NAME.fullmatch(part) for part in (owner, name)):
+        problem = "owner and name may hold only letters, digits, '-', '_' and '.', not starting or ending with '-' or '.'"
+    elif "--" in repo_id or ".." in repo_id or repo_id.endswith(".git"):
+        problem = "it may not contain '--' or '..' or end with '.git'"
+    if problem:
+        raise InvalidParameterError("Hub repo id", repo_id, expected=f"owner/name ({problem}), e.g. me/math-code")
+
+
 def _refuse_outside_links(file: Path, folder: Path, source: str) -> None:
     """Refuse an adapter file that resolves outside its directory (a symlink to ~/.ssh/id_rsa, /proc/..., ...).
 
@@ -155,6 +182,10 @@ def _read_json(path: Path, source: str) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CorruptAdapterError(f"{source}: {path.name} is not valid JSON ({err}); re-download the adapter.") from None
+    except RecursionError:  # json's decoder recurses once per `[`/`{`: ~1000 levels exhaust the interpreter stack
+        raise CorruptAdapterError(
+            f"{source}: {path.name} is nested too deeply to be an adapter config; the file is corrupt or hostile."
+        ) from None
     if not isinstance(data, dict):
         raise CorruptAdapterError(f"{source}: {path.name} must hold a JSON object.")
     return data
@@ -355,7 +386,53 @@ def _module_specs(store: SafetensorsStore | PickleStore, config: AdapterConfig, 
         keys.setdefault(match["module"], {})[part] = key
     if not keys:
         raise NotALoraAdapterError(f"{source}: the weights file holds no LoRA factors.")
-    return {module: _module_spec(store, config, module, found, source) for module, found in sorted(keys.items())}
+    specs = {module: _module_spec(store, config, module, found, source) for module, found in sorted(keys.items())}
+    _refuse_untargeted(config.raw, specs, source)
+    return specs
+
+
+def _refuse_untargeted(raw: Mapping[str, Any], specs: Mapping[str, ModuleSpec], source: str) -> None:
+    """Refuse tensors on modules that the config's own `target_modules` does not select.
+
+    PEFT builds LoRA layers only where `target_modules` matches and refuses to load factors elsewhere, so such a file
+    was not written by PEFT for this config (or was edited). Matching follows PEFT's `check_target_module_exists`: a
+    string is a regex over the whole module name; a list matches a name equal to an entry or ending in `.entry`;
+    `all-linear` selects linear (and Conv1D) layers. `exclude_modules` removes matches the same way. A missing or
+    null `target_modules` selects nothing in particular and is accepted.
+    """
+    targets, excluded = raw.get("target_modules"), raw.get("exclude_modules")
+    for key, value in (("target_modules", targets), ("exclude_modules", excluded)):
+        if value is not None and not (
+            isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+        ):
+            raise CorruptAdapterError(
+                f"{source}: {CONFIG_NAME} has {key}={_short(value)}; expected a regex string or a list of names."
+            )
+    for name, spec in specs.items():
+        if excluded is not None and _selects(excluded, name, source):
+            raise CorruptAdapterError(
+                f"{source}: module {name} has LoRA tensors but exclude_modules={_short(excluded)} excludes it; PEFT "
+                f"would refuse to load this adapter. Fix {CONFIG_NAME} or the weights file."
+            )
+        if targets is None:
+            continue
+        selected = spec.kind == "linear" if targets == "all-linear" else _selects(targets, name, source)
+        if not selected:
+            raise CorruptAdapterError(
+                f"{source}: module {name} has LoRA tensors but target_modules={_short(targets)} does not select it; "
+                f"PEFT would refuse to load this adapter. Fix {CONFIG_NAME} or the weights file."
+            )
+
+
+def _selects(pattern: str | list[str], module: str, source: str) -> bool:
+    if isinstance(pattern, str):
+        try:
+            return re.fullmatch(pattern, module) is not None
+        except re.error:
+            raise CorruptAdapterError(
+                f"{source}: {CONFIG_NAME} has the pattern {_short(pattern)}, which is not a valid regular expression."
+            ) from None
+    return any(module == target or module.endswith(f".{target}") for target in pattern)
 
 
 def _module_spec(
@@ -394,13 +471,15 @@ def _module_spec(
     in_features = 1
     for d in a_shape[1:]:
         in_features *= d
+    scale = config.scale_for(module, rank)
+    check_scale_fits(module, scale, torch.float32, source)  # the merge's arithmetic is float32
     return ModuleSpec(
         name=module,
         kind=kind,
         out_features=b_shape[0],
         in_features=in_features,
         rank=rank,
-        scale=config.scale_for(module, rank),
+        scale=scale,
         dtype=_DTYPES[a_dtype],
         a_shape=a_shape,
         b_shape=b_shape,
@@ -408,6 +487,25 @@ def _module_spec(
         b_key=keys["lora_B"],
         bias_key=bias_key,
     )
+
+
+def check_scale_fits(module: str, scale: float, dtype: torch.dtype, source: str) -> None:
+    """Refuse a module whose LoRA scale (alpha/r, or alpha/√r) is not a finite number of `dtype`.
+
+    Outputs fold the scale into the factors, so a scale `dtype` cannot hold turns the written factors into Inf: say so
+    when the config is read, naming the value, rather than after the merge.
+
+    Raises:
+        CorruptAdapterError: naming the module, the scale and the largest value `dtype` holds.
+    """
+    largest = torch.finfo(dtype).max
+    if not math.isfinite(scale) or abs(scale) > largest:
+        name = str(dtype).removeprefix("torch.")
+        raise CorruptAdapterError(
+            f"{source}: module {module} has LoRA scale {_short(scale)} (lora_alpha / r, after alpha_pattern), "
+            f"beyond the largest {name} ({largest:.4g}); fix lora_alpha in {CONFIG_NAME}"
+            + ("." if dtype == torch.float32 else ", or write the merge in float32 (--dtype float32).")
+        )
 
 
 def _load_from_hub(repo_id: str, *, revision: str | None, subfolder: str | None, token: str | None) -> LoraAdapter:
@@ -434,6 +532,83 @@ def _commit_of(path: Path) -> str | None:
     return None
 
 
+# A Hub that accepts connections but answers nothing is retried by huggingface_hub for many minutes (HEAD timeouts of
+# 10 s, six attempts, backoff sleeps, then the GET's own): give up after this long without a byte arriving.
+HUB_TIMEOUT_ENV = "LORA_FUSION_HUB_TIMEOUT"
+DEFAULT_HUB_TIMEOUT_S = 60.0
+T = TypeVar("T")
+
+
+def hub_timeout() -> float:
+    """Seconds the Hub may stay silent before a download or upload is given up (`LORA_FUSION_HUB_TIMEOUT`, 60)."""
+    text = os.environ.get(HUB_TIMEOUT_ENV, "")
+    try:
+        value = float(text) if text else DEFAULT_HUB_TIMEOUT_S
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or value <= 0:
+        raise InvalidParameterError(HUB_TIMEOUT_ENV, text, expected="a number of seconds > 0, e.g. 60")
+    return value
+
+
+def call_hub(
+    fn: Callable[[], T], *, repo_id: str, progress: Callable[[], int] | None = None, limit: float | None = None
+) -> T:
+    """Run one huggingface_hub call, giving up once the Hub has sent nothing for `limit` seconds ([`hub_timeout`]).
+
+    `progress` returns a number that grows while data arrives (bytes in the cache's blobs folder), so a slow but
+    moving transfer of a large adapter is never cut; without it the whole call must finish within `limit`. The call
+    runs in a daemon thread: when it is given up, the thread is left to huggingface_hub's own timeouts and never
+    blocks the interpreter's exit.
+
+    Raises:
+        HubError: the Hub stayed silent too long (one line, with the setting that changes the limit).
+    """
+    limit = hub_timeout() if limit is None else limit
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = fn()
+        except BaseException as err:  # handed to the caller's thread, which re-raises it
+            outcome["error"] = err
+
+    worker = threading.Thread(target=run, name=f"lora-fusion-hub-{repo_id}", daemon=True)
+    worker.start()
+    seen, since = progress() if progress else None, time.monotonic()
+    while True:
+        worker.join(timeout=min(1.0, limit))
+        if not worker.is_alive():
+            break
+        now, current = time.monotonic(), progress() if progress else None
+        if current != seen:
+            seen, since = current, now
+        elif now - since >= limit:
+            raise HubError(
+                f"{repo_id}: the Hub did not answer for {limit:.3g} s, so lora-fusion gave up; try again later (on a "
+                f"slow network set {HUB_TIMEOUT_ENV} to more seconds than its {hub_timeout():g})."
+            )
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def cache_progress(repo_id: str) -> Callable[[], int]:
+    """Bytes in the standard cache's blobs folder of `repo_id` (growing while huggingface_hub downloads into it)."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    blobs = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model") / "blobs"
+
+    def size() -> int:
+        try:
+            return sum(entry.stat().st_size for entry in os.scandir(blobs))
+        except OSError:  # not created yet, or a blob renamed while listing
+            return 0
+
+    return size
+
+
 def _hub_file(
     repo_id: str,
     filename: str,
@@ -446,8 +621,13 @@ def _hub_file(
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
+    def download() -> str:
+        return hf_hub_download(repo_id, filename, subfolder=subfolder, revision=revision, token=token)
+
     try:
-        return Path(hf_hub_download(repo_id, filename, subfolder=subfolder, revision=revision, token=token))
+        return Path(call_hub(download, repo_id=repo_id, progress=cache_progress(repo_id)))
+    except HubError:
+        raise
     except LocalEntryNotFoundError as err:  # a subclass of EntryNotFoundError: unreachable, not absent
         raise hub_error(err, repo_id, revision) from None
     except EntryNotFoundError:
@@ -475,6 +655,11 @@ def hub_error(err: Exception, repo_id: str, revision: str | None = None) -> Exce
 
     if isinstance(err, GatedRepoError):
         return HubError(f"{repo_id} is gated: accept its terms on the Hub page, then log in (HF_TOKEN).")
+    if isinstance(err, RepositoryNotFoundError) and "/" not in repo_id:
+        return SourceNotFoundError(
+            f"{repo_id}: no such local file or directory, and no Hub repo of that name. Hub ids are owner/name "
+            f"(e.g. someone/{repo_id}); only a few legacy models have no owner. Check the path or give the owner."
+        )
     if isinstance(err, RepositoryNotFoundError):
         return SourceNotFoundError(
             f"{repo_id}: no such local path, and no such Hub repo (or it is private): check the id, "

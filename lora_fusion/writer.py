@@ -18,33 +18,69 @@ import socket
 import tempfile
 import uuid
 from collections import Counter
-from pathlib import Path
+from collections.abc import Iterable
+from pathlib import Path, PureWindowsPath
 from typing import Any
 
 import torch
 
 from .adapter import LoraAdapter, SourceInfo
-from .errors import CorruptAdapterError, LoraFusionError, OutputExistsError, OutputWriteError
+from .errors import (
+    CorruptAdapterError,
+    HubOfflineError,
+    LoraFusionError,
+    OutputExistsError,
+    OutputProtectedError,
+    OutputWriteError,
+    PublicRepoError,
+)
 from .runtime import thread_limit
-from .sources import CONFIG_NAME, SAFETENSORS_NAME, hub_error, open_adapter_files
+from .sources import (
+    CONFIG_NAME,
+    LEGACY_NAME,
+    SAFETENSORS_NAME,
+    call_hub,
+    check_push_repo_id,
+    hub_error,
+    hub_timeout,
+    is_repo_id,
+    open_adapter_files,
+)
 
 CARD_NAME = "README.md"
+# What an adapter folder holds (PEFT's save_pretrained, or this writer): the only files `overwrite` may delete.
+ADAPTER_FILES = frozenset({CONFIG_NAME, SAFETENSORS_NAME, LEGACY_NAME, CARD_NAME})
+CARD_TITLE = "# LoRA adapter merged with lora-fusion"
 # Which machine (or container: pids are per namespace) wrote a staging folder.
 _HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
 
 
-def write_adapter(adapter: LoraAdapter, out: Path, *, overwrite: bool = False) -> Path:
+def write_adapter(
+    adapter: LoraAdapter, out: str | Path, *, overwrite: bool = False, protected: Iterable[str | Path] = ()
+) -> Path:
     """Write `adapter` as a PEFT adapter directory at `out`: stage beside it, validate, then rename into place.
 
-    An interrupted or failed write leaves `out` as it was (absent, or the previous adapter).
+    An interrupted or failed write leaves `out` as it was (absent, or the previous adapter). Before any work, and
+    again just before the rename, `out` is checked with [`check_output_folder`], protecting the adapter's own local
+    inputs ([`LoraAdapter.local_inputs`]) and `protected`.
+
+    Args:
+        adapter: what to write.
+        out: the adapter directory to create (or replace, with `overwrite`).
+        overwrite (`bool`, *optional*, defaults to False): replace an existing `out` that holds only adapter files.
+        protected (*optional*): more local paths that must not be replaced, contain `out` or lie inside it.
+
+    Returns:
+        `out`, absolute.
 
     Raises:
         OutputExistsError: `out` exists and `overwrite` is False.
+        OutputProtectedError: `overwrite` would delete something lora-fusion did not write (see `check_output_folder`).
         OutputWriteError: the disk refused the write.
     """
-    out = out.expanduser().absolute()
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out} already exists; pass --overwrite (overwrite=True) or choose another --out.")
+    out = Path(out).expanduser().absolute()
+    keep = [*adapter.local_inputs(), *protected]
+    check_output_folder(out, overwrite=overwrite, protected=keep)
     # Same filesystem as `out`, so the final rename is atomic; unique per call, so concurrent writers never collide.
     # The pid and host in the name let a later write remove what a killed writer left (`finally` cannot run on SIGKILL).
     stage = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}-{os.getpid()}-{_HOST}.incomplete")
@@ -55,6 +91,8 @@ def write_adapter(adapter: LoraAdapter, out: Path, *, overwrite: bool = False) -
         with thread_limit(1):
             _fill(adapter, stage)
             _check_written(adapter, stage)
+        # Again: a long write leaves time for someone to put files into `out` (or create it).
+        check_output_folder(out, overwrite=overwrite, protected=keep)
         _swap_into_place(stage, out, overwrite=overwrite)
     except OSError as err:
         if isinstance(err, LoraFusionError):
@@ -63,6 +101,115 @@ def write_adapter(adapter: LoraAdapter, out: Path, *, overwrite: bool = False) -
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return out
+
+
+def check_output_folder(out: str | Path, *, overwrite: bool, protected: Iterable[str | Path] = ()) -> None:
+    """Refuse an output path whose replacement could lose data, before any work is done. Reads only the folder.
+
+    Nothing to check when `out` does not exist. When it exists, `overwrite=False` refuses it; `overwrite=True`
+    replaces it only if it is a real folder (not a link or a file) holding nothing but adapter files
+    (`adapter_config.json`, `adapter_model.safetensors`/`.bin`, `README.md`: what lora-fusion and PEFT write; a
+    `README.md` alone counts only if it is a lora-fusion card), and if it is none of: the current directory or a
+    folder containing it (`/` included), the home folder or a folder containing it, a path of `protected` or a
+    folder containing one or inside one. A folder that lora-fusion wrote holds exactly adapter files, so it can be
+    replaced; a file added to it later cannot be told from the user's own and blocks the replacement.
+
+    Every command that writes a folder calls this first ([`write_adapter`] does); the CLI calls it before merging,
+    so that a refusal costs no merge.
+
+    Args:
+        out: the output path, as given (relative to the current directory, `~` allowed).
+        overwrite: whether replacing an existing `out` was asked for (`--overwrite`).
+        protected (*optional*): the inputs of the command: sources, `--base-model`, other input files. Entries that
+            are not local paths (Hub ids such as `org/name@main`) are ignored, so the raw arguments can be passed.
+
+    Raises:
+        OutputExistsError: `out` exists and `overwrite` is False.
+        OutputProtectedError: `overwrite` is True but replacing `out` could delete something that is not an adapter
+            lora-fusion may replace; the message names the folder, why, and up to three of the files at stake.
+
+    Example:
+        ```python
+        >>> check_output_folder(Path("merged"), overwrite=True, protected=["org/math-lora", "./code-lora"])
+        ```
+    """
+    target = Path(out).expanduser().absolute()
+    if not os.path.lexists(target):
+        return
+    if not overwrite:
+        raise OutputExistsError(f"{target} already exists; pass --overwrite (overwrite=True) or choose another --out.")
+    if target.is_symlink():
+        raise OutputProtectedError(
+            target, f"it is a symbolic link (to {os.readlink(target)})", [], "Remove the link, or pass a real folder."
+        )
+    if not target.is_dir():
+        raise OutputProtectedError(
+            target, "it is a file, not an adapter folder", [], "Choose another --out, or delete the file yourself."
+        )
+    try:
+        entries = sorted(target.iterdir(), key=lambda p: p.name)
+    except OSError as err:
+        raise OutputProtectedError(
+            target, f"its content cannot be listed ({err.strerror or err})", [], "Choose another --out."
+        ) from None
+    listing = [f"{e.name}/" if e.is_dir() and not e.is_symlink() else e.name for e in entries]
+    reason = _special_folder(target.resolve(), protected)
+    if reason:
+        inputs = "input" in reason
+        advice = "Choose an --out outside the inputs." if inputs else "Choose another --out, e.g. a new folder."
+        raise OutputProtectedError(target, reason, listing, advice)
+    others = [name for name, entry in zip(listing, entries) if not _is_adapter_file(entry)]
+    if listing == [CARD_NAME] and not _is_our_card(entries[0]):
+        others = listing  # a README.md alone is no adapter: it may be the user's notes
+    if others:
+        raise OutputProtectedError(
+            target, "it holds files lora-fusion did not write", others,
+            "Choose another --out, or move those files out of it first.",
+        )
+
+
+def _special_folder(real: Path, protected: Iterable[str | Path]) -> str | None:
+    """Why the resolved folder `real` must never be replaced, or None."""
+    cwd, home = Path.cwd().resolve(), Path.home().resolve()
+    if real == Path(real.anchor):
+        return "it is the root folder"
+    if real == cwd:
+        return "it is the current directory"
+    if cwd.is_relative_to(real):
+        return "it contains the current directory"
+    if real == home:
+        return "it is the home folder"
+    if home.is_relative_to(real):
+        return "it contains the home folder"
+    for given in protected:
+        try:
+            path = Path(given).expanduser()
+            if not path.exists():  # a Hub id, or a source that is gone: nothing of it on disk to protect
+                continue
+        except (OSError, ValueError):  # a name no filesystem holds (NUL byte, too long): not a local path
+            continue
+        path = path.resolve()
+        if real == path:
+            return f"it is the input {given}"
+        if path.is_relative_to(real):
+            return f"it contains the input {given}"
+        if real.is_relative_to(path):
+            return f"it lies inside the input {given}"
+    return None
+
+
+def _is_adapter_file(entry: Path) -> bool:
+    return entry.name in ADAPTER_FILES and entry.is_file() and not entry.is_symlink()
+
+
+def _is_our_card(path: Path) -> bool:
+    """Whether `path` is a model card lora-fusion wrote (its title line follows the YAML header)."""
+    try:
+        with path.open(encoding="utf-8", errors="replace") as file:
+            head = file.read(4096)
+    except OSError:
+        return False
+    return f"\n{CARD_TITLE}\n" in head
 
 
 def _remove_dead_stages(out: Path) -> None:
@@ -162,10 +309,25 @@ def peft_config(adapter: LoraAdapter) -> dict[str, Any]:
 
 
 def _provenance_record(adapter: LoraAdapter) -> dict[str, Any]:
+    """What the safetensors metadata and the card say about the adapter's origin: no local path, ever.
+
+    Sources come from `SourceInfo.to_dict` (a local one as its folder's name and content hash); the base model and
+    path-valued parameters (F-VAE, support file) are cut to their last component if they name local paths, as is
+    any source recorded by other means.
+    """
     record = dict(adapter.provenance) or {
         "method": "copy",
         "sources": [adapter.source.to_dict()] if adapter.source else [],
     }
+    if "sources" in record:
+        record["sources"] = [
+            {**entry, **{k: _public_name(entry[k]) for k in ("source", "subfolder") if isinstance(entry.get(k), str)}}
+            for entry in record["sources"]
+        ]
+    if isinstance(record.get("base_model"), str):
+        record["base_model"] = _public_name(record["base_model"])
+    if isinstance(record.get("params"), dict):
+        record["params"] = {k: _public_name(v) if isinstance(v, str) else v for k, v in record["params"].items()}
     record["modules"] = {
         name: {
             "rank": s.rank,
@@ -177,37 +339,83 @@ def _provenance_record(adapter: LoraAdapter) -> dict[str, Any]:
     return record
 
 
+def _public_name(text: str) -> str:
+    """`text` if it is not a local path; else its last component (an absolute path shows user names and the
+    machine's layout, and a card or metadata may be published). Hub ids and plain words are left as they are."""
+    if PureWindowsPath(text).drive:  # C:\\... recorded on Windows: no posix separators
+        return PureWindowsPath(text).name or text
+    path = Path(text).expanduser()
+    local = path.is_absolute() or ".." in path.parts or (len(path.parts) > 1 and path.exists())
+    return path.name or text if local else text
+
+
+# Characters that would end a table cell or line, start markup, or hide text; see `_md`.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_PUNCTUATION = re.compile(r"[!-/:-@\[-`{-~]")
+_WORD = re.compile(r"\w+")
+_PLAIN = re.compile(r"[^`|\\\x00-\x1f\x7f-\x9f\u2028\u2029]*")
+
+
+def _md(value: object) -> str:
+    """`value` as literal Markdown text, safe in a table cell: control characters shown as escapes (`\\n`), then
+    every ASCII punctuation character backslash-escaped (CommonMark allows it for all of them), so a name cannot
+    open a link, code span, HTML tag or new cell, or break the line."""
+    visible = _CONTROL.sub(lambda m: repr(m[0])[1:-1], str(value))
+    return _PUNCTUATION.sub(lambda m: "\\" + m[0], visible)
+
+
+def _code(value: object) -> str:
+    """`value` as a code span when that is safe (no backtick, pipe, backslash or control character), else `_md`."""
+    text = str(value)
+    return f"`{text}`" if text and _PLAIN.fullmatch(text) else _md(text)
+
+
+def _card_base_model(name: str | None) -> str | None:
+    """The base model for the card: a Hub id as it is; a local path (PEFT records the path a base model was loaded
+    from) never, since it would publish the path and is no Hub id for the metadata."""
+    if not name or _public_name(name) != name or not is_repo_id(name.partition("@")[0]):
+        return None
+    return name
+
+
 def model_card(adapter: LoraAdapter) -> str:
     """A Hub model card (YAML metadata from huggingface_hub's `ModelCardData`, then markdown) with the merge's
     provenance: sources, commits, method, parameters, version, and per-module retained energy where the merge
-    truncated."""
+    truncated. Every value from a source is escaped ([`_md`]); no local path is written."""
     # repocard_data, not the package's ModelCard: that import pulls the HTTP client (~0.08 s of every local merge)
     from huggingface_hub.repocard_data import ModelCardData
 
     record = _provenance_record(adapter)
     method = record.get("method", "copy")
+    base = _card_base_model(adapter.config.base_model)
     data = ModelCardData(
         library_name="peft",
-        base_model=adapter.config.base_model,
+        base_model=base,
         tags=["lora", "peft", "lora-fusion", "merge", str(method)],
     )
     lines = [
-        "# LoRA adapter merged with lora-fusion",
+        CARD_TITLE,
         "",
-        f"Method: `{method}` · lora-fusion {record.get('lora_fusion_version', 'unknown')} · "
+        f"Method: {_code(method)} · lora-fusion {record.get('lora_fusion_version', 'unknown')} · "
         f"{len(adapter.modules)} modules · output dtype {record.get('dtype', 'as input')}",
         "",
         "## Sources",
         "",
-        "| source | revision | subfolder | resolved commit | weight |",
+        "Local sources are named by their folder and identified by the sha256 of `adapter_config.json` followed by "
+        "the weights file (`cat adapter_config.json adapter_model.safetensors | sha256sum`).",
+        "",
+        "| source | revision | subfolder | resolved commit or sha256 | weight |",
         "|---|---|---|---|---|",
     ]
     for source in record.get("sources", []):
-        cells = [source.get(k) for k in ("source", "revision", "subfolder", "commit", "weight")]
-        lines.append("| " + " | ".join("" if c is None else f"`{c}`" for c in cells) + " |")
+        cells = [source.get(k) for k in ("source", "revision", "subfolder")]
+        cells += [source.get("commit") or source.get("sha256"), source.get("weight")]
+        lines.append("| " + " | ".join("" if c is None else _code(c) for c in cells) + " |")
     params = record.get("params", {})
     lines += ["", "## Parameters", "", "| parameter | value |", "|---|---|"]
-    lines += [f"| {k} | `{v}` |" for k, v in params.items()] or ["| (none) | |"]
+    lines += [f"| {k if _WORD.fullmatch(k) else _md(k)} | {_code(v)} |" for k, v in params.items()] or [
+        "| (none) | |"
+    ]
     truncated = {n: s for n, s in adapter.stats.items() if s.truncated}
     if truncated:
         lines += [
@@ -220,15 +428,18 @@ def model_card(adapter: LoraAdapter) -> str:
             "|---|---|---|---|",
         ]
         lines += [
-            f"| `{n}` | {s.rank} | {s.retained_energy:.6f} | {s.relative_error:.2e} |" for n, s in truncated.items()
+            f"| {_code(n)} | {s.rank} | {s.retained_energy:.6f} | {s.relative_error:.2e} |"
+            for n, s in truncated.items()
         ]
+    # In a code block nothing is markup, and a fence cannot close mid-line; only line breaks need removing.
+    shown_base = _CONTROL.sub("?", _public_name(adapter.config.base_model or "None"))
     lines += [
         "",
         "## Use",
         "",
         "```python",
         "from peft import PeftModel",
-        f"model = PeftModel.from_pretrained(base_model, \"<this repo or folder>\")  # base: {adapter.config.base_model}",
+        f"model = PeftModel.from_pretrained(base_model, \"<this repo or folder>\")  # base: {shown_base}",
         "```",
         "",
         "The same provenance is stored in the safetensors metadata under `lora_fusion`.",
@@ -268,6 +479,63 @@ def _swap_into_place(stage: Path, out: Path, *, overwrite: bool) -> None:
         old.unlink(missing_ok=True)
 
 
+class PushResult(str):
+    """What a push did. The string is the commit URL (what [`push_folder`] returned before), so it prints and
+    serialises as that; the attributes say which branch holds the files at which commit, and whether this push
+    changed anything.
+
+    Attributes:
+        repo_id: the Hub repo.
+        revision: the branch pushed to (`main` unless a revision was given).
+        commit: the branch's head after the push: the new commit, or the existing one when nothing changed.
+        changed: False when the branch already held these exact files: no commit was made (huggingface_hub skips
+            empty commits) and `commit` is that branch's head, not main's.
+    """
+
+    repo_id: str
+    revision: str
+    commit: str
+    changed: bool
+
+    def __new__(cls, commit_url: str, *, repo_id: str, revision: str, commit: str, changed: bool) -> PushResult:
+        result = super().__new__(cls, commit_url)
+        result.repo_id, result.revision, result.commit, result.changed = repo_id, revision, commit, changed
+        return result
+
+    @property
+    def summary(self) -> str:
+        """One line for people: what was pushed where, or that nothing changed."""
+        if self.changed:
+            return f"pushed to {self.repo_id}@{self.revision}: commit {self.commit} ({self})"
+        return (
+            f"nothing changed: {self.repo_id}@{self.revision} already holds these files at commit {self.commit} "
+            f"({self}); no commit was made"
+        )
+
+
+def check_push_allowed(repo_id: str) -> None:
+    """Refuse an upload that huggingface_hub's offline mode would block, before any work (merge or upload).
+
+    Raises:
+        HubOfflineError: `HF_HUB_OFFLINE` is set (huggingface_hub reads it when first imported).
+    """
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        raise _offline_error(repo_id)
+
+
+def _offline_error(repo_id: str) -> HubOfflineError:
+    return HubOfflineError(
+        f"HF_HUB_OFFLINE is set: offline mode blocks uploads, so nothing was pushed to {repo_id}. "
+        "Unset HF_HUB_OFFLINE (or set it to 0) to push."
+    )
+
+
+# Uploads slower than this are given up (with the Hub timeout on top); 100 kB/s: 10 s per MB of adapter.
+MIN_UPLOAD_BYTES_PER_S = 100_000
+
+
 def push_adapter(
     adapter: LoraAdapter,
     repo_id: str,
@@ -276,8 +544,10 @@ def push_adapter(
     revision: str | None = None,
     commit_message: str | None = None,
     token: str | None = None,
-) -> str:
-    """Write `adapter` to a temporary folder and upload it with [`push_folder`]; returns the commit URL."""
+) -> PushResult:
+    """Write `adapter` to a temporary folder and upload it with [`push_folder`]; returns its [`PushResult`]
+    (a `str`: the commit URL)."""
+    check_push_allowed(repo_id)  # before the write, which costs time for nothing if the upload cannot happen
     with tempfile.TemporaryDirectory(prefix="lora-fusion-push-") as tmp:
         folder = write_adapter(adapter, Path(tmp) / "adapter")
         return push_folder(
@@ -306,39 +576,81 @@ def _refuse_outside_links(folder: Path) -> None:
 
 
 def push_folder(
-    folder: Path,
+    folder: str | Path,
     repo_id: str,
     *,
     private: bool | None = None,
     revision: str | None = None,
     commit_message: str | None = None,
     token: str | None = None,
-) -> str:
-    """Upload an adapter folder to the Hub (repo created if missing, branch `revision` too); returns the commit URL.
+) -> PushResult:
+    """Upload an adapter folder to the Hub (repo created if missing, branch `revision` too).
 
     Uses huggingface_hub `create_repo` + `upload_folder`; the token is passed through, never written or printed.
+    Before uploading, the repo's visibility is read: `private=True` never publishes into an existing public repo.
+
+    Args:
+        folder: the adapter folder to upload (every file in it).
+        repo_id: `owner/name` of the model repo.
+        private (`bool`, *optional*): create the repo private; with True, also refuse an existing public repo.
+        revision (`str`, *optional*): the branch to push to, created from main if missing (default: main).
+        commit_message (`str`, *optional*): the commit's title.
+        token (`str`, *optional*): Hub token; by default `HF_TOKEN` or the stored login.
+
+    Returns:
+        [`PushResult`]: the commit URL (a `str`), with the branch, its head commit, and whether anything changed
+        (an unchanged folder makes no commit; the result then names that branch's existing head).
 
     Raises:
+        HubOfflineError: `HF_HUB_OFFLINE` is set; nothing is sent.
+        PublicRepoError: `private=True` but the repo exists and is public; nothing is uploaded.
         CorruptAdapterError: the folder holds a symbolic link to something outside it (never uploaded).
         HubError / SourceNotFoundError: authentication, permission, network or server failures, with what to do.
     """
     from huggingface_hub import HfApi
+    from huggingface_hub.errors import OfflineModeIsEnabled
 
-    _refuse_outside_links(folder)
+    check_push_repo_id(repo_id)
+    check_push_allowed(repo_id)
+    _refuse_outside_links(Path(folder))
     api = HfApi(token=token)
-    try:
-        api.create_repo(repo_id, private=private, exist_ok=True)
+    branch = revision or "main"
+
+    def upload() -> tuple[Any, Any]:
+        api.create_repo(repo_id, private=private, exist_ok=True)  # an existing repo keeps its visibility
+        info = api.repo_info(repo_id)
+        if private and info.private is False:
+            raise PublicRepoError(
+                f"{repo_id} exists and is public, and --private (private=True) was asked for; nothing was uploaded. "
+                "Make the repo private on the Hub (Settings, Change visibility) and push again, or push without "
+                "--private to publish the adapter."
+            )
         if revision:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
-        info = api.upload_folder(
+            info = api.repo_info(repo_id, revision=revision)
+        commit = api.upload_folder(
             repo_id=repo_id,
             folder_path=str(folder),
             revision=revision,
             commit_message=commit_message or "Upload LoRA adapter merged with lora-fusion",
         )
+        return commit, info
+
+    # huggingface_hub's uploads have no timeout: bound the whole push by the Hub timeout plus the folder's size at
+    # a floor rate, so a hung Hub ends in one line while any working upload of a large adapter still completes.
+    size = sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file())
+    try:
+        commit, info = call_hub(upload, repo_id=repo_id, limit=hub_timeout() + size / MIN_UPLOAD_BYTES_PER_S)
+    except LoraFusionError:
+        raise
+    except OfflineModeIsEnabled:  # offline mode switched on after the first check (the constant is mutable)
+        raise _offline_error(repo_id) from None
     except Exception as err:
         translated = hub_error(err, repo_id, revision)
         if translated is err:
             raise
         raise translated from None
-    return str(info.commit_url)
+    # huggingface_hub makes no commit when nothing changed and returns the branch's head: the head we read before.
+    return PushResult(
+        str(commit.commit_url), repo_id=repo_id, revision=branch, commit=str(commit.oid), changed=commit.oid != info.sha
+    )

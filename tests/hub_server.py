@@ -3,7 +3,8 @@
 Serves, on 127.0.0.1, the subset of the Hub API that the real ``huggingface_hub`` client (and
 ``transformers`` / ``peft`` ``from_pretrained`` / ``push_to_hub`` on top of it) uses: repo creation,
 preupload + NDJSON commits (every file is "regular": base64 inside the commit, no LFS/Xet),
-branches, repo info, tree listing, paths-info and ``/resolve`` downloads. Stdlib only.
+branches (each with its own head commit), repo info (with ``private``), visibility changes
+(``PUT .../settings``), tree listing, paths-info and ``/resolve`` downloads. Stdlib only.
 
 The client reads ``HF_ENDPOINT`` when ``huggingface_hub`` is imported, so start the hub and export
 ``HF_ENDPOINT=hub.url`` (and a temporary ``HF_HUB_CACHE``) *before* that import. Do not set
@@ -186,6 +187,20 @@ class FakeHub:
         with self._lock:
             return self._resolve(self._repos[(repo_type, repo_id)], revision)
 
+    def branches(self, repo_id: str, *, repo_type: str = "model") -> dict[str, str]:
+        """Each branch of the repo with its head commit."""
+        with self._lock:
+            return dict(self._repos[(repo_type, repo_id)].branches)
+
+    def is_private(self, repo_id: str, *, repo_type: str = "model") -> bool:
+        with self._lock:
+            return self._repos[(repo_type, repo_id)].private
+
+    def set_private(self, repo_id: str, private: bool, *, repo_type: str = "model") -> None:
+        """Change a repo's visibility, as the Hub's settings page (or `HfApi.update_repo_settings`) does."""
+        with self._lock:
+            self._repos[(repo_type, repo_id)].private = private
+
     # ----------------------------------------------------------------- internals
 
     def _serve(self, port: int) -> None:
@@ -265,6 +280,9 @@ class FakeHub:
                 return _json(self._tree(repo, args[0], "/".join(args[1:]).strip("/"), recursive))
             if method == "POST" and action == "paths-info" and args:
                 return self._paths_info(repo, args[0], body, headers.get("Content-Type", ""))
+            if method == "PUT" and action == "settings":
+                self._check_write(auth)
+                return self._update_settings(repo, json.loads(body or b"{}"))
             if method == "POST" and action in ("preupload", "commit", "branch") and args:
                 self._check_write(auth)
                 if action == "preupload":
@@ -381,6 +399,14 @@ class FakeHub:
         sha = self._commit(repo, branch, files)
         url = f"{self.url}/{_URL_PREFIXES[repo_type]}{repo_id}/commit/{sha}"
         return _json({"success": True, "commitOid": sha, "commitUrl": url, "pullRequestUrl": None, "hookOutput": ""})
+
+    def _update_settings(self, repo: _Repo, payload: dict[str, Any]) -> _Reply:
+        # huggingface_hub's update_repo_settings sends {"visibility": "private"|"public"} (older: {"private": bool})
+        if "visibility" in payload:
+            repo.private = payload["visibility"] == "private"
+        elif "private" in payload:
+            repo.private = bool(payload["private"])
+        return _json({})
 
     def _create_branch(self, repo: _Repo, branch: str, payload: dict[str, Any]) -> _Reply:
         if branch in repo.branches:

@@ -1,6 +1,6 @@
 """The merge testbed's pieces that need no training: the fortunes reader, the task catalogue and its
 splits, normalised accuracy and the result tables. No Debian package is needed: fortunes are
-written to a temporary folder."""
+written to a temporary folder, and WordNet is read from the real sample in tests/data/wordnet-sample."""
 
 from __future__ import annotations
 
@@ -21,7 +21,11 @@ from lora_fusion.eval.scores import (
     normalised,
     results_table,
 )
+from lora_fusion.errors import LoraFusionError
 from lora_fusion.eval.tasks import SPLITS, balanced_split
+from lora_fusion.eval.wordnet import WORDNET_TASKS
+
+WORDNET_SAMPLE = Path(__file__).resolve().parent / "data" / "wordnet-sample"
 
 
 def write_fortunes(folder: Path, topics: dict[str, list[str]]) -> Path:
@@ -114,6 +118,35 @@ def test_balanced_split_keeps_test_and_validation_when_the_train_cap_changes() -
 def test_missing_fortunes_give_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="fortunes"):
         load_split("fortune_topic", "test", dirs=DataDirs({"fortunes": tmp_path}))
+
+
+@pytest.mark.parametrize("task", sorted(WORDNET_TASKS))
+def test_every_wordnet_task_splits_from_the_shipped_sample(task: str) -> None:
+    dirs = DataDirs({"wordnet": WORDNET_SAMPLE})
+    splits = {split: load_split(task, split, dirs=dirs) for split in SPLITS}
+    assert len(splits["test"]) == len(splits["validation"]) == 4 * 50
+    assert len(splits["train"]) >= 4 * 15  # 120 lines per class, less the few glosses two synsets share
+    for examples in splits.values():
+        assert set(Counter(label for _, label in examples).values()) == {len(examples) // 4}
+    texts = [text for examples in splits.values() for text, _ in examples]
+    assert len(set(texts)) == len(texts)
+    assert not any("Princeton" in text for text in texts)  # the licence header is not a synset
+
+
+def test_wordnet_sample_glosses_are_labelled_by_supersense() -> None:
+    # two real lines of the sample (data.noun, data.verb); usage examples after the definition are dropped
+    examples = dict(WORDNET_TASKS["noun_supersense"].examples(WORDNET_SAMPLE))
+    assert examples["an animal that has undergone mutation"] == WORDNET_TASKS["noun_supersense"].classes.index("animal")
+    verbs = dict(WORDNET_TASKS["verb_supersense"].examples(WORDNET_SAMPLE))
+    # ... | fly over; "The plane passed over Damascus"
+    assert verbs["fly over"] == WORDNET_TASKS["verb_supersense"].classes.index("motion")
+    assert not any("Damascus" in text for text in verbs) and len(verbs) > 4 * 100
+
+
+def test_missing_wordnet_is_a_one_line_user_error_naming_the_package(tmp_path: Path) -> None:
+    with pytest.raises(LoraFusionError, match=r"apt-get install wordnet-base.*data_dirs") as caught:
+        load_split("noun_supersense", "test", dirs=DataDirs({"wordnet": tmp_path}))
+    assert isinstance(caught.value, FileNotFoundError) and "\n" not in str(caught.value)
 
 
 def test_normalised_accuracy_and_seed_statistics() -> None:

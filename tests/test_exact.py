@@ -1,4 +1,4 @@
-"""Exact merges against dense references computed independently (METHODS.md b.5)."""
+"""Exact merges against dense references computed independently (docs/methods.md)."""
 
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,6 +30,8 @@ from lora_fusion.icm.training import train_lora
 from lora_fusion_cli.icm import icm_app
 
 N_TASKS = 4
+# Real WordNet 3.0 lines, enough for the fixed splits of its tasks: no test needs the wordnet-base package.
+WORDNET_SAMPLE = Path(__file__).resolve().parent / "data" / "wordnet-sample"
 
 
 @pytest.fixture(scope="module")
@@ -324,8 +327,9 @@ def test_minilm_top_layer_cache_is_exact():
 def test_cli_train_then_fuse_on_minilm_at_tiny_scale(tmp_path):
     """The real path end to end (MiniLM, testbed texts, JSONL support of texts) at a scale of seconds."""
     recipe = tmp_path / "tiny.yaml"
-    recipe.write_text("tasks: [noun_supersense, verb_supersense]\ntrain_per_task: [24, 24]\nsnapshots: [2, 1]\n"
-                      "support_k: 4\ntest_per_task: 8\nlora_steps: 10\nmeta: {steps: 3, log_every: 3}\n")
+    tiny = ("tasks: [noun_supersense, verb_supersense]\ntrain_per_task: [24, 24]\nsnapshots: [2, 1]\n"
+            "support_k: 4\ntest_per_task: 8\nlora_steps: 10\nmeta: {steps: 3, log_every: 3}\n")
+    recipe.write_text(tiny + f"data_dirs: {{wordnet: {json.dumps(str(WORDNET_SAMPLE))}}}\n")
     runner = CliRunner()
     trained = runner.invoke(icm_app, ["train", str(recipe), "--out", str(tmp_path / "run")])
     assert trained.exit_code == 0, trained.output
@@ -337,6 +341,14 @@ def test_cli_train_then_fuse_on_minilm_at_tiny_scale(tmp_path):
     assert load_adapter(tmp_path / "f").base_model == "sentence-transformers/all-MiniLM-L6-v2"
     bad = runner.invoke(icm_app, ["train", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and bad.stderr.startswith("Error:")
+    # data that is not there (an empty directory here; the wordnet-base package on a real machine): one line, exit 2
+    recipe.write_text(tiny + f"data_dirs: {{wordnet: {json.dumps(str(tmp_path))}}}\n")
+    missing = runner.invoke(icm_app, ["train", str(recipe), "--out", str(tmp_path / "y")])
+    assert missing.exit_code == 2 and missing.stderr.startswith("Error: WordNet data file"), missing.output
+    assert "apt-get install wordnet-base" in missing.stderr and "Traceback" not in missing.output
+    recipe.write_text(tiny + "data_dirs: {imagenet: /data}\n")
+    unknown = runner.invoke(icm_app, ["train", str(recipe), "--out", str(tmp_path / "z")])
+    assert unknown.exit_code == 2 and "unknown data_dirs sources ['imagenet']" in unknown.stderr
 
 
 def test_latent_sensitivity_is_zero_for_a_decoder_that_ignores_z(toy):

@@ -85,7 +85,7 @@ def test_adapter_only_equals_full_space_fusion() -> None:
 
 
 def test_base_aware_single_adapter_is_the_official_fusion() -> None:
-    # W_base = a full-rank square RAPF W_o, F₀ = 0 and one adapter ΔW = W_n − W_o (METHODS.md d.13 tests).
+    # W_base = a full-rank square RAPF W_o, F₀ = 0 and one adapter ΔW = W_n − W_o (docs/rapf.md tests).
     g = torch.Generator().manual_seed(4)
     old = torch.randn(10, 10, generator=g)
     new = old + 0.3 * torch.randn(10, 10, generator=g)
@@ -107,7 +107,7 @@ def test_bias_one_makes_the_last_independent_adapter_win(with_base: bool) -> Non
 
 @pytest.mark.parametrize("with_base", [False, True])
 def test_bias_one_makes_chained_adapters_add_up(with_base: bool) -> None:
-    # METHODS.md d.13: in RAPF's own (chained) regime W_n = W_o + ΔW_t, so M ≡ 1 gives F_t = F_{t−1} + ΔW_t.
+    # docs/rapf.md: in RAPF's own (chained) regime W_n = W_o + ΔW_t, so M ≡ 1 gives F_t = F_{t−1} + ΔW_t.
     m, n = 12, 9
     loras = [_lora(m, n, 2, seed) for seed in (5, 6, 7)]
     base = torch.randn(m, n, generator=torch.Generator().manual_seed(8)) if with_base else None

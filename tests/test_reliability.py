@@ -13,6 +13,7 @@ import os
 import pickle
 import re
 import resource
+import shutil
 import signal
 import struct
 import subprocess
@@ -189,13 +190,11 @@ def test_tensor_key_with_a_newline_is_refused_on_one_line(tmp_path) -> None:
 
 
 def test_paths_in_target_modules_and_patterns_are_never_used_as_paths(tmp_path) -> None:
-    # target_modules is not read (the tensors say which modules exist) and pattern keys are only regexes: the
-    # output names exactly the modules of the weights, in the config and in the card.
-    folder = rewrite_config(
-        lora(tmp_path / "paths"),
-        target_modules=["../../../etc/passwd", "/abs/path"],
-        rank_pattern={"../../etc/shadow": 2},
-    )
+    # target_modules that select none of the tensors' modules are refused, as PEFT refuses to load them (issue 12 §3);
+    # pattern keys are only regexes: the output names exactly the modules of the weights, in the config and the card.
+    refuse(rewrite_config(lora(tmp_path / "targets"), target_modules=["../../../etc/passwd", "/abs/path"]),
+           CorruptAdapterError, "does not select it")
+    folder = rewrite_config(lora(tmp_path / "paths"), target_modules=None, rank_pattern={"../../etc/shadow": 2})
     out = merge([folder]).save_pretrained(tmp_path / "out")
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["target_modules"] == sorted(SHAPES) and config["rank_pattern"] == {}
@@ -409,24 +408,82 @@ def test_a_size_capped_write_is_one_clear_error_and_leaves_nothing(tmp_path) -> 
     assert hidden_leftovers(tmp_path) == []
 
 
+FULL_DISK_CHILD = """
+import sys
+from pathlib import Path
+from tests.test_reliability import merge_onto_a_full_disk
+merge_onto_a_full_disk(*map(Path, sys.argv[1:4]), filter_writes=sys.argv[4] == "filter")
+"""
+
+
+def fail_writes_with_enospc() -> None:
+    """From now on, every write of this thread (and of threads it starts) to a file descriptor above 2 fails with
+    ENOSPC, as on a full disk. A seccomp filter: it needs no privileges, and the error comes from the kernel, so
+    safetensors' Rust writer sees exactly what a full disk gives it. Linux on x86-64 or arm64."""
+    import ctypes
+    import errno
+    import platform
+
+    class SockFilter(ctypes.Structure):
+        _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint32)]
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(SockFilter))]
+
+    # AUDIT_ARCH_* and the numbers of write, pwrite64, writev, pwritev, pwritev2
+    arch, calls = {"x86_64": (0xC000003E, (1, 18, 20, 296, 328)),
+                   "aarch64": (0xC00000B7, (64, 68, 66, 70, 287))}[platform.machine()]
+    # BPF_LD|BPF_W|BPF_ABS, BPF_JMP|BPF_JEQ|BPF_K, BPF_JMP|BPF_JGT|BPF_K, BPF_RET|BPF_K
+    load, jeq, jgt, ret = 0x20, 0x15, 0x25, 0x06
+    allow, enospc = 0x7FFF0000, 0x00050000 | errno.ENOSPC  # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO | ENOSPC
+    n = len(calls)
+    program = [
+        (load, 0, 0, 4),  # seccomp_data.arch
+        (jeq, 0, n + 1, arch),  # another ABI: allow
+        (load, 0, 0, 0),  # seccomp_data.nr
+        *((jeq, n - i, 0, nr) for i, nr in enumerate(calls)),  # a write call: check its fd
+        (ret, 0, 0, allow),
+        (load, 0, 0, 16),  # low half of seccomp_data.args[0], the fd (little-endian)
+        (jgt, 0, 1, 2),
+        (ret, 0, 0, enospc),
+        (ret, 0, 0, allow),
+    ]
+    filters = (SockFilter * len(program))(*(SockFilter(*instruction) for instruction in program))
+    libc = ctypes.CDLL(None, use_errno=True)
+    # PR_SET_NO_NEW_PRIVS (lets an unprivileged process install a filter), then PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+    if libc.prctl(38, 1, 0, 0, 0) or libc.prctl(22, 2, ctypes.byref(SockFprog(len(program), filters)), 0, 0):
+        raise OSError(ctypes.get_errno(), "cannot install the seccomp filter")
+
+
+def merge_onto_a_full_disk(disk: Path, small: Path, big: Path, *, filter_writes: bool) -> None:
+    """Write `small`'s merge to `disk`/out (it fits), then overwrite it with `big`'s (it does not): one clear error,
+    the previous output intact and no staging folder left. `disk` is a 96 KiB tmpfs, or with `filter_writes` an
+    ordinary folder whose writes fail with ENOSPC once the first output is written. Runs in a child process."""
+    out = merge([small]).save_pretrained(disk / "out")
+    before = snapshot(out)
+    if filter_writes:
+        fail_writes_with_enospc()
+    result = invoke("merge", big, "--out", out, "--overwrite")
+    assert_user_error(result, "No space left on device", "nothing was written")
+    assert snapshot(out) == before, "the previous output changed"
+    assert hidden_leftovers(disk) == [], hidden_leftovers(disk)
+
+
 def test_a_full_tmpfs_is_one_clear_error_and_leaves_nothing(tmp_path) -> None:
+    # A real full disk: a 96 KiB tmpfs, mounted in a user and mount namespace of a child process, so that no root is
+    # needed and the mount ends with the child. Where user namespaces are off (some containers, Ubuntu's AppArmor
+    # default), the child's writes fail with the kernel's ENOSPC instead (fail_writes_with_enospc); never a skip.
     disk = tmp_path / "disk"
     disk.mkdir()
-    mounted = os.geteuid() == 0 and subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(disk)], capture_output=True
-    ).returncode == 0
-    if not mounted:
-        pytest.skip("cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN); the RLIMIT_FSIZE test above covers "
-                    "the same full-disk path in every environment")
-    try:
-        out = merge([lora(tmp_path / "small")]).save_pretrained(disk / "out")
-        before = snapshot(out)
-        big = lora(tmp_path / "big", shapes={name: (256, 256) for name in SHAPES}, r=16)
-        assert_user_error(invoke("merge", big, "--out", out, "--overwrite"), "No space left on device", "nothing was written")
-        assert snapshot(out) == before
-        assert hidden_leftovers(disk) == []
-    finally:
-        subprocess.run(["umount", str(disk)], check=True)
+    small, big = lora(tmp_path / "small"), lora(tmp_path / "big", shapes={name: (256, 256) for name in SHAPES}, r=16)
+    namespace = ["unshare", "--user", "--map-root-user", "--mount"]
+    mount = ["sh", "-c", 'mount -t tmpfs -o size=96k tmpfs "$0" && exec "$@"', str(disk)]
+    probe = shutil.which("unshare") and not subprocess.run([*namespace, *mount, "true"], capture_output=True).returncode
+    child = [sys.executable, "-c", FULL_DISK_CHILD, str(disk), str(small), str(big), "tmpfs" if probe else "filter"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    ran = subprocess.run([*namespace, *mount, *child] if probe else child, capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert ran.returncode == 0, f"full disk by {child[-1]}:\n{ran.stdout}{ran.stderr}"
 
 
 # --------------------------------------------------------------------------------------------- a failing Hub

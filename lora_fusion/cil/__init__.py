@@ -1,4 +1,4 @@
-"""RAPF class-incremental training of a linear adapter on frozen encoders (METHODS.md §d), run with Accelerate.
+"""RAPF class-incremental training of a linear adapter on frozen encoders (docs/rapf.md), run with Accelerate.
 
 Imports are lazy so that `lora-fusion --help` stays free of torch: `from lora_fusion.cil import run_cil`.
 """

@@ -1,4 +1,4 @@
-"""Frozen image features, computed once and cached on disk (METHODS.md d.9).
+"""Frozen image features, computed once and cached on disk (docs/rapf.md).
 
 Caching is exact for RAPF: the encoders are frozen, the preprocessing is deterministic (no augmentation), the
 adapter acts after the encoder, and the class statistics and pseudo-features live in the same frozen feature space.

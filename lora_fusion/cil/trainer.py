@@ -1,4 +1,4 @@
-"""RAPF's class-incremental training of a linear adapter on frozen encoders (METHODS.md d.1–d.11), on Accelerate.
+"""RAPF's class-incremental training of a linear adapter on frozen encoders (docs/rapf.md), on Accelerate.
 
 Huang, Cao, Lu, Liu, "Class-Incremental Learning with CLIP: Adaptive Representation Adjustment and Parameter
 Fusion", ECCV 2024 (arXiv:2407.14143); official code `linlany/RAPF` (`main.py`, `continual_clip/models.py`).

@@ -25,6 +25,7 @@ import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from lora_fusion.errors import SourceNotFoundError
 from lora_fusion.eval.tasks import Example, TextTask
 
 DEFAULT_FORTUNES_DIR = "/usr/share/games/fortunes"
@@ -58,9 +59,11 @@ def parse_fortunes(raw: str) -> list[str]:
 def read_fortunes(path: Path) -> tuple[str, ...]:
     """All quotes of one fortune file (UTF-8, undecodable bytes replaced)."""
     if not path.is_file():
-        raise FileNotFoundError(
+        # a LoraFusionError, so `lora-fusion icm train` reports it on one line (exit 2), not as a traceback
+        raise SourceNotFoundError(
             f"fortune file {path} not found: install Debian's `{APT_PACKAGE}` package "
-            f"(`apt-get install -y {APT_PACKAGE}`), or pass the directory that holds the topic files"
+            f"(`apt-get install -y {APT_PACKAGE}`), or pass the directory that holds the topic files "
+            "(--fortunes-dir, or `data_dirs: {fortunes: DIR}` in an ICM recipe)"
         )
     return tuple(parse_fortunes(path.read_bytes().decode("utf-8", errors="replace")))
 

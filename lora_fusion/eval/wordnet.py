@@ -11,6 +11,9 @@ Tasks (4 balanced classes each):
 * ``verb_supersense``: verbs of the supersenses motion, communication, contact, cognition.
 * ``part_of_speech``: the part of speech of the glossed word: noun, verb, adj, adv
   (adjective satellites count as adj).
+
+The tests read ``tests/data/wordnet-sample``: real lines of these files, enough for every task's
+splits, so that they need no system package.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+from lora_fusion.errors import SourceNotFoundError
 from lora_fusion.eval.tasks import Example, TextTask, balanced_split
 
 DEFAULT_WORDNET_DIR = "/usr/share/wordnet"
@@ -69,10 +73,12 @@ def parse_synset(line: str) -> Synset | None:
 def read_synsets(data_file: Path) -> tuple[Synset, ...]:
     """All synsets of one WordNet data file, in file order."""
     if not data_file.is_file():
-        raise FileNotFoundError(
+        # a LoraFusionError, so `lora-fusion icm train` reports it on one line (exit 2), not as a traceback
+        raise SourceNotFoundError(
             f"WordNet data file {data_file} not found: install it with "
             "`apt-get install wordnet-base`, or pass the directory that holds "
-            "data.noun, data.verb, data.adj and data.adv"
+            "data.noun, data.verb, data.adj and data.adv (--wordnet-dir, or `data_dirs: {wordnet: DIR}` "
+            "in an ICM recipe)"
         )
     with data_file.open(encoding="utf-8", errors="replace") as lines:
         return tuple(synset for synset in map(parse_synset, lines) if synset is not None)

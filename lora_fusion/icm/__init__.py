@@ -1,4 +1,4 @@
-"""ICM-Fusion (Shao et al., AAAI 2026, arXiv:2508.04153) as interpreted in METHODS.md §e: an F-VAE over flat LoRAs
+"""ICM-Fusion (Shao et al., AAAI 2026, arXiv:2508.04153) as interpreted in docs/icm.md: an F-VAE over flat LoRAs
 conditioned on in-context task vectors, meta-trained with Algorithm 1, and latent fusion with conflict projection.
 
 Names are imported on first use, so `import lora_fusion.icm` loads no torch.

@@ -34,6 +34,8 @@ def read_support(path: str | Path) -> list[dict[str, Any]]:
             record = json.loads(line)
         except json.JSONDecodeError as err:
             raise SupportFileError(f"{file}:{number}: not JSON ({err.msg}); each line must be one object.") from None
+        except RecursionError:  # json's decoder recurses once per nesting level
+            raise SupportFileError(f"{file}:{number}: nested too deeply; each line must be one flat object.") from None
         if not isinstance(record, dict) or "task" not in record or "label" not in record:
             raise SupportFileError(f"{file}:{number}: each line needs \"task\" and \"label\" keys.")
         records.append(record)
@@ -55,7 +57,7 @@ def icm_merge(
     steps: int = 200,
     refine_steps: int = 0,
 ) -> LoraAdapter:
-    """Fuse LoRAs into one with ICM-Fusion's latent fusion through a meta-trained F-VAE (METHODS.md e.5.5).
+    """Fuse LoRAs into one with ICM-Fusion's latent fusion through a meta-trained F-VAE (docs/icm.md).
 
     Each LoRA is encoded with its task vector (the F-VAE's mode: by default the mean hidden state of the base model
     carrying it over its task's support examples); the latent directions lose their pairwise conflicting parts

@@ -1,4 +1,4 @@
-"""Evidence for ICM-Fusion's claims on the real MiniLM testbed (issue 5 §6, protocol METHODS.md e.7).
+"""Evidence for ICM-Fusion's claims on the real MiniLM testbed (issue 5 §6, protocol docs/icm.md).
 
     python -m lora_fusion.icm.evidence --recipe recipes/icm_evidence.yaml --out docs/results
 
@@ -57,7 +57,7 @@ def evaluate(world: MiniLMTopLayerWorld, factors: Factors | None, splits: Sequen
 
 def best_lambda_merge(world: MiniLMTopLayerWorld, adapters: Sequence[Any], supports: Sequence[tuple[str, Batch]],
                       **merge_kwargs: Any) -> tuple[Factors, float]:
-    """The λ ∈ LAMBDAS whose merge has the lowest summed support loss (METHODS.md e.7, baselines c–e); element-wise
+    """The λ ∈ LAMBDAS whose merge has the lowest summed support loss (docs/icm.md, baselines c–e); element-wise
     methods keep rank Σ rᵢ (`rank=` in `merge_kwargs`), so no truncation blurs the comparison."""
     from lora_fusion import merge
 
@@ -239,7 +239,7 @@ def summarise(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def claims(table: Mapping[str, Any]) -> dict[str, Any]:
-    """The paper's claims checked against the table (METHODS.md e.7 'counts as reproducing')."""
+    """The paper's claims checked against the table (docs/icm.md 'counts as reproducing')."""
     out: dict[str, Any] = {}
     for setting, rows in table.items():
         if "icm" not in rows:

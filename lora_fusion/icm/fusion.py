@@ -1,4 +1,4 @@
-"""Latent fusion of several LoRAs through a trained F-VAE (METHODS.md e.5.5, an interpretation of ICM-Fusion's
+"""Latent fusion of several LoRAs through a trained F-VAE (docs/icm.md, an interpretation of ICM-Fusion's
 "learned manifold projection" and "optimal task-vector orientation", Shao et al., AAAI 2026, arXiv:2508.04153).
 
 1. μᵢ = E([lᵢ; vᵢ]) (posterior mean) for each LoRA; split into a direction uᵢ = μᵢ/‖μᵢ‖ on the unit sphere and a
@@ -12,7 +12,7 @@
 5. Optionally, Eq. 8 refinement steps on the decoded vector with the same union loss.
 6. l_f = D([z_f; v_f]) is de-normalised (pooled statistics, or Σ wᵢ·statsᵢ under `per_checkpoint`).
 
-Ablations (METHODS.md e.6): `conflict_projection=False`; `learn_weights=False` (uniform w, δ = 0, no search);
+Ablations (docs/icm.md): `conflict_projection=False`; `learn_weights=False` (uniform w, δ = 0, no search);
 `condition_only=True` (z = 0 and v_f = (1/T)·Σ vᵢ: ICM-LoRA generation with an averaged condition).
 """
 
@@ -34,7 +34,7 @@ from .worlds import Batch
 
 @dataclass(frozen=True)
 class FusionConfig:
-    """Options of latent fusion; the defaults are METHODS.md e.5.5's."""
+    """Options of latent fusion; the defaults are docs/icm.md's."""
 
     conflict_projection: bool = field(default=True, metadata={"help": "Remove pairwise conflicting latent parts."})
     learn_weights: bool = field(default=True, metadata={"help": "Learn w and δ on the support sets (else uniform)."})

@@ -1,11 +1,11 @@
 """The F-VAE: a conditional VAE over flat, normalised LoRA vectors, conditioned on a task vector.
 
 Encoder E([l; v]) → (μ, log σ²), decoder D([z; v]) → l (the Algorithm 1 form of ICM-Fusion, Shao et al., AAAI 2026,
-arXiv:2508.04153, as paraphrased in METHODS.md e.2); loss MSE(l̂, l) + β·KL(N(μ, σ²) ‖ N(0, I)) with β = 0.005 and
+arXiv:2508.04153, as paraphrased in docs/icm.md); loss MSE(l̂, l) + β·KL(N(μ, σ²) ‖ N(0, I)) with β = 0.005 and
 the KL summed over latent dimensions and averaged over the batch, as in ICM-LoRA's `model/CVAE_design.py`
 (Shao et al., IJCAI 2025, arXiv:2501.17635).
 
-Two bodies by size (METHODS.md e.5.3):
+Two bodies by size (docs/icm.md):
 
 * ``mlp`` (D ≤ 16,384 by default): [l; v] → H → H → (μ, log σ²) and [z; v] → H → H → D.
 * ``conv``: ICM-LoRA's 1-D convolution stack. l is right-padded to a multiple of 2^S and passed through S stride-2
@@ -42,7 +42,7 @@ class FVAEConfig:
 
     numel: int = field(metadata={"help": "D, the length of a flat LoRA vector of the layout."})
     condition_dim: int = field(metadata={"help": "c, the length of a task vector."})
-    latent_dim: int = field(default=16, metadata={"help": "Latent size (METHODS.md e.5.3: 16 for the MLP form)."})
+    latent_dim: int = field(default=16, metadata={"help": "Latent size (docs/icm.md: 16 for the MLP form)."})
     hidden_dim: int = field(default=256, metadata={"help": "Width H of the hidden layers."})
     beta: float = field(default=0.005, metadata={"help": "KL weight β (ICM-LoRA's 0.005)."})
     architecture: Architecture = field(default="auto", metadata={"help": "mlp, conv, or auto (mlp if D ≤ 16,384)."})

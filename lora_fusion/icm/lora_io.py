@@ -1,11 +1,11 @@
 """LoRA ⇄ flat vector: the fixed layout, the invertible per-tensor normalisation and the way back to an adapter.
 
 An F-VAE emits a fixed-length vector, so every LoRA it sees shares one layout: the same modules in the same order,
-the same shapes and ranks (METHODS.md e.5, "layout constraint"). The flat vector of a LoRA is, module by module in
+the same shapes and ranks (docs/icm.md, "layout constraint"). The flat vector of a LoRA is, module by module in
 layout order, A (r×n, row-major) then B (m×r), with the module's scale s folded in as √s on each factor, which keeps
 ΔW = B·A and makes adapters of different `lora_alpha` comparable.
 
-Normalisation (METHODS.md e.5.1) z-scores each tensor (each A and each B) with a mean and standard deviation:
+Normalisation (docs/icm.md) z-scores each tensor (each A and each B) with a mean and standard deviation:
 
 * ``pooled`` (default): one (mean, std) per tensor over all training checkpoints of all tasks. A fixed affine map,
   so a fused vector de-normalises with the same statistics and the tasks keep their relative scales.
@@ -189,7 +189,7 @@ class Normaliser:
 
 
 def weighted_stats(stats: Sequence[TensorStats], weights: torch.Tensor) -> TensorStats:
-    """Σᵢ wᵢ·(meanᵢ, stdᵢ): the de-normalisation of a fusion under `per_checkpoint` (METHODS.md e.5.1)."""
+    """Σᵢ wᵢ·(meanᵢ, stdᵢ): the de-normalisation of a fusion under `per_checkpoint` (docs/icm.md)."""
     means = torch.stack([s.mean for s in stats])
     stds = torch.stack([s.std for s in stats])
     return TensorStats(weights @ means, weights @ stds)

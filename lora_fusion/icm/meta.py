@@ -1,7 +1,7 @@
 """Meta-training of the F-VAE: ICM-Fusion's Algorithm 1, first-order, run by Accelerate; and the trained bundle.
 
-For each snapshot lᵢ of a meta-batch (METHODS.md e.5.4; Shao et al., AAAI 2026, arXiv:2508.04153, Algorithm 1 as
-paraphrased in METHODS.md e.2):
+For each snapshot lᵢ of a meta-batch (docs/icm.md; Shao et al., AAAI 2026, arXiv:2508.04153, Algorithm 1 as
+paraphrased in docs/icm.md):
 
 1. (μᵢ, log σᵢ²) = E([lᵢ; vᵢ]); zᵢ = μᵢ + σᵢ·ε; lᵢ⁰ = D([zᵢ; vᵢ]).
 2. K inner steps on the decoded LoRA with the task's support data (Eq. 8):
@@ -61,7 +61,7 @@ class TaskSnapshots:
 
 @dataclass(frozen=True)
 class MetaTrainConfig:
-    """Algorithm 1's hyper-parameters (defaults: METHODS.md e.5.4) and the F-VAE's shape."""
+    """Algorithm 1's hyper-parameters (defaults: docs/icm.md) and the F-VAE's shape."""
 
     steps: int = field(default=1000, metadata={"help": "Outer steps (micro-steps under gradient accumulation)."})
     meta_batch: int = field(default=4, metadata={"help": "Snapshots per outer step."})

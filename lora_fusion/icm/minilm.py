@@ -3,8 +3,8 @@
 Every ICM-Fusion inner step needs a forward and backward pass of the model carrying the decoded LoRA. With the LoRA
 on the top layer only, the lower layers are frozen and unaffected, so the hidden states entering the top layer are
 computed once per text and cached: the task loss then costs one BERT layer instead of six, and is *exact*
-(METHODS.md e.7, "Real testbed"; `check_cache_exact` verifies it against the full model). The task vector is the
-mean-pooled last hidden state (METHODS.md e.5.2 for an encoder) over the support examples; each task has its own
+(docs/icm.md, "Real testbed"; `check_cache_exact` verifies it against the full model). The task vector is the
+mean-pooled last hidden state (docs/icm.md for an encoder) over the support examples; each task has its own
 linear head trained jointly with its LoRA, as in the merge testbed (`lora_fusion.eval.testbed`).
 """
 

@@ -44,6 +44,10 @@ class ICMRecipe:
     max_seq_len: int = 32
     seed: int = 0
     meta: MetaTrainConfig = field(default_factory=lambda: MetaTrainConfig(steps=300, log_every=50))
+    # data source ("wordnet", "fortunes") -> its directory (`lora_fusion.eval.catalog.DataDirs`; a relative path is
+    # taken from the working directory); a source left out is read where its Debian package installs it. Tests point
+    # `wordnet` at tests/data/wordnet-sample so that they need no system package.
+    data_dirs: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("train_per_task", "snapshots"):
@@ -55,6 +59,11 @@ class ICMRecipe:
                                                  f"({self.lora_steps} steps, one every {self.snapshot_every})")
         if self.support_k < 1:
             raise InvalidParameterError("support_k", self.support_k, expected="k ≥ 1")
+        from lora_fusion.eval.catalog import SOURCES
+
+        unknown_sources = sorted(set(self.data_dirs) - set(SOURCES))
+        if unknown_sources:
+            raise RecipeError(f"unknown data_dirs sources {unknown_sources}; known: {sorted(SOURCES)}.")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> ICMRecipe:
@@ -72,6 +81,12 @@ class ICMRecipe:
         for name in ("tasks", "train_per_task", "snapshots"):
             if name in data:
                 data[name] = tuple(data[name])
+        if "data_dirs" in data:
+            data["data_dirs"] = data["data_dirs"] or {}
+            if not isinstance(data["data_dirs"], Mapping):
+                raise RecipeError(f"data_dirs must map a data source to its directory, got {data['data_dirs']!r}.")
+            # a source given no directory (`wordnet:` or null) keeps its default
+            data["data_dirs"] = {str(source): str(path) for source, path in data["data_dirs"].items() if path}
         return cls(**data, meta=MetaTrainConfig(**{"steps": 300, **meta_values}))
 
     def to_dict(self) -> dict[str, Any]:
@@ -94,11 +109,12 @@ def load_splits(world: MiniLMTopLayerWorld, recipe: ICMRecipe, *, log: Callable[
                 ) -> list[TaskSplit]:
     """Each task's first `train_per_task` training examples (fixed testbed splits, shuffled with the recipe's seed),
     a k-shot support set drawn from them, and `test_per_task` test examples (the same for every seed)."""
+    from lora_fusion.eval.catalog import DataDirs
     from lora_fusion.eval.testbed import load_task_data
 
     splits = []
     for task, n_train in zip(recipe.tasks, recipe.train_per_task):
-        data = load_task_data(task)
+        data = load_task_data(task, dirs=DataDirs(recipe.data_dirs))
         rng = random.Random(f"icm:{recipe.seed}:{task}")
         train = list(data.train)
         rng.shuffle(train)

@@ -1,4 +1,4 @@
-"""Task vectors: what conditions the F-VAE on a task (METHODS.md e.5.2).
+"""Task vectors: what conditions the F-VAE on a task (docs/icm.md).
 
 * ``in_context`` (default): v = mean over k support examples of the hidden state of the base model carrying the
   task's LoRA, with no gradients; ICM-LoRA's `ICL/last_time_step_icl.py` does this with the last decoder state.

@@ -1,4 +1,4 @@
-"""METHODS.md e.7's toy world: an MLP base model, several conflicting classification domains, rank-4 LoRAs.
+"""docs/icm.md's toy world: an MLP base model, several conflicting classification domains, rank-4 LoRAs.
 
 Inputs of domain k are x ~ N(m_k, I) with well-separated means m_k; labels are argmax(W_k·x) for a domain teacher
 W_k. Teachers come in pairs with opposite perturbations around a shared matrix (W = S ± P), which puts the domains'

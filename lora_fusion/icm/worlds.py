@@ -1,12 +1,12 @@
 """Task worlds: a frozen base model, its tasks and a differentiable task loss of the base model carrying a LoRA.
 
-ICM-Fusion needs, beyond the LoRA weights, three things from the model they adapt (METHODS.md e.5): the task loss
+ICM-Fusion needs, beyond the LoRA weights, three things from the model they adapt (docs/icm.md): the task loss
 L_task(l; D) of the base model carrying a LoRA l on a few examples D (the inner loop, Eq. 8, and the fusion's
 objective), the hidden state that defines an in-context task vector, and a way to read labelled support examples.
 A [`TaskWorld`] provides them as functions of LoRA factors (module → (A, B) with ΔW = B·A), so gradients flow into
 the factors without touching the base weights.
 
-Two worlds ship: [`ToyMLPWorld`] (METHODS.md e.7: an MLP 16 → 64 → 5, for tests and quick studies) and
+Two worlds ship: [`ToyMLPWorld`] (docs/icm.md: an MLP 16 → 64 → 5, for tests and quick studies) and
 `lora_fusion.icm.minilm.MiniLMTopLayerWorld` (all-MiniLM-L6-v2 with the LoRA on its top layer).
 """
 
@@ -137,7 +137,7 @@ def linear_with_lora(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 
 class ToyMLPWorld(TaskWorld):
-    """METHODS.md e.7's toy base model: an MLP `fc1` d → h (GELU) → `fc2` h → classes, shared by all tasks.
+    """docs/icm.md's toy base model: an MLP `fc1` d → h (GELU) → `fc2` h → classes, shared by all tasks.
 
     The LoRA adapts `fc1` and `fc2`; the task vector is the mean pre-logit activation (the GELU output).
     """

@@ -1,4 +1,4 @@
-"""Sparsify-and-combine on dense task updates, streamed in row blocks (METHODS.md §c.2–c.5).
+"""Sparsify-and-combine on dense task updates, streamed in row blocks (docs/methods.md).
 
 TIES, DARE, magnitude pruning and Breadcrumbs are defined entry by entry on dense updates τᵢ. A 5504×2048 update
 is 45 MB: forming T of them, then a magnitude, a mask, a sign vote, an agreement mask per task, a numerator and a

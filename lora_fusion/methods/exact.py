@@ -1,4 +1,4 @@
-"""Exact merges in factored form (METHODS.md §b): no out×in matrix is ever formed."""
+"""Exact merges in factored form (docs/methods.md): no out×in matrix is ever formed."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def concatenated(group: ModuleGroup, factor: float = 1.0) -> tuple[torch.Tensor,
     aliases=("cat",),
     summary="Exact weighted sum of the updates; factors concatenated, output rank Σ rᵢ (no cross terms).",
     formula="ΔW = Σᵢ wᵢ·sᵢ·Bᵢ·Aᵢ = [w₁s₁B₁|…|w_T s_T B_T]·[A₁;…;A_T]",
-    reference="Hu et al., LoRA, ICLR 2022 (arXiv:2106.09685); METHODS.md b.1",
+    reference="Hu et al., LoRA, ICLR 2022 (arXiv:2106.09685); docs/methods.md",
 )
 def linear(group: ModuleGroup, params: MergeParams) -> ModuleResult:
     """ΔW = Σᵢ wᵢ·sᵢ·Bᵢ·Aᵢ exactly, as [w₁s₁B₁ | … | w_T s_T B_T]·[A₁; …; A_T] (rank Σᵢ rᵢ).
@@ -54,7 +54,7 @@ def task_arithmetic(group: ModuleGroup, params: MergeParams) -> ModuleResult:
     "svd",
     summary="Best rank-R approximation of the weighted sum, via QR of the stacked factors and an SVD of the k×k core.",
     formula="ΔW_R = argmin_{rank ≤ R} ‖λ·Σᵢ wᵢ·sᵢ·Bᵢ·Aᵢ − X‖_F",
-    reference="Eckart–Young–Mirsky; PEFT add_weighted_adapter(combination_type='svd'); METHODS.md b.2",
+    reference="Eckart–Young–Mirsky; PEFT add_weighted_adapter(combination_type='svd'); docs/methods.md",
     params=("rank", "energy", "scale"),
 )
 def svd(group: ModuleGroup, params: MergeParams) -> ModuleResult:

@@ -1,4 +1,4 @@
-"""Element-wise interference-aware merges (METHODS.md §c.2–c.5): TIES, DARE, magnitude pruning, Breadcrumbs.
+"""Element-wise interference-aware merges (docs/methods.md): TIES, DARE, magnitude pruning, Breadcrumbs.
 
 The papers define these on dense task vectors τᵢ = ΔWᵢ = sᵢ·Bᵢ·Aᵢ. With `space="full"` (the default, the papers'
 semantics) each module's τᵢ are streamed densely in row blocks (`elementwise`), only the merged update is formed

@@ -1,4 +1,4 @@
-"""RAPF's decomposed parameter fusion (METHODS.md d.5), on full weights and on LoRA adapters in sequence (d.13).
+"""RAPF's decomposed parameter fusion (docs/rapf.md), on full weights and on LoRA adapters in sequence.
 
 Huang, Cao, Lu, Liu, "Class-Incremental Learning with CLIP: Adaptive Representation Adjustment and Parameter
 Fusion", ECCV 2024 (arXiv:2407.14143); official code `linlany/RAPF`, `mix_matrix` in `continual_clip/models.py`.
@@ -11,7 +11,7 @@ coefficient is kept in proportion to its relative size (never less than b), and 
 [`rapf_fuse_weights`] is that formula; the class-incremental trainer (`lora_fusion.cil`) calls it after every task.
 The registered `rapf` merge method applies it to a sequence of LoRA adapters (A, then B, then C): with the base
 model's weights ("base-aware", U from W_base + F) or without them ("adapter-only", U from the fused update F in the
-span of the factors). METHODS.md d.13 describes both; neither is in the paper.
+span of the factors). docs/rapf.md describes both; neither is in the paper.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def completed_left_basis(old: torch.Tensor, update: torch.Tensor) -> torch.Tenso
 
     U₁ are W_o's left singular vectors with σ > 1e-6·σ₁. When W_o is rank-deficient (always when m > n), the rest of
     a full m×m basis is arbitrary, and the mask would depend on that choice; completing it with U₂, the left
-    singular vectors of the residual (I − U₁U₁ᵀ)·update, makes the result canonical (METHODS.md d.13, step 2). The
+    singular vectors of the residual (I − U₁U₁ᵀ)·update, makes the result canonical (docs/rapf.md, step 2). The
     update has zero coefficients on every direction outside [U₁ | U₂], so those directions need not be formed. For
     a full-rank square W_o (RAPF's 512×512 adapter), U₁ is the whole basis and U₂ is empty.
     """
@@ -106,7 +106,7 @@ def rapf_fuse_weights(
 def fuse_update_dense(
     base: torch.Tensor, fused: torch.Tensor, delta: torch.Tensor, *, bias: float, chained: bool = False
 ) -> torch.Tensor:
-    """One base-aware step of RAPF over LoRA updates (METHODS.md d.13, option 1): the new fused update F_t.
+    """One base-aware step of RAPF over LoRA updates (docs/rapf.md, option 1): the new fused update F_t.
 
     W_o = W_base + F_{t−1}; the new weight is W_base + ΔW_t for independent adapters (each trained from the base),
     or W_o + ΔW_t for `chained` ones (RAPF's own regime). F_t = W − W_base with W = [`rapf_fuse_weights`](W_o, W_n).
@@ -120,7 +120,7 @@ def fuse_update_factored(
     fused: tuple[torch.Tensor, torch.Tensor], delta: tuple[torch.Tensor, torch.Tensor], *, bias: float,
     chained: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One adapter-only step of RAPF over LoRA updates (METHODS.md d.13, option 2), exact and factored.
+    """One adapter-only step of RAPF over LoRA updates (docs/rapf.md, option 2), exact and factored.
 
     With F = B_F·A_F and ΔW_t = B_t·A_t: Q spans [B_F | B_t]; in those coordinates F̂ = Qᵀ·F and D̂ = Qᵀ·D_t
     (D_t = ΔW_t − F, or ΔW_t when `chained`); Û = F̂'s left singular vectors, completed with those of the residual of
@@ -162,13 +162,13 @@ def _refuse_bias(factors: Sequence[ModuleFactors], name: str) -> None:
     output_rank="max",
     summary="RAPF decomposed parameter fusion, adapters fused in the order given (base-aware with --base-model).",
     formula="W = W_o + U·(M ⊙ Uᵀ(W_n − W_o)), M = min(1, |Uᵀ(W_n − W_o)|/max + b), U from svd(W_o)",
-    reference="Huang et al., RAPF, ECCV 2024 (arXiv:2407.14143); METHODS.md d.5, d.13",
+    reference="Huang et al., RAPF, ECCV 2024 (arXiv:2407.14143); docs/rapf.md",
     params=("bias", "rank", "energy", "chained"),
     defaults={"bias": 0.6},
     uses_base=True,
 )
 def rapf(group: ModuleGroup, params: MergeParams) -> ModuleResult:
-    """Fuse the adapters of one module in sequence with RAPF's decomposed parameter fusion (METHODS.md d.13).
+    """Fuse the adapters of one module in sequence with RAPF's decomposed parameter fusion (docs/rapf.md).
 
     Adapters are independent (each trained from the base): adapter t's new weight is W_base + w_t·ΔW_t; with
     `chained` (RAPF's own regime, each adapter trained on top of the previous fused weights) it is W_o + w_t·ΔW_t.

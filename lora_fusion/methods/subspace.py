@@ -1,4 +1,4 @@
-"""Merges that align tasks in an SVD subspace (METHODS.md §c.6–c.9): KnOTS, TSV, Iso-C and Iso-CTS.
+"""Merges that align tasks in an SVD subspace (docs/methods.md): KnOTS, TSV, Iso-C and Iso-CTS.
 
 All four are computed from QRs of the factors and SVDs of matrices with at most k = Σ rᵢ columns, so nothing of size
 m×n is formed. For TSV and the Iso methods this factored form equals the Core Space form (Panariello et al. 2025),
@@ -78,7 +78,7 @@ def knots(group: ModuleGroup, params: MergeParams) -> ModuleResult:
 
     Computed in factored form: X = B_stack·blkdiag(Aᵢ) = Q_B·(R_B·blkdiag(Rᵢᵀ))·blkdiag(Qᵢ)ᵀ. The official code
     trims over all layers flattened together and cuts σ at an absolute 1e-5; per-module trimming and a relative cut
-    are our choices (METHODS.md c.6).
+    are our choices (docs/methods.md).
     """
     B = torch.cat([f.scale * f.B.float() for f in group.factors], dim=1)
     Q_B, R_B = torch.linalg.qr(B)
@@ -110,7 +110,7 @@ def knots(group: ModuleGroup, params: MergeParams) -> ModuleResult:
 def tsv(group: ModuleGroup, params: MergeParams) -> ModuleResult:
     """TSV-Merge (Gargiulo et al., CVPR 2025): wᵢ·τᵢ = Uᵢ·Sᵢ·Vᵢᵀ cut to c = ⌊min(m,n)/T⌋ components (and to its
     numerical rank, our LoRA reading: null vectors are arbitrary); ΔW = α·U⊥·diag(S)·V⊥ᵀ with U⊥, V⊥ the polar
-    factors of the concatenated singular vectors. Equal to TSV on the Core Space cores (METHODS.md c.7)."""
+    factors of the concatenated singular vectors. Equal to TSV on the Core Space cores (docs/methods.md)."""
     m, n = group.factors[0].B.shape[0], group.factors[0].A.shape[1]
     cut = max(1, min(m, n) // len(group.factors))
     parts = [p.cut(min(cut, p.S.numel())) for p in task_svds(group)]
