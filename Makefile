@@ -22,4 +22,4 @@ demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m lora_fusion.eval.quickstart --merged out/quickstart
 
 test: install
-	$(BIN)/python -m pytest -q
+	LORA_FUSION_STRICT_SKIPS=1 $(BIN)/python -m pytest -q

@@ -1,6 +1,6 @@
 """The single in-memory form of a LoRA adapter: a config plus per-module factors, read on demand.
 
-Conventions (METHODS.md §a):
+Conventions (docs/methods.md):
 
 * Module names are the base model's module paths (`model.layers.0.self_attn.q_proj`), not PEFT's state-dict keys.
 * Every module is held in a canonical "out × in" form: `B` is m×r, `A` is r×n and the update is ΔW = scale·B·A.

@@ -1,6 +1,6 @@
 """The only place that writes adapters: PEFT files, model card and provenance, atomically; and pushes to the Hub.
 
-Output conventions (METHODS.md a.9): every scale is folded into the factors and the config says `lora_alpha = r`
+Output conventions (docs/methods.md): every scale is folded into the factors and the config says `lora_alpha = r`
 (with `alpha_pattern` equal to `rank_pattern`), so s = 1 in every module; `use_rslora` is false. Patterns are keyed
 by the full module name, regex-escaped, so `layers.1.` can never match `layers.11.`.
 """

@@ -55,7 +55,7 @@ def toy():
 
 def test_toy_layout_has_the_documented_size(toy):
     _, layout, data, _, _ = toy
-    assert layout.numel == 596  # METHODS.md e.7: A₁ 4×16, B₁ 64×4, A₂ 4×64, B₂ 5×4
+    assert layout.numel == 596  # docs/icm.md: A₁ 4×16, B₁ 64×4, A₂ 4×64, B₂ 5×4
     assert [d.flats.shape[0] for d in data] == [6, 4, 2, 1]  # uneven (long-tailed) snapshot counts
 
 

@@ -158,6 +158,8 @@ def load_recipe(path: str | Path) -> CILRecipe:
         raise RecipeError(f"recipe {path} not found; pass the path of a YAML recipe.") from None
     except (yaml.YAMLError, UnicodeDecodeError):
         raise RecipeError(f"{path}: not valid YAML; fix the file.") from None
+    except RecursionError:  # the YAML composer recurses once per nesting level
+        raise RecipeError(f"{path}: nested too deeply to be a recipe; fix the file.") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a YAML mapping (encoders:, data:, ...).")
     recipe = validated(data, origin=str(path))
