@@ -97,8 +97,7 @@ SourcesArg = Annotated[
 
 # The methods that take --rank and --energy, written out so that `--help` imports no torch (a test checks the registry).
 RANK_METHODS = (
-    "svd, ties, dare_linear, dare_ties, magnitude_prune, breadcrumbs, breadcrumbs_ties, knots, tsv, iso_c, iso_cts, "
-    "rapf; default: the largest input rank"
+    "svd, ties, dare_linear, dare_ties, magnitude_prune, breadcrumbs, breadcrumbs_ties, knots, tsv, iso_c, iso_cts, rapf"
 )
 
 
@@ -119,9 +118,13 @@ def merge(
         Optional[str], typer.Option("--method", "-m", help="Merge method (see `methods`); default: linear.")
     ] = None,
     weights: Annotated[Optional[str], typer.Option(help="One weight per source, e.g. 0.6,0.4 (default 1 each).")] = None,
-    rank: Annotated[Optional[int], typer.Option("--rank", "-r", help=f"Output rank ({RANK_METHODS}).")] = None,
+    rank: Annotated[
+        Optional[int],
+        typer.Option("--rank", "-r", help=f"Output rank ({RANK_METHODS}; default: the largest input rank)."),
+    ] = None,
     energy: Annotated[
-        Optional[float], typer.Option(help=f"Per-module rank keeping this energy fraction, e.g. 0.99 ({RANK_METHODS}).")
+        Optional[float],
+        typer.Option(help=f"Instead of --rank: per-module rank keeping this energy fraction, e.g. 0.99 ({RANK_METHODS})."),
     ] = None,
     scale: Annotated[Optional[float], typer.Option(help="Global factor λ on the merged update.")] = None,
     density: Annotated[Optional[float], typer.Option(help="Fraction kept (TIES/magnitude trim, DARE).")] = None,

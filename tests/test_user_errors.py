@@ -287,10 +287,11 @@ def test_dry_run_with_an_existing_out_is_warned(tmp_path) -> None:
 
 def test_rank_and_energy_help_names_every_method_that_uses_them() -> None:
     users = {m.name for m in list_methods() if {"rank", "energy"} <= set(describe_params(m))}
-    named = {name.strip() for name in RANK_METHODS.split(";")[0].split(",")}
+    named = {name.strip() for name in RANK_METHODS.split(",")}
     assert named == users
     text = " ".join(invoke("merge", "--help").stdout.split())  # Typer wraps the help text
-    assert "default: linear" in text and text.count("rapf; default: the largest input rank") == 2
+    assert "default: linear" in text and text.count(RANK_METHODS) == 2
+    assert "rapf; default: the largest input rank" in text and "e.g. 0.99 (svd," in text
 
 
 def test_library_errors_are_one_line(tmp_path) -> None:
