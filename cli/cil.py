@@ -11,6 +11,8 @@ from typing import Annotated
 
 import typer
 
+from .common import on_interrupt, user_errors
+
 cil_app = typer.Typer(
     name="cil",
     help="Class-incremental training with RAPF (frozen encoders, linear adapter, Gaussian replay, fusion).",
@@ -31,11 +33,10 @@ def run(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Train task by task; write metrics.json, accuracy.png and task_XX/adapter.safetensors to the recipe's `out`."""
-    # Imported here: main.py imports this module to register the sub-app.
-    from .main import _on_interrupt, user_errors
-
-    _on_interrupt("interrupted; the tasks finished so far are kept in the recipe's out folder: run the same command "
-                  "to resume from them.")
+    on_interrupt(
+        "interrupted; the tasks finished so far are kept in the recipe's out folder: run the same command to resume "
+        "from them."
+    )
     with user_errors():
         from lora_fusion.cil import run_recipe
         from lora_fusion.distributed import finish, is_main_process

@@ -12,6 +12,8 @@ from typing import Annotated
 
 import typer
 
+from .common import user_errors
+
 icm_app = typer.Typer(
     name="icm",
     help="ICM-Fusion: meta-train an F-VAE over LoRAs, then fuse LoRAs in its latent space.",
@@ -33,8 +35,6 @@ def train(
     steps: Annotated[int | None, typer.Option("--steps", min=1, help="Override the meta-training steps.")] = None,
 ) -> None:
     """Train each task's MiniLM top-layer LoRA (keeping snapshots) and meta-train an F-VAE on them (Algorithm 1)."""
-    from .main import user_errors
-
     with user_errors():
         from lora_fusion.icm.pipeline import ICMRecipe, train_minilm_fvae
 
@@ -74,8 +74,6 @@ def fuse(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = False,
 ) -> None:
     """Fuse LoRAs through a trained F-VAE and write one PEFT adapter (same as `merge --method icm`)."""
-    from .main import user_errors
-
     with user_errors():
         from lora_fusion import load_adapter
         from lora_fusion.icm.api import icm_merge
@@ -94,8 +92,6 @@ def fuse(
 @icm_app.command("info")
 def info(fvae: Annotated[Path, typer.Argument(help="F-VAE directory.", show_default=False)]) -> None:
     """Print an F-VAE's base model, tasks, layout, size and last training loss as JSON."""
-    from .main import user_errors
-
     with user_errors():
         from lora_fusion.icm.meta import load_fvae
 

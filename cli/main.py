@@ -7,14 +7,14 @@ bodies so that `--help` and `--version` stay fast. Every error a user can cause 
 from __future__ import annotations
 
 import json
-import os
 import sys
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+
+from .common import fail, interrupted_note, on_interrupt, user_errors, warn
 
 app = typer.Typer(
     name="lora-fusion",
@@ -24,52 +24,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-
-
-@contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn library errors into one line on stderr and exit code 2 (re-raise with LORA_FUSION_DEBUG=1), Ctrl-C into
-    one line saying what was written and exit code 130, and the library's warnings into one `Warning:` line each
-    (Python's default adds the file, line and source code)."""
-    import warnings
-
-    from lora_fusion.errors import LoraFusionError
-
-    try:
-        with warnings.catch_warnings():
-            warnings.showwarning = _show_warning
-            yield
-    except LoraFusionError as err:
-        if os.environ.get("LORA_FUSION_DEBUG") == "1":
-            raise
-        typer.echo(f"Error: {err}", err=True)
-        raise typer.Exit(code=2) from None
-    except KeyboardInterrupt:  # Ctrl-C: say what is on disk (writes are atomic), exit as shells expect
-        typer.echo(_interrupted[0], err=True)
-        raise typer.Exit(code=130) from None
-
-
-def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
-    typer.echo(f"Warning: {message}", err=True)
-
-
-def warn(message: str) -> None:
-    """A warning found by the CLI itself: one line on stderr, printed with --quiet too."""
-    typer.echo(f"Warning: {message}", err=True)
-
-
-# What a Ctrl-C leaves behind, kept current by the commands that write; `main` prints it and exits 130.
-_interrupted = ["interrupted."]
-
-
-def _on_interrupt(message: str) -> None:
-    _interrupted[0] = message
-
-
-def fail(message: str) -> None:
-    """A user error found by the CLI itself."""
-    typer.echo(f"Error: {message}", err=True)
-    raise typer.Exit(code=2)
 
 
 def _version(value: bool) -> None:
@@ -224,7 +178,7 @@ def _run_merge(plan: Any, *, subfolder: str | None, dry_run: bool, as_json: bool
         warn(f"--out {plan.out} already exists: a real run would need --overwrite.")
     if plan.out:
         kept = "untouched" if Path(plan.out).exists() else "not created"
-        _on_interrupt(f"interrupted; nothing written; {plan.out} {kept}.")
+        on_interrupt(f"interrupted; nothing written; {plan.out} {kept}.")
     result = fuse(
         plan.entries(),
         method=plan.method,
@@ -258,7 +212,7 @@ def _run_merge(plan: Any, *, subfolder: str | None, dry_run: bool, as_json: bool
         return
     written = result.save_pretrained(plan.out, overwrite=plan.overwrite) if plan.out else None
     if written and plan.push_to_hub:
-        _on_interrupt(f"interrupted; {written} is written; the push to {plan.push_to_hub} may be incomplete: run "
+        on_interrupt(f"interrupted; {written} is written; the push to {plan.push_to_hub} may be incomplete: run "
                       f"`lora-fusion push {written} {plan.push_to_hub}`.")
     url = _push(result, plan, written) if plan.push_to_hub else None
     truncated = [s for s in result.stats.values() if s.truncated]
@@ -380,7 +334,7 @@ def push(
 
         check_push_repo_id(repo_id)
         load_adapter(directory)
-        _on_interrupt(f"interrupted; {directory} is unchanged; the upload to {repo_id} may be incomplete: run the "
+        on_interrupt(f"interrupted; {directory} is unchanged; the upload to {repo_id} may be incomplete: run the "
                       "same command again.")  # refuse to publish something that is not a valid adapter
         pushed = push_folder(directory, repo_id, private=private, revision=revision, commit_message=commit_message)
         typer.echo(f"pushed {directory} -> {pushed}" if pushed.changed else f"{directory}: {pushed.summary}")
@@ -406,7 +360,7 @@ def methods(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")]
             typer.echo(f"    --{name.replace('_', '-')} (default {param['default']}): {param['help']}")
 
 
-from .cil import cil_app  # noqa: E402  (the sub-apps import user_errors from here, inside their commands)
+from .cil import cil_app  # noqa: E402
 from .icm import icm_app  # noqa: E402
 
 app.add_typer(cil_app, name="cil")
@@ -415,13 +369,13 @@ app.add_typer(icm_app, name="icm")
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point: like `app()`, but parse errors also end on one line with exit code 2."""
-    _on_interrupt("interrupted.")
+    on_interrupt("interrupted.")
     try:
         code = app(args=list(argv) if argv is not None else None, standalone_mode=False)
     except typer.Exit as done:
         return done.exit_code
     except (typer.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort; outside its parser it stays itself
-        typer.echo(_interrupted[0], err=True)
+        typer.echo(interrupted_note(), err=True)
         return 130
     except Exception as err:
         # Parser errors (unknown option, bad value, missing argument) carry exit_code 2 and format_message().
