@@ -470,7 +470,7 @@ def _swap_into_place(stage: Path, out: Path, *, overwrite: bool) -> None:
     os.replace(out, old)
     try:
         os.replace(stage, out)
-    except OSError:
+    except BaseException:  # a disk error, or Ctrl-C during the rename: the previous output goes back in place
         os.replace(old, out)
         raise
     if old.is_dir():

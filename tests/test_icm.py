@@ -48,7 +48,7 @@ def toy():
                                   snapshots=(6, 4, 2, 1)[index])
         data.append(TaskSnapshots(task.name, snapshots, support))
         queries.append(query)
-    config = MetaTrainConfig(steps=150, cpu=True, log_every=150, seed=0)
+    config = MetaTrainConfig(steps=150, cpu=True, log_every=50, seed=0)  # logging does not change the training
     trained = meta_train(world, layout, data, config, log=lambda line: None)
     return world, layout, data, queries, trained
 
@@ -118,7 +118,10 @@ def test_meta_training_lowers_the_meta_loss(toy):
                            log=lambda line: None)
     before, after = evaluate_meta_loss(untrained, data, seed=3), evaluate_meta_loss(trained, data, seed=3)
     assert after < 0.5 * before, (before, after)
-    assert trained.history[-1]["meta_loss"] < trained.history[0]["meta_loss"] or len(trained.history) == 1
+    # one entry per 50 steps, each the mean of its window, falling (measured: 0.437, 0.021, 0.0072)
+    assert [entry["step"] for entry in trained.history] == [50, 100, 150]
+    meta = [entry["meta_loss"] for entry in trained.history]
+    assert meta[0] > meta[1] > meta[2] and meta[2] < 0.2 * meta[0], meta
 
 
 def test_meta_training_resumes_from_a_checkpoint_to_the_same_weights(toy, tmp_path):
@@ -156,7 +159,57 @@ def test_ablations_change_the_fusion(toy):
     projected = fuse(trained, flats, supports, FusionConfig(steps=0))
     unprojected = fuse(trained, flats, supports, FusionConfig(steps=0, conflict_projection=False))
     assert unprojected.conflicts == 0
-    assert projected.conflicts == 0 or not torch.equal(projected.flat, unprojected.flat)
+    # domain0's and domain3's latents conflict (test_conflict_projection_removes_…): both get projected
+    assert projected.conflicts >= 2 and not torch.equal(projected.flat, unprojected.flat)
+
+
+def latents(trained, flats, supports):
+    """(μ, conditions, de-normalisation statistics) of each LoRA, as the F-VAE encodes it."""
+    prepared = [trained.prepare(flat, batch) for flat, (_, batch) in zip(flats, supports)]
+    conditions = torch.stack([p[1] for p in prepared])
+    with torch.no_grad():
+        mu, _ = trained.fvae.encode(torch.stack([p[0] for p in prepared]), conditions)
+    return mu, conditions, [p[2] for p in prepared]
+
+
+def test_conflict_projection_removes_the_conflict_of_latents_that_conflict(toy):
+    # docs/icm.md step 2 (PCGrad, Yu et al., NeurIPS 2020): a direction uᵢ with uᵢ·uⱼ < 0 loses its component along
+    # uⱼ, uᵢ − (uᵢ·uⱼ)·uⱼ, and is re-normalised. Of domains 0, 1 and 3 only 0 and 3 conflict, and projecting them
+    # creates no new conflict with 1, so every order gives the same directions. With steps=0 the fusion decodes
+    # z = mean(ρ)·normalize(mean(u)) with the mean condition (uniform w, δ = 0; fusion.py step 3). (With two tasks
+    # and uniform weights the projection cannot show: normalize(p₀ + p₁) = normalize(u₀ + u₁).)
+    from lora_fusion.icm.lora_io import weighted_stats
+
+    _, _, data, _, trained = toy
+    chosen = [data[0], data[1], data[3]]
+    flats = [d.flats[-1] for d in chosen]
+    supports = [(d.task, d.support) for d in chosen]
+    mu, conditions, stats = latents(trained, flats, supports)
+    u = torch.nn.functional.normalize(mu, dim=-1)
+    dots = u @ u.T
+    dot = float(dots[0, 2])
+    assert dot < -0.1 and float(dots[0, 1]) > 0 and float(dots[1, 2]) > 0, dots  # measured: −0.74, 0.11, 0.29
+    first, last = u[0] - dot * u[2], u[2] - dot * u[0]
+    assert float(first @ u[1]) > 0 and float(last @ u[1]) > 0  # no new conflict: the order does not matter
+    expected = torch.nn.functional.normalize(torch.stack([first, u[1], last]), dim=-1)
+    assert abs(float(expected[0] @ u[2])) < 1e-6 and abs(float(expected[2] @ u[0])) < 1e-6  # the conflict is gone
+
+    def decoded(directions: torch.Tensor) -> torch.Tensor:
+        w = torch.full((3,), 1 / 3)
+        z = (w @ mu.norm(dim=-1)) * torch.nn.functional.normalize(w @ directions, dim=0)
+        with torch.no_grad():
+            out = trained.fvae.decode(z[None], (w @ conditions)[None])[0]
+        return trained.normaliser.denormalise(out, weighted_stats(stats, w))
+
+    projected = fuse(trained, flats, supports, FusionConfig(steps=0))
+    unprojected = fuse(trained, flats, supports, FusionConfig(steps=0, conflict_projection=False))
+    assert projected.conflicts == 2 and unprojected.conflicts == 0
+    with_projection, without = decoded(expected), decoded(u)
+    gap = float((with_projection - without).norm())
+    # small, as this decoder uses its latent little (test_latent_sensitivity_…): measured 6.6e-4 of the norm
+    assert gap > 1e-4 * float(without.norm())
+    assert float((projected.flat - with_projection).norm()) < 0.01 * gap
+    assert float((unprojected.flat - without).norm()) < 0.01 * gap
 
 
 def test_pcgrad_projection_removes_the_conflict_of_two_directions():
@@ -356,7 +409,14 @@ def test_latent_sensitivity_is_zero_for_a_decoder_that_ignores_z(toy):
 
     _, _, data, _, trained = toy
     flats, supports = [d.flats[-1] for d in data], [(d.task, d.support) for d in data]
-    assert all(s >= 0 for s in latent_sensitivity(trained, flats, supports))
+    mu, conditions, _ = latents(trained, flats, supports)
+    with torch.no_grad():  # ‖D([μ; v]) − D([0; v])‖ / ‖D([μ; v])‖ per LoRA, from the F-VAE directly
+        with_latent = trained.fvae.decode(mu, conditions)
+        expected = ((with_latent - trained.fvae.decode(torch.zeros_like(mu), conditions)).norm(dim=-1)
+                    / with_latent.norm(dim=-1))
+    sensitivity = latent_sensitivity(trained, flats, supports)
+    assert sensitivity == pytest.approx(expected.tolist(), rel=1e-4)
+    assert min(sensitivity) > 1e-5  # this decoder uses its latent, if little (measured: 5.6e-4 to 4.2e-3)
     first = trained.fvae.decoder_body[0]
     saved = first.weight.detach().clone()
     with torch.no_grad():
