@@ -19,7 +19,7 @@ install: $(VENV)/.installed
 
 demo: install
 	$(BIN)/lora-fusion merge --recipe recipes/quickstart.yaml --overwrite --quiet
-	HF_HUB_OFFLINE=1 $(BIN)/python -m lora_fusion.eval.quickstart --merged out/quickstart
+	HF_HUB_OFFLINE=1 $(BIN)/python -m experiments.quickstart_eval --merged out/quickstart
 
 test: install
 	LORA_FUSION_STRICT_SKIPS=1 $(BIN)/python -m pytest -q

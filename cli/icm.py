@@ -1,4 +1,6 @@
-"""`lora-fusion icm …`: train an ICM-Fusion F-VAE, fuse LoRAs through it, inspect it, reproduce the evidence.
+"""`lora-fusion icm …`: train an ICM-Fusion F-VAE, fuse LoRAs through it, inspect it.
+
+The evidence study is not a command: `python -m experiments.icm_evidence` (from the repository root).
 
 Thin: parse, call `lora_fusion.icm`, print. The library (and torch) is imported inside the commands, so `--help`
 stays fast; user errors go through `user_errors` (one line, exit 2).

@@ -26,7 +26,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # Top-level folders a clean clone has; build outputs and virtualenvs (.gitignore) are no pointers' targets.
-TOP_LEVEL = ("lora_fusion", "cli", "docs", "benchmarks", "recipes", "tests", ".ci")
+TOP_LEVEL = ("lora_fusion", "cli", "docs", "benchmarks", "recipes", "tests", "experiments", ".ci")
 SKIP_DIRS = {".venv", ".git", "__pycache__", ".pytest_cache", ".hypothesis", "out", "runs", "build", "dist"}
 
 LINK = re.compile(r"!?\[[^\]\n]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")

