@@ -40,15 +40,11 @@ def train(
     with user_errors():
         from lora_fusion.icm.pipeline import ICMRecipe, train_minilm_fvae
 
-        spec = _read_recipe(recipe)
-        if seed is not None:
-            spec["seed"] = seed
-        if steps is not None:
-            spec["meta"] = {**(spec.get("meta") or {}), "steps": steps}
+        spec = ICMRecipe.from_file(recipe, seed=seed, steps=steps)
         from lora_fusion.distributed import finish, is_main_process
 
         try:
-            trained = train_minilm_fvae(ICMRecipe.from_mapping(spec), out, log=lambda line: typer.echo(line, err=True))
+            trained = train_minilm_fvae(spec, out, log=lambda line: typer.echo(line, err=True))
         finally:
             finish()  # a launched process that exits with its process group open aborts
         if not is_main_process():
@@ -110,21 +106,3 @@ def info(fvae: Annotated[Path, typer.Argument(help="F-VAE directory.", show_defa
             "inner_steps": trained.config.inner_steps,
             "final": trained.history[-1] if trained.history else None,
         }, indent=2))
-
-
-def _read_recipe(path: Path) -> dict:
-    import yaml
-
-    from lora_fusion.errors import RecipeError
-
-    try:
-        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise RecipeError(f"cannot read recipe {path}: {err.strerror or err}.") from None
-    except yaml.YAMLError as err:
-        raise RecipeError(f"recipe {path} is not valid YAML: {str(err).splitlines()[0]}.") from None
-    except RecursionError:  # the YAML composer recurses once per nesting level
-        raise RecipeError(f"recipe {path} is nested too deeply; an ICM recipe is a mapping of a few levels.") from None
-    if not isinstance(spec, dict):
-        raise RecipeError(f"recipe {path} must be a mapping of ICM recipe keys.")
-    return spec

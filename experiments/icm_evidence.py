@@ -312,7 +312,7 @@ def plot(table: Mapping[str, Any], path: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    import yaml
+    from lora_fusion.recipe import read_recipe_file
 
     parser = study_parser(__doc__, out=Path("docs/results"), threads=1)
     parser.add_argument("--recipe", type=Path, required=True, help="YAML: `seeds`, `settings`, `ablations_in`, "
@@ -320,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--runs", type=Path, help="JSONL of finished runs, appended to and reused (resume)")
     parser.add_argument("--name", default="icm_evidence", help="stem of the output files (default: %(default)s)")
     args = parse_study_args(parser, argv)
-    spec = yaml.safe_load(args.recipe.read_text())
+    spec = read_recipe_file(args.recipe)
     seeds = spec.pop("seeds", [0, 1, 2])
     settings = spec.pop("settings", list(SETTINGS))
     ablations_in = set(spec.pop("ablations_in", ["few-shot"]))

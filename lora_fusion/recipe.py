@@ -89,11 +89,11 @@ class Recipe(BaseModel):
         return self.weights
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a YAML recipe; local source paths and `out` are resolved against the recipe's folder.
+def read_recipe_file(path: str | Path) -> dict[str, Any]:
+    """The mapping a YAML recipe file holds: the one reader of merge, `cil run` and `icm train` recipes.
 
     Raises:
-        RecipeError: unreadable YAML, an unknown key or a wrong type, named with its location.
+        RecipeError: the file is missing or unreadable, not YAML (with the line), nested too deeply, or not a mapping.
     """
     import yaml
 
@@ -102,15 +102,37 @@ def load_recipe(path: str | Path) -> Recipe:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise RecipeError(f"recipe {path} not found; pass the path of a YAML recipe.") from None
+    except OSError as err:
+        raise RecipeError(f"cannot read recipe {path}: {err.strerror or err}.") from None
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         where = getattr(err, "problem_mark", None)
         line = f" (line {where.line + 1})" if where else ""
         raise RecipeError(f"{path}: not valid YAML{line}; fix the file.") from None
     except RecursionError:  # the YAML composer recurses once per nesting level
-        raise RecipeError(f"{path}: nested too deeply to be a recipe; a recipe is a flat mapping of options.") from None
+        raise RecipeError(f"{path}: nested too deeply to be a recipe; a recipe is a mapping of a few levels.") from None
     if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a recipe is a YAML mapping of options (method:, sources:, ...).")
-    return _resolved(validated(data, origin=str(path)), path.parent)
+        raise RecipeError(f"{path}: a recipe is a YAML mapping of keys (method:, sources:, … or encoders:, data:, …).")
+    return data
+
+
+def recipe_path(value: str, recipe: str | Path, *, if_exists: bool = False) -> str:
+    """A path written in `recipe`: an absolute one as it is, a relative one against the recipe's folder (every
+    recipe kind resolves paths this way). With `if_exists`, for values that may also be Hub ids (sources, base
+    model), a relative path is resolved only when that file or folder exists."""
+    if Path(value).is_absolute():
+        return value
+    candidate = Path(recipe).parent / value
+    return value if if_exists and not candidate.exists() else os.path.normpath(candidate)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a YAML merge recipe; relative local paths (sources, base model, F-VAE, support, `out`)
+    resolve against the recipe's folder.
+
+    Raises:
+        RecipeError: unreadable YAML, an unknown key or a wrong type, named with its location.
+    """
+    return _resolved(validated(read_recipe_file(path), origin=str(path)), Path(path))
 
 
 def validated(data: dict[str, Any], *, origin: str) -> Recipe:
@@ -137,16 +159,14 @@ def _first_problem(err: ValidationError) -> str:
     return f"{location or 'recipe'}: {problem['msg']} (got {problem.get('input')!r}){more}."
 
 
-def _resolved(recipe: Recipe, folder: Path) -> Recipe:
-    def local(value: str) -> str:
-        candidate = folder / value
-        return os.path.normpath(candidate) if not Path(value).is_absolute() and candidate.exists() else value
-
-    entries: list[str | SourceEntry] = [e.model_copy(update={"source": local(e.source)}) for e in recipe.entries()]
+def _resolved(recipe: Recipe, path: Path) -> Recipe:
+    entries: list[str | SourceEntry] = [
+        e.model_copy(update={"source": recipe_path(e.source, path, if_exists=True)}) for e in recipe.entries()
+    ]
     update: dict[str, Any] = {"sources": entries}
     for key in ("base_model", "fvae", "support"):
         if getattr(recipe, key):
-            update[key] = local(getattr(recipe, key))
-    if recipe.out and not Path(recipe.out).is_absolute():
-        update["out"] = os.path.normpath(folder / recipe.out)
+            update[key] = recipe_path(getattr(recipe, key), path, if_exists=True)
+    if recipe.out:
+        update["out"] = recipe_path(recipe.out, path)
     return recipe.model_copy(update=update)

@@ -7,21 +7,21 @@ initial_classes: 20
 increment: 20
 train: {batch_size: 64}
 rapf: {beta: 1, replay_classes: 5, threshold: 0.65, bias: 0.7, shrinkage: true}
-out: runs/imagenet_r_20_20
+out: ../runs/imagenet_r_20_20
 ```
-Defaults are the official code's common settings (docs/rapf.md); relative data and cache paths resolve against
-the recipe's folder, `out` against the working directory. Unknown keys, wrong types and out-of-range values are
-refused with one line naming the key.
+Defaults are the official code's common settings (docs/rapf.md); relative paths (data, cache, `out`) resolve against
+the recipe's folder, as in every recipe. Unknown keys, wrong types and out-of-range values are refused with one line
+naming the key.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ..recipe import read_recipe_file, recipe_path
 from .errors import InvalidParameterError, RecipeError
 
 
@@ -143,33 +143,20 @@ def validated(data: dict[str, Any], *, origin: str) -> CILRecipe:
 
 
 def load_recipe(path: str | Path) -> CILRecipe:
-    """Read and validate a YAML recipe; relative `data.root` and `cache_dir` resolve against the recipe's folder,
-    a relative `out` against the working directory (so that runs of the shipped recipes land outside recipes/).
+    """Read and validate a YAML recipe (`lora_fusion.recipe.read_recipe_file`, the reader of every recipe kind);
+    relative `data.root`, `data.split_file`, `cache_dir` and `out` resolve against the recipe's folder.
 
     Raises:
         RecipeError: a missing file, invalid YAML, or an invalid field.
     """
-    import yaml
-
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RecipeError(f"recipe {path} not found; pass the path of a YAML recipe.") from None
-    except (yaml.YAMLError, UnicodeDecodeError):
-        raise RecipeError(f"{path}: not valid YAML; fix the file.") from None
-    except RecursionError:  # the YAML composer recurses once per nesting level
-        raise RecipeError(f"{path}: nested too deeply to be a recipe; fix the file.") from None
-    if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a recipe is a YAML mapping (encoders:, data:, ...).")
-    recipe = validated(data, origin=str(path))
-    folder = path.parent
+    recipe = validated(read_recipe_file(path), origin=str(path))
 
     def local(value: str | None) -> str | None:
-        return value if value is None or Path(value).is_absolute() else os.path.normpath(folder / value)
+        return None if value is None else recipe_path(value, path)
 
     return recipe.model_copy(update={
         "data": recipe.data.model_copy(update={"root": local(recipe.data.root),
                                                 "split_file": local(recipe.data.split_file)}),
         "cache_dir": local(recipe.cache_dir),
+        "out": local(recipe.out),
     })

@@ -20,6 +20,7 @@ import torch
 
 from lora_fusion.distributed import is_main_process
 from lora_fusion.errors import InvalidParameterError, RecipeError
+from lora_fusion.recipe import read_recipe_file, recipe_path
 
 from .lora_io import LoraLayout, to_adapter
 from .meta import MetaTrainConfig, TaskSnapshots, TrainedFVAE, meta_train
@@ -44,9 +45,9 @@ class ICMRecipe:
     max_seq_len: int = 32
     seed: int = 0
     meta: MetaTrainConfig = field(default_factory=lambda: MetaTrainConfig(steps=300, log_every=50))
-    # data source ("wordnet", "fortunes") -> its directory (`lora_fusion.eval.catalog.DataDirs`; a relative path is
-    # taken from the working directory); a source left out is read where its Debian package installs it. Tests point
-    # `wordnet` at tests/data/wordnet-sample so that they need no system package.
+    # data source ("wordnet", "fortunes") -> its directory (`lora_fusion.eval.catalog.DataDirs`; in a recipe file a
+    # relative path is taken from the recipe's folder); a source left out is read where its Debian package installs
+    # it. Tests point `wordnet` at tests/data/wordnet-sample so that they need no system package.
     data_dirs: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -88,6 +89,21 @@ class ICMRecipe:
             # a source given no directory (`wordnet:` or null) keeps its default
             data["data_dirs"] = {str(source): str(path) for source, path in data["data_dirs"].items() if path}
         return cls(**data, meta=MetaTrainConfig(**{"steps": 300, **meta_values}))
+
+    @classmethod
+    def from_file(cls, path: str | Path, *, seed: int | None = None, steps: int | None = None) -> ICMRecipe:
+        """Read a YAML recipe (`lora_fusion.recipe.read_recipe_file`, the reader of every recipe kind); relative
+        `data_dirs` resolve against the recipe's folder; `seed` and `steps` (meta-training) override its values."""
+        values = read_recipe_file(path)
+        if seed is not None:
+            values["seed"] = seed
+        if steps is not None:
+            values["meta"] = {**(values.get("meta") or {}), "steps": steps}
+        dirs = values.get("data_dirs")
+        if isinstance(dirs, Mapping):
+            values["data_dirs"] = {source: recipe_path(str(folder), path) if folder else folder
+                                   for source, folder in dirs.items()}
+        return cls.from_mapping(values)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
