@@ -86,6 +86,11 @@ def merge(
     gamma: Annotated[Optional[float], typer.Option(help="Breadcrumbs: fraction of largest entries removed.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of DARE masks and randomized SVD (default 0).")] = None,
     space: Annotated[Optional[str], typer.Option(help="full (dense per module) or core (Core Space).")] = None,
+    svd: Annotated[
+        Optional[str],
+        typer.Option(help="SVD of dense merged updates: auto (exact up to 1024 rows/columns, else randomized), exact "
+                     "or randomized."),
+    ] = None,
     common_fraction: Annotated[Optional[float], typer.Option(help="Iso-CTS common-subspace share (0.8).")] = None,
     bias: Annotated[Optional[float], typer.Option(help="RAPF mask offset b in [0, 1] (0.6).")] = None,
     chained: Annotated[
@@ -127,6 +132,7 @@ def merge(
             "gamma": gamma,
             "seed": seed,
             "space": space,
+            "svd": svd,
             "common_fraction": common_fraction,
             "bias": bias,
             "chained": chained,
@@ -191,6 +197,7 @@ def _run_merge(plan: Any, *, subfolder: str | None, dry_run: bool, as_json: bool
         gamma=plan.gamma,
         seed=plan.seed,
         space=plan.space,
+        svd=plan.svd,
         common_fraction=plan.common_fraction,
         bias=plan.bias,
         chained=plan.chained,

@@ -24,7 +24,7 @@ from . import __version__
 from .adapter import AdapterConfig, LoraAdapter, MemoryStore, ModuleFactors, ModuleSpec, all_finite
 from .base_weights import BaseWeights
 from .distributed import current_shard, gather_shards, is_main_process
-from .linalg import EXACT_SVD_LIMIT
+from .linalg import EXACT_SVD_LIMIT, OVERSAMPLING
 from .runtime import thread_limit
 from .errors import (
     DegenerateMergeWarning,
@@ -134,6 +134,7 @@ def merge(
     gamma: float | None = None,
     seed: int | None = None,
     space: str | None = None,
+    svd: str | None = None,
     common_fraction: float | None = None,
     bias: float | None = None,
     chained: bool | None = None,
@@ -166,6 +167,8 @@ def merge(
         gamma: Breadcrumbs' fraction of largest entries removed (default 0.01).
         seed: seed of DARE's masks and of randomized SVDs (default 0); same inputs and seed give the same files.
         space: `"full"` (dense update per module, the papers' semantics) or `"core"` (Core Space merging).
+        svd: how a dense merged update (full-space element-wise methods, base-aware rapf) returns to low rank:
+            `"auto"` (default: exact up to 1024 rows or columns, else randomized), `"exact"` or `"randomized"`.
         common_fraction: Iso-CTS' share of the rank kept for the common subspace (default 0.8).
         bias: RAPF's mask offset b in [0, 1] (default 0.6).
         chained: RAPF: the adapters were trained in sequence, each on the previous fused weights (default False).
@@ -200,7 +203,7 @@ def merge(
     spec = get_method(method)
     params = spec.resolve(
         {"rank": rank, "energy": energy, "scale": scale, "density": density, "majority": majority,
-         "gamma": gamma, "seed": seed, "space": space, "common_fraction": common_fraction, "bias": bias,
+         "gamma": gamma, "seed": seed, "space": space, "svd": svd, "common_fraction": common_fraction, "bias": bias,
          "chained": chained, "fvae": None if fvae is None else str(fvae),
          "support": None if support is None else str(support)}
     )
@@ -523,11 +526,14 @@ def _plan(
         ceiling = min(m, n) if dense else k
         out_rank = min(ceiling, params.rank or (ceiling if params.energy else natural))
         if dense:
-            exact = min(m, n) <= EXACT_SVD_LIMIT
-            svd = 4.0 * m * n * min(m, n) if exact else 12.0 * m * n * (out_rank + 10)
+            # an energy target may grow the sketch up to the exact SVD: plan for that worst case
+            exact = params.svd == "exact" or params.energy is not None or (
+                params.svd == "auto" and min(m, n) <= EXACT_SVD_LIMIT
+            )
+            svd = 4.0 * m * n * min(m, n) if exact else 12.0 * m * n * (out_rank + OVERSAMPLING)
             # an exact SVD in float64: the copy, LAPACK's own copy, U and V, workspace; randomized: the sketches
             svd_bytes = (16 * m * n + 8 * (m + n) * min(m, n) + 32 * min(m, n) ** 2 if exact
-                         else 8 * (m + n) * (out_rank + 10))
+                         else 8 * (m + n) * (out_rank + OVERSAMPLING))
             if spec.uses_base:
                 # RAPF: one update at a time against W_o, in float64, with an SVD of W_o per step (methods/rapf.py)
                 flops = 2.0 * m * n * k + len(ranks) * 4.0 * m * n * min(m, n) + svd

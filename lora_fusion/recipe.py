@@ -50,6 +50,7 @@ class Recipe(BaseModel):
     gamma: float | None = None
     seed: int | None = None
     space: Literal["full", "core"] | None = None
+    svd: Literal["auto", "exact", "randomized"] | None = None
     common_fraction: float | None = None
     bias: float | None = None
     chained: bool | None = None

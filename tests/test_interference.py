@@ -227,8 +227,6 @@ def test_iso_cts_of_low_rank_updates_uses_the_numerical_rank_of_their_sum() -> N
     assert_close(run("iso_cts", group), expected, tol=1e-4)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 20: iso_cts gives each task ⌊(D − int(f·D))/T⌋ directions (here 0, "
-                   "so no task-specific subspace at all); the official code rounds: round(2/3) = 1 each, k_c = 7")
 def test_iso_cts_splits_the_task_specific_share_as_the_official_code_rounds_it() -> None:
     # D = 10, T = 3, f = 0.8: int(8.0) = 8 leaves 2 directions for 3 tasks; iso.py gives each round(2/3) = 1 and
     # shrinks the common subspace to 7.

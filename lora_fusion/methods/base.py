@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 
 from ..adapter import LoraAdapter, ModuleFactors
-from ..linalg import FactoredSVD, choose_rank, relative_error, retained_energy, truncate
+from ..linalg import EXACT_SVD_LIMIT, FactoredSVD, SvdChoice, choose_rank, relative_error, retained_energy, truncate
 from ..errors import InvalidParameterError, UnknownMethodError
 
 
@@ -36,6 +36,11 @@ class MergeParams:
     gamma: float = field(default=0.01, metadata={"help": "Breadcrumbs: fraction of the largest entries removed."})
     seed: int = field(default=0, metadata={"help": "Seed of the random draws: DARE masks, randomized SVD, ICM-Fusion."})
     space: str = field(default="full", metadata={"help": "'full' (dense update per module) or 'core' (k×k cores)."})
+    svd: SvdChoice = field(
+        default="auto",
+        metadata={"help": f"SVD of a dense merged update: 'auto' (exact up to {EXACT_SVD_LIMIT} rows or columns, else "
+                          "randomized), 'exact' or 'randomized'."},
+    )
     common_fraction: float = field(default=0.8, metadata={"help": "Iso-CTS: share of the rank given to the common subspace."})
     bias: float | None = field(
         default=None, metadata={"help": "RAPF: offset b of the fusion mask M = min(1, D/max D + b), in [0, 1]."}
@@ -70,6 +75,11 @@ class MergeParams:
             raise InvalidParameterError("common_fraction", self.common_fraction, expected="a fraction in (0, 1], e.g. 0.8")
         if self.space not in ("full", "core"):
             raise InvalidParameterError("space", self.space, expected="'full' or 'core'")
+        if self.svd not in ("auto", "exact", "randomized"):
+            raise InvalidParameterError("svd", self.svd, expected="'auto', 'exact' or 'randomized'")
+        if self.svd != "auto" and self.space == "core":
+            # a core-space merge forms no dense update: its k×k SVD is always exact
+            raise InvalidParameterError("svd", self.svd, expected="'auto' with space 'core', or space 'full'")
         if self.bias is not None and not (_real(self.bias) and 0.0 <= self.bias <= 1.0):
             raise InvalidParameterError("bias", self.bias, expected="a number in [0, 1], e.g. 0.6")
         if not isinstance(self.chained, bool):

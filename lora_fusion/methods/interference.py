@@ -2,9 +2,9 @@
 
 The papers define these on dense task vectors τᵢ = ΔWᵢ = sᵢ·Bᵢ·Aᵢ. With `space="full"` (the default, the papers'
 semantics) each module's τᵢ are streamed densely in row blocks (`elementwise`), only the merged update is formed
-whole, and it goes back to low rank by exact or randomized SVD. With `space="core"` (Panariello et al., NeurIPS
-2025) the same operation runs on the k×k cores Mᵢ = U_Bᵀ·τᵢ·V_A; for these element-wise methods that gives a
-different (basis-dependent) result, not an approximation of the full-space one.
+whole, and it goes back to low rank by exact or randomized SVD (`svd`; `linalg.dense_svd`). With `space="core"`
+(Panariello et al., NeurIPS 2025) the same operation runs on the k×k cores Mᵢ = U_Bᵀ·τᵢ·V_A; for these element-wise
+methods that gives a different (basis-dependent) result, not an approximation of the full-space one.
 
 Order of operations follows PEFT's `merge_utils` so results can be compared: sparsify each unweighted τᵢ, elect signs
 on the unweighted sparsified tensors, then weight by wᵢ and combine, then scale by λ.
@@ -23,7 +23,7 @@ from .base import MergeParams, ModuleGroup, ModuleResult, lowrank_result, regist
 from .elementwise import Crumbs, DenseTask, Drop, Sparsifier, Trim, combine
 
 Sparsify = Callable[[DenseTask, MergeParams, torch.Generator], Sparsifier]
-_COMMON = ("scale", "density", "rank", "energy", "seed", "space")
+_COMMON = ("scale", "density", "rank", "energy", "seed", "space", "svd")
 
 
 def density_of(params: MergeParams) -> float:
@@ -67,9 +67,8 @@ def elementwise_merge(
         U_m, S, Vh_m = torch.linalg.svd(merged.double(), full_matrices=False)
         svd = FactoredSVD.of(U_B @ U_m.float(), S, V_A @ Vh_m.mT.float())
     else:
-        wanted = params.rank or group.max_rank
-        components = wanted if params.energy is None else 4 * wanted
-        svd = dense_svd(merged, components=components, generator=seeded(params.seed, group.name, "svd"))
+        svd = dense_svd(merged, components=params.rank or group.max_rank, energy=params.energy, svd=params.svd,
+                        generator=seeded(params.seed, group.name, "svd"))
     return lowrank_result(svd, group, params)
 
 

@@ -163,7 +163,7 @@ def _refuse_bias(factors: Sequence[ModuleFactors], name: str) -> None:
     summary="RAPF decomposed parameter fusion, adapters fused in the order given (base-aware with --base-model).",
     formula="W = W_o + U·(M ⊙ Uᵀ(W_n − W_o)), M = min(1, |Uᵀ(W_n − W_o)|/max + b), U from svd(W_o)",
     reference="Huang et al., RAPF, ECCV 2024 (arXiv:2407.14143); docs/rapf.md",
-    params=("bias", "rank", "energy", "chained"),
+    params=("bias", "rank", "energy", "chained", "svd"),
     defaults={"bias": 0.6},
     uses_base=True,
 )
@@ -180,7 +180,9 @@ def rapf(group: ModuleGroup, params: MergeParams) -> ModuleResult:
       at most Σ rᵢ); it goes back to rank R once, at the end.
 
     R is `rank`, the smallest rank keeping `energy` of ‖F‖², or the largest input rank; the retained energy is
-    recorded. The fusion is order-dependent: with b = 1 the last adapter replaces the others.
+    recorded. `svd` says how the dense F of the base-aware form is truncated (`linalg.dense_svd`); the adapter-only
+    F is factored and its SVD always exact. The fusion is order-dependent: with b = 1 the last adapter replaces the
+    others.
     """
     _refuse_bias(group.factors, group.name)
     bias = 0.6 if params.bias is None else params.bias
@@ -190,9 +192,10 @@ def rapf(group: ModuleGroup, params: MergeParams) -> ModuleResult:
         fused = torch.zeros_like(base)
         for B, A in deltas:
             fused = fuse_update_dense(base, fused, B @ A, bias=bias, chained=params.chained)
-        components = params.rank or (min(fused.shape) if params.energy is not None else group.max_rank)
         generator = torch.Generator().manual_seed(params.seed)
-        return lowrank_result(dense_svd(fused, components=components, generator=generator), group, params)
+        svd = dense_svd(fused, components=params.rank or group.max_rank, energy=params.energy, svd=params.svd,
+                        generator=generator)
+        return lowrank_result(svd, group, params)
     fused_factors = deltas[0]
     for delta in deltas[1:]:
         fused_factors = fuse_update_factored(fused_factors, delta, bias=bias, chained=params.chained)

@@ -151,15 +151,17 @@ def iso_c(group: ModuleGroup, params: MergeParams) -> ModuleResult:
 )
 def iso_cts(group: ModuleGroup, params: MergeParams) -> ModuleResult:
     """Iso-CTS (Marczak et al., ICML 2025): keep k_c = ⌊f·D⌋ leading directions of Σᵢ wᵢτᵢ (f = 0.8, D its numerical
-    rank, k_c adjusted so D − k_c splits into T parts of t), add each task's top t directions of its residual
-    wᵢτᵢ − U_c·U_cᵀ·wᵢτᵢ, orthogonalise U and V by polar factors and flatten the spectrum to its mean:
-    ΔW = α·mean(S)·U⊥·V⊥ᵀ. D is the numerical rank of the LoRA sum, not min(m, n) (our reading, c.9)."""
+    rank), adjusted to k_c = D − T·t with t = round((D − ⌊f·D⌋)/T) as the official code rounds; add each task's top t
+    directions of its residual wᵢτᵢ − U_c·U_cᵀ·wᵢτᵢ, orthogonalise U and V by polar factors and flatten the spectrum
+    to its mean: ΔW = α·mean(S)·U⊥·V⊥ᵀ. D is the numerical rank of the LoRA sum, not min(m, n) (our reading)."""
     total = factored_svd(*concatenated(group))
     D = numerical_rank(total.S)
     if D == 0:
         return lowrank_result(total, group, params)
     T = len(group.factors)
-    per_task = (D - int(params.common_fraction * D)) // T
+    # The official code (iso.py) rounds the share to the nearest count per task: round((D − ⌊f·D⌋)/T), never more
+    # than D/T so that k_c ≥ 0 (3 rank-8 LoRAs: 2 task directions each, k_c = 18; flooring gave 1 and 21).
+    per_task = min(round((D - int(params.common_fraction * D)) / T), D // T)
     common = D - per_task * T
     U_c = total.left.columns(common)
     parts = []
