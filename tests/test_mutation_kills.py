@@ -39,6 +39,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 import hashlib  # noqa: E402
 import math  # noqa: E402
+import re  # noqa: E402
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -193,6 +194,7 @@ def test_local_inputs_list_the_fvae_and_support_files_of_the_provenance(tmp_path
 def test_a_base_model_id_too_long_for_a_path_is_no_local_input() -> None:
     assert empty_adapter(base_model="org/" + "x" * 5000).local_inputs() == ()
     assert empty_adapter(base_model="org/with\x00nul").local_inputs() == ()
+    assert empty_adapter(base_model="", params={"fvae": ""}).local_inputs() == ()  # "" is no path (not ".")
 
 
 def test_repr_names_the_source_or_the_method(tmp_path: Path) -> None:
@@ -836,6 +838,7 @@ def test_special_folders_are_refused_naming_why(tmp_path: Path, monkeypatch) -> 
         with pytest.raises(OutputProtectedError) as caught:
             check_output_folder(folder, overwrite=True)
         assert f": {caught.value.reason}" in str(caught.value)
+        assert str(caught.value).endswith(". Choose another --out, e.g. a new folder.")
         return caught.value.reason
 
     (tmp_path / "w" / "cwd").mkdir(parents=True)
@@ -855,8 +858,9 @@ def test_inputs_after_a_non_local_one_are_still_protected(tmp_path: Path, first:
     from lora_fusion.writer import check_output_folder
 
     source = small_lora(tmp_path / "source")
-    with pytest.raises(OutputProtectedError, match="it is the input"):
+    with pytest.raises(OutputProtectedError, match="it is the input") as caught:
         check_output_folder(source, overwrite=True, protected=[first, str(source)])
+    assert str(caught.value).endswith(". Choose an --out outside the inputs.")
 
 
 def test_a_readme_that_is_not_our_card_blocks_overwriting(tmp_path: Path) -> None:
@@ -895,6 +899,8 @@ def test_a_write_removes_the_staging_folders_of_dead_writers_of_this_host_only(t
         "short-tag": tmp_path / f".out.0123abc-{dead_pid}-{_HOST}.incomplete",
         "not-a-pid": tmp_path / f".out.0123abcd-12x4-{_HOST}.incomplete",
         "other-output": tmp_path / f".outer.0123abcd-{dead_pid}-{_HOST}.incomplete",
+        "extra-dash": tmp_path / f".out.0123abcd-{dead_pid}-2-{_HOST}.incomplete",
+        "dash-in-tag": tmp_path / f".out.abc-defg-{dead_pid}-{_HOST}.incomplete",
     }
     for stage in stages.values():
         stage.mkdir()
@@ -1326,3 +1332,320 @@ def test_a_write_that_lost_a_module_is_caught_before_it_replaces_anything(tmp_pa
     with pytest.raises(CorruptAdapterError, match=f"internal error: module {Q} was not written as planned"):
         adapter.save_pretrained(tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
+def test_the_provenance_record_never_holds_a_local_path(tmp_path: Path) -> None:
+    import json as json_module
+
+    from safetensors import safe_open
+
+    from lora_fusion.methods import ModuleStats
+
+    provenance = {
+        "method": "linear",
+        "sources": [{"source": "/home/me/secret/ad1", "subfolder": "/home/me/sub", "weight": 0.5}, {"source": "org/x"}],
+        "base_model": "C:\\Users\\me\\llama",
+        "params": {"fvae": "../up/fvae", "support": "/data/support.jsonl", "seed": 3, "space": "full"},
+    }
+    adapter = adapter_with(tmp_path, provenance=provenance)
+    adapter.stats = {Q: ModuleStats(rank=2, retained_energy=0.123456789123, relative_error=0.987654321987)}
+    out = adapter.save_pretrained(tmp_path / "out")
+    with safe_open(str(out / "adapter_model.safetensors"), framework="pt") as file:
+        record = json_module.loads(file.metadata()["lora_fusion"])
+    assert record["sources"] == [{"source": "ad1", "subfolder": "sub", "weight": 0.5}, {"source": "org/x"}]
+    assert record["base_model"] == "llama"
+    assert record["params"] == {"fvae": "fvae", "support": "support.jsonl", "seed": 3, "space": "full"}
+    assert record["modules"] == {Q: {"rank": 2, "retained_energy": 0.12345679, "relative_error": 0.98765432}}
+
+
+def test_a_copied_adapter_records_its_source_and_method_copy(tmp_path: Path) -> None:
+    import json as json_module
+
+    from safetensors import safe_open
+
+    out = load_adapter(small_lora(tmp_path / "run-3")).save_pretrained(tmp_path / "out")
+    with safe_open(str(out / "adapter_model.safetensors"), framework="pt") as file:
+        record = json_module.loads(file.metadata()["lora_fusion"])
+    assert record["method"] == "copy" and record["modules"] == {}
+    assert [entry["source"] for entry in record["sources"]] == ["run-3"]
+    config_text = (out / "adapter_config.json").read_text()
+    assert config_text == json_module.dumps(json_module.loads(config_text), indent=2, sort_keys=True) + "\n"
+
+
+def test_a_windows_path_keeps_only_its_last_component() -> None:
+    from lora_fusion.writer import _public_name
+
+    assert _public_name("C:\\Users\\me\\base") == "base" and _public_name("C:\\") == "C:\\"
+    assert _public_name("org/base") == "org/base" and _public_name("../x/base") == "base"
+
+
+def test_any_other_safetensors_write_error_is_one_plain_error(tmp_path: Path, monkeypatch) -> None:
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from lora_fusion.errors import OutputWriteError
+
+    def refuse(*args, **kwargs):
+        raise SafetensorError("Error while serializing: the tensors overlap")
+
+    adapter = load_adapter(small_lora(tmp_path / "a"))
+    monkeypatch.setattr(safetensors.torch, "save_file", refuse)
+    with pytest.raises(OutputWriteError, match=r"could not write .*: Error while serializing: the tensors overlap;"):
+        adapter.save_pretrained(tmp_path / "out")
+
+
+def test_factors_are_written_in_the_output_dtype(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from lora_fusion.adapter import AdapterConfig
+
+    source = load_adapter(small_lora(tmp_path / "a"))
+    modules, tensors = {}, {}
+    for name, spec in source.modules.items():
+        out_spec = spec.written(rank=spec.rank, dtype=torch.float16, bias=True)
+        factors = source.factors(name)
+        modules[name] = out_spec
+        tensors.update({out_spec.a_key: factors.A.float(), out_spec.b_key: factors.B.float(),
+                        out_spec.bias_key: torch.ones(spec.out_features)})
+    config = AdapterConfig(base_model=None, task_type=None, r=4, lora_alpha=4)
+    adapter = LoraAdapter(config=config, modules=modules, store=MemoryStore(tensors))
+    written = load_file(adapter.save_pretrained(tmp_path / "out") / "adapter_model.safetensors")
+    assert {tensor.dtype for tensor in written.values()} == {torch.float16}
+    assert len(written) == 3 * len(modules)
+
+
+def test_the_written_config_is_plain_lora_with_the_most_common_rank_and_scale_one(tmp_path: Path) -> None:
+    import json as json_module
+
+    shapes = {**SHAPES, "model.layers.1.mlp.up_proj": (16, 12)}
+    folder = write_lora(tmp_path / "a", shapes, r=4, alpha=8, rank_pattern={"model.layers.1.mlp.up_proj": 8})
+    out = load_adapter(folder).save_pretrained(tmp_path / "out")
+    config = json_module.loads((out / "adapter_config.json").read_text())
+    up = re.escape("model.layers.1.mlp.up_proj")
+    assert config == {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": "toy/base", "revision": None,
+        "r": 4, "lora_alpha": 4, "rank_pattern": {up: 8}, "alpha_pattern": {up: 8},
+        "target_modules": sorted(shapes), "use_rslora": False, "use_dora": False, "lora_bias": False,
+        "fan_in_fan_out": False, "lora_dropout": 0.0, "bias": "none", "init_lora_weights": True,
+        "inference_mode": True, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+    }
+
+
+def test_write_adapter_refuses_an_existing_folder_and_creates_missing_parents(tmp_path: Path, monkeypatch) -> None:
+    import os
+
+    import lora_fusion.writer as writer
+    from lora_fusion.errors import OutputExistsError
+
+    adapter = load_adapter(small_lora(tmp_path / "a"))
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(OutputExistsError):
+        writer.write_adapter(adapter, tmp_path / "taken")
+    stages = []
+    fill = writer._fill
+    monkeypatch.setattr(writer, "_fill", lambda adapter, folder: stages.append(folder.name) or fill(adapter, folder))
+    assert writer.write_adapter(adapter, tmp_path / "new" / "deeper" / "out") == tmp_path / "new" / "deeper" / "out"
+    # the stage's name is the one a later write recognises to clean up after a killed writer
+    assert re.fullmatch(rf"\.out\.[0-9a-f]{{8}}-{os.getpid()}-{writer._HOST}\.incomplete", stages[0])
+
+
+def test_non_finite_values_are_refused_in_every_factor_naming_where(tmp_path: Path) -> None:
+    from lora_fusion.adapter import all_finite
+    from lora_fusion.errors import NonFiniteError
+
+    assert all_finite(torch.empty(0)) and all_finite(torch.ones(3)) and not all_finite(torch.tensor([1.0, math.inf]))
+    source = load_adapter(small_lora(tmp_path / "a"))
+    spec = source.modules[Q]
+    with_bias = spec.written(rank=spec.rank, dtype=torch.float32, bias=True)
+    factors = source.factors(Q)
+    tensors = {with_bias.a_key: factors.A, with_bias.b_key: factors.B,
+               with_bias.bias_key: torch.tensor([math.nan] + [0.0] * (spec.out_features - 1))}
+    merged = LoraAdapter(config=source.config, modules={Q: with_bias}, store=MemoryStore(tensors))
+    with pytest.raises(NonFiniteError, match=f"^merged adapter: module {Q} holds NaN or Inf"):
+        merged.factors(Q)  # a NaN in the lora_B bias alone
+
+
+def test_the_spec_of_a_written_module() -> None:
+    from lora_fusion.adapter import ModuleSpec
+
+    spec = ModuleSpec(name="m.conv", kind="conv", out_features=6, in_features=12, rank=2, scale=0.5,
+                      dtype=torch.float16, a_shape=(2, 3, 2, 2), b_shape=(6, 2, 1, 1), a_key="x.A", b_key="x.B")
+    written = spec.written(rank=5, dtype=torch.bfloat16)
+    assert written == ModuleSpec(
+        name="m.conv", kind="conv", out_features=6, in_features=12, rank=5, scale=1.0, dtype=torch.bfloat16,
+        a_shape=(5, 3, 2, 2), b_shape=(6, 5, 1, 1), a_key="base_model.model.m.conv.lora_A.weight",
+        b_key="base_model.model.m.conv.lora_B.weight", bias_key=None,
+    )
+    assert spec.written(rank=5, dtype=torch.float32, bias=True).bias_key == "base_model.model.m.conv.lora_B.bias"
+
+
+# ============================================================================================== reading adapters
+
+
+def raw_adapter(folder: Path, tensors: dict[str, torch.Tensor], **config: object) -> Path:
+    """An adapter folder from raw tensors and config fields (r 4, lora_alpha 8 unless given)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({key: value.contiguous() for key, value in tensors.items()}, str(folder / "adapter_model.safetensors"))
+    fields = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, **config}
+    (folder / "adapter_config.json").write_text(json.dumps({k: v for k, v in fields.items() if v is not None}))
+    return folder
+
+
+def pair(name: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    prefix = f"base_model.model.{name}"
+    return {f"{prefix}.lora_A.weight": torch.ones(a_shape), f"{prefix}.lora_B.weight": torch.ones(b_shape)}
+
+
+def refused_with(error: type[Exception], folder: Path, *fragments: str) -> str:
+    with pytest.raises(error) as caught:
+        load_adapter(folder)
+    message = str(caught.value)
+    assert message.startswith(f"{folder}: "), message  # names the source first
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+REFUSED_FEATURES = {
+    "use_dora": "DoRA: its update depends on the base weights and is not a low-rank sum",
+    "target_parameters": "target_parameters (LoRA on nn.Parameter)",
+    "modules_to_save": "modules_to_save (full copies of modules, e.g. heads, are not low-rank updates; keep them "
+    "outside the merge)",
+    "trainable_token_indices": "trainable_token_indices",
+    "layer_replication": "layer_replication",
+    "kasa_config": "KaSA",
+    "use_qalora": "QA-LoRA",
+    "use_bdlora": "BD-LoRA",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
+    "arrow_config": "Arrow routing",
+    "monteclora_config": "MonteCLoRA",
+    "megatron_config": "Megatron-parallel LoRA",
+}
+
+
+@pytest.mark.parametrize(("key", "feature"), REFUSED_FEATURES.items())
+def test_each_lora_variant_is_refused_naming_it(tmp_path: Path, key: str, feature: str) -> None:
+    from lora_fusion.errors import UnsupportedAdapterError
+
+    folder = raw_adapter(tmp_path / "a", pair("m.q", (4, 6), (5, 4)), **{key: [1] if key.endswith("s") else True})
+    refused_with(UnsupportedAdapterError, folder, f": uses {feature}, which lora-fusion cannot merge exactly;")
+
+
+def test_dora_and_stray_tensors_in_the_weights_are_named(tmp_path: Path) -> None:
+    from lora_fusion.errors import UnsupportedAdapterError
+
+    dora = pair("m.q", (4, 6), (5, 4)) | {"base_model.model.m.q.lora_magnitude_vector.default.weight": torch.ones(5)}
+    refused_with(UnsupportedAdapterError, raw_adapter(tmp_path / "dora", dora), "lora_magnitude_vector.default.weight' is DoRA;")
+    stray = pair("m.q", (4, 6), (5, 4)) | {"base_model.model.m.q.scaling": torch.ones(1)}
+    refused_with(UnsupportedAdapterError, raw_adapter(tmp_path / "stray", stray),
+                 "scaling' is a tensor that is not a LoRA factor;")
+
+
+def test_a_folder_with_no_files_at_all_is_not_found(tmp_path: Path) -> None:
+    from lora_fusion.errors import SourceNotFoundError
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SourceNotFoundError, match="has no adapter_model.safetensors or adapter_model.bin"):
+        load_adapter(tmp_path / "empty")
+
+
+def test_a_config_without_lora_alpha_takes_peft_default_of_8(tmp_path: Path) -> None:
+    adapter = load_adapter(raw_adapter(tmp_path / "a", pair("m.q", (4, 6), (5, 4)), lora_alpha=None))
+    assert adapter.config.lora_alpha == 8 and adapter.modules["m.q"].scale == 2.0
+
+
+@pytest.mark.parametrize("value", ["4", True, 0, -1, math.inf], ids=repr)
+def test_rank_pattern_values_must_be_positive_numbers(tmp_path: Path, value) -> None:
+    folder = raw_adapter(tmp_path / "a", pair("m.q", (4, 6), (5, 4)), rank_pattern={"q": value})
+    refused_with(CorruptAdapterError, folder, "rank_pattern['q']=", "; expected a positive number.")
+
+
+@pytest.mark.parametrize(
+    ("a_shape", "b_shape"),
+    [
+        ((4, 6), (5, 3)),  # B's rank is not A's
+        ((4, 6), (5, 4, 1)),  # one is a convolution, the other not
+        ((4, 3, 2, 1), (5, 4, 2, 1)),  # a kernel on B: a grouped convolution
+        ((4, 3, 1, 1), (5, 4, 1, 2)),
+        ((4,), (5, 4)),  # a vector for A
+        ((0, 6), (5, 0)),  # rank 0
+    ],
+    ids=str,
+)
+def test_factor_shapes_that_are_no_lora_pair_are_refused(tmp_path: Path, a_shape, b_shape) -> None:
+    folder = raw_adapter(tmp_path / "a", pair("m.q", a_shape, b_shape))
+    refused_with(CorruptAdapterError, folder, "module m.q has lora_A", "which do not form a LoRA pair")
+
+
+def test_a_module_with_only_one_factor_is_refused(tmp_path: Path) -> None:
+    tensors = {"base_model.model.m.q.lora_A.weight": torch.ones(4, 6)}
+    refused_with(CorruptAdapterError, raw_adapter(tmp_path / "a", tensors), "module m.q lacks lora_A or lora_B")
+    scalar = {"base_model.model.m.q.lora_A.weight": torch.tensor(1.0), "base_model.model.m.q.lora_B.weight": torch.ones(5, 4)}
+    refused_with(CorruptAdapterError, raw_adapter(tmp_path / "b", scalar), "which do not form a LoRA pair")
+
+
+def test_a_conv1d_lora_is_a_convolution(tmp_path: Path) -> None:
+    adapter = load_adapter(raw_adapter(tmp_path / "a", pair("m.conv", (4, 3, 5), (6, 4, 1))))
+    spec = adapter.modules["m.conv"]
+    assert (spec.kind, spec.shape, spec.kernel) == ("conv", (6, 15), (5,))
+
+
+def test_target_and_exclude_modules_refusals_name_the_source_and_the_setting(tmp_path: Path) -> None:
+    tensors = pair("m.k", (4, 6), (5, 4)) | pair("m.q", (4, 6), (5, 4))
+    refused_with(CorruptAdapterError, raw_adapter(tmp_path / "t", tensors, target_modules=["k"]),
+                 "module m.q has LoRA tensors but target_modules=['k'] does not select it")
+    # without target_modules, exclude_modules is still checked for every module, not only the first
+    refused_with(CorruptAdapterError, raw_adapter(tmp_path / "e", tensors, exclude_modules=["q"]),
+                 "module m.q has LoRA tensors but exclude_modules=['q'] excludes it")
+    for key in ("target_modules", "exclude_modules"):
+        refused_with(CorruptAdapterError, raw_adapter(tmp_path / key, tensors, **{key: ["q", 3]}),
+                     f"adapter_config.json has {key}=['q', 3]; expected a regex string or a list of names.")
+
+
+def test_spec_refusals_name_the_source(tmp_path: Path) -> None:
+    folder = raw_adapter(tmp_path / "rank", pair("m.q", (4, 6), (5, 4)), r=8)
+    refused_with(CorruptAdapterError, folder, "module m.q has rank 4 in the weights but 8 in adapter_config.json")
+    folder = raw_adapter(tmp_path / "scale", pair("m.q", (4, 6), (5, 4)), lora_alpha=1e300)
+    refused_with(CorruptAdapterError, folder, "module m.q has LoRA scale 2.5e+299", "beyond the largest float32")
+
+
+def test_a_scale_beyond_the_output_dtype_names_that_dtype() -> None:
+    from lora_fusion.sources import check_scale_fits
+
+    check_scale_fits("m", 65504.0, torch.float16, "src")  # the largest float16 itself fits
+    with pytest.raises(CorruptAdapterError) as caught:
+        check_scale_fits("m", 1e6, torch.float16, "src")
+    assert "beyond the largest float16 (6.55e+04); fix lora_alpha in adapter_config.json, or write the merge in " \
+           "float32 (--dtype float32)." in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("fields", "fragment"),
+    [
+        ({"r": "4"}, "has r='4'; expected a number >= 1."),
+        ({"lora_alpha": -1}, "has lora_alpha=-1; expected a number >= 0."),
+        ({"alpha_pattern": {"q": 0}}, "alpha_pattern['q']=0; expected a positive number."),
+        ({"base_model_name_or_path": "org/x\n# injected"}, "has base_model_name_or_path='org/x\\n# injected'; expected a name"),
+        ({"task_type": 3}, "has task_type=3; expected a name on one line."),
+        ({"use_rslora": "false"}, "has use_rslora='false'; expected true or false."),
+        ({"fan_in_fan_out": 1}, "has fan_in_fan_out=1; expected true or false."),
+        ({"use_dora": True}, ": uses DoRA"),
+    ],
+    ids=lambda value: next(iter(value)) if isinstance(value, dict) else "",
+)
+def test_config_refusals_name_the_source(tmp_path: Path, fields, fragment) -> None:
+    from lora_fusion.errors import LoraFusionError
+
+    refused_with(LoraFusionError, raw_adapter(tmp_path / "a", pair("m.q", (4, 6), (5, 4)), **fields), fragment)
+
+
+def test_a_weights_file_beside_a_full_models_config_is_not_an_adapter(tmp_path: Path) -> None:
+    from lora_fusion.errors import NotALoraAdapterError, SourceNotFoundError
+
+    folder = raw_adapter(tmp_path / "model", pair("m.q", (4, 6), (5, 4)))
+    (folder / "adapter_config.json").rename(folder / "config.json")
+    with pytest.raises(NotALoraAdapterError, match="has config.json but no adapter_config.json"):
+        load_adapter(folder / "adapter_model.safetensors")
+    (folder / "config.json").unlink()
+    with pytest.raises(SourceNotFoundError, match="adapter_config.json not found"):
+        load_adapter(folder / "adapter_model.safetensors")
