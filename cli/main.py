@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Sequence
+from inspect import Parameter, Signature
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from typer.core import TyperCommand
 
 from .common import fail, interrupted_note, on_interrupt, user_errors, warn
 
@@ -49,12 +51,6 @@ SourcesArg = Annotated[
 ]
 
 
-# The methods that take --rank and --energy, written out so that `--help` imports no torch (a test checks the registry).
-RANK_METHODS = (
-    "svd, ties, dare_linear, dare_ties, magnitude_prune, breadcrumbs, breadcrumbs_ties, knots, tsv, iso_c, iso_cts, rapf"
-)
-
-
 def _parse_weights(text: str | None) -> list[float] | None:
     if text is None:
         return None
@@ -65,54 +61,69 @@ def _parse_weights(text: str | None) -> list[float] | None:
     return None
 
 
-@app.command()
+def _declared_options() -> list[Any]:
+    """`merge`'s options generated from the declarations: the merge-wide options, then every parameter a registered
+    method declares (its help once, with the methods that take it). Built when `merge` runs or shows its help, not
+    for `lora-fusion --help`."""
+    from lora_fusion.methods import declared_params, get_method
+    from lora_fusion.methods.base import load_entry_points
+    from lora_fusion.params import MERGE_OPTIONS, value_type
+
+    load_entry_points()  # installed plugins' parameters get options too
+    specs = [
+        (name, str if option.type == list[float] else option.type, option.short, option.help)  # --weights 0.6,0.4
+        for name, option in MERGE_OPTIONS.items()
+    ]
+    for name, (param, takers) in declared_params().items():
+        kind = value_type(get_method(takers[0]).params, name)
+        specs.append((name, kind if kind in (int, float, str, bool) else str, param.short,
+                      f"{param.help} Taken by: {', '.join(takers)}."))
+    signature = Signature([
+        Parameter(
+            name, Parameter.KEYWORD_ONLY, default=None,
+            annotation=Annotated[Optional[kind], typer.Option(f"--{name.replace('_', '-')}", *filter(None, [short]),
+                                                              help=text)],
+        )
+        for name, kind, short, text in specs
+    ])
+
+    def declared(**values: Any) -> None:
+        """Never called: its signature is how Typer builds the options."""
+
+    declared.__signature__ = signature  # type: ignore[attr-defined]
+    holder = typer.Typer(add_completion=False)
+    holder.command()(declared)
+    return list(typer.main.get_command(holder).params)
+
+
+class _MergeCommand(TyperCommand):
+    """The `merge` command, whose declared options are added when it is used (so `lora-fusion --help` stays light);
+    their values reach the command in `ctx.meta["declared"]`."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params = super().get_params(ctx)
+        if not hasattr(self, "_declared"):
+            self._declared = _declared_options()
+        return [*params[:-1], *self._declared, params[-1]]  # --help stays last
+
+    def invoke(self, ctx: Any) -> Any:
+        names = {param.name for param in self._declared}
+        ctx.meta["declared"] = {name: ctx.params.pop(name) for name in list(ctx.params) if name in names}
+        return super().invoke(ctx)
+
+
+@app.command(cls=_MergeCommand)
 def merge(
+    ctx: typer.Context,
     sources: SourcesArg = None,
-    method: Annotated[
-        Optional[str], typer.Option("--method", "-m", help="Merge method (see `methods`); default: linear.")
+    param: Annotated[
+        Optional[list[str]],
+        typer.Option(help="A method parameter as NAME=VALUE (repeatable), e.g. --param density=0.3; for methods from "
+                     "plugins, whose parameters have no option of their own."),
     ] = None,
-    weights: Annotated[Optional[str], typer.Option(help="One weight per source, e.g. 0.6,0.4 (default 1 each).")] = None,
-    rank: Annotated[
-        Optional[int],
-        typer.Option("--rank", "-r", help=f"Output rank ({RANK_METHODS}; default: the largest input rank)."),
-    ] = None,
-    energy: Annotated[
-        Optional[float],
-        typer.Option(help=f"Instead of --rank: per-module rank keeping this energy fraction, e.g. 0.99 ({RANK_METHODS})."),
-    ] = None,
-    scale: Annotated[Optional[float], typer.Option(help="Global factor λ on the merged update.")] = None,
-    density: Annotated[Optional[float], typer.Option(help="Fraction kept (TIES/magnitude trim, DARE).")] = None,
-    majority: Annotated[Optional[str], typer.Option(help="TIES sign election: total or frequency.")] = None,
-    gamma: Annotated[Optional[float], typer.Option(help="Breadcrumbs: fraction of largest entries removed.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of DARE masks and randomized SVD (default 0).")] = None,
-    space: Annotated[Optional[str], typer.Option(help="full (dense per module) or core (Core Space).")] = None,
-    svd: Annotated[
-        Optional[str],
-        typer.Option(help="SVD of dense merged updates: auto (exact up to 1024 rows/columns, else randomized), exact "
-                     "or randomized."),
-    ] = None,
-    common_fraction: Annotated[Optional[float], typer.Option(help="Iso-CTS common-subspace share (0.8).")] = None,
-    bias: Annotated[Optional[float], typer.Option(help="RAPF mask offset b in [0, 1] (0.6).")] = None,
-    chained: Annotated[
-        Optional[bool], typer.Option("--chained", help="RAPF: adapters trained in sequence on the fused weights.")
-    ] = None,
-    base_model: Annotated[
-        Optional[str], typer.Option(help="Base model dir, file or Hub id, for methods that read W₀ (rapf).")
-    ] = None,
-    fvae: Annotated[Optional[str], typer.Option(help="ICM-Fusion F-VAE directory (`lora-fusion icm train`).")] = None,
-    support: Annotated[Optional[str], typer.Option(help="ICM-Fusion JSONL support examples per source task.")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output adapter directory.")] = None,
-    overwrite: Annotated[Optional[bool], typer.Option("--overwrite", help="Replace an existing --out.")] = None,
-    push_to_hub: Annotated[Optional[str], typer.Option(help="Also upload to this Hub repo id.")] = None,
-    private: Annotated[Optional[bool], typer.Option("--private", help="Create the Hub repo private.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; read no tensors, write nothing.")] = False,
     recipe: Annotated[Optional[Path], typer.Option(help="YAML recipe; flags given here override its keys.")] = None,
     subfolder: Annotated[Optional[str], typer.Option(help="Folder inside each source repo/dir.")] = None,
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda or auto.")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="Output dtype: float32, float16 or bfloat16 (default: input).")] = None,
-    ignore_base_model: Annotated[
-        Optional[bool], typer.Option("--ignore-base-model", help="Merge despite different base_model names.")
-    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan or result as JSON.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
@@ -121,33 +132,13 @@ def merge(
         from lora_fusion.recipe import load_recipe, validated
         from lora_fusion.sources import check_push_repo_id
 
-        given = {
-            "method": method,
-            "weights": _parse_weights(weights),
-            "rank": rank,
-            "energy": energy,
-            "scale": scale,
-            "density": density,
-            "majority": majority,
-            "gamma": gamma,
-            "seed": seed,
-            "space": space,
-            "svd": svd,
-            "common_fraction": common_fraction,
-            "bias": bias,
-            "chained": chained,
-            "base_model": base_model,
-            "fvae": fvae,
-            "support": support,
-            "out": str(out) if out else None,
-            "overwrite": overwrite,
-            "push_to_hub": push_to_hub,
-            "private": private,
-            "device": device,
-            "dtype": dtype,
-            "ignore_base_model": ignore_base_model,
-        }
-        flags = {k: v for k, v in given.items() if v is not None}
+        flags = {k: v for k, v in ctx.meta["declared"].items() if v is not None}
+        if "weights" in flags:
+            flags["weights"] = _parse_weights(flags["weights"])
+        for name, value in _parse_params(param or []).items():
+            if name in flags:
+                fail(f"--param {name}=… repeats --{name.replace('_', '-')}; give it once.")
+            flags[name] = value
         if flags.get("push_to_hub") is not None:
             check_push_repo_id(flags["push_to_hub"])
         if recipe is not None:
@@ -167,16 +158,35 @@ def merge(
             finish()
 
 
+def _parse_params(items: Sequence[str]) -> dict[str, Any]:
+    """`--param NAME=VALUE` pairs; each VALUE is read as a YAML scalar (16, 0.3, true, core), as in a recipe."""
+    import yaml
+
+    parsed: dict[str, Any] = {}
+    for item in items:
+        name, equals, text = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not equals or not name:
+            fail(f"--param {item!r} is not NAME=VALUE; write e.g. --param density=0.3.")
+        if name in parsed:
+            fail(f"--param {name} is given twice; give it once.")
+        try:
+            parsed[name] = yaml.safe_load(text) if text.strip() else text
+        except yaml.YAMLError:
+            parsed[name] = text
+    return parsed
+
+
 def _run_merge(plan: Any, *, subfolder: str | None, dry_run: bool, as_json: bool, quiet: bool) -> None:
     from lora_fusion.distributed import is_main_process
-    from lora_fusion.engine import merge as fuse
+    from lora_fusion.api import merge as fuse
 
     if not dry_run and plan.out is None and plan.push_to_hub is None:
         fail("say where the merged adapter goes: --out DIR (and/or --push-to-hub REPO).")
     from lora_fusion.writer import check_output_folder, check_push_allowed
 
     if not dry_run and plan.out:  # before any download or merge: what --overwrite may replace, sources protected
-        inputs = [*(entry.source for entry in plan.entries()), *(p for p in (plan.base_model, plan.fvae, plan.support) if p)]
+        inputs = [*(entry.source for entry in plan.entries()), *(p for p in (plan.base_model, *plan.path_params().values()) if p)]
         check_output_folder(Path(plan.out), overwrite=bool(plan.overwrite), protected=inputs)
     if not dry_run and plan.push_to_hub:
         check_push_allowed(plan.push_to_hub)
@@ -189,21 +199,7 @@ def _run_merge(plan: Any, *, subfolder: str | None, dry_run: bool, as_json: bool
         plan.entries(),
         method=plan.method,
         weights=plan.source_weights(),
-        rank=plan.rank,
-        energy=plan.energy,
-        scale=plan.scale,
-        density=plan.density,
-        majority=plan.majority,
-        gamma=plan.gamma,
-        seed=plan.seed,
-        space=plan.space,
-        svd=plan.svd,
-        common_fraction=plan.common_fraction,
-        bias=plan.bias,
-        chained=plan.chained,
         base_model=plan.base_model,
-        fvae=plan.fvae,
-        support=plan.support,
         subfolder=subfolder,
         device=plan.device,
         dtype=plan.dtype,
@@ -211,6 +207,7 @@ def _run_merge(plan: Any, *, subfolder: str | None, dry_run: bool, as_json: bool
         distributed=True,
         dry_run=dry_run,
         progress=False if quiet else None,
+        **plan.params,
     )
     if not is_main_process():
         return  # under accelerate launch every process holds the result; the main one writes and reports it
@@ -350,11 +347,11 @@ def push(
 @app.command()
 def methods(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """List the merge methods: name, what it does, reference."""
-    from lora_fusion.methods import describe_params, list_methods
+    from lora_fusion.methods import list_methods
 
     rows = [
         {"name": m.name, "aliases": list(m.aliases), "summary": m.summary, "formula": m.formula,
-         "reference": m.reference, "params": describe_params(m)}
+         "reference": m.reference, "params": m.describe()}
         for m in list_methods()
     ]
     if as_json:

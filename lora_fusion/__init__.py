@@ -25,12 +25,13 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 # One table: public name -> submodule. A test imports every name, so the table cannot drift from the code.
 _LAZY = {
     "load_adapter": "sources",
-    "merge": "engine",
-    "MergePlan": "engine",
+    "merge": "api",
+    "MergePlan": "plan",
     "LoraAdapter": "adapter",
     "ModuleFactors": "adapter",
     "ModuleStats": "methods",
-    "MergeParams": "methods",
+    "MethodParams": "params",
+    "Param": "params",
     "get_method": "methods",
     "list_methods": "methods",
     "register_method": "methods",
@@ -44,8 +45,10 @@ __all__ = ["__version__", *sorted(_LAZY)]
 if TYPE_CHECKING:
     from .adapter import LoraAdapter, ModuleFactors
     from .diagnostics import interference_report
-    from .engine import MergePlan, merge
-    from .methods import MergeParams, ModuleStats, get_method, list_methods, register_method
+    from .api import merge
+    from .methods import ModuleStats, get_method, list_methods, register_method
+    from .params import MethodParams, Param
+    from .plan import MergePlan
     from .recipe import Recipe, load_recipe
     from .sources import load_adapter
 

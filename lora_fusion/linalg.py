@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
+from ._lazy import torch
+
+if TYPE_CHECKING:
+    import torch  # noqa: F811
 
 # Above this min(m, n), a dense update goes back to low rank by randomized SVD instead of an exact one (b.4).
 EXACT_SVD_LIMIT = 1024

@@ -14,12 +14,14 @@ Relative paths are resolved against the recipe's folder. Unknown keys and wrong 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from .errors import InvalidParameterError, RecipeError
+from .params import MERGE_OPTIONS
 from .sources import check_push_repo_id
 
 
@@ -34,36 +36,24 @@ class SourceEntry(BaseModel):
     subfolder: str | None = None
 
 
-class Recipe(BaseModel):
-    """A merge recipe; every field mirrors a `lora-fusion merge` option."""
+def _merge_option_fields() -> dict[str, Any]:
+    """The recipe keys of the merge-wide options, from their one declaration (`lora_fusion.params.MERGE_OPTIONS`)."""
+    return {
+        name: (option.type if option.default is not None else option.type | None, option.default)
+        for name, option in MERGE_OPTIONS.items()
+    }
 
-    model_config = ConfigDict(extra="forbid", strict=True)
 
-    method: str = "linear"
+class _RecipeKeys(BaseModel):
+    # strict types; unknown keys are allowed here and checked against the methods' declarations in `validated`
+    model_config = ConfigDict(extra="allow", strict=True)
+
     sources: list[str | SourceEntry] = Field(min_length=1)
-    weights: list[float] | None = None
-    rank: int | None = None
-    energy: float | None = None
-    scale: float | None = None
-    density: float | None = None
-    majority: Literal["total", "frequency"] | None = None
-    gamma: float | None = None
-    seed: int | None = None
-    space: Literal["full", "core"] | None = None
-    svd: Literal["auto", "exact", "randomized"] | None = None
-    common_fraction: float | None = None
-    bias: float | None = None
-    chained: bool | None = None
-    base_model: str | None = None
-    fvae: str | None = None
-    support: str | None = None
-    device: str = "cpu"
-    dtype: Literal["float32", "float16", "bfloat16"] | None = None
-    out: str | None = None
-    overwrite: bool = False
-    push_to_hub: str | None = None
-    private: bool | None = None
-    ignore_base_model: bool = False
+
+
+class Recipe(create_model("_RecipeFields", __base__=_RecipeKeys, **_merge_option_fields())):  # type: ignore[misc]
+    """A merge recipe: the sources, the merge-wide options (`lora_fusion.params.MERGE_OPTIONS`) and the method's
+    parameters (as the method declares them), each a key; every key mirrors a `lora-fusion merge` option."""
 
     @field_validator("push_to_hub")
     @classmethod
@@ -75,6 +65,18 @@ class Recipe(BaseModel):
             except InvalidParameterError as err:
                 raise ValueError(str(err)) from None
         return value
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The method's parameters given in the recipe (every key that is not a merge-wide option)."""
+        return dict(self.model_extra or {})
+
+    def path_params(self) -> dict[str, Any]:
+        """The method's parameters that are files or folders (an F-VAE, a support file, …), as declared."""
+        from .methods import declared_params
+
+        declared = declared_params()
+        return {name: value for name, value in self.params.items() if name in declared and declared[name][0].path}
 
     def entries(self) -> list[SourceEntry]:
         """Sources in long form."""
@@ -141,19 +143,32 @@ def validated(data: dict[str, Any], *, origin: str) -> Recipe:
 
     Raises:
         RecipeError: naming the first unknown key or wrongly typed value, and where it came from.
+        UnknownMethodError, InvalidParameterError: the method is unknown, or does not take a parameter given, or a
+            value is outside its declared domain.
     """
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as err:
         raise RecipeError(f"{origin}: {_first_problem(err)}") from None
+    from .methods import declared_params, get_method
+    from .methods.base import load_entry_points
+
+    load_entry_points()
+    declared = declared_params()
+    for key in recipe.params:
+        if key not in declared:
+            raise RecipeError(f"{origin}: unknown key {key!r}; allowed keys: {', '.join(_allowed_keys(declared))}.")
+    get_method(recipe.method).resolve(recipe.params)  # a parameter the method does not take, a value out of bounds
+    return recipe
+
+
+def _allowed_keys(declared: Mapping[str, Any]) -> list[str]:
+    return [*Recipe.model_fields, *declared]
 
 
 def _first_problem(err: ValidationError) -> str:
     problem = err.errors()[0]
     location = ".".join(str(p) for p in problem["loc"] if not str(p).startswith(("str", "SourceEntry")))
-    if problem["type"] == "extra_forbidden":
-        allowed = ", ".join(Recipe.model_fields)
-        return f"unknown key {location!r}; allowed keys: {allowed}."
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
     if problem["type"] == "value_error":  # our own validators' messages already name the value and what to do
         return f"{location}: {problem['ctx']['error']}"
@@ -165,9 +180,12 @@ def _resolved(recipe: Recipe, path: Path) -> Recipe:
         e.model_copy(update={"source": recipe_path(e.source, path, if_exists=True)}) for e in recipe.entries()
     ]
     update: dict[str, Any] = {"sources": entries}
-    for key in ("base_model", "fvae", "support"):
-        if getattr(recipe, key):
-            update[key] = recipe_path(getattr(recipe, key), path, if_exists=True)
+    if recipe.base_model:
+        update["base_model"] = recipe_path(recipe.base_model, path, if_exists=True)
+    paths = {name: recipe_path(value, path, if_exists=True) for name, value in recipe.path_params().items()}
     if recipe.out:
         update["out"] = recipe_path(recipe.out, path)
-    return recipe.model_copy(update=update)
+    resolved = recipe.model_copy(update=update)
+    if paths:
+        resolved.model_extra.update(paths)  # type: ignore[union-attr]
+    return resolved

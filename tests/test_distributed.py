@@ -164,7 +164,7 @@ def test_a_process_killed_outright_stops_the_launch_and_writes_nothing(adapters,
         "    import lora_fusion.engine as engine\n"
         "    def die(*args, **kwargs):\n"
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
-        "    engine._merge_modules = die\n"
+        "    engine.merge_modules = die\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
     env["PYTHONPATH"] = os.pathsep.join([str(hook), env.get("PYTHONPATH", "")])

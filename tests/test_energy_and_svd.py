@@ -24,10 +24,8 @@ from lora_fusion.linalg import (
     randomized_excess_bound,
 )
 from lora_fusion.methods import (
-    MergeParams,
     ModuleGroup,
     ModuleResult,
-    describe_params,
     get_method,
     interference,
     rapf,
@@ -189,11 +187,11 @@ def test_svd_randomized_below_the_threshold_is_near_the_optimum(monkeypatch) -> 
 
 
 def test_the_svd_parameter_is_declared_once_and_checked() -> None:
-    ties = describe_params(get_method("ties"))["svd"]
+    ties = get_method("ties").describe()["svd"]
     assert ties["default"] == "auto" and "exact" in ties["help"] and "randomized" in ties["help"]
-    assert "svd" in get_method("rapf").params and "svd" in get_method("breadcrumbs_ties").params
+    assert "svd" in get_method("rapf").declared and "svd" in get_method("breadcrumbs_ties").declared
     with pytest.raises(InvalidParameterError, match="svd"):
-        MergeParams(svd="fast")
+        get_method("ties").resolve({"svd": "fast"})
     with pytest.raises(InvalidParameterError, match="space 'full'"):
         get_method("ties").resolve({"space": "core", "svd": "exact"})
     for method in ("svd", "linear", "knots", "tsv", "iso_c"):  # factored: their SVDs are exact already
@@ -230,7 +228,7 @@ def test_randomized_svd_excess_error_is_within_its_bound(spectrum, build) -> Non
 
 
 def test_the_svd_choice_reaches_the_method_from_the_cli_and_a_recipe(tmp_path) -> None:
-    # the plumbing: CLI option and recipe key -> engine.merge -> MergeParams.svd, recorded in the metadata
+    # the plumbing: CLI option and recipe key -> api.merge -> the method's parameters, recorded in the metadata
     import json as _json
 
     from typer.testing import CliRunner

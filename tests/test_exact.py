@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from lora_fusion.adapter import ModuleFactors
 from lora_fusion.errors import InvalidParameterError
 from lora_fusion.linalg import choose_rank
-from lora_fusion.methods import MergeParams, ModuleGroup, get_method
+from lora_fusion.methods import ModuleGroup, get_method
 
 
 def random_group(seed: int, m: int, n: int, ranks: list[int], weights: list[float]) -> ModuleGroup:
@@ -55,7 +55,7 @@ groups = st.builds(
 @settings(max_examples=60, deadline=None)
 @given(groups)
 def test_linear_equals_the_weighted_sum_of_deltas(group: ModuleGroup) -> None:
-    result = get_method("linear").fn(group, MergeParams())
+    result = get_method("linear").fn(group, get_method("linear").resolve({}))
     assert result.A.shape[0] == sum(f.rank for f in group.factors)
     assert rel(product(result), dense_sum(group)) < 1e-5
 
@@ -63,7 +63,7 @@ def test_linear_equals_the_weighted_sum_of_deltas(group: ModuleGroup) -> None:
 @settings(max_examples=60, deadline=None)
 @given(groups, st.floats(-3, 3, allow_nan=False))
 def test_task_arithmetic_is_lambda_times_the_sum(group: ModuleGroup, lam: float) -> None:
-    result = get_method("task_arithmetic").fn(group, MergeParams(scale=lam))
+    result = get_method("task_arithmetic").fn(group, get_method("task_arithmetic").resolve({"scale": lam}))
     expected = lam * dense_sum(group)
     assert float((product(result) - expected).norm()) <= 1e-5 * float(dense_sum(group).norm()) * max(1, abs(lam))
 
@@ -71,7 +71,7 @@ def test_task_arithmetic_is_lambda_times_the_sum(group: ModuleGroup, lam: float)
 @settings(max_examples=60, deadline=None)
 @given(groups, st.integers(1, 12))
 def test_svd_has_the_eckart_young_error(group: ModuleGroup, rank: int) -> None:
-    result = get_method("svd").fn(group, MergeParams(rank=rank))
+    result = get_method("svd").fn(group, get_method("svd").resolve({"rank": rank}))
     dense = dense_sum(group)
     singular = torch.linalg.svdvals(dense)
     kept = min(rank, sum(f.rank for f in group.factors))
@@ -85,19 +85,19 @@ def test_svd_has_the_eckart_young_error(group: ModuleGroup, rank: int) -> None:
 @given(groups)
 def test_svd_at_full_rank_equals_linear(group: ModuleGroup) -> None:
     k = sum(f.rank for f in group.factors)
-    result = get_method("svd").fn(group, MergeParams(rank=k))
+    result = get_method("svd").fn(group, get_method("svd").resolve({"rank": k}))
     assert rel(product(result), dense_sum(group)) < 1e-5
     assert result.stats.retained_energy == pytest.approx(1.0, abs=1e-9)
 
 
 def test_svd_default_rank_is_the_largest_input_rank() -> None:
     group = random_group(1, 64, 48, [4, 8, 2], [1.0, 0.5, -1.0])
-    assert get_method("svd").fn(group, MergeParams()).A.shape[0] == 8
+    assert get_method("svd").fn(group, get_method("svd").resolve({})).A.shape[0] == 8
 
 
 def test_energy_picks_the_smallest_sufficient_rank() -> None:
     group = random_group(2, 64, 48, [8, 8], [1.0, 1.0])
-    result = get_method("svd").fn(group, MergeParams(energy=0.9))
+    result = get_method("svd").fn(group, get_method("svd").resolve({"energy": 0.9}))
     singular = torch.linalg.svdvals(dense_sum(group))
     energy = singular.pow(2).cumsum(0) / singular.pow(2).sum()
     assert result.stats.rank == int((energy >= 0.9).nonzero()[0]) + 1
@@ -108,14 +108,14 @@ def test_linear_has_no_cross_terms_unlike_peft_linear() -> None:
     # weights [1, 0] must give exactly the first adapter (PEFT #1155 / #3004)
     group = random_group(3, 16, 12, [4, 4], [1.0, 0.0])
     first = group.factors[0]
-    result = get_method("cat").fn(group, MergeParams())
+    result = get_method("cat").fn(group, get_method("cat").resolve({}))
     assert rel(product(result), first.scale * first.B.double() @ first.A.double()) < 1e-6
 
 
 def test_zero_sum_is_written_at_rank_one_with_full_energy() -> None:
     group = random_group(4, 10, 10, [3], [1.0])
     group = ModuleGroup("z", [group.factors[0], group.factors[0]], [1.0, -1.0])
-    result = get_method("svd").fn(group, MergeParams(rank=3))
+    result = get_method("svd").fn(group, get_method("svd").resolve({"rank": 3}))
     assert result.stats.rank == 1 and result.stats.retained_energy == 1.0
     assert float(product(result).abs().max()) < 1e-5
 
@@ -123,7 +123,7 @@ def test_zero_sum_is_written_at_rank_one_with_full_energy() -> None:
 def test_half_precision_factors_merge_in_float32() -> None:
     group = random_group(5, 32, 32, [4, 4], [1.0, 1.0])
     half = ModuleGroup("h", [ModuleFactors(f.A.bfloat16(), f.B.bfloat16(), f.scale) for f in group.factors], [1, 1])
-    result = get_method("svd").fn(half, MergeParams(rank=8))
+    result = get_method("svd").fn(half, get_method("svd").resolve({"rank": 8}))
     assert result.A.dtype == torch.float32
     reference = sum(f.scale * f.B.double() @ f.A.double() for f in half.factors)
     assert rel(product(result), reference) < 1e-5
@@ -135,7 +135,7 @@ def test_bias_is_summed_exactly() -> None:
         ModuleFactors(torch.randn(2, 5, generator=g), torch.randn(3, 2, generator=g), s, torch.randn(3, generator=g))
         for s in (2.0, 0.5)
     ]
-    result = get_method("svd").fn(ModuleGroup("b", factors, [0.3, -1.0]), MergeParams(scale=2.0))
+    result = get_method("svd").fn(ModuleGroup("b", factors, [0.3, -1.0]), get_method("svd").resolve({"scale": 2.0}))
     expected = 2.0 * (0.3 * 2.0 * factors[0].bias - 1.0 * 0.5 * factors[1].bias)
     assert torch.allclose(result.bias, expected)
 
@@ -146,7 +146,7 @@ def test_bias_is_summed_exactly() -> None:
 )
 def test_invalid_parameters_are_refused(kwargs: dict) -> None:
     with pytest.raises(InvalidParameterError):
-        MergeParams(**kwargs)
+        get_method("svd").resolve(kwargs)
 
 
 def test_choose_rank_caps_at_available() -> None:

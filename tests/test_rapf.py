@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from lora_fusion.adapter import ModuleFactors
 from lora_fusion.errors import InvalidParameterError, OutputExistsError, RecipeError
-from lora_fusion.methods import MergeParams, ModuleGroup, get_method
+from lora_fusion.methods import ModuleGroup, get_method
 from lora_fusion.methods.rapf import fuse_update_dense, fuse_update_factored, fusion_mask, rapf_fuse_weights
 
 
@@ -90,7 +90,7 @@ def test_base_aware_single_adapter_is_the_official_fusion() -> None:
     old = torch.randn(10, 10, generator=g)
     new = old + 0.3 * torch.randn(10, 10, generator=g)
     adapter = ModuleFactors(A=torch.eye(10), B=new - old, scale=1.0)
-    result = get_method("rapf").fn(ModuleGroup("m", [adapter], [1.0], base=old), MergeParams(bias=0.6))
+    result = get_method("rapf").fn(ModuleGroup("m", [adapter], [1.0], base=old), get_method("rapf").resolve({"bias": 0.6}))
     expected = official_mix_matrix(old, new, 0.6) - old.double()
     torch.testing.assert_close((result.B @ result.A).double(), expected, atol=1e-4, rtol=0)
     assert result.stats.retained_energy == pytest.approx(1.0)
@@ -101,7 +101,7 @@ def test_bias_one_makes_the_last_independent_adapter_win(with_base: bool) -> Non
     m, n = 12, 9
     loras = [_lora(m, n, 2, seed) for seed in (5, 6, 7)]
     base = torch.randn(m, n, generator=torch.Generator().manual_seed(8)) if with_base else None
-    result = get_method("rapf").fn(ModuleGroup("m", loras, [1.0] * 3, base=base), MergeParams(bias=1.0))
+    result = get_method("rapf").fn(ModuleGroup("m", loras, [1.0] * 3, base=base), get_method("rapf").resolve({"bias": 1.0}))
     torch.testing.assert_close(result.B @ result.A, loras[-1].delta(), atol=1e-4, rtol=0)
 
 
@@ -125,7 +125,7 @@ def test_rapf_method_records_retained_energy_of_the_truncation() -> None:
     for lora in loras:
         full = fuse_update_dense(base.double(), full, lora.delta().double(), bias=0.6)
     S = torch.linalg.svdvals(full)
-    result = get_method("rapf").fn(group, MergeParams(bias=0.6, rank=2))
+    result = get_method("rapf").fn(group, get_method("rapf").resolve({"bias": 0.6, "rank": 2}))
     assert result.A.shape[0] == 2
     assert result.stats.retained_energy == pytest.approx(float((S[:2] ** 2).sum() / (S**2).sum()), rel=1e-4)
     assert result.stats.truncated
@@ -377,7 +377,7 @@ def test_merge_with_base_model_fuses_in_order_against_base_weights(make_llama_lo
     from safetensors.torch import load_file
 
     from lora_fusion import load_adapter
-    from lora_fusion.engine import merge
+    from lora_fusion.api import merge
 
     first, second = make_llama_lora(seed=1), make_llama_lora(seed=2)
     merged = merge([first, second], method="rapf", bias=0.5, rank=64, base_model=llama_dir)

@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 from lora_fusion import load_adapter, merge
 from lora_fusion.errors import CorruptAdapterError, DegenerateMergeWarning, LoraFusionError
-from lora_fusion.methods import describe_params, list_methods
-from lora_fusion_cli.main import RANK_METHODS, app, main
+from lora_fusion.methods import list_methods
+from lora_fusion_cli.main import app, main
 from tests.test_cli import assert_user_error
 from tests.test_properties import write_lora
 from tests.test_reliability import SHAPES, lora, rewrite_config, snapshot
@@ -189,12 +189,12 @@ def test_excluded_modules_with_tensors_are_refused(tmp_path) -> None:
 
 
 def test_ctrl_c_during_the_merge_prints_one_line_and_exits_130(tmp_path, monkeypatch, capfd) -> None:
-    import lora_fusion.engine
+    import lora_fusion.api
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(lora_fusion.engine, "merge", interrupted)
+    monkeypatch.setattr(lora_fusion.api, "merge", interrupted)
     out = tmp_path / "out"
     assert main(["merge", str(lora(tmp_path / "a")), "--out", str(out)]) == 130
     lines = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
@@ -285,13 +285,14 @@ def test_dry_run_with_an_existing_out_is_warned(tmp_path) -> None:
 # --------------------------------------------------------------------------------------------- help
 
 
-def test_rank_and_energy_help_names_every_method_that_uses_them() -> None:
-    users = {m.name for m in list_methods() if {"rank", "energy"} <= set(describe_params(m))}
-    named = {name.strip() for name in RANK_METHODS.split(",")}
-    assert named == users
+def test_each_parameter_help_names_every_method_that_takes_it() -> None:
     text = " ".join(invoke("merge", "--help").stdout.split())  # Typer wraps the help text
-    assert "default: linear" in text and text.count(RANK_METHODS) == 2
-    assert "rapf; default: the largest input rank" in text and "e.g. 0.99 (svd," in text
+    assert "default: linear" in text
+    for name in ("rank", "energy", "density", "svd", "bias"):
+        takers = sorted(m.name for m in list_methods() if name in m.declared)
+        assert len(takers) >= 1
+        option = text.index(f"--{name} <")
+        assert f"Taken by: {', '.join(takers)}." in text[option:option + 600], name
 
 
 def test_library_errors_are_one_line(tmp_path) -> None:

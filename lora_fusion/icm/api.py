@@ -129,14 +129,13 @@ def icm_merge(
                           condition_only=condition_only, steps=steps, refine_steps=refine_steps, seed=seed)
     flats = [flatten(adapter_factors(adapter), trained.layout) for adapter in sources]
     result = fuse(trained, flats, [(task, batches[task]) for task in order], config)
-    from lora_fusion import __version__
+    from ..provenance import merge_provenance
 
-    provenance = {
-        "method": "icm",
-        "lora_fusion_version": __version__,
-        "params": {"fvae": str(fvae), "support": str(support), "tasks": order, "seed": seed, **result.summary()},
-        "sources": [{**(a.source.to_dict() if a.source else {"source": "in-memory adapter"}), "weight": round(w, 4)}
-                    for a, w in zip(sources, result.weights)],
-    }
+    provenance = merge_provenance(
+        "icm",
+        {"fvae": str(fvae), "support": str(support), "tasks": order, "seed": seed, **result.summary()},
+        sources,
+        [round(w, 4) for w in result.weights],
+    )
     return to_adapter(result.flat, trained.layout, base_model=trained.base_model,
                       task_type=sources[0].config.task_type if sources else None, provenance=provenance)

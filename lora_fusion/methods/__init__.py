@@ -2,27 +2,31 @@
 
 from . import exact, icm, interference, rapf, subspace  # noqa: F401  (importing a family registers its methods)
 from .base import (
-    MergeParams,
     MethodSpec,
+    ModuleCost,
     ModuleGroup,
     ModuleResult,
+    ModuleShape,
     ModuleStats,
-    describe_params,
+    NoParams,
+    declared_params,
     get_method,
     list_methods,
-    register_adapter_method,
+    lowrank_result,
     register_method,
 )
 
 __all__ = [
-    "MergeParams",
     "MethodSpec",
+    "ModuleCost",
     "ModuleGroup",
     "ModuleResult",
+    "ModuleShape",
     "ModuleStats",
-    "describe_params",
+    "NoParams",
+    "declared_params",
     "get_method",
     "list_methods",
-    "register_adapter_method",
+    "lowrank_result",
     "register_method",
 ]

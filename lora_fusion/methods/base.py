@@ -1,97 +1,31 @@
 """The method interface and registry: a method is a pure function on one module's factors.
 
-A method receives a [`ModuleGroup`] (the module's factors from every adapter that has it, with their weights) and
-[`MergeParams`], and returns a [`ModuleResult`] (output factors with the scale folded in, and stats). It never reads
-or writes files. Methods register themselves by name with [`register_method`], declaring which parameters they take,
-so the engine can refuse a parameter a method would ignore before anything is downloaded.
+A method receives a [`ModuleGroup`] (the module's factors from every adapter that has it, with their weights) and its
+own parameters (a [`MethodParams`] dataclass it declares), and returns a [`ModuleResult`] (output factors with the
+scale folded in, and stats). It never reads or writes files. Methods register by name with [`register_method`],
+with their parameter declaration and their cost, so a parameter a method would ignore is refused before anything is
+downloaded and `--dry-run` can plan any method. Methods from outside the package register the same way, or through
+the entry-point group `lora_fusion.methods`.
+
+Nothing here imports torch at import time (`torch` is bound lazily): `--help` reads the declarations.
 """
 
 from __future__ import annotations
 
-import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
-from typing import Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-
-from ..adapter import LoraAdapter, ModuleFactors
-from ..linalg import EXACT_SVD_LIMIT, FactoredSVD, SvdChoice, choose_rank, relative_error, retained_energy, truncate
+from .._lazy import torch
 from ..errors import InvalidParameterError, UnknownMethodError
+from ..linalg import EXACT_SVD_LIMIT, OVERSAMPLING, FactoredSVD, choose_rank, relative_error, retained_energy, truncate
+from ..params import MethodParams, Param, declared, defaults
 
+if TYPE_CHECKING:
+    import torch  # noqa: F811  (the real module for type checkers)
 
-@dataclass(frozen=True)
-class MergeParams:
-    """Parameters shared by the methods; each method declares the ones it uses."""
-
-    rank: int | None = field(default=None, metadata={"help": "Output rank (default: the largest input rank; exact sums keep Σ rᵢ, subspace methods their merged rank)."})
-    energy: float | None = field(
-        default=None, metadata={"help": "Smallest rank per module keeping this fraction of Σσ², e.g. 0.99."}
-    )
-    scale: float = field(default=1.0, metadata={"help": "Global factor λ on the merged update."})
-    density: float | None = field(
-        default=None, metadata={"help": "Fraction of entries kept (TIES/magnitude trim, DARE keep probability)."}
-    )
-    majority: str = field(default="total", metadata={"help": "TIES sign election: 'total' (mass) or 'frequency'."})
-    gamma: float = field(default=0.01, metadata={"help": "Breadcrumbs: fraction of the largest entries removed."})
-    seed: int = field(default=0, metadata={"help": "Seed of the random draws: DARE masks, randomized SVD, ICM-Fusion."})
-    space: str = field(default="full", metadata={"help": "'full' (dense update per module) or 'core' (k×k cores)."})
-    svd: SvdChoice = field(
-        default="auto",
-        metadata={"help": f"SVD of a dense merged update: 'auto' (exact up to {EXACT_SVD_LIMIT} rows or columns, else "
-                          "randomized), 'exact' or 'randomized'."},
-    )
-    common_fraction: float = field(default=0.8, metadata={"help": "Iso-CTS: share of the rank given to the common subspace."})
-    bias: float | None = field(
-        default=None, metadata={"help": "RAPF: offset b of the fusion mask M = min(1, D/max D + b), in [0, 1]."}
-    )
-    chained: bool = field(
-        default=False,
-        metadata={"help": "RAPF: each adapter was trained on top of the previous fused weights (not from the base)."},
-    )
-    fvae: str | None = field(default=None, metadata={"help": "ICM-Fusion: F-VAE directory from `lora-fusion icm train`."})
-    support: str | None = field(
-        default=None, metadata={"help": "ICM-Fusion: JSONL support file of labelled examples of each source's task."}
-    )
-
-    def __post_init__(self) -> None:
-        if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
-            raise InvalidParameterError("rank", self.rank, expected="a positive integer, e.g. 16")
-        if self.energy is not None and not (isinstance(self.energy, (int, float)) and 0.0 < self.energy <= 1.0):
-            raise InvalidParameterError("energy", self.energy, expected="a fraction in (0, 1], e.g. 0.99")
-        if self.rank is not None and self.energy is not None:
-            raise InvalidParameterError("rank", self.rank, expected="either a rank or an energy, not both")
-        if not math.isfinite(self.scale):
-            raise InvalidParameterError("scale", self.scale, expected="a finite number, e.g. 0.5")
-        if self.density is not None and not (_real(self.density) and 0.0 < self.density <= 1.0):
-            raise InvalidParameterError("density", self.density, expected="a fraction in (0, 1], e.g. 0.2")
-        if self.majority not in ("total", "frequency"):
-            raise InvalidParameterError("majority", self.majority, expected="'total' or 'frequency'")
-        if not (_real(self.gamma) and 0.0 <= self.gamma < 1.0):
-            raise InvalidParameterError("gamma", self.gamma, expected="a fraction in [0, 1), e.g. 0.01")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise InvalidParameterError("seed", self.seed, expected="a non-negative integer, e.g. 0")
-        if not (_real(self.common_fraction) and 0.0 < self.common_fraction <= 1.0):
-            raise InvalidParameterError("common_fraction", self.common_fraction, expected="a fraction in (0, 1], e.g. 0.8")
-        if self.space not in ("full", "core"):
-            raise InvalidParameterError("space", self.space, expected="'full' or 'core'")
-        if self.svd not in ("auto", "exact", "randomized"):
-            raise InvalidParameterError("svd", self.svd, expected="'auto', 'exact' or 'randomized'")
-        if self.svd != "auto" and self.space == "core":
-            # a core-space merge forms no dense update: its k×k SVD is always exact
-            raise InvalidParameterError("svd", self.svd, expected="'auto' with space 'core', or space 'full'")
-        if self.bias is not None and not (_real(self.bias) and 0.0 <= self.bias <= 1.0):
-            raise InvalidParameterError("bias", self.bias, expected="a number in [0, 1], e.g. 0.6")
-        if not isinstance(self.chained, bool):
-            raise InvalidParameterError("chained", self.chained, expected="true or false")
-        for name in ("fvae", "support"):
-            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
-                raise InvalidParameterError(name, getattr(self, name), expected="a path")
-
-
-
-def _real(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    from ..adapter import LoraAdapter, ModuleFactors
 
 
 @dataclass(frozen=True)
@@ -150,77 +84,157 @@ class ModuleResult:
 
 
 def lowrank_result(
-    svd: FactoredSVD, group: ModuleGroup, params: MergeParams, *, bias: torch.Tensor | None = None
+    svd: FactoredSVD,
+    group: ModuleGroup,
+    *,
+    rank: int | None,
+    energy: float | None,
+    scale: float = 1.0,
+    bias: torch.Tensor | None = None,
 ) -> ModuleResult:
     """Truncate an SVD of the merged update to the requested rank (`rank`, `energy`, or the largest input rank) and
     record E(R) and the relative error. A merge that is zero up to float32 rounding (e.g. ΔW₁ − ΔW₁) is written at
-    rank 1 with zero factors and full energy."""
+    rank 1 with zero factors and full energy (`scale` is the λ the update was scaled by: it scales that yardstick)."""
     S = svd.S
-    if not S.numel() or float(S[0]) <= 1e-6 * group.magnitude(params.scale):
+    if not S.numel() or float(S[0]) <= 1e-6 * group.magnitude(scale):
         zeros = ModuleStats(rank=1, sigma_max=0.0, sigma_next=0.0)
         m, n = svd.shape
         return ModuleResult(A=S.new_zeros(1, n, dtype=torch.float32), B=S.new_zeros(m, 1, dtype=torch.float32), stats=zeros, bias=bias)
-    rank = choose_rank(S, rank=params.rank, energy=params.energy, default=group.max_rank, total=svd.total_energy)
-    energy = retained_energy(S, rank, svd.total_energy)
-    B, A = truncate(svd, rank)
+    chosen = choose_rank(S, rank=rank, energy=energy, default=group.max_rank, total=svd.total_energy)
+    kept = retained_energy(S, chosen, svd.total_energy)
+    B, A = truncate(svd, chosen)
     stats = ModuleStats(
-        rank=rank,
-        retained_energy=energy,
-        relative_error=relative_error(energy),
+        rank=chosen,
+        retained_energy=kept,
+        relative_error=relative_error(kept),
         sigma_max=float(S[0]),
-        sigma_next=float(S[rank]) if rank < S.numel() else 0.0,
+        sigma_next=float(S[chosen]) if chosen < S.numel() else 0.0,
     )
     return ModuleResult(A=A, B=B, stats=stats, bias=bias)
 
 
-MethodFn = Callable[[ModuleGroup, MergeParams], ModuleResult]
+@dataclass(frozen=True)
+class ModuleShape:
+    """What a plan knows of one module before any tensor is read: its shape (m×n), the input ranks, the rank the
+    method gives without `rank`/`energy`, the output's bytes per entry, and whether base weights are read."""
+
+    shape: tuple[int, int]
+    ranks: tuple[int, ...]
+    natural_rank: int
+    item_bytes: int
+    with_base: bool = False
+
+    def output_rank(self, params: MethodParams, *, dense: bool) -> int:
+        """The planned output rank: `rank`, or the largest possible with `energy` (an upper bound), or the natural
+        rank; at most min(m, n) when the method forms the dense update, Σ rᵢ when it stays factored."""
+        ceiling = min(self.shape) if dense else sum(self.ranks)
+        rank, energy = getattr(params, "rank", None), getattr(params, "energy", None)
+        return min(ceiling, rank or (ceiling if energy else self.natural_rank))
+
+
+@dataclass(frozen=True)
+class ModuleCost:
+    """A method's estimate for one module: output rank, floating-point operations, and working memory in bytes."""
+
+    output_rank: int
+    flops: float
+    working_bytes: int
+
+
+def factored_cost(module: ModuleShape, params: MethodParams) -> ModuleCost:
+    """Cost of a merge that stays factored: QRs of the stacked factors (k = Σ rᵢ), SVDs of k×k cores, the output."""
+    (m, n), k, count = module.shape, sum(module.ranks), len(module.ranks)
+    out = module.output_rank(params, dense=False)
+    flops = 4.0 * (m + n) * k * k + 10.0 * k**3 * count + 2.0 * (m + n) * k * out
+    working = 4 * (m + n) * k * 4 + 8 * k * k * (count + 2) + module.item_bytes * (m + n) * out
+    return ModuleCost(out, flops, working)
+
+
+def dense_svd_cost(module: ModuleShape, params: MethodParams, out_rank: int) -> tuple[float, int]:
+    """FLOPs and bytes of taking a dense m×n update back to low rank (`linalg.dense_svd`): an exact SVD in float64
+    (the copy, LAPACK's own copy, U and V, workspace) or a randomized one (the sketches). An energy target may grow
+    the sketch up to the exact SVD, so it is planned as exact."""
+    m, n = module.shape
+    choice = getattr(params, "svd", "auto")
+    exact = choice == "exact" or getattr(params, "energy", None) is not None or (
+        choice == "auto" and min(m, n) <= EXACT_SVD_LIMIT
+    )
+    if exact:
+        return 4.0 * m * n * min(m, n), 16 * m * n + 8 * (m + n) * min(m, n) + 32 * min(m, n) ** 2
+    return 12.0 * m * n * (out_rank + OVERSAMPLING), 8 * (m + n) * (out_rank + OVERSAMPLING)
+
+
+MethodFn = Callable[[ModuleGroup, Any], ModuleResult]
 # Methods that need every adapter at once and data (ICM-Fusion) take the loaded adapters and return the merged one.
-AdapterMethodFn = Callable[[Sequence[LoraAdapter], MergeParams], LoraAdapter]
+AdapterMethodFn = Callable[[Sequence["LoraAdapter"], Any], "LoraAdapter"]
+CostFn = Callable[[ModuleShape, Any], ModuleCost]
+MethodKind = Literal["module", "adapters"]
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A registered method: its function, what it computes, where it comes from, which parameters it takes."""
+    """A registered method: its function, what it computes, where it comes from, its parameters and its cost.
+
+    `kind` is `"module"` for a function on one module's factors (run by the per-module loop, streamed and sharded) or
+    `"adapters"` for a function on every loaded adapter at once that returns the merged adapter (methods that learn
+    from data, like ICM-Fusion: no plan before they run, float32 on the CPU, their own weights).
+    """
 
     name: str
     fn: MethodFn | AdapterMethodFn
     summary: str
     formula: str
     reference: str
-    params: frozenset[str]
+    params: type[MethodParams]
     aliases: tuple[str, ...] = ()
-    defaults: Mapping[str, object] = field(default_factory=dict)
     spaces: tuple[str, ...] = ("full",)
     output_rank: Literal["sum", "max", "merged"] = "max"
     uses_base: bool = False
-    whole_adapters: bool = False
-    required: tuple[str, ...] = ()
+    kind: MethodKind = "module"
+    cost: CostFn = factored_cost
 
-    def resolve(self, given: Mapping[str, object]) -> MergeParams:
-        """The method's parameters: its defaults, overridden by what the user gave (only parameters it takes).
+    @property
+    def declared(self) -> dict[str, Param]:
+        """The parameters this method takes, by name."""
+        return declared(self.params)
+
+    def resolve(self, given: Mapping[str, object]) -> MethodParams:
+        """The method's parameters: its defaults, overridden by what the user gave (None means not given).
 
         Raises:
-            InvalidParameterError: a parameter the method does not take, or a space it has no form for.
+            InvalidParameterError: a parameter the method does not take (listing the ones it takes), a value outside
+                its domain, or a space the method has no form for.
         """
+        takes = self.declared
         for name, value in given.items():
-            if value is not None and name not in self.params:
-                takes = ", ".join(sorted(self.params)) or "no parameters"
-                raise InvalidParameterError(name, value, expected=f"none: {self.name} takes {takes}")
-        values = {**self.defaults, **{k: v for k, v in given.items() if v is not None}}
-        params = MergeParams(**values)
-        if params.space not in self.spaces:
+            if value is not None and name not in takes:
+                listed = ", ".join(sorted(takes)) or "no parameters"
+                raise InvalidParameterError(name, value, expected=f"none: {self.name} takes {listed}")
+        params = self.params(**{name: value for name, value in given.items() if value is not None})
+        space = getattr(params, "space", self.spaces[0])
+        if space not in self.spaces:
             raise InvalidParameterError(
-                "space", params.space, expected=f"{' or '.join(self.spaces)}: {self.name} has no {params.space} form"
+                "space", space, expected=f"{' or '.join(self.spaces)}: {self.name} has no {space} form"
             )
         return params
 
-    def recorded(self, params: MergeParams) -> dict[str, object]:
-        """The parameters this method used, with their resolved values, for the model card and metadata."""
-        return {name: getattr(params, name) for name in sorted(self.params)}
+    def describe(self) -> dict[str, dict[str, object]]:
+        """Each parameter the method takes: its default for this method and its help text (written once)."""
+        return {
+            name: {"default": value, "help": self.declared[name].help} for name, value in defaults(self.params).items()
+        }
+
+
+@dataclass(frozen=True)
+class NoParams(MethodParams):
+    """The parameters of a method that takes none."""
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
 _ALIASES: dict[str, str] = {}
+_PARAMS: dict[str, tuple[Param, str]] = {}  # every declared parameter name -> (its declaration, the first method)
+ENTRY_POINT_GROUP = "lora_fusion.methods"
+_entry_points_loaded = False
 
 
 def register_method(
@@ -229,67 +243,96 @@ def register_method(
     summary: str,
     formula: str,
     reference: str,
-    params: Sequence[str] = (),
+    params: type[MethodParams] = NoParams,
     aliases: Sequence[str] = (),
-    defaults: Mapping[str, object] | None = None,
     spaces: Sequence[str] = ("full",),
     output_rank: Literal["sum", "max", "merged"] = "max",
     uses_base: bool = False,
-) -> Callable[[MethodFn], MethodFn]:
-    """Register `fn` under `name` (and `aliases`).
+    kind: MethodKind = "module",
+    cost: CostFn = factored_cost,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register the decorated function as method `name` (and `aliases`); public, for methods defined anywhere.
 
-    `params` lists the [`MergeParams`] fields it uses, `defaults` its own default values for them, and `spaces`
-    where it can run (the first is the default): `"full"` on dense updates, `"core"` on core-space matrices.
-    `output_rank` says what its output rank is without `rank`/`energy`: Σ rᵢ ("sum", exact methods), the largest
-    input rank ("max"), or the merged update's own rank, at most Σ rᵢ ("merged"). `uses_base` methods receive the
-    base model's weight of each module in [`ModuleGroup.base`] when the user names a base model.
+    Args:
+        name: the name used by `merge(method=…)`, recipes and `--method`.
+        summary, formula, reference: one line each for `lora-fusion methods` (what it computes, its formula, the
+            paper it follows).
+        params: a frozen dataclass derived from [`MethodParams`] whose fields are declared with `Param.field`
+            (defaults, checks, help): the method receives an instance of it.
+        spaces: where it runs (the first is the default when it declares `space`): `"full"` on dense updates,
+            `"core"` on core-space matrices.
+        output_rank: its output rank without `rank`/`energy`: Σ rᵢ ("sum", exact methods), the largest input rank
+            ("max"), or the merged update's own rank, at most Σ rᵢ ("merged").
+        uses_base: it receives the base model's weight of each module in [`ModuleGroup.base`] when the user names a
+            base model.
+        kind: `"module"` (a function of a [`ModuleGroup`] and its parameters returning a [`ModuleResult`]) or
+            `"adapters"` (a function of every loaded adapter and its parameters returning the merged adapter).
+        cost: its estimate per module for `--dry-run` (default: a merge that stays factored, [`factored_cost`]).
+
+    Raises:
+        ValueError: the name is taken, or a parameter name is already declared with another meaning.
+
+    Example:
+        ```python
+        >>> @register_method("halve", summary="Half the sum.", formula="ΔW = ½·Σ wᵢΔWᵢ", reference="-")
+        ... def halve(group, params):
+        ...     ...
+        ```
     """
 
-    def decorator(fn: MethodFn) -> MethodFn:
+    def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
+        for taken in (name, *aliases):
+            if taken in _REGISTRY or taken in _ALIASES:
+                raise ValueError(f"method name {taken!r} is already registered; pick another name.")
+        for param_name, declaration in declared(params).items():
+            known, owner = _PARAMS.get(param_name, (declaration, name))
+            if known is not declaration:
+                raise ValueError(
+                    f"parameter {param_name!r} of {name} is already declared by {owner} with another meaning; reuse "
+                    f"that declaration or choose another name."
+                )
         spec = MethodSpec(
-            name, fn, summary, formula, reference, frozenset(params), tuple(aliases),
-            {"space": spaces[0], **(defaults or {})}, tuple(spaces), output_rank, uses_base,
+            name, fn, summary, formula, reference, params, tuple(aliases), tuple(spaces), output_rank, uses_base,
+            kind, cost,
         )
         _REGISTRY[name] = spec
         _ALIASES.update({alias: name for alias in aliases})
+        for param_name, declaration in declared(params).items():
+            _PARAMS.setdefault(param_name, (declaration, name))
         return fn
 
     return decorator
 
 
-def register_adapter_method(
-    name: str, *, summary: str, formula: str, reference: str, params: Sequence[str] = (), required: Sequence[str] = ()
-) -> Callable[[AdapterMethodFn], AdapterMethodFn]:
-    """Register `fn` under `name` as a method on whole adapters: it receives every loaded adapter and the
-    [`MergeParams`] and returns the merged [`LoraAdapter`] (for methods that learn from data, like ICM-Fusion).
-    `required` names the parameters it cannot run without, checked before anything is downloaded."""
+def load_entry_points() -> None:
+    """Import the methods that installed packages declare in the entry-point group `lora_fusion.methods` (once).
 
-    def decorator(fn: AdapterMethodFn) -> AdapterMethodFn:
-        _REGISTRY[name] = MethodSpec(
-            name, fn, summary, formula, reference, frozenset(params), output_rank="merged", whole_adapters=True,
-            required=tuple(required),
-        )
-        return fn
+    An entry point names a module (or an object in it) whose import registers methods with [`register_method`].
+    A plugin that fails to import is skipped with a warning naming it, so one broken package cannot stop merges.
+    """
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    from importlib.metadata import entry_points
 
-    return decorator
-
-
-def describe_params(spec: MethodSpec) -> dict[str, dict[str, object]]:
-    """Each parameter the method takes: its default for this method and its help text (written once, on the field)."""
-    return {
-        f.name: {"default": spec.defaults.get(f.name, f.default), "help": f.metadata["help"]}
-        for f in fields(MergeParams)
-        if f.name in spec.params
-    }
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            entry.load()
+        except Exception as err:  # a third-party import can fail in any way; say which one and go on
+            warnings.warn(f"method plugin {entry.name} ({entry.value}) could not be loaded: {err}", stacklevel=2)
 
 
 def get_method(name: str) -> MethodSpec:
-    """The method registered as `name` or as an alias of it.
+    """The method registered as `name` or as an alias of it (installed plugins included).
 
     Raises:
         UnknownMethodError: with the list of known names.
     """
     spec = _REGISTRY.get(_ALIASES.get(name, name))
+    if spec is None and not _entry_points_loaded:
+        load_entry_points()
+        spec = _REGISTRY.get(_ALIASES.get(name, name))
     if spec is None:
         known = ", ".join(sorted([*_REGISTRY, *_ALIASES]))
         raise UnknownMethodError(f"unknown method {name!r}; choose one of: {known} (see `lora-fusion methods`).")
@@ -297,5 +340,15 @@ def get_method(name: str) -> MethodSpec:
 
 
 def list_methods() -> list[MethodSpec]:
-    """Every registered method, sorted by name."""
+    """Every registered method (installed plugins included), sorted by name."""
+    load_entry_points()
     return [_REGISTRY[name] for name in sorted(_REGISTRY)]
+
+
+def declared_params() -> dict[str, tuple[Param, tuple[str, ...]]]:
+    """Every parameter name a registered method declares: its declaration and the methods that take it (sorted)."""
+    takers: dict[str, list[str]] = {}
+    for spec in _REGISTRY.values():
+        for param_name in spec.declared:
+            takers.setdefault(param_name, []).append(spec.name)
+    return {name: (_PARAMS[name][0], tuple(sorted(takers[name]))) for name in sorted(takers)}

@@ -23,9 +23,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import torch
+from .._lazy import torch
+
+if TYPE_CHECKING:
+    import torch  # noqa: F811
 
 _CPU_BLOCK = 1 << 16  # entries per block on the CPU: with its scratch (~10 blocks) it stays within L2/L3
 _DEVICE_BLOCK = 1 << 20  # on an accelerator: kernel launches do not dominate; (T + 8) buffers of 4 MB of scratch

@@ -2,10 +2,31 @@
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from .._lazy import torch
 from ..linalg import factored_svd
-from .base import MergeParams, ModuleGroup, ModuleResult, ModuleStats, lowrank_result, register_method
+from ..params import ENERGY, RANK, SCALE, MethodParams
+from .base import ModuleGroup, ModuleResult, ModuleStats, NoParams, lowrank_result, register_method
+
+if TYPE_CHECKING:
+    import torch  # noqa: F811
+
+
+@dataclass(frozen=True)
+class ScaledParams(MethodParams):
+    """λ on the exact sum."""
+
+    scale: float = SCALE.field()
+
+
+@dataclass(frozen=True)
+class LowRankParams(ScaledParams):
+    """λ, and the output rank: `rank`, or the smallest rank keeping `energy` of the update's Σσ²."""
+
+    rank: int | None = RANK.field()
+    energy: float | None = ENERGY.field()
 
 
 def concatenated(group: ModuleGroup, factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -26,7 +47,7 @@ def concatenated(group: ModuleGroup, factor: float = 1.0) -> tuple[torch.Tensor,
     formula="ΔW = Σᵢ wᵢ·sᵢ·Bᵢ·Aᵢ = [w₁s₁B₁|…|w_T s_T B_T]·[A₁;…;A_T]",
     reference="Hu et al., LoRA, ICLR 2022 (arXiv:2106.09685); docs/methods.md",
 )
-def linear(group: ModuleGroup, params: MergeParams) -> ModuleResult:
+def linear(group: ModuleGroup, params: NoParams) -> ModuleResult:
     """ΔW = Σᵢ wᵢ·sᵢ·Bᵢ·Aᵢ exactly, as [w₁s₁B₁ | … | w_T s_T B_T]·[A₁; …; A_T] (rank Σᵢ rᵢ).
 
     Unlike PEFT's `linear`, which forms (Σ√(wᵢsᵢ)Bᵢ)(Σ√(wⱼsⱼ)Aⱼ) and so adds the cross terms BᵢAⱼ, this is the
@@ -42,9 +63,9 @@ def linear(group: ModuleGroup, params: MergeParams) -> ModuleResult:
     summary="λ times the exact weighted sum of the task updates (factored, rank Σ rᵢ).",
     formula="ΔW = λ·Σᵢ wᵢ·sᵢ·Bᵢ·Aᵢ",
     reference="Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023 (arXiv:2212.04089)",
-    params=("scale",),
+    params=ScaledParams,
 )
-def task_arithmetic(group: ModuleGroup, params: MergeParams) -> ModuleResult:
+def task_arithmetic(group: ModuleGroup, params: ScaledParams) -> ModuleResult:
     """ΔW = λ·Σᵢ wᵢ·ΔWᵢ (Ilharco et al., ICLR 2023), exact in factored form; λ is `scale`, default 1."""
     B, A = concatenated(group, params.scale)
     return ModuleResult(A=A, B=B, bias=group.scaled_bias(params.scale), stats=ModuleStats(rank=A.shape[0]))
@@ -55,9 +76,9 @@ def task_arithmetic(group: ModuleGroup, params: MergeParams) -> ModuleResult:
     summary="Best rank-R approximation of the weighted sum, via QR of the stacked factors and an SVD of the k×k core.",
     formula="ΔW_R = argmin_{rank ≤ R} ‖λ·Σᵢ wᵢ·sᵢ·Bᵢ·Aᵢ − X‖_F",
     reference="Eckart–Young–Mirsky; PEFT add_weighted_adapter(combination_type='svd'); docs/methods.md",
-    params=("rank", "energy", "scale"),
+    params=LowRankParams,
 )
-def svd(group: ModuleGroup, params: MergeParams) -> ModuleResult:
+def svd(group: ModuleGroup, params: LowRankParams) -> ModuleResult:
     """ΔW_R = U_R·Σ_R·V_Rᵀ, the best rank-R approximation of λ·Σᵢ wᵢ·ΔWᵢ in Frobenius and spectral norm.
 
     With B_cat = Q_B·R_B and A_catᵀ = Q_A·R_A, ΔW = Q_B·(R_B·R_Aᵀ)·Q_Aᵀ; the SVD of the k×k core gives ΔW's exact
@@ -65,4 +86,7 @@ def svd(group: ModuleGroup, params: MergeParams) -> ModuleResult:
     energy ≥ `energy`. The output splits √σ evenly between B' and A'. An all-zero sum is written at rank 1.
     """
     B, A = concatenated(group, params.scale)
-    return lowrank_result(factored_svd(B, A), group, params, bias=group.scaled_bias(params.scale))
+    return lowrank_result(
+        factored_svd(B, A), group, rank=params.rank, energy=params.energy, scale=params.scale,
+        bias=group.scaled_bias(params.scale),
+    )

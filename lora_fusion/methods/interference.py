@@ -13,24 +13,92 @@ on the unweighted sparsified tensors, then weight by wᵢ and combine, then scal
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from ..errors import InvalidParameterError, UnsupportedAdapterError
+from .._lazy import torch
+from ..errors import UnsupportedAdapterError
 from ..linalg import FactoredSVD, core_bases, dense_svd
-from .base import MergeParams, ModuleGroup, ModuleResult, lowrank_result, register_method
+from ..params import DENSITY, ENERGY, RANK, SCALE, SEED, SPACE, SVD, MethodParams, Param, in_range, one_of
+from .base import (
+    ModuleCost,
+    ModuleGroup,
+    ModuleResult,
+    ModuleShape,
+    dense_svd_cost,
+    factored_cost,
+    lowrank_result,
+    register_method,
+)
 from .elementwise import Crumbs, DenseTask, Drop, Sparsifier, Trim, combine
 
-Sparsify = Callable[[DenseTask, MergeParams, torch.Generator], Sparsifier]
-_COMMON = ("scale", "density", "rank", "energy", "seed", "space", "svd")
+if TYPE_CHECKING:
+    import torch  # noqa: F811
+
+MAJORITY = Param(
+    "TIES sign election: 'total' (mass) or 'frequency'.", "'total' or 'frequency'", one_of("total", "frequency"),
+    default="total",
+)
+GAMMA = Param(
+    "Breadcrumbs: fraction of the largest entries removed.", "a fraction in [0, 1), e.g. 0.01",
+    in_range(0.0, 1.0, high_open=True), default=0.01,
+)
 
 
-def density_of(params: MergeParams) -> float:
-    """The density the method resolved; every method that trims or drops registers a default, so None is a bug."""
-    if params.density is None:
-        raise InvalidParameterError("density", None, expected="a fraction in (0, 1], e.g. 0.2")
-    return params.density
+@dataclass(frozen=True)
+class ElementwiseParams(MethodParams):
+    """What every element-wise method takes: λ, the density d, the output rank rule, the seed, the space and the
+    SVD back to low rank. d defaults to 0.2 (TIES, magnitude pruning); DARE and Breadcrumbs declare their own."""
+
+    scale: float = SCALE.field()
+    density: float = DENSITY.field(0.2)
+    rank: int | None = RANK.field()
+    energy: float | None = ENERGY.field()
+    seed: int = SEED.field()
+    space: str = SPACE.field()
+    svd: str = SVD.field()
+
+
+@dataclass(frozen=True)
+class TiesParams(ElementwiseParams):
+    majority: str = MAJORITY.field()
+
+
+@dataclass(frozen=True)
+class DareParams(ElementwiseParams):
+    density: float = DENSITY.field(0.5)
+
+
+@dataclass(frozen=True)
+class DareTiesParams(DareParams):
+    majority: str = MAJORITY.field()
+
+
+@dataclass(frozen=True)
+class CrumbsParams(ElementwiseParams):
+    density: float = DENSITY.field(0.9)
+    gamma: float = GAMMA.field()
+
+
+@dataclass(frozen=True)
+class CrumbsTiesParams(CrumbsParams):
+    majority: str = MAJORITY.field()
+
+
+Sparsify = Callable[[DenseTask, Any, "torch.Generator"], Sparsifier]
+
+
+def elementwise_cost(module: ModuleShape, params: ElementwiseParams) -> ModuleCost:
+    """In core space, a factored merge. In full space: T updates streamed in row blocks, formed once (DARE) to three
+    times (Breadcrumbs: two top-k passes and the merge); only the merged m×n update is whole; then its SVD."""
+    if params.space == "core":
+        return factored_cost(module, params)
+    (m, n), k = module.shape, sum(module.ranks)
+    out = module.output_rank(params, dense=True)
+    svd_flops, svd_bytes = dense_svd_cost(module, params, out)
+    flops = 4.0 * m * n * k + 10.0 * m * n * len(module.ranks) + svd_flops
+    return ModuleCost(out, flops, 4 * m * n + svd_bytes + module.item_bytes * (m + n) * out)
 
 
 def seeded(seed: int, *parts: object) -> torch.Generator:
@@ -46,10 +114,11 @@ def stacked(group: ModuleGroup) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def elementwise_merge(
-    group: ModuleGroup, params: MergeParams, sparsifier: Sparsify, *, consensus: bool
+    group: ModuleGroup, params: ElementwiseParams, sparsifier: Sparsify, *, majority: str | None
 ) -> ModuleResult:
     """Sparsify each task's dense update, combine (TIES consensus or weighted sum), scale by λ, and return to low
-    rank. The updates are streamed in row blocks (`elementwise.combine`); only the merged one is formed whole."""
+    rank. `majority` elects signs (TIES consensus; None: the weighted sum). The updates are streamed in row blocks
+    (`elementwise.combine`); only the merged one is formed whole."""
     if any(f.bias is not None for f in group.factors):
         raise UnsupportedAdapterError(
             f"module {group.name} has a lora_B bias (lora_bias=True), which element-wise methods do not define; "
@@ -61,7 +130,6 @@ def elementwise_merge(
     else:
         tasks = [DenseTask.product(f.scale * f.B.float(), f.A.float()) for f in group.factors]
     sparsifiers = [sparsifier(task, params, seeded(params.seed, group.name, i)) for i, task in enumerate(tasks)]
-    majority = params.majority if consensus else None
     merged = combine(tasks, sparsifiers, group.weights, majority=majority, scale=params.scale)
     if params.space == "core":
         U_m, S, Vh_m = torch.linalg.svd(merged.double(), full_matrices=False)
@@ -69,32 +137,27 @@ def elementwise_merge(
     else:
         svd = dense_svd(merged, components=params.rank or group.max_rank, energy=params.energy, svd=params.svd,
                         generator=seeded(params.seed, group.name, "svd"))
-    return lowrank_result(svd, group, params)
+    return lowrank_result(svd, group, rank=params.rank, energy=params.energy, scale=params.scale)
 
 
-def _trim(task: DenseTask, params: MergeParams, generator: torch.Generator) -> Sparsifier:
-    return Trim.of(task, density_of(params))
+def _trim(task: DenseTask, params: ElementwiseParams, generator: torch.Generator) -> Sparsifier:
+    return Trim.of(task, params.density)
 
 
-def _drop(task: DenseTask, params: MergeParams, generator: torch.Generator) -> Sparsifier:
-    return Drop(density_of(params), generator)
+def _drop(task: DenseTask, params: ElementwiseParams, generator: torch.Generator) -> Sparsifier:
+    return Drop(params.density, generator)
 
 
-def _crumbs(task: DenseTask, params: MergeParams, generator: torch.Generator) -> Sparsifier:
-    return Crumbs.of(task, density_of(params), params.gamma)
+def _crumbs(task: DenseTask, params: CrumbsParams, generator: torch.Generator) -> Sparsifier:
+    return Crumbs.of(task, params.density, params.gamma)
 
 
 def _register(
-    name: str, *, summary: str, formula: str, reference: str, density: float, extra: Sequence[str] = ()
-) -> Callable[[Callable[[ModuleGroup, MergeParams], ModuleResult]], Callable[[ModuleGroup, MergeParams], ModuleResult]]:
+    name: str, *, summary: str, formula: str, reference: str, params: type[ElementwiseParams]
+) -> Callable[[Callable[..., ModuleResult]], Callable[..., ModuleResult]]:
     return register_method(
-        name,
-        summary=summary,
-        formula=formula,
-        reference=reference,
-        params=(*_COMMON, *extra),
-        defaults={"density": density},
-        spaces=("full", "core"),
+        name, summary=summary, formula=formula, reference=reference, params=params, spaces=("full", "core"),
+        cost=elementwise_cost,
     )
 
 
@@ -103,13 +166,12 @@ def _register(
     summary="Trim each task to its top-d magnitudes, elect a sign per entry, average the entries that agree.",
     formula="ΔW = λ·Σ_{i∈A_p} wᵢ·trim_d(τᵢ)[p] / max(1,|A_p|), A_p: entries agreeing with the elected sign",
     reference="Yadav et al., TIES-Merging, NeurIPS 2023 (arXiv:2306.01708)",
-    density=0.2,
-    extra=("majority",),
+    params=TiesParams,
 )
-def ties(group: ModuleGroup, params: MergeParams) -> ModuleResult:
+def ties(group: ModuleGroup, params: TiesParams) -> ModuleResult:
     """TIES (Yadav et al., NeurIPS 2023): τ̂ᵢ = trim_d(τᵢ) per tensor (top ⌊d·numel⌋ |entries|, d = 0.2); γ = sign of
     Σᵢ τ̂ᵢ ("total") or of Σᵢ sign(τ̂ᵢ) ("frequency"); ΔW = λ·Σ_{i∈A_p} wᵢτ̂ᵢ[p] / max(1, |A_p|)."""
-    return elementwise_merge(group, params, _trim, consensus=True)
+    return elementwise_merge(group, params, _trim, majority=params.majority)
 
 
 @_register(
@@ -117,12 +179,12 @@ def ties(group: ModuleGroup, params: MergeParams) -> ModuleResult:
     summary="Drop each entry with probability 1−d, rescale by 1/d (seeded), then the weighted sum.",
     formula="ΔW = λ·Σᵢ wᵢ·(mᵢ ⊙ τᵢ)/d, mᵢ ~ Bernoulli(d)",
     reference="Yu et al., Language Models are Super Mario (DARE), ICML 2024 (arXiv:2311.03099)",
-    density=0.5,
+    params=DareParams,
 )
-def dare_linear(group: ModuleGroup, params: MergeParams) -> ModuleResult:
+def dare_linear(group: ModuleGroup, params: DareParams) -> ModuleResult:
     """DARE (Yu et al., ICML 2024) + task arithmetic: τ̃ᵢ = mᵢ ⊙ τᵢ / d with mᵢ ~ Bernoulli(d), seeded per
     (seed, module, adapter); ΔW = λ·Σᵢ wᵢ·τ̃ᵢ."""
-    return elementwise_merge(group, params, _drop, consensus=False)
+    return elementwise_merge(group, params, _drop, majority=None)
 
 
 @_register(
@@ -130,13 +192,12 @@ def dare_linear(group: ModuleGroup, params: MergeParams) -> ModuleResult:
     summary="DARE drop-and-rescale, then TIES sign election and disjoint mean (no magnitude trim).",
     formula="ΔW = λ·Σ_{i∈A_p} wᵢ·τ̃ᵢ[p] / max(1,|A_p|), τ̃ᵢ = mᵢ ⊙ τᵢ / d",
     reference="Yu et al., DARE, ICML 2024 (arXiv:2311.03099); Yadav et al., NeurIPS 2023",
-    density=0.5,
-    extra=("majority",),
+    params=DareTiesParams,
 )
-def dare_ties(group: ModuleGroup, params: MergeParams) -> ModuleResult:
+def dare_ties(group: ModuleGroup, params: DareTiesParams) -> ModuleResult:
     """DARE then TIES consensus (PEFT's definition): τ̃ᵢ = mᵢ ⊙ τᵢ / d; signs elected on the unweighted τ̃ᵢ;
     ΔW = λ·Σ_{i∈A_p} wᵢτ̃ᵢ[p] / max(1, |A_p|)."""
-    return elementwise_merge(group, params, _drop, consensus=True)
+    return elementwise_merge(group, params, _drop, majority=params.majority)
 
 
 @_register(
@@ -144,11 +205,11 @@ def dare_ties(group: ModuleGroup, params: MergeParams) -> ModuleResult:
     summary="Keep each task's top-d magnitudes (no rescale, no sign election), then the weighted sum.",
     formula="ΔW = λ·Σᵢ wᵢ·trim_d(τᵢ)",
     reference="PEFT merge_utils.magnitude_prune; Yadav et al., NeurIPS 2023 (trim step)",
-    density=0.2,
+    params=ElementwiseParams,
 )
-def magnitude_prune(group: ModuleGroup, params: MergeParams) -> ModuleResult:
+def magnitude_prune(group: ModuleGroup, params: ElementwiseParams) -> ModuleResult:
     """Magnitude pruning (PEFT's definition): ΔW = λ·Σᵢ wᵢ·trim_d(τᵢ), trim_d keeping the top ⌊d·numel⌋ |entries|."""
-    return elementwise_merge(group, params, _trim, consensus=False)
+    return elementwise_merge(group, params, _trim, majority=None)
 
 
 @_register(
@@ -156,13 +217,12 @@ def magnitude_prune(group: ModuleGroup, params: MergeParams) -> ModuleResult:
     summary="Remove each task's largest γ and smallest 1−d−γ magnitudes, then the weighted sum.",
     formula="ΔW = λ·Σᵢ wᵢ·crumbs_{d,γ}(τᵢ)",
     reference="Davari & Belilovsky, Model Breadcrumbs, ECCV 2024 (arXiv:2312.06795)",
-    density=0.9,
-    extra=("gamma",),
+    params=CrumbsParams,
 )
-def breadcrumbs(group: ModuleGroup, params: MergeParams) -> ModuleResult:
+def breadcrumbs(group: ModuleGroup, params: CrumbsParams) -> ModuleResult:
     """Model Breadcrumbs (Davari & Belilovsky, ECCV 2024): per tensor, keep ⌊d·N⌋ entries (d = 0.9) by dropping the
     ⌊γ·N⌋ largest |entries| (γ = 0.01) and the smallest of the rest (mergekit's counts); ΔW = λ·Σᵢ wᵢ·crumbs(τᵢ)."""
-    return elementwise_merge(group, params, _crumbs, consensus=False)
+    return elementwise_merge(group, params, _crumbs, majority=None)
 
 
 @_register(
@@ -170,9 +230,8 @@ def breadcrumbs(group: ModuleGroup, params: MergeParams) -> ModuleResult:
     summary="Breadcrumbs masks, then TIES sign election and disjoint mean.",
     formula="ΔW = λ·Σ_{i∈A_p} wᵢ·crumbs(τᵢ)[p] / max(1,|A_p|)",
     reference="Davari & Belilovsky, ECCV 2024 (arXiv:2312.06795); Yadav et al., NeurIPS 2023",
-    density=0.9,
-    extra=("gamma", "majority"),
+    params=CrumbsTiesParams,
 )
-def breadcrumbs_ties(group: ModuleGroup, params: MergeParams) -> ModuleResult:
+def breadcrumbs_ties(group: ModuleGroup, params: CrumbsTiesParams) -> ModuleResult:
     """Breadcrumbs masks, then the TIES election on the masked unweighted tensors and the weighted disjoint mean."""
-    return elementwise_merge(group, params, _crumbs, consensus=True)
+    return elementwise_merge(group, params, _crumbs, majority=params.majority)

@@ -17,17 +17,60 @@ span of the factors). docs/rapf.md describes both; neither is in the paper.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
-import torch
-
-from ..adapter import ModuleFactors
+from .._lazy import torch
 from ..errors import UnsupportedAdapterError
 from ..linalg import dense_svd, factored_svd
-from .base import MergeParams, ModuleGroup, ModuleResult, lowrank_result, register_method
+from ..params import ENERGY, RANK, SVD, MethodParams, Param, in_range
+from .base import (
+    ModuleCost,
+    ModuleGroup,
+    ModuleResult,
+    ModuleShape,
+    dense_svd_cost,
+    factored_cost,
+    lowrank_result,
+    register_method,
+)
+
+if TYPE_CHECKING:
+    import torch  # noqa: F811
+
+    from ..adapter import ModuleFactors
 
 # Singular values below this fraction of the largest are numerical zeros (a rank-deficient W_o, a low-rank F).
 RANK_TOLERANCE = 1e-6
+BIAS = Param(
+    "RAPF: offset b of the fusion mask M = min(1, D/max D + b), in [0, 1].", "a number in [0, 1], e.g. 0.6",
+    in_range(0.0, 1.0), default=0.6,
+)
+CHAINED = Param(
+    "RAPF: each adapter was trained on top of the previous fused weights (not from the base).", "true or false",
+    lambda value: isinstance(value, bool), default=False, flag=True,
+)
+
+
+@dataclass(frozen=True)
+class RapfParams(MethodParams):
+    bias: float = BIAS.field()
+    rank: int | None = RANK.field()
+    energy: float | None = ENERGY.field()
+    chained: bool = CHAINED.field()
+    svd: str = SVD.field()
+
+
+def rapf_cost(module: ModuleShape, params: RapfParams) -> ModuleCost:
+    """Adapter-only: factored. Base-aware: one update at a time against W_o in float64, with an SVD of W_o per step
+    (`fuse_update_dense`), then the SVD of the dense fused update."""
+    if not module.with_base:
+        return factored_cost(module, params)
+    (m, n), k = module.shape, sum(module.ranks)
+    out = module.output_rank(params, dense=True)
+    svd_flops, svd_bytes = dense_svd_cost(module, params, out)
+    flops = 2.0 * m * n * k + len(module.ranks) * 4.0 * m * n * min(m, n) + svd_flops
+    return ModuleCost(out, flops, 44 * m * n + svd_bytes + module.item_bytes * (m + n) * out)
 
 
 def fusion_mask(change: torch.Tensor, bias: float) -> torch.Tensor:
@@ -163,11 +206,11 @@ def _refuse_bias(factors: Sequence[ModuleFactors], name: str) -> None:
     summary="RAPF decomposed parameter fusion, adapters fused in the order given (base-aware with --base-model).",
     formula="W = W_o + U·(M ⊙ Uᵀ(W_n − W_o)), M = min(1, |Uᵀ(W_n − W_o)|/max + b), U from svd(W_o)",
     reference="Huang et al., RAPF, ECCV 2024 (arXiv:2407.14143); docs/rapf.md",
-    params=("bias", "rank", "energy", "chained", "svd"),
-    defaults={"bias": 0.6},
+    params=RapfParams,
     uses_base=True,
+    cost=rapf_cost,
 )
-def rapf(group: ModuleGroup, params: MergeParams) -> ModuleResult:
+def rapf(group: ModuleGroup, params: RapfParams) -> ModuleResult:
     """Fuse the adapters of one module in sequence with RAPF's decomposed parameter fusion (docs/rapf.md).
 
     Adapters are independent (each trained from the base): adapter t's new weight is W_base + w_t·ΔW_t; with
@@ -185,21 +228,21 @@ def rapf(group: ModuleGroup, params: MergeParams) -> ModuleResult:
     others.
     """
     _refuse_bias(group.factors, group.name)
-    bias = 0.6 if params.bias is None else params.bias
+    bias = params.bias
     deltas = _weighted_deltas(group)
     if group.base is not None:
         base = group.base.float()
         fused = torch.zeros_like(base)
         for B, A in deltas:
             fused = fuse_update_dense(base, fused, B @ A, bias=bias, chained=params.chained)
-        generator = torch.Generator().manual_seed(params.seed)
+        generator = torch.Generator().manual_seed(0)  # rapf takes no seed: a randomized SVD (above 1024) draws from 0
         svd = dense_svd(fused, components=params.rank or group.max_rank, energy=params.energy, svd=params.svd,
                         generator=generator)
-        return lowrank_result(svd, group, params)
+        return lowrank_result(svd, group, rank=params.rank, energy=params.energy)
     fused_factors = deltas[0]
     for delta in deltas[1:]:
         fused_factors = fuse_update_factored(fused_factors, delta, bias=bias, chained=params.chained)
-    return lowrank_result(factored_svd(*fused_factors), group, params)
+    return lowrank_result(factored_svd(*fused_factors), group, rank=params.rank, energy=params.energy)
 
 
 __all__ = [

@@ -10,19 +10,44 @@ truncate it.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-
+from .._lazy import torch
 from ..linalg import FactoredSVD, factored_svd
-from .base import MergeParams, ModuleGroup, ModuleResult, lowrank_result, register_method
-from .exact import concatenated
+from ..params import DENSITY, SPACE, Param, in_range
+from .base import ModuleGroup, ModuleResult, lowrank_result, register_method
 from .elementwise import DenseTask, Trim, combine
-from .interference import density_of
+from .exact import LowRankParams, concatenated
+from .interference import MAJORITY
+
+if TYPE_CHECKING:
+    import torch  # noqa: F811
 
 # Singular values below this fraction of the largest are numerical zeros of a low-rank update.
 RANK_TOLERANCE = 1e-6
-_SUBSPACE = ("scale", "rank", "energy")
+COMMON_FRACTION = Param(
+    "Iso-CTS: share of the rank given to the common subspace.", "a fraction in (0, 1], e.g. 0.8",
+    in_range(0.0, 1.0, low_open=True), default=0.8,
+)
+
+
+@dataclass(frozen=True)
+class KnotsParams(LowRankParams):
+    density: float = DENSITY.field(0.2)
+    majority: str = MAJORITY.field()
+
+
+@dataclass(frozen=True)
+class CoreSpaceParams(LowRankParams):
+    """TSV and Iso-C: their factored form is the core-space form, so `space` is "core" only."""
+
+    space: str = SPACE.field("core")
+
+
+@dataclass(frozen=True)
+class IsoCtsParams(CoreSpaceParams):
+    common_fraction: float = COMMON_FRACTION.field()
 
 
 def numerical_rank(S: torch.Tensor, tolerance: float = RANK_TOLERANCE) -> int:
@@ -36,11 +61,12 @@ def polar(X: torch.Tensor) -> torch.Tensor:
     return (P @ Qh).float()
 
 
-def full_rank_result(svd: FactoredSVD, group: ModuleGroup, params: MergeParams) -> ModuleResult:
+def full_rank_result(svd: FactoredSVD, group: ModuleGroup, params: LowRankParams) -> ModuleResult:
     """Truncate only if the user asked: the default output rank is the merged update's whole (numerical) rank."""
-    if params.rank is None and params.energy is None:
-        params = replace(params, rank=max(1, numerical_rank(svd.S)))
-    return lowrank_result(svd, group, params)
+    rank = params.rank
+    if rank is None and params.energy is None:
+        rank = max(1, numerical_rank(svd.S))
+    return lowrank_result(svd, group, rank=rank, energy=params.energy, scale=params.scale)
 
 
 def task_svds(group: ModuleGroup) -> list[FactoredSVD]:
@@ -69,10 +95,9 @@ def orthogonalised(parts: list[FactoredSVD], scale: float, *, isotropic: bool) -
     summary="Align the tasks in the shared left singular basis of [τ₁|…|τ_T], then TIES on the aligned parts.",
     formula="[τ₁|…|τ_T] = U·S·[V₁ᵀ|…|V_Tᵀ]; ΔW = λ·U·TIES_d(S·V₁ᵀ, …, S·V_Tᵀ; w)",
     reference="Stoica et al., Model merging with SVD to tie the KnOTS, ICLR 2025 (arXiv:2410.19735)",
-    params=(*_SUBSPACE, "density", "majority"),
-    defaults={"density": 0.2},
+    params=KnotsParams,
 )
-def knots(group: ModuleGroup, params: MergeParams) -> ModuleResult:
+def knots(group: ModuleGroup, params: KnotsParams) -> ModuleResult:
     """KnOTS (Stoica et al., ICLR 2025): with X = [τ₁|…|τ_T] = U·S·Vᵀ (σ > 1e-6·σ₁ kept) and Vᵀ split per task,
     ΔW = λ·U·TIES(S·Vᵢᵀ) (per-module top-d trim, d = 0.2, disjoint mean, weights in the mean).
 
@@ -93,7 +118,7 @@ def knots(group: ModuleGroup, params: MergeParams) -> ModuleResult:
         DenseTask.product((S[:keep, None] * Vh_c[:keep, int(offsets[i]) : int(offsets[i + 1])]).float(), Q.mT)
         for i, (Q, _) in enumerate(qrs)
     ]
-    trims = [Trim.of(task, density_of(params)) for task in tasks]
+    trims = [Trim.of(task, params.density) for task in tasks]
     merged = combine(tasks, trims, group.weights, majority=params.majority, scale=params.scale)
     return full_rank_result(factored_svd(U, merged), group, params)
 
@@ -104,10 +129,10 @@ def knots(group: ModuleGroup, params: MergeParams) -> ModuleResult:
     summary="Task Singular Vectors: each task's top singular vectors, orthogonalised jointly (polar factors).",
     formula="ΔW = α·polar([U₁|…|U_T])·diag(S₁,…,S_T)·polar([V₁|…|V_T])ᵀ, top ⌊min(m,n)/T⌋ per task",
     reference="Gargiulo et al., Task Singular Vectors, CVPR 2025 (arXiv:2412.00081)",
-    params=(*_SUBSPACE, "space"),
+    params=CoreSpaceParams,
     spaces=("core",),
 )
-def tsv(group: ModuleGroup, params: MergeParams) -> ModuleResult:
+def tsv(group: ModuleGroup, params: CoreSpaceParams) -> ModuleResult:
     """TSV-Merge (Gargiulo et al., CVPR 2025): wᵢ·τᵢ = Uᵢ·Sᵢ·Vᵢᵀ cut to c = ⌊min(m,n)/T⌋ components (and to its
     numerical rank, our LoRA reading: null vectors are arbitrary); ΔW = α·U⊥·diag(S)·V⊥ᵀ with U⊥, V⊥ the polar
     factors of the concatenated singular vectors. Equal to TSV on the Core Space cores (docs/methods.md)."""
@@ -126,16 +151,16 @@ def tsv(group: ModuleGroup, params: MergeParams) -> ModuleResult:
     summary="Isotropic merge: the sum's singular values all replaced by their mean (over the numerical rank).",
     formula="Σᵢ wᵢτᵢ = U·S·Vᵀ; ΔW = α·mean(S)·U·Vᵀ",
     reference="Marczak et al., No Task Left Behind (Iso-C), ICML 2025 (arXiv:2502.04959)",
-    params=(*_SUBSPACE, "space"),
+    params=CoreSpaceParams,
     spaces=("core",),
 )
-def iso_c(group: ModuleGroup, params: MergeParams) -> ModuleResult:
+def iso_c(group: ModuleGroup, params: CoreSpaceParams) -> ModuleResult:
     """Iso-C (Marczak et al., ICML 2025): Σᵢ wᵢτᵢ = U·S·Vᵀ, ΔW = α·mean(S)·U·Vᵀ. The mean runs over the numerical rank
     (σ > 1e-6·σ₁), our LoRA reading of the paper's full spectrum; it equals Core Space's isotropize (c.8)."""
     svd = factored_svd(*concatenated(group))
     keep = numerical_rank(svd.S)
     if keep == 0:
-        return lowrank_result(svd, group, params)
+        return lowrank_result(svd, group, rank=params.rank, energy=params.energy, scale=params.scale)
     flat = torch.full_like(svd.S[:keep], params.scale * float(svd.S[:keep].mean()))
     return full_rank_result(FactoredSVD.of(svd.left.columns(keep), flat, svd.right.columns(keep)), group, params)
 
@@ -146,10 +171,10 @@ def iso_c(group: ModuleGroup, params: MergeParams) -> ModuleResult:
     summary="Iso-C on a common subspace of the sum plus task-specific residual directions, orthogonalised.",
     formula="ΔW = α·mean(S)·polar([U_tasks|U_common])·polar([V_tasks|V_common])ᵀ",
     reference="Marczak et al., No Task Left Behind (Iso-CTS), ICML 2025 (arXiv:2502.04959)",
-    params=(*_SUBSPACE, "space", "common_fraction"),
+    params=IsoCtsParams,
     spaces=("core",),
 )
-def iso_cts(group: ModuleGroup, params: MergeParams) -> ModuleResult:
+def iso_cts(group: ModuleGroup, params: IsoCtsParams) -> ModuleResult:
     """Iso-CTS (Marczak et al., ICML 2025): keep k_c = ⌊f·D⌋ leading directions of Σᵢ wᵢτᵢ (f = 0.8, D its numerical
     rank), adjusted to k_c = D − T·t with t = round((D − ⌊f·D⌋)/T) as the official code rounds; add each task's top t
     directions of its residual wᵢτᵢ − U_c·U_cᵀ·wᵢτᵢ, orthogonalise U and V by polar factors and flatten the spectrum

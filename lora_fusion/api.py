@@ -1,0 +1,294 @@
+"""The public merge call: resolve the sources, validate every parameter, plan or run, and return the result.
+
+`merge` checks the method's parameters against its declaration and the options against the sources' headers before
+any tensor is read, then hands the per-module work to the loop in `lora_fusion.engine` (or, for methods of the
+"adapters" kind, the method itself) and assembles the merged [`LoraAdapter`] with its provenance and stats.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, overload
+
+import torch
+
+from . import engine
+from .adapter import AdapterConfig, LoraAdapter, MemoryStore, ModuleSpec
+from .base_weights import BaseWeights
+from .distributed import current_shard, is_main_process
+from .errors import DegenerateMergeWarning, IncompatibleAdaptersError, InvalidParameterError, SourceNotFoundError
+from .methods import MethodSpec, ModuleStats, get_method
+from .plan import MergePlan, make_plan
+from .provenance import merge_provenance
+from .recipe import SourceEntry
+from .sources import check_scale_fits, is_repo_id, load_adapter
+
+Source = str | Path | LoraAdapter | SourceEntry
+# Below this retained energy in a module, a merge at the default rank is likely not what was meant (issue 12 §6).
+LOW_RETAINED_ENERGY = 0.9
+
+
+@overload
+def merge(sources: Sequence[Source], *, dry_run: Literal[False] = ..., **kwargs: Any) -> LoraAdapter: ...
+@overload
+def merge(sources: Sequence[Source], *, dry_run: Literal[True], **kwargs: Any) -> MergePlan: ...
+
+
+def merge(
+    sources: Sequence[Source],
+    *,
+    method: str = "linear",
+    weights: Sequence[float] | None = None,
+    base_model: str | Path | None = None,
+    revision: str | None = None,
+    subfolder: str | None = None,
+    token: str | None = None,
+    dtype: torch.dtype | str | None = None,
+    device: str = "cpu",
+    distributed: bool = False,
+    ignore_base_model: bool = False,
+    dry_run: bool = False,
+    progress: bool | None = None,
+    **params: Any,
+) -> LoraAdapter | MergePlan:
+    """Fuse LoRA adapters module by module; exact methods never form an out×in matrix.
+
+    Args:
+        sources: Hub ids (`owner/name[@revision]`), local adapter directories or files, loaded [`LoraAdapter`]s,
+            or recipe [`SourceEntry`]s (with their own revision and subfolder).
+        method: a registered method name (`lora-fusion methods`), e.g. `"linear"`, `"task_arithmetic"`, `"svd"`.
+        weights: one weight per source (default 1 each, i.e. the plain sum); negative weights subtract.
+        base_model: the base model's weights (a local directory or file, or a Hub id `owner/name[@revision]`), for
+            methods that use them (RAPF); read one module at a time, only safetensors.
+        revision, subfolder, token: passed to [`load_adapter`] for string sources.
+        dtype: output dtype, `"float32"`, `"float16"` or `"bfloat16"` (default: the sources' dtype, float32 if they
+            differ). The math is float32 (float64 for the small cores) whatever the dtype.
+        device: where the math runs (`"cpu"`, `"cuda"`, `"auto"`).
+        distributed: under `accelerate launch` or torchrun with several processes, split the modules between them
+            (each on its own GPU with cuda/auto): every process must call `merge`, and every process returns the
+            whole result; save it from the main process only. Ignored in a single process.
+        ignore_base_model: merge even if the adapters' `base_model_name_or_path` differ (shapes must still agree).
+        dry_run: return a [`MergePlan`] computed from headers, reading no tensors.
+        progress: show a progress bar on stderr (default: when stderr is a terminal).
+        **params: the method's own parameters, as it declares them (`lora-fusion methods` lists them with their
+            defaults), e.g. `rank=16`, `energy=0.99`, `scale=0.5`, `density=0.2`, `seed=0`, `space="core"`; a name the
+            method does not declare is an error that lists the ones it takes.
+
+    Returns:
+        The merged [`LoraAdapter`] (with `.stats` per module and `.provenance`), or a [`MergePlan`] if `dry_run`.
+
+    Raises:
+        UnknownMethodError, InvalidParameterError: before any download (a parameter the method does not take, a
+            value outside its domain).
+        IncompatibleAdaptersError: different base models, or different shapes for one module (named).
+        SourceNotFoundError, NotALoraAdapterError, UnsupportedAdapterError, CorruptAdapterError, HubError: from loading.
+
+    Example:
+        ```python
+        >>> merged = merge(["org/math-lora", "org/code-lora"], method="svd", weights=[0.6, 0.4], rank=16)
+        >>> merged.save_pretrained("out/")
+        ```
+    """
+    spec = get_method(method)
+    resolved = spec.resolve(params)
+    if base_model is not None and not spec.uses_base:
+        raise InvalidParameterError("base_model", str(base_model), expected=f"none: {spec.name} reads no base weights")
+    weight_list = _weights(weights, len(sources))
+    target = _device(device)
+    if spec.kind == "adapters":
+        _refuse_per_module_options(spec, weights=weights, dry_run=dry_run, dtype=dtype, device=device)
+    shard = current_shard(device) if distributed and not dry_run and spec.kind == "module" else None
+
+    def open_inputs(on: torch.device) -> engine.MergeInputs:
+        adapters = [_open(s, revision=revision, subfolder=subfolder, token=token) for s in sources]
+        layout = _module_layout(adapters, ignore_base_model=ignore_base_model)
+        out_dtype = _dtype(dtype) if dtype is not None else _common_dtype(adapters)
+        for adapter in adapters:
+            for name, module in adapter.modules.items():
+                check_scale_fits(name, module.scale, out_dtype, _origin(adapter))
+        base = _open_base(base_model, token=token) if base_model is not None and not dry_run else None
+        return engine.MergeInputs(spec, resolved, adapters, weight_list, layout, on, out_dtype, base)
+
+    if shard is not None:
+        inputs, merged = engine.merge_sharded(shard, open_inputs, progress)
+    else:
+        inputs = open_inputs(target)
+        if spec.kind == "adapters":
+            return spec.fn(inputs.adapters, resolved)  # type: ignore[call-arg, arg-type]
+        if dry_run:
+            return make_plan(spec, resolved, inputs.adapters, weight_list, inputs.layout, inputs.dtype,
+                             with_base=base_model is not None, workers=engine.CPU_WORKERS)
+        merged = engine.merge_modules(inputs, list(inputs.layout), progress)
+    return _assemble(inputs, merged, rank_given=params.get("rank") is not None or params.get("energy") is not None)
+
+
+def _assemble(inputs: engine.MergeInputs, merged: Mapping[str, engine.ModuleOutput], *, rank_given: bool) -> LoraAdapter:
+    """The merged adapter from every module's output, with its config, provenance and stats (in layout order)."""
+    tensors: dict[str, torch.Tensor] = {}
+    modules: dict[str, ModuleSpec] = {}
+    stats: dict[str, ModuleStats] = {}
+    findings: dict[str, engine.ModuleFindings] = {}
+    for name in inputs.layout:
+        modules[name], outputs, stats[name], findings[name] = merged[name]
+        tensors.update(outputs)
+    adapters = inputs.adapters
+    if is_main_process():  # every process of a launch holds the same result: say it once
+        _warn_degenerate(adapters, findings, stats, rank_given=rank_given)
+    first = adapters[0].config
+    config = AdapterConfig(
+        base_model=first.base_model,
+        task_type=first.task_type,
+        r=max(s.rank for s in stats.values()),
+        lora_alpha=1.0,
+        fan_in_fan_out=any(a.config.fan_in_fan_out for a in adapters),
+    )
+    provenance = merge_provenance(
+        inputs.spec.name, inputs.params.recorded(), adapters, inputs.weights,
+        dtype=str(inputs.dtype).removeprefix("torch."),
+        **({"base_model": inputs.base.source} if inputs.base is not None else {}),
+    )
+    # The sources' local paths stay in memory (never in the provenance): writing the result must not replace them.
+    local_inputs = [path for adapter in adapters for path in adapter.local_inputs()]
+    return LoraAdapter(
+        config=config, modules=modules, store=MemoryStore(tensors), provenance=provenance, stats=stats,
+        inputs=local_inputs,
+    )
+
+
+def _refuse_per_module_options(
+    spec: MethodSpec, *, weights: Sequence[float] | None, dry_run: bool, dtype: torch.dtype | str | None, device: str
+) -> None:
+    """A method of the "adapters" kind (ICM-Fusion) learns its own combination and writes float32 from the CPU:
+    refuse what it would ignore, before anything is downloaded. Under a launcher each process runs it whole."""
+    given = {"weights": weights, "dry_run": dry_run or None, "dtype": dtype, "device": None if device == "cpu" else device}
+    for name, value in given.items():
+        if value is not None:
+            raise InvalidParameterError(name, value, expected=f"none: {spec.name} learns its own weights, runs on the "
+                                        "CPU in one process, writes float32 and has no plan before it runs")
+
+
+def _warn_degenerate(
+    adapters: Sequence[LoraAdapter],
+    findings: Mapping[str, ModuleFindings],
+    stats: Mapping[str, ModuleStats],
+    *,
+    rank_given: bool,
+) -> None:
+    """One `DegenerateMergeWarning` per kind of result that is probably not what was meant."""
+    names = [_origin(a) for a in adapters]
+    seen: dict[str, int] = {}
+    for i, adapter in enumerate(adapters):
+        where = adapter.source.path if adapter.source and adapter.source.path else f"object {id(adapter)}"
+        key = f"{where}|{adapter.source.subfolder if adapter.source else ''}"
+        if key in seen:
+            _warn(f"source {i + 1} ({names[i]}) is the same adapter as source {seen[key] + 1}: its update counts "
+                  "twice; give it once with a larger weight if that is what you mean.")
+        seen.setdefault(key, i)
+    for i, adapter in enumerate(adapters):
+        zero = [m for m in adapter.modules if m in findings and i in findings[m].zero_inputs]
+        if zero and len(zero) == len([m for m in adapter.modules if m in findings]):
+            _warn(f"source {i + 1} ({names[i]}) is all zeros (an untrained adapter? PEFT initialises B to 0): it "
+                  "adds nothing to the merge.")
+    if findings and all(f.zero_output for f in findings.values()):
+        _warn("the merged adapter is all zeros: the sources cancel or were trimmed away; check the weights and "
+              "the method's parameters.")
+    low = {name: s.retained_energy for name, s in stats.items() if s.retained_energy < LOW_RETAINED_ENERGY}
+    if low and not rank_given:
+        worst = min(low, key=low.__getitem__)
+        _warn(f"{len(low)} module(s) keep less than {LOW_RETAINED_ENERGY:g} of the merged update's energy at the "
+              f"default rank (lowest: {worst}, {low[worst]:.3f}); pass --energy 0.99 or a larger --rank.")
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, DegenerateMergeWarning, stacklevel=4)
+
+
+def _open_base(source: str | Path, *, token: str | None) -> BaseWeights:
+    text = str(source)
+    if Path(text).expanduser().exists():
+        return BaseWeights(text)
+    repo_id, _, revision = text.partition("@")
+    if not is_repo_id(repo_id):
+        raise SourceNotFoundError(
+            f"--base-model {text}: no such file or directory, and not a Hub repo id (owner/name[@revision])."
+        )
+    return BaseWeights(repo_id, revision=revision or None, token=token)
+
+
+def _open(source: Source, *, revision: str | None, subfolder: str | None, token: str | None) -> LoraAdapter:
+    if isinstance(source, LoraAdapter):
+        return source
+    if isinstance(source, (str, Path)):
+        return load_adapter(source, revision=revision, subfolder=subfolder, token=token)
+    return load_adapter(
+        source.source, revision=source.revision or revision, subfolder=source.subfolder or subfolder, token=token
+    )
+
+
+def _weights(weights: Sequence[float] | None, count: int) -> list[float]:
+    if count == 0:
+        raise InvalidParameterError("sources", [], expected="at least one adapter")
+    if weights is None:
+        return [1.0] * count
+    values = list(weights)
+    if len(values) != count:
+        raise InvalidParameterError(
+            "weights", values, expected=f"one weight per source ({count} sources, {len(values)} weights)"
+        )
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise InvalidParameterError("weights", values, expected="finite numbers, e.g. 0.6,0.4")
+    return [float(v) for v in values]
+
+
+def _dtype(dtype: torch.dtype | str) -> torch.dtype:
+    names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if isinstance(dtype, torch.dtype) and dtype in names.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in names:
+        return names[dtype.removeprefix("torch.")]
+    raise InvalidParameterError("dtype", dtype, expected="float32, float16 or bfloat16")
+
+
+def _device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise InvalidParameterError("device", device, expected="cpu, cuda or auto")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InvalidParameterError("device", device, expected="cpu or auto: no CUDA GPU is visible here")
+    return torch.device(device)
+
+
+def _module_layout(adapters: Sequence[LoraAdapter], *, ignore_base_model: bool) -> dict[str, ModuleSpec]:
+    """The union of the adapters' modules, each checked to have one layout; refuses different base models."""
+    bases = {a.base_model for a in adapters if a.base_model}
+    if len(bases) > 1 and not ignore_base_model:
+        named = "; ".join(f"{_origin(a)}: {a.base_model}" for a in adapters)
+        raise IncompatibleAdaptersError(
+            f"the adapters were trained on different base models ({named}). Merge adapters of one base model, or "
+            "pass --ignore-base-model if these names denote the same weights."
+        )
+    layout: dict[str, ModuleSpec] = {}
+    for adapter in adapters:
+        for name, spec in adapter.modules.items():
+            known = layout.setdefault(name, spec)
+            if known.layout() != spec.layout():
+                shapes = {_origin(a): a.modules[name].layout()[1:] for a in adapters if name in a.modules}
+                raise IncompatibleAdaptersError(
+                    f"module {name}: the adapters disagree on its shape {shapes}; they come from different base "
+                    "models. Compare them with `lora-fusion inspect`."
+                )
+    return layout
+
+
+def _origin(adapter: LoraAdapter) -> str:
+    return adapter.source.source if adapter.source else "in-memory adapter"
+
+
+def _common_dtype(adapters: Sequence[LoraAdapter]) -> torch.dtype:
+    dtypes = {spec.dtype for a in adapters for spec in a.modules.values()}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
