@@ -98,7 +98,7 @@ class Variant:
     def defaults(self) -> dict[str, Any]:
         """The method's resolved default values of the tuned parameters it takes."""
         resolved = self.spec.resolve(self.kwargs({}))
-        return {name: getattr(resolved, name) for name in TUNED if name in self.spec.params}
+        return {name: getattr(resolved, name) for name in TUNED if name in self.spec.declared}
 
     def grid(self, name: str) -> tuple[float, ...]:
         if name == "scale":
@@ -118,7 +118,7 @@ def variants(methods: Sequence[str] | None = None) -> list[Variant]:
     out = []
     for name in names:
         spec = specs[name]
-        spaces = spec.spaces if "space" in spec.params else (None,)
+        spaces = spec.spaces if "space" in spec.declared else (None,)
         out.extend(Variant(name, space) for space in spaces)
     return out
 

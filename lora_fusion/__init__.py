@@ -29,6 +29,8 @@ _LAZY = {
     "MergePlan": "plan",
     "LoraAdapter": "adapter",
     "ModuleFactors": "adapter",
+    "ModuleGroup": "methods",
+    "ModuleResult": "methods",
     "ModuleStats": "methods",
     "MethodParams": "params",
     "Param": "params",
@@ -46,7 +48,7 @@ if TYPE_CHECKING:
     from .adapter import LoraAdapter, ModuleFactors
     from .diagnostics import interference_report
     from .api import merge
-    from .methods import ModuleStats, get_method, list_methods, register_method
+    from .methods import ModuleGroup, ModuleResult, ModuleStats, get_method, list_methods, register_method
     from .params import MethodParams, Param
     from .plan import MergePlan
     from .recipe import Recipe, load_recipe

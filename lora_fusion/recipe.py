@@ -14,7 +14,6 @@ Relative paths are resolved against the recipe's folder. Unknown keys and wrong 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -154,16 +153,16 @@ def validated(data: dict[str, Any], *, origin: str) -> Recipe:
     from .methods.base import load_entry_points
 
     load_entry_points()
+    spec = get_method(recipe.method)
     declared = declared_params()
     for key in recipe.params:
-        if key not in declared:
-            raise RecipeError(f"{origin}: unknown key {key!r}; allowed keys: {', '.join(_allowed_keys(declared))}.")
-    get_method(recipe.method).resolve(recipe.params)  # a parameter the method does not take, a value out of bounds
+        if key not in declared:  # no method's parameter: a misspelled parameter or recipe key
+            takes = ", ".join(sorted(spec.declared)) or "no parameters"
+            raise RecipeError(f"{origin}: unknown key {key!r}; {spec.name} takes {takes}, and every recipe takes "
+                              f"{', '.join(Recipe.model_fields)}.")
+    spec.resolve(recipe.params)  # another method's parameter, or a value outside its declared domain
     return recipe
 
-
-def _allowed_keys(declared: Mapping[str, Any]) -> list[str]:
-    return [*Recipe.model_fields, *declared]
 
 
 def _first_problem(err: ValidationError) -> str:

@@ -484,68 +484,89 @@ def scratch_registry(monkeypatch):
 
     monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
     monkeypatch.setattr(base, "_ALIASES", dict(base._ALIASES))
+    monkeypatch.setattr(base, "_PARAMS", dict(base._PARAMS))
     return base
 
 
 def test_a_registered_method_is_found_by_name_and_alias_with_what_it_declared(scratch_registry) -> None:
     from lora_fusion.methods import get_method, list_methods, register_method
+    from lora_fusion.methods.exact import LowRankParams
 
     def half(group, params):
         raise NotImplementedError
 
+    def cost(module, params):
+        raise NotImplementedError
+
     returned = register_method(
-        "half", summary="s", formula="f", reference="r", params=("scale", "rank"), aliases=("halve", "h"),
-        defaults={"scale": 0.5}, spaces=("core", "full"), output_rank="sum", uses_base=True,
+        "half", summary="s", formula="f", reference="r", params=LowRankParams, aliases=("halve", "h"),
+        spaces=("core", "full"), output_rank="sum", uses_base=True, cost=cost,
     )(half)
     assert returned is half  # the decorator leaves the function as it was
     spec = get_method("half")
     assert get_method("halve") is spec and get_method("h") is spec and spec in list_methods()
     assert (spec.name, spec.fn, spec.summary, spec.formula, spec.reference) == ("half", half, "s", "f", "r")
-    assert spec.params == frozenset({"scale", "rank"}) and spec.aliases == ("halve", "h")
-    assert dict(spec.defaults) == {"space": "core", "scale": 0.5} and spec.spaces == ("core", "full")
-    assert (spec.output_rank, spec.uses_base, spec.whole_adapters, spec.required) == ("sum", True, False, ())
+    assert set(spec.declared) == {"scale", "rank", "energy"} and spec.aliases == ("halve", "h")
+    assert spec.spaces == ("core", "full") and spec.cost is cost
+    assert (spec.output_rank, spec.uses_base, spec.kind) == ("sum", True, "module")
+    with pytest.raises(ValueError, match="already registered"):
+        register_method("h", summary="s", formula="f", reference="r")(half)
 
 
 def test_a_method_registered_without_options_gets_the_documented_defaults(scratch_registry) -> None:
-    from lora_fusion.methods import get_method, register_method
+    from lora_fusion.methods import NoParams, factored_cost, get_method, register_method
 
     register_method("plain", summary="s", formula="f", reference="r")(lambda group, params: None)
     spec = get_method("plain")
-    assert spec.params == frozenset() and spec.aliases == () and dict(spec.defaults) == {"space": "full"}
-    assert (spec.spaces, spec.output_rank, spec.uses_base) == (("full",), "max", False)
+    assert spec.params is NoParams and spec.declared == {} and spec.aliases == ()
+    assert (spec.spaces, spec.output_rank, spec.uses_base, spec.kind, spec.cost) == (
+        ("full",), "max", False, "module", factored_cost
+    )
 
 
-def test_an_adapter_method_is_registered_on_whole_adapters(scratch_registry) -> None:
-    from lora_fusion.methods import get_method
-    from lora_fusion.methods.base import register_adapter_method
+def test_an_adapter_method_is_registered_as_its_kind(scratch_registry) -> None:
+    from lora_fusion.methods import get_method, register_method
+    from lora_fusion.methods.icm import IcmParams
 
     def fuse(adapters, params):
         raise NotImplementedError
 
-    assert register_adapter_method("fuse", summary="s", formula="f", reference="r", params=("seed", "fvae"),
-                                   required=("fvae",))(fuse) is fuse
+    assert register_method("fuse", summary="s", formula="f", reference="r", params=IcmParams, kind="adapters",
+                           output_rank="merged")(fuse) is fuse
     spec = get_method("fuse")
-    assert (spec.name, spec.fn, spec.summary, spec.formula, spec.reference) == ("fuse", fuse, "s", "f", "r")
-    assert spec.params == frozenset({"seed", "fvae"}) and spec.required == ("fvae",)
-    assert (spec.whole_adapters, spec.output_rank) == (True, "merged")
-    bare = register_adapter_method("bare", summary="s", formula="f", reference="r")
-    bare(fuse)
-    assert get_method("bare").params == frozenset() and get_method("bare").required == ()
+    assert (spec.name, spec.fn, spec.kind, spec.output_rank) == ("fuse", fuse, "adapters", "merged")
+    with pytest.raises(InvalidParameterError, match="needs --fvae"):
+        spec.resolve({"support": "s"})
+
+
+def test_a_parameter_name_has_one_meaning_across_methods(scratch_registry) -> None:
+    from dataclasses import dataclass
+
+    from lora_fusion.methods import register_method
+    from lora_fusion.params import MethodParams, Param
+
+    @dataclass(frozen=True)
+    class Other(MethodParams):
+        rank: int = Param("another rank", "anything", lambda value: True).field(3)
+
+    with pytest.raises(ValueError, match="'rank' of other is already declared by"):
+        register_method("other", summary="s", formula="f", reference="r", params=Other)(lambda group, params: None)
 
 
 def test_element_wise_methods_share_one_registration_form(scratch_registry) -> None:
     from lora_fusion.methods import get_method
-    from lora_fusion.methods.interference import _register
+    from lora_fusion.methods.interference import CrumbsParams, _register, elementwise_cost
 
     def trimmed(group, params):
         raise NotImplementedError
 
-    assert _register("trimmed", summary="s", formula="f", reference="r", density=0.3, extra=("gamma",))(trimmed) is trimmed
+    assert _register("trimmed", summary="s", formula="f", reference="r", params=CrumbsParams)(trimmed) is trimmed
     spec = get_method("trimmed")
     assert (spec.fn, spec.summary, spec.formula, spec.reference) == (trimmed, "s", "f", "r")
-    assert spec.params == frozenset({"scale", "density", "rank", "energy", "seed", "space", "svd", "gamma"})
-    assert dict(spec.defaults) == {"space": "full", "density": 0.3} and spec.spaces == ("full", "core")
-    assert get_method("ties").params == frozenset({"scale", "density", "rank", "energy", "seed", "space", "svd", "majority"})
+    assert set(spec.declared) == {"scale", "density", "rank", "energy", "seed", "space", "svd", "gamma"}
+    assert spec.describe()["density"]["default"] == 0.9 and spec.spaces == ("full", "core")
+    assert spec.cost is elementwise_cost
+    assert set(get_method("ties").declared) == {"scale", "density", "rank", "energy", "seed", "space", "svd", "majority"}
 
 
 # --------------------------------------------------------------------------------------------- numerical rank
@@ -674,12 +695,12 @@ def test_subspace_methods_keep_the_merged_rank_unless_a_rank_or_energy_is_asked_
 
 
 def test_method_help_shows_each_methods_own_defaults() -> None:
-    from lora_fusion.methods import describe_params, get_method
+    from lora_fusion.methods import get_method
 
-    described = describe_params(get_method("ties"))
+    described = get_method("ties").describe()
     assert described["density"]["default"] == 0.2 and described["majority"]["default"] == "total"
     assert "Fraction of entries kept" in described["density"]["help"]
-    assert describe_params(get_method("breadcrumbs"))["density"]["default"] == 0.9
+    assert get_method("breadcrumbs").describe()["density"]["default"] == 0.9
 
 
 # --------------------------------------------------------------------------------------------- RAPF
@@ -1050,24 +1071,54 @@ REFUSED = [
     ({"seed": 1.0}, "seed"), ({"common_fraction": 0.0}, "common_fraction"), ({"common_fraction": 1.2}, "common_fraction"),
     ({"space": "dense"}, "space"), ({"svd": "fast"}, "svd"), ({"svd": "exact", "space": "core"}, "svd"),
     ({"svd": "randomized", "space": "core"}, "svd"), ({"bias": -0.01}, "bias"), ({"bias": 1.01}, "bias"),
-    ({"bias": False}, "bias"), ({"chained": 1}, "chained"), ({"fvae": 3}, "fvae"), ({"support": Path("s")}, "support"),
+    ({"bias": False}, "bias"), ({"chained": 1}, "chained"), ({"fvae": 3}, "fvae"), ({"support": 1.5}, "support"),
 ]
+
+
+def every_declaration():
+    """A parameter class with every built-in declaration, so each declared check is exercised on its own."""
+    from dataclasses import dataclass
+
+    from lora_fusion.methods.icm import FVAE, SUPPORT
+    from lora_fusion.methods.interference import GAMMA, MAJORITY
+    from lora_fusion.methods.rapf import BIAS, CHAINED
+    from lora_fusion.methods.subspace import COMMON_FRACTION
+    from lora_fusion.params import DENSITY, ENERGY, RANK, SCALE, SEED, SPACE, SVD, MethodParams
+
+    @dataclass(frozen=True)
+    class Everything(MethodParams):
+        rank: int | None = RANK.field()
+        energy: float | None = ENERGY.field()
+        scale: float = SCALE.field()
+        density: float | None = DENSITY.field()
+        majority: str = MAJORITY.field()
+        gamma: float = GAMMA.field()
+        seed: int = SEED.field()
+        common_fraction: float = COMMON_FRACTION.field()
+        space: str = SPACE.field()
+        svd: str = SVD.field()
+        bias: float = BIAS.field()
+        chained: bool = CHAINED.field()
+        fvae: str | None = FVAE.field()
+        support: str | None = SUPPORT.field()
+
+    return Everything
 
 
 @pytest.mark.parametrize("given", ACCEPTED, ids=str)
 def test_merge_parameters_in_their_domain_are_accepted(given) -> None:
-    from lora_fusion.methods import MergeParams
-
-    params = MergeParams(**given)
+    params = every_declaration()(**given)
     assert all(getattr(params, name) == value for name, value in given.items())
+
+
+def test_path_parameters_accept_path_objects_and_store_text() -> None:
+    assert every_declaration()(support=Path("s"), fvae=Path("dir/f")).recorded()["fvae"] == str(Path("dir/f"))
 
 
 @pytest.mark.parametrize(("given", "name"), REFUSED, ids=str)
 def test_merge_parameters_outside_their_domain_are_refused_by_name(given, name) -> None:
-    from lora_fusion.methods import MergeParams
-
     with pytest.raises(InvalidParameterError) as caught:
-        MergeParams(**given)
+        every_declaration()(**given)
     assert caught.value.name == name
 
 
