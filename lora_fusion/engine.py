@@ -21,7 +21,7 @@ from typing import Any, Literal, TypeVar, overload
 import torch
 
 from . import __version__
-from .adapter import AdapterConfig, LoraAdapter, MemoryStore, ModuleFactors, ModuleSpec, all_finite
+from .adapter import LoraAdapter, ModuleFactors
 from .base_weights import BaseWeights
 from .distributed import current_shard, gather_shards, is_main_process
 from .linalg import EXACT_SVD_LIMIT, OVERSAMPLING
@@ -35,7 +35,10 @@ from .errors import (
 )
 from .methods import MergeParams, MethodSpec, ModuleGroup, ModuleStats, get_method
 from .recipe import SourceEntry
-from .sources import check_scale_fits, is_repo_id, load_adapter
+from .formats.peft import check_scale_fits
+from .hub import is_repo_id
+from .sources import load_adapter
+from .spec import AdapterConfig, MemoryStore, ModuleSpec, all_finite
 
 Source = str | Path | LoraAdapter | SourceEntry
 T = TypeVar("T")

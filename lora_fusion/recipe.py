@@ -20,7 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import InvalidParameterError, RecipeError
-from .sources import check_push_repo_id
+from .hub import check_push_repo_id
 
 
 class SourceEntry(BaseModel):
