@@ -130,7 +130,7 @@ def merge(
     """Merge adapters into one PEFT adapter: `lora-fusion merge A B --method svd --rank 16 --out merged/`."""
     with user_errors():
         from lora_fusion.recipe import load_recipe, validated
-        from lora_fusion.sources import check_push_repo_id
+        from lora_fusion.hub import check_push_repo_id
 
         flags = {k: v for k, v in ctx.meta["declared"].items() if v is not None}
         if "weights" in flags:
@@ -183,7 +183,8 @@ def _run_merge(plan: Any, *, subfolder: str | None, dry_run: bool, as_json: bool
 
     if not dry_run and plan.out is None and plan.push_to_hub is None:
         fail("say where the merged adapter goes: --out DIR (and/or --push-to-hub REPO).")
-    from lora_fusion.writer import check_output_folder, check_push_allowed
+    from lora_fusion.hub import check_push_allowed
+    from lora_fusion.writer import check_output_folder
 
     if not dry_run and plan.out:  # before any download or merge: what --overwrite may replace, sources protected
         inputs = [*(entry.source for entry in plan.entries()), *(p for p in (plan.base_model, *plan.path_params().values()) if p)]
@@ -333,8 +334,8 @@ def push(
 ) -> None:
     """Upload an adapter directory to the Hub (token from HF_TOKEN or `hf auth login`)."""
     with user_errors():
-        from lora_fusion.sources import check_push_repo_id, load_adapter
-        from lora_fusion.writer import push_folder
+        from lora_fusion.hub import check_push_repo_id, push_folder
+        from lora_fusion.sources import load_adapter
 
         check_push_repo_id(repo_id)
         load_adapter(directory)

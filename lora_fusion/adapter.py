@@ -1,38 +1,25 @@
-"""The single in-memory form of a LoRA adapter: a config plus per-module factors, read on demand.
+"""The single in-memory form of a LoRA adapter: [`LoraAdapter`], its config and modules ([`lora_fusion.spec`]) and
+their factors, read on demand; [`SourceInfo`], where it came from.
 
-Conventions (docs/methods.md):
-
-* Module names are the base model's module paths (`model.layers.0.self_attn.q_proj`), not PEFT's state-dict keys.
-* Every module is held in a canonical "out × in" form: `B` is m×r, `A` is r×n and the update is ΔW = scale·B·A.
-  Embeddings use m = embedding width, n = vocabulary (PEFT applies (B·A)ᵀ to `nn.Embedding.weight`);
-  convolutions flatten A's kernel into n = in·∏k (PEFT reshapes B·A back to the kernel).
-* `scale` already resolves `lora_alpha`, `alpha_pattern`, `rank_pattern` and rslora for the module.
+Reading files is the formats' work (through `load_adapter`); writing and pushing go through the writer, which this
+module reaches only inside `save_pretrained` and `push_to_hub`: the writer never imports this module back.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
-import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import NonFiniteError
+from .spec import AdapterConfig, ModuleSpec, TensorStore, read_factors
 
 if TYPE_CHECKING:
     from .methods.base import ModuleStats
-
-ModuleKind = Literal["linear", "embedding", "conv"]
-
-
-def all_finite(tensor: torch.Tensor) -> bool:
-    """No NaN or Inf in `tensor`; one reduction (NaN propagates through amax), several times cheaper than isfinite."""
-    return bool(torch.isfinite(tensor.abs().amax())) if tensor.numel() else True
 
 
 @dataclass(frozen=True)
@@ -54,115 +41,12 @@ class ModuleFactors:
 
 
 @dataclass(frozen=True)
-class ModuleSpec:
-    """What is known about one module from file headers alone: shapes, rank, scale and where its tensors live."""
-
-    name: str
-    kind: ModuleKind
-    out_features: int
-    in_features: int
-    rank: int
-    scale: float
-    dtype: torch.dtype
-    a_shape: tuple[int, ...]
-    b_shape: tuple[int, ...]
-    a_key: str
-    b_key: str
-    bias_key: str | None = None
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """(m, n) of the canonical update."""
-        return (self.out_features, self.in_features)
-
-    @property
-    def kernel(self) -> tuple[int, ...]:
-        """The trailing dimensions of A beyond the input channels (the kernel of a convolution; empty otherwise)."""
-        return self.a_shape[2:]
-
-    def layout(self) -> tuple[ModuleKind, tuple[int, int], tuple[int, ...]]:
-        """What must agree between adapters for their updates of this module to be added."""
-        return (self.kind, self.shape, self.kernel)
-
-    def written(self, *, rank: int, dtype: torch.dtype, bias: bool = False) -> ModuleSpec:
-        """The spec of this module as lora-fusion writes it: same kind and shapes, rank `rank`, every scale folded
-        into the factors (scale 1), PEFT's key names (`base_model.model.<name>.lora_A.weight`, …)."""
-        prefix = f"base_model.model.{self.name}"
-        if self.kind == "embedding":
-            a_key, b_key = f"{prefix}.lora_embedding_A", f"{prefix}.lora_embedding_B"
-        else:
-            a_key, b_key = f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight"
-        return ModuleSpec(
-            name=self.name,
-            kind=self.kind,
-            out_features=self.out_features,
-            in_features=self.in_features,
-            rank=rank,
-            scale=1.0,
-            dtype=dtype,
-            a_shape=(rank, *self.a_shape[1:]),
-            b_shape=(self.b_shape[0], rank, *self.b_shape[2:]),
-            a_key=a_key,
-            b_key=b_key,
-            bias_key=f"{prefix}.lora_B.bias" if bias else None,
-        )
-
-
-@dataclass(frozen=True)
-class AdapterConfig:
-    """The parts of `adapter_config.json` that decide what the tensors mean; `raw` keeps the file's content."""
-
-    base_model: str | None
-    task_type: str | None
-    r: int
-    lora_alpha: float
-    use_rslora: bool = False
-    rank_pattern: Mapping[str, int] = field(default_factory=dict)
-    alpha_pattern: Mapping[str, float] = field(default_factory=dict)
-    fan_in_fan_out: bool = False
-    raw: Mapping[str, Any] = field(default_factory=dict)
-
-    def expected_rank(self, module: str) -> int:
-        """The rank PEFT would give `module`: the first matching `rank_pattern` key, else `r`."""
-        return int(_pattern_value(self.rank_pattern, module, self.r))
-
-    def scale_for(self, module: str, rank: int) -> float:
-        """alpha/r, or alpha/√r with rslora, with alpha from the first matching `alpha_pattern` key (as PEFT)."""
-        alpha = float(_pattern_value(self.alpha_pattern, module, self.lora_alpha))
-        return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
-
-
-def _pattern_value(pattern: Mapping[str, Any], module: str, default: Any) -> Any:
-    # PEFT's get_pattern_key: a key is a regex matched against a dotted suffix of the module name; first wins.
-    for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
-
-
-class TensorStore(Protocol):
-    """Where an adapter's tensors live: a file opened lazily, or memory."""
-
-    def read(self, key: str) -> torch.Tensor: ...
-
-
-class MemoryStore:
-    """Tensors already in memory (merged adapters)."""
-
-    def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        self._tensors = dict(tensors)
-
-    def read(self, key: str) -> torch.Tensor:
-        return self._tensors[key]
-
-
-@dataclass(frozen=True)
 class SourceInfo:
     """Where an adapter came from: what the user asked for and what it resolved to.
 
-    `path` is where the files are on this machine (the resolved local path as given, or the Hub cache snapshot). It
-    stays in memory: [`to_dict`](SourceInfo.to_dict), the record that model cards and safetensors metadata carry,
-    never holds it.
+    `path` is where the files are on this machine (the resolved local path as given, or the Hub cache snapshot), and
+    `files` the files that were read, config first. Both stay in memory: [`to_dict`](SourceInfo.to_dict), the record
+    that model cards and safetensors metadata carry, never holds them.
     """
 
     source: str
@@ -170,6 +54,7 @@ class SourceInfo:
     subfolder: str | None = None
     commit: str | None = None
     path: str | None = None
+    files: tuple[str, ...] = ()
 
     @property
     def local_path(self) -> Path | None:
@@ -184,16 +69,15 @@ class SourceInfo:
 
     @cached_property
     def sha256(self) -> str | None:
-        """sha256 of a local adapter's `adapter_config.json` followed by its weights file, as
-        `cat adapter_config.json adapter_model.safetensors | sha256sum` prints it; None for Hub sources (their commit
-        identifies them) or when the files are gone. Computed once, when first asked for."""
-        files = _adapter_files(self.local_path, self.subfolder) if self.local_path else None
-        if not files:
+        """sha256 of the files a local adapter was read from, config first (for PEFT: `adapter_config.json` followed
+        by the weights file, as `cat adapter_config.json adapter_model.safetensors | sha256sum` prints it); None for
+        Hub sources (their commit identifies them) or when the files are gone. Computed once, when first asked for."""
+        if self.local_path is None or not self.files:
             return None
         digest = hashlib.sha256()
         try:
-            for file in files:
-                with file.open("rb") as handle:
+            for file in self.files:
+                with open(file, "rb") as handle:
                     while block := handle.read(1 << 20):
                         digest.update(block)
         except OSError:
@@ -214,17 +98,6 @@ class SourceInfo:
             }
         name = local.name if local.is_dir() or not local.parent.name else f"{local.parent.name}/{local.name}"
         return {"source": name, "revision": None, "subfolder": self.subfolder, "commit": None, "sha256": self.sha256}
-
-
-def _adapter_files(path: Path, subfolder: str | None) -> list[Path]:
-    """The config and weights files `load_adapter` reads for a local `path` (a directory, or a weights file)."""
-    from .sources import CONFIG_NAME, LEGACY_NAME, SAFETENSORS_NAME  # sources imports this module
-
-    if path.is_file():
-        return [file for file in (path.parent / CONFIG_NAME, path) if file.is_file()]
-    folder = path / subfolder if subfolder else path
-    weights = [folder / name for name in (SAFETENSORS_NAME, LEGACY_NAME) if (folder / name).is_file()][:1]
-    return [file for file in (folder / CONFIG_NAME, *weights) if file.is_file()]
 
 
 def _exists(path: Path) -> bool:
@@ -301,16 +174,8 @@ class LoraAdapter:
             NonFiniteError: if a factor holds NaN or Inf.
         """
         spec = self.modules[module]
-        a = self._store.read(spec.a_key).reshape(spec.rank, spec.in_features)
-        b = self._store.read(spec.b_key).reshape(spec.out_features, spec.rank)
-        bias = self._store.read(spec.bias_key) if spec.bias_key else None
-        for tensor in (a, b) if bias is None else (a, b, bias):
-            if not all_finite(tensor):
-                where = self.source.source if self.source else "merged adapter"
-                raise NonFiniteError(
-                    f"{where}: module {module} holds NaN or Inf values; the adapter is corrupted or diverged in "
-                    "training. Re-download it, or leave it out of the merge."
-                )
+        where = self.source.source if self.source else "merged adapter"
+        a, b, bias = read_factors(spec, self._store, where=where)
         return ModuleFactors(A=a, B=b, scale=spec.scale, bias=bias)
 
     def delta(self, module: str) -> torch.Tensor:

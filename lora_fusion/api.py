@@ -16,7 +16,7 @@ from typing import Any, Literal, overload
 import torch
 
 from . import engine
-from .adapter import AdapterConfig, LoraAdapter, MemoryStore, ModuleSpec
+from .adapter import LoraAdapter
 from .base_weights import BaseWeights
 from .distributed import current_shard, is_main_process
 from .errors import DegenerateMergeWarning, IncompatibleAdaptersError, InvalidParameterError, SourceNotFoundError
@@ -24,7 +24,10 @@ from .methods import MethodSpec, ModuleStats, get_method
 from .plan import MergePlan, make_plan
 from .provenance import merge_provenance
 from .recipe import SourceEntry
-from .sources import check_scale_fits, is_repo_id, load_adapter
+from .formats.peft import check_scale_fits
+from .hub import is_repo_id
+from .sources import load_adapter
+from .spec import AdapterConfig, MemoryStore, ModuleSpec
 
 Source = str | Path | LoraAdapter | SourceEntry
 # Below this retained energy in a module, a merge at the default rank is likely not what was meant (issue 12 §6).

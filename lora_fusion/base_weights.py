@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from .adapter import ModuleSpec, all_finite
-from .errors import HubError, IncompatibleAdaptersError, NonFiniteError, SourceNotFoundError
-from .sources import cache_progress, call_hub, hub_error
+from .errors import IncompatibleAdaptersError, NonFiniteError, SourceNotFoundError
+from .hub import download_file
+from .spec import ModuleSpec, all_finite
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -119,26 +119,11 @@ class BaseWeights:
         return self._files[name]
 
     def _download(self, name: str, *, optional: bool = False) -> Path | None:
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-
-        def download() -> str:
-            return hf_hub_download(self.source, name, revision=self._revision, token=self._token)
-
-        try:
-            path = Path(call_hub(download, repo_id=self.source, progress=cache_progress(self.source)))
-        except HubError:
-            raise
-        except LocalEntryNotFoundError as err:
-            raise hub_error(err, self.source, self._revision) from None
-        except EntryNotFoundError:
-            if optional:
-                return None
+        path = download_file(self.source, name, revision=self._revision, token=self._token)
+        if path is None and not optional:
             raise SourceNotFoundError(
                 f"{self.source} has no {WEIGHTS_NAME} or {INDEX_NAME}; --base-model needs safetensors weights."
-            ) from None
-        except Exception as err:
-            raise hub_error(err, self.source, self._revision) from None
+            )
         return path
 
 

@@ -17,17 +17,19 @@ from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
-from .adapter import ModuleFactors, all_finite
+from .adapter import ModuleFactors
 from .distributed import gather_shards, is_main_process
 from .errors import NonFiniteError
 from .runtime import thread_limit
+from .spec import all_finite
 
 if TYPE_CHECKING:
-    from .adapter import LoraAdapter, ModuleSpec
+    from .adapter import LoraAdapter
     from .base_weights import BaseWeights
     from .distributed import Shard
     from .methods import MethodSpec, ModuleStats
     from .params import MethodParams
+    from .spec import ModuleSpec
 
 T = TypeVar("T")
 # Modules merged at once on the CPU, each on one thread; the dense methods' peak memory grows with it.

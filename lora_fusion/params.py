@@ -196,3 +196,7 @@ MERGE_OPTIONS: Mapping[str, Option] = {
     "push_to_hub": Option("Also upload to this Hub repo id.", str),
     "private": Option("Create the Hub repo private.", bool, flag=True),
 }
+
+# Names a method's parameter cannot take: the merge-wide options and the other keywords of `merge()`.
+RESERVED_NAMES = frozenset({*MERGE_OPTIONS, "sources", "revision", "subfolder", "token", "distributed", "dry_run",
+                            "progress", "param", "recipe"})

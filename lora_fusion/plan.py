@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from .adapter import LoraAdapter, ModuleSpec
+    from .adapter import LoraAdapter
+    from .spec import ModuleSpec
     from .methods import MethodSpec
     from .params import MethodParams
 

@@ -20,8 +20,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from .errors import InvalidParameterError, RecipeError
+from .hub import check_push_repo_id
 from .params import MERGE_OPTIONS
-from .sources import check_push_repo_id
 
 
 class SourceEntry(BaseModel):

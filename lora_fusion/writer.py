@@ -1,8 +1,8 @@
-"""The only place that writes adapters: PEFT files, model card and provenance, atomically; and pushes to the Hub.
+"""The only place that writes adapters: stage beside the output, write the format's files, the model card and the
+provenance record, check what was written by reading it back, then rename into place; pushes go through the Hub module.
 
-Output conventions (docs/methods.md): every scale is folded into the factors and the config says `lora_alpha = r`
-(with `alpha_pattern` equal to `rank_pattern`), so s = 1 in every module; `use_rslora` is false. Patterns are keyed
-by the full module name, regex-escaped, so `layers.1.` can never match `layers.11.`.
+Output conventions (docs/methods.md): every scale is folded into the factors (the format records scale 1 for every
+module); provenance names no local path. The format's own files come from [`lora_fusion.formats`] (PEFT).
 """
 
 from __future__ import annotations
@@ -10,46 +10,30 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
 import socket
 import tempfile
 import uuid
-from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path, PureWindowsPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from .adapter import LoraAdapter, SourceInfo
-from .errors import (
-    CorruptAdapterError,
-    HubOfflineError,
-    LoraFusionError,
-    OutputExistsError,
-    OutputProtectedError,
-    OutputWriteError,
-    PublicRepoError,
-)
+from .errors import CorruptAdapterError, LoraFusionError, OutputExistsError, OutputProtectedError, OutputWriteError
+from .formats import DEFAULT_FORMAT, FORMATS
+from .formats.peft import CONFIG_NAME, SAFETENSORS_NAME
+from .hub import check_push_allowed, is_repo_id, push_folder
 from .runtime import thread_limit
-from .sources import (
-    CONFIG_NAME,
-    LEGACY_NAME,
-    SAFETENSORS_NAME,
-    call_hub,
-    check_push_repo_id,
-    hub_error,
-    hub_timeout,
-    is_repo_id,
-    open_adapter_files,
-)
+from .spec import read_factors
+
+if TYPE_CHECKING:
+    from .adapter import LoraAdapter
+    from .hub import PushResult
 
 CARD_NAME = "README.md"
 # What an adapter folder holds (PEFT's save_pretrained, or this writer): the only files `overwrite` may delete.
-ADAPTER_FILES = frozenset({CONFIG_NAME, SAFETENSORS_NAME, LEGACY_NAME, CARD_NAME})
+ADAPTER_FILES = frozenset({CARD_NAME}.union(*(known.file_names for known in FORMATS)))
 CARD_TITLE = "# LoRA adapter merged with lora-fusion"
 # Which machine (or container: pids are per namespace) wrote a staging folder.
 _HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
@@ -231,81 +215,9 @@ def _alive(pid: int) -> bool:
 
 
 def _fill(adapter: LoraAdapter, folder: Path) -> None:
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
-    tensors = _output_tensors(adapter)
-    metadata = {"format": "pt", "lora_fusion": json.dumps(_provenance_record(adapter), sort_keys=True)}
-    try:
-        save_file(tensors, str(folder / SAFETENSORS_NAME), metadata=metadata)
-    except SafetensorError as err:  # safetensors reports a full disk as "I/O error: ... (os error 28)", not OSError
-        code = re.search(r"\(os error (\d+)\)", str(err))
-        raise (OSError(int(code[1]), os.strerror(int(code[1]))) if code else OSError(str(err))) from None
-    _sort_header(folder / SAFETENSORS_NAME)
-    (folder / CONFIG_NAME).write_text(json.dumps(peft_config(adapter), indent=2, sort_keys=True) + "\n")
+    metadata = {"lora_fusion": json.dumps(_provenance_record(adapter), sort_keys=True)}
+    DEFAULT_FORMAT.write(adapter, folder, metadata=metadata)
     (folder / CARD_NAME).write_text(model_card(adapter))
-
-
-def _sort_header(path: Path) -> None:
-    """Rewrite the safetensors JSON header with sorted keys, same length, so equal inputs give equal bytes.
-
-    safetensors keeps `__metadata__` in a hash map whose order changes from run to run; the data offsets are
-    relative to the end of the header, so re-serialising it in place (space-padded, as the format allows) is safe.
-    """
-    with path.open("r+b") as file:
-        size = int.from_bytes(file.read(8), "little")
-        header = json.loads(file.read(size))
-        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-        if len(text) > size:  # cannot happen for the same content; keep the file valid rather than deterministic
-            return
-        file.seek(8)
-        file.write(text.ljust(size, b" "))
-
-
-def _output_tensors(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
-    """PEFT-keyed tensors in stored shapes, with each module's scale folded in as √|s| on each factor."""
-    tensors: dict[str, torch.Tensor] = {}
-    for name, spec in adapter.modules.items():
-        factors = adapter.factors(name)
-        a, b = factors.A, factors.B
-        if spec.scale != 1.0:  # merged adapters already have scale 1; loaded ones get √|s| on each factor
-            root = math.sqrt(abs(spec.scale))
-            a, b = a * root, b * math.copysign(root, spec.scale)
-        tensors[spec.a_key] = a.reshape(spec.a_shape).to(spec.dtype).contiguous()
-        tensors[spec.b_key] = b.reshape(spec.b_shape).to(spec.dtype).contiguous()
-        if factors.bias is not None and spec.bias_key:
-            tensors[spec.bias_key] = (factors.bias * spec.scale).to(spec.dtype).contiguous()
-    return tensors
-
-
-def peft_config(adapter: LoraAdapter) -> dict[str, Any]:
-    """`adapter_config.json` for `adapter`: plain LoRA, scale 1 everywhere, per-module ranks in the patterns."""
-    ranks = {name: spec.rank for name, spec in adapter.modules.items()}
-    counts = Counter(ranks.values())
-    common = max(counts, key=lambda r: (counts[r], r))
-    pattern = {re.escape(name): rank for name, rank in sorted(ranks.items()) if rank != common}
-    return {
-        "peft_type": "LORA",
-        "task_type": adapter.config.task_type,
-        "base_model_name_or_path": adapter.config.base_model,
-        "revision": None,
-        "r": common,
-        "lora_alpha": common,
-        "rank_pattern": pattern,
-        "alpha_pattern": dict(pattern),
-        "target_modules": sorted(ranks),
-        "use_rslora": False,
-        "use_dora": False,
-        "lora_bias": any(spec.bias_key for spec in adapter.modules.values()),
-        "fan_in_fan_out": adapter.config.fan_in_fan_out,
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "init_lora_weights": True,
-        "inference_mode": True,
-        "modules_to_save": None,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-    }
 
 
 def _provenance_record(adapter: LoraAdapter) -> dict[str, Any]:
@@ -401,8 +313,8 @@ def model_card(adapter: LoraAdapter) -> str:
         "",
         "## Sources",
         "",
-        "Local sources are named by their folder and identified by the sha256 of `adapter_config.json` followed by "
-        "the weights file (`cat adapter_config.json adapter_model.safetensors | sha256sum`).",
+        f"Local sources are named by their folder and identified by the sha256 of `{CONFIG_NAME}` followed by "
+        f"the weights file (`cat {CONFIG_NAME} {SAFETENSORS_NAME} | sha256sum`).",
         "",
         "| source | revision | subfolder | resolved commit or sha256 | weight |",
         "|---|---|---|---|---|",
@@ -450,12 +362,13 @@ def model_card(adapter: LoraAdapter) -> str:
 
 def _check_written(adapter: LoraAdapter, folder: Path) -> None:
     """Reopen what was written, as a user would, and compare it with what was meant to be written."""
-    written = open_adapter_files(folder / CONFIG_NAME, folder / SAFETENSORS_NAME, SourceInfo(source=str(folder)))
+    written = DEFAULT_FORMAT.read(folder, source=str(folder))
     for name, spec in adapter.modules.items():
         got = written.modules.get(name)
         if got is None or got.rank != spec.rank or got.layout() != spec.layout():
             raise CorruptAdapterError(f"internal error: module {name} was not written as planned; nothing was saved.")
-        written.factors(name)  # raises NonFiniteError if a value did not survive the cast to the output dtype
+        # raises NonFiniteError if a value did not survive the cast to the output dtype
+        read_factors(got, written.store, where=str(folder))
     if set(written.modules) != set(adapter.modules):
         raise CorruptAdapterError("internal error: the written adapter has extra modules; nothing was saved.")
 
@@ -479,63 +392,6 @@ def _swap_into_place(stage: Path, out: Path, *, overwrite: bool) -> None:
         old.unlink(missing_ok=True)
 
 
-class PushResult(str):
-    """What a push did. The string is the commit URL (what [`push_folder`] returned before), so it prints and
-    serialises as that; the attributes say which branch holds the files at which commit, and whether this push
-    changed anything.
-
-    Attributes:
-        repo_id: the Hub repo.
-        revision: the branch pushed to (`main` unless a revision was given).
-        commit: the branch's head after the push: the new commit, or the existing one when nothing changed.
-        changed: False when the branch already held these exact files: no commit was made (huggingface_hub skips
-            empty commits) and `commit` is that branch's head, not main's.
-    """
-
-    repo_id: str
-    revision: str
-    commit: str
-    changed: bool
-
-    def __new__(cls, commit_url: str, *, repo_id: str, revision: str, commit: str, changed: bool) -> PushResult:
-        result = super().__new__(cls, commit_url)
-        result.repo_id, result.revision, result.commit, result.changed = repo_id, revision, commit, changed
-        return result
-
-    @property
-    def summary(self) -> str:
-        """One line for people: what was pushed where, or that nothing changed."""
-        if self.changed:
-            return f"pushed to {self.repo_id}@{self.revision}: commit {self.commit} ({self})"
-        return (
-            f"nothing changed: {self.repo_id}@{self.revision} already holds these files at commit {self.commit} "
-            f"({self}); no commit was made"
-        )
-
-
-def check_push_allowed(repo_id: str) -> None:
-    """Refuse an upload that huggingface_hub's offline mode would block, before any work (merge or upload).
-
-    Raises:
-        HubOfflineError: `HF_HUB_OFFLINE` is set (huggingface_hub reads it when first imported).
-    """
-    from huggingface_hub import constants
-
-    if constants.is_offline_mode():
-        raise _offline_error(repo_id)
-
-
-def _offline_error(repo_id: str) -> HubOfflineError:
-    return HubOfflineError(
-        f"HF_HUB_OFFLINE is set: offline mode blocks uploads, so nothing was pushed to {repo_id}. "
-        "Unset HF_HUB_OFFLINE (or set it to 0) to push."
-    )
-
-
-# Uploads slower than this are given up (with the Hub timeout on top); 100 kB/s: 10 s per MB of adapter.
-MIN_UPLOAD_BYTES_PER_S = 100_000
-
-
 def push_adapter(
     adapter: LoraAdapter,
     repo_id: str,
@@ -553,104 +409,3 @@ def push_adapter(
         return push_folder(
             folder, repo_id, private=private, revision=revision, commit_message=commit_message, token=token
         )
-
-
-def _refuse_outside_links(folder: Path) -> None:
-    """upload_folder follows symlinks: a link in a downloaded adapter folder could publish ~/.ssh/id_rsa."""
-    root = Path(folder).resolve()
-    for path in sorted(Path(folder).rglob("*")):
-        if not path.is_symlink():
-            continue
-        try:
-            target = path.resolve(strict=True)
-        except (OSError, RuntimeError):  # a loop (RuntimeError on Python 3.11) or a dangling link
-            raise CorruptAdapterError(
-                f"{folder}: {path.relative_to(folder)} is a broken or looping link; refusing to upload the folder. "
-                "Remove the link."
-            ) from None
-        if not target.is_relative_to(root):
-            raise CorruptAdapterError(
-                f"{folder}: {path.relative_to(folder)} is a link to {target}, outside the folder; refusing to "
-                "upload it. Replace the link by the file, or remove it."
-            )
-
-
-def push_folder(
-    folder: str | Path,
-    repo_id: str,
-    *,
-    private: bool | None = None,
-    revision: str | None = None,
-    commit_message: str | None = None,
-    token: str | None = None,
-) -> PushResult:
-    """Upload an adapter folder to the Hub (repo created if missing, branch `revision` too).
-
-    Uses huggingface_hub `create_repo` + `upload_folder`; the token is passed through, never written or printed.
-    Before uploading, the repo's visibility is read: `private=True` never publishes into an existing public repo.
-
-    Args:
-        folder: the adapter folder to upload (every file in it).
-        repo_id: `owner/name` of the model repo.
-        private (`bool`, *optional*): create the repo private; with True, also refuse an existing public repo.
-        revision (`str`, *optional*): the branch to push to, created from main if missing (default: main).
-        commit_message (`str`, *optional*): the commit's title.
-        token (`str`, *optional*): Hub token; by default `HF_TOKEN` or the stored login.
-
-    Returns:
-        [`PushResult`]: the commit URL (a `str`), with the branch, its head commit, and whether anything changed
-        (an unchanged folder makes no commit; the result then names that branch's existing head).
-
-    Raises:
-        HubOfflineError: `HF_HUB_OFFLINE` is set; nothing is sent.
-        PublicRepoError: `private=True` but the repo exists and is public; nothing is uploaded.
-        CorruptAdapterError: the folder holds a symbolic link to something outside it (never uploaded).
-        HubError / SourceNotFoundError: authentication, permission, network or server failures, with what to do.
-    """
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import OfflineModeIsEnabled
-
-    check_push_repo_id(repo_id)
-    check_push_allowed(repo_id)
-    _refuse_outside_links(Path(folder))
-    api = HfApi(token=token)
-    branch = revision or "main"
-
-    def upload() -> tuple[Any, Any]:
-        api.create_repo(repo_id, private=private, exist_ok=True)  # an existing repo keeps its visibility
-        info = api.repo_info(repo_id)
-        if private and info.private is False:
-            raise PublicRepoError(
-                f"{repo_id} exists and is public, and --private (private=True) was asked for; nothing was uploaded. "
-                "Make the repo private on the Hub (Settings, Change visibility) and push again, or push without "
-                "--private to publish the adapter."
-            )
-        if revision:
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-            info = api.repo_info(repo_id, revision=revision)
-        commit = api.upload_folder(
-            repo_id=repo_id,
-            folder_path=str(folder),
-            revision=revision,
-            commit_message=commit_message or "Upload LoRA adapter merged with lora-fusion",
-        )
-        return commit, info
-
-    # huggingface_hub's uploads have no timeout: bound the whole push by the Hub timeout plus the folder's size at
-    # a floor rate, so a hung Hub ends in one line while any working upload of a large adapter still completes.
-    size = sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file())
-    try:
-        commit, info = call_hub(upload, repo_id=repo_id, limit=hub_timeout() + size / MIN_UPLOAD_BYTES_PER_S)
-    except LoraFusionError:
-        raise
-    except OfflineModeIsEnabled:  # offline mode switched on after the first check (the constant is mutable)
-        raise _offline_error(repo_id) from None
-    except Exception as err:
-        translated = hub_error(err, repo_id, revision)
-        if translated is err:
-            raise
-        raise translated from None
-    # huggingface_hub makes no commit when nothing changed and returns the branch's head: the head we read before.
-    return PushResult(
-        str(commit.commit_url), repo_id=repo_id, revision=branch, commit=str(commit.oid), changed=commit.oid != info.sha
-    )

@@ -118,7 +118,7 @@ def test_svd_energy_writes_per_module_ranks_that_peft_loads(make_llama_lora, loa
 def test_written_patterns_cannot_match_a_longer_layer_number(make_llama_lora, tmp_path) -> None:
     from peft.utils.other import get_pattern_key
 
-    from lora_fusion.writer import peft_config
+    from lora_fusion.formats.peft import peft_config
 
     first = make_llama_lora(seed=8, r=4, target_modules=["q_proj"])
     merged = merge([first, make_llama_lora(seed=9, r=2, target_modules=["q_proj", "v_proj"])])

@@ -98,7 +98,7 @@ def test_base_weights_follow_the_adapter_layout(llama_dir, make_llama_lora) -> N
 
 
 def test_base_weights_read_shards_through_the_index_and_transpose_conv1d(tmp_path) -> None:
-    from lora_fusion.adapter import ModuleSpec
+    from lora_fusion.spec import ModuleSpec
 
     first, second = torch.randn(6, 4), torch.randn(4, 6)  # nn.Linear out×in; GPT-2 Conv1D in×out
     save_file({"transformer.h.0.attn.q.weight": first}, tmp_path / "model-00001-of-00002.safetensors")

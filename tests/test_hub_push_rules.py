@@ -15,7 +15,7 @@ import pytest
 
 from lora_fusion import merge
 from lora_fusion.errors import HubError, HubOfflineError, LoraFusionError, PublicRepoError
-from lora_fusion.writer import PushResult, push_folder
+from lora_fusion.hub import PushResult, push_folder
 from tests.test_cli import assert_user_error
 from tests.test_reliability import ROOT, hidden_leftovers, invoke, lora, snapshot
 

@@ -47,9 +47,10 @@ import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from lora_fusion import load_adapter  # noqa: E402
-from lora_fusion.adapter import AdapterConfig, LoraAdapter, MemoryStore, SourceInfo  # noqa: E402
+from lora_fusion.adapter import LoraAdapter, SourceInfo  # noqa: E402
 from lora_fusion.errors import CorruptAdapterError, InvalidParameterError, UnsupportedAdapterError  # noqa: E402
-from lora_fusion.sources import check_push_repo_id  # noqa: E402
+from lora_fusion.hub import check_push_repo_id  # noqa: E402
+from lora_fusion.spec import AdapterConfig, MemoryStore  # noqa: E402
 from tests.test_properties import write_lora  # noqa: E402
 
 SHAPES = {"model.layers.0.self_attn.q_proj": (16, 12), "model.layers.0.self_attn.v_proj": (16, 12)}
@@ -242,11 +243,11 @@ def test_a_private_safetensors_adapter_loads_with_an_explicit_token(hub, tmp_pat
 
 
 def test_the_weights_come_from_the_commit_the_config_came_from(hub, tmp_path, monkeypatch) -> None:
-    import lora_fusion.sources as sources
+    import lora_fusion.formats.peft as peft
 
     first, second = small_lora(tmp_path / "a", seed=5), small_lora(tmp_path / "b", seed=6)
     commit = hub.add_repo("me/moving", files_of(first))
-    download = sources._hub_file
+    download = peft.download_file
 
     def push_between_the_two_downloads(repo_id, filename, **kwargs):
         path = download(repo_id, filename, **kwargs)
@@ -254,7 +255,7 @@ def test_the_weights_come_from_the_commit_the_config_came_from(hub, tmp_path, mo
             hub.add_repo("me/moving", files_of(second))  # main moves on while the adapter is being fetched
         return path
 
-    monkeypatch.setattr(sources, "_hub_file", push_between_the_two_downloads)
+    monkeypatch.setattr(peft, "download_file", push_between_the_two_downloads)
     adapter = load_adapter("me/moving")
     assert adapter.source.commit == commit
     assert torch.equal(adapter.delta(Q), load_adapter(first).delta(Q))
@@ -290,12 +291,12 @@ def test_an_unknown_revision_is_named(hub, tmp_path) -> None:
 
 
 def test_hub_downloads_report_the_bytes_arriving_in_the_cache(hub, tmp_path, monkeypatch) -> None:
-    import lora_fusion.sources as sources
+    import lora_fusion.hub as hub_module
 
     hub.add_repo("me/a", files_of(small_lora(tmp_path / "a")))
     progress = []
-    call_hub = sources.call_hub
-    monkeypatch.setattr(sources, "call_hub", lambda fn, **kwargs: progress.append(kwargs) or call_hub(fn, **kwargs))
+    call_hub = hub_module.call_hub
+    monkeypatch.setattr(hub_module, "call_hub", lambda fn, **kwargs: progress.append(kwargs) or call_hub(fn, **kwargs))
     load_adapter("me/a")
     assert [kwargs["repo_id"] for kwargs in progress] == ["me/a", "me/a"]  # config, then weights
     weights = (tmp_path / "a" / "adapter_model.safetensors").stat().st_size
@@ -305,7 +306,7 @@ def test_hub_downloads_report_the_bytes_arriving_in_the_cache(hub, tmp_path, mon
 def test_cache_progress_counts_the_bytes_in_the_repos_blobs_folder() -> None:
     from huggingface_hub import constants
 
-    from lora_fusion.sources import cache_progress
+    from lora_fusion.hub import cache_progress
 
     size = cache_progress("me/progress-test")
     assert size() == 0  # nothing downloaded yet: no folder
@@ -338,7 +339,7 @@ def test_a_hub_that_hangs_is_given_up_after_the_limit_naming_the_repo(hub, tmp_p
 
 
 def test_hub_timeout_accepts_fractions_of_a_second(monkeypatch) -> None:
-    from lora_fusion.sources import hub_timeout
+    from lora_fusion.hub import hub_timeout
 
     monkeypatch.setenv("LORA_FUSION_HUB_TIMEOUT", "0.5")
     assert hub_timeout() == 0.5
@@ -349,14 +350,14 @@ def test_hub_timeout_accepts_fractions_of_a_second(monkeypatch) -> None:
 def test_call_hub_runs_the_call_in_a_named_daemon_thread() -> None:
     import threading
 
-    from lora_fusion.sources import call_hub
+    from lora_fusion.hub import call_hub
 
     name, daemon = call_hub(lambda: (threading.current_thread().name, threading.current_thread().daemon), repo_id="me/x")
     assert name == "lora-fusion-hub-me/x" and daemon is True
 
 
 def test_call_hub_passes_errors_and_values_through() -> None:
-    from lora_fusion.sources import call_hub
+    from lora_fusion.hub import call_hub
 
     assert call_hub(lambda: 7, repo_id="me/x", limit=5) == 7
     with pytest.raises(KeyError, match="boom"):
@@ -368,7 +369,7 @@ def test_call_hub_gives_up_at_its_own_limit(progress, monkeypatch) -> None:
     import time
 
     from lora_fusion.errors import HubError
-    from lora_fusion.sources import call_hub
+    from lora_fusion.hub import call_hub
 
     monkeypatch.setenv("LORA_FUSION_HUB_TIMEOUT", "60")  # an explicit limit wins over the setting
     start = time.monotonic()
@@ -380,7 +381,7 @@ def test_call_hub_gives_up_at_its_own_limit(progress, monkeypatch) -> None:
 def test_call_hub_waits_for_a_silent_call_until_its_limit() -> None:
     import time
 
-    from lora_fusion.sources import call_hub
+    from lora_fusion.hub import call_hub
 
     def quiet() -> str:
         time.sleep(1.2)  # silent past the first poll (1 s), done before the limit
@@ -392,7 +393,7 @@ def test_call_hub_waits_for_a_silent_call_until_its_limit() -> None:
 def test_call_hub_never_cuts_a_transfer_that_keeps_moving() -> None:
     import time
 
-    from lora_fusion.sources import call_hub
+    from lora_fusion.hub import call_hub
 
     received = [0]
 
@@ -428,7 +429,7 @@ def http_error(status: int):
 )
 def test_http_errors_become_one_line_hub_errors_by_status(status, fragment, not_fragment) -> None:
     from lora_fusion.errors import HubError
-    from lora_fusion.sources import hub_error
+    from lora_fusion.hub import hub_error
 
     error = hub_error(http_error(status), "me/x")
     assert isinstance(error, HubError) and str(error).startswith("me/x: ")
@@ -439,7 +440,7 @@ def test_http_errors_become_one_line_hub_errors_by_status(status, fragment, not_
 def test_retried_http_errors_say_they_were_retried() -> None:
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    from lora_fusion.sources import hub_error
+    from lora_fusion.hub import hub_error
 
     err = LocalEntryNotFoundError("not in the cache")
     err.__cause__ = http_error(503)
@@ -451,7 +452,7 @@ def test_unreachable_hub_errors_distinguish_timeouts_from_refusals() -> None:
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     from lora_fusion.errors import HubError
-    from lora_fusion.sources import hub_error
+    from lora_fusion.hub import hub_error
 
     timed_out = LocalEntryNotFoundError("not in the cache")
     timed_out.__cause__ = httpx.ConnectTimeout("timed out")
@@ -467,7 +468,7 @@ def test_unreachable_hub_errors_distinguish_timeouts_from_refusals() -> None:
 
 
 def test_other_errors_are_passed_through_unchanged() -> None:
-    from lora_fusion.sources import hub_error
+    from lora_fusion.hub import hub_error
 
     for err in (ValueError("x"), RuntimeError("connection pool")):
         assert hub_error(err, "me/x") is err
@@ -956,7 +957,7 @@ def test_push_adapter_passes_every_option_on(monkeypatch, tmp_path: Path) -> Non
 def test_push_folder_titles_the_commit(hub, tmp_path: Path, monkeypatch) -> None:
     from huggingface_hub import HfApi
 
-    from lora_fusion.writer import push_folder
+    from lora_fusion.hub import push_folder
 
     titles = []
     upload = HfApi.upload_folder
@@ -973,7 +974,7 @@ def test_push_folder_titles_the_commit(hub, tmp_path: Path, monkeypatch) -> None
 
 
 def test_a_dangling_link_in_a_folder_to_push_is_refused(hub, tmp_path: Path) -> None:
-    from lora_fusion.writer import push_folder
+    from lora_fusion.hub import push_folder
 
     folder = small_lora(tmp_path / "a")
     (folder / "notes.md").symlink_to(folder / "missing.md")  # would point inside, but leads nowhere
@@ -986,7 +987,7 @@ def test_a_push_may_take_the_hub_timeout_plus_the_folders_size_at_100_kb_per_sec
     import threading
 
     from lora_fusion.errors import HubError
-    from lora_fusion.writer import push_folder
+    from lora_fusion.hub import push_folder
 
     monkeypatch.setenv("LORA_FUSION_HUB_TIMEOUT", "0.2")
     folder = small_lora(tmp_path / "a")
@@ -1127,7 +1128,7 @@ def test_hub_failures_during_a_push_name_the_repo(hub, tmp_path: Path, monkeypat
     from huggingface_hub.errors import OfflineModeIsEnabled
 
     from lora_fusion.errors import HubError, HubOfflineError
-    from lora_fusion.writer import push_folder
+    from lora_fusion.hub import push_folder
 
     folder = small_lora(tmp_path / "a")
     hub.fail_next(403, 1, "/api/repos/create")
@@ -1371,15 +1372,15 @@ def test_module_stats_record_the_largest_and_the_first_dropped_singular_value() 
 
 
 def test_a_write_that_lost_a_module_is_caught_before_it_replaces_anything(tmp_path: Path, monkeypatch) -> None:
-    import lora_fusion.writer as writer
+    import lora_fusion.formats.peft as peft
 
     adapter = load_adapter(small_lora(tmp_path / "a"))
-    output_tensors = writer._output_tensors
+    output_tensors = peft._output_tensors
 
     def lose_q_proj(adapter):  # a writer bug: one module's factors never reach the file
         return {key: value for key, value in output_tensors(adapter).items() if "q_proj" not in key}
 
-    monkeypatch.setattr(writer, "_output_tensors", lose_q_proj)
+    monkeypatch.setattr(peft, "_output_tensors", lose_q_proj)
     with pytest.raises(CorruptAdapterError, match=f"internal error: module {Q} was not written as planned"):
         adapter.save_pretrained(tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
@@ -1448,8 +1449,6 @@ def test_any_other_safetensors_write_error_is_one_plain_error(tmp_path: Path, mo
 def test_factors_are_written_in_the_output_dtype(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    from lora_fusion.adapter import AdapterConfig
-
     source = load_adapter(small_lora(tmp_path / "a"))
     modules, tensors = {}, {}
     for name, spec in source.modules.items():
@@ -1501,7 +1500,7 @@ def test_write_adapter_refuses_an_existing_folder_and_creates_missing_parents(tm
 
 
 def test_non_finite_values_are_refused_in_every_factor_naming_where(tmp_path: Path) -> None:
-    from lora_fusion.adapter import all_finite
+    from lora_fusion.spec import all_finite
     from lora_fusion.errors import NonFiniteError
 
     assert all_finite(torch.empty(0)) and all_finite(torch.ones(3)) and not all_finite(torch.tensor([1.0, math.inf]))
@@ -1517,17 +1516,38 @@ def test_non_finite_values_are_refused_in_every_factor_naming_where(tmp_path: Pa
 
 
 def test_the_spec_of_a_written_module() -> None:
-    from lora_fusion.adapter import ModuleSpec
+    from lora_fusion.spec import ModuleSpec
 
     spec = ModuleSpec(name="m.conv", kind="conv", out_features=6, in_features=12, rank=2, scale=0.5,
                       dtype=torch.float16, a_shape=(2, 3, 2, 2), b_shape=(6, 2, 1, 1), a_key="x.A", b_key="x.B")
     written = spec.written(rank=5, dtype=torch.bfloat16)
     assert written == ModuleSpec(
         name="m.conv", kind="conv", out_features=6, in_features=12, rank=5, scale=1.0, dtype=torch.bfloat16,
-        a_shape=(5, 3, 2, 2), b_shape=(6, 5, 1, 1), a_key="base_model.model.m.conv.lora_A.weight",
-        b_key="base_model.model.m.conv.lora_B.weight", bias_key=None,
+        a_shape=(5, 3, 2, 2), b_shape=(6, 5, 1, 1), a_key="m.conv.A", b_key="m.conv.B", bias_key=None,
     )
-    assert spec.written(rank=5, dtype=torch.float32, bias=True).bias_key == "base_model.model.m.conv.lora_B.bias"
+    assert spec.written(rank=5, dtype=torch.float32, bias=True).bias_key == "m.conv.bias"
+
+
+def test_peft_state_dict_keys_of_each_module_kind() -> None:
+    from lora_fusion.formats.peft import state_dict_keys
+    from lora_fusion.spec import ModuleSpec
+
+    def spec(kind: str, bias_key: str | None = None) -> ModuleSpec:
+        return ModuleSpec("m.x", kind, 6, 4, 2, 1.0, torch.float32, (2, 4), (6, 2), "a", "b", bias_key)
+
+    prefix = "base_model.model.m.x"
+    assert state_dict_keys(spec("conv")) == (f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight", None)
+    assert state_dict_keys(spec("linear", "b.bias"))[2] == f"{prefix}.lora_B.bias"
+    assert state_dict_keys(spec("embedding")) == (f"{prefix}.lora_embedding_A", f"{prefix}.lora_embedding_B", None)
+
+
+def test_a_copy_names_its_tensors_with_peft_keys_whatever_the_source_file_called_them(tmp_path: Path) -> None:
+    # keys without PEFT's `base_model.model.` prefix are read; the written adapter uses the keys PEFT loads
+    tensors = {"m.q.lora_A.weight": torch.ones(4, 6), "m.q.lora_B.weight": torch.ones(5, 4)}
+    out = load_adapter(raw_adapter(tmp_path / "a", tensors)).save_pretrained(tmp_path / "out")
+    assert sorted(load_file(out / "adapter_model.safetensors")) == [
+        "base_model.model.m.q.lora_A.weight", "base_model.model.m.q.lora_B.weight"
+    ]
 
 
 # ============================================================================================== reading adapters
@@ -1661,7 +1681,7 @@ def test_spec_refusals_name_the_source(tmp_path: Path) -> None:
 
 
 def test_a_scale_beyond_the_output_dtype_names_that_dtype() -> None:
-    from lora_fusion.sources import check_scale_fits
+    from lora_fusion.formats.peft import check_scale_fits
 
     check_scale_fits("m", 65504.0, torch.float16, "src")  # the largest float16 itself fits
     with pytest.raises(CorruptAdapterError) as caught:

@@ -336,18 +336,18 @@ def test_a_cifar_folder_carrying_a_pickled_payload_is_refused_without_running_it
 KILL_SCRIPT = """
 import sys, time
 from pathlib import Path
-import lora_fusion.writer as writer
+import lora_fusion.formats.stores as stores
 from lora_fusion import merge
 
 source, out, marker = sys.argv[1:4]
-sort_header = writer._sort_header
+sort_header = stores._sort_header
 
 def stall(path):  # the safetensors file is in the staging folder; config and card are not written yet
     sort_header(path)
     Path(marker).write_text(str(path.parent))
     time.sleep(300)
 
-writer._sort_header = stall
+stores._sort_header = stall
 merge([source], weights=[2.0]).save_pretrained(out, overwrite=True)
 """
 

@@ -16,8 +16,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lora_fusion import load_adapter, merge
-from lora_fusion.adapter import LoraAdapter, MemoryStore
+from lora_fusion.adapter import LoraAdapter
 from lora_fusion.errors import LoraFusionError, OutputExistsError, OutputProtectedError
+from lora_fusion.spec import MemoryStore
 from lora_fusion.writer import check_output_folder, write_adapter
 from tests.test_cli import assert_user_error
 from tests.test_reliability import SHAPES, hidden_leftovers, invoke, lora, snapshot

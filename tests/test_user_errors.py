@@ -171,7 +171,7 @@ def test_our_target_module_matching_agrees_with_peft(tmp_path) -> None:
     from peft import LoraConfig
 
     names = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj", "model.layers.0.mlp.up_proj"]
-    from lora_fusion.sources import _selects
+    from lora_fusion.formats.peft import _selects
 
     for targets in (["q_proj"], ["self_attn.v_proj"], ["proj"], r".*\.(q|up)_proj", r"q_proj", ["layers.0.mlp.up_proj"]):
         config = LoraConfig(target_modules=targets)
@@ -330,7 +330,7 @@ def test_a_slow_transfer_that_keeps_moving_is_not_cut(monkeypatch) -> None:
     import time
 
     from lora_fusion.errors import HubError
-    from lora_fusion.sources import call_hub
+    from lora_fusion.hub import call_hub
 
     monkeypatch.setenv("LORA_FUSION_HUB_TIMEOUT", "1")
     received = [0]

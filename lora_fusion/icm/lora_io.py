@@ -22,7 +22,8 @@ from typing import Literal
 
 import torch
 
-from lora_fusion.adapter import AdapterConfig, LoraAdapter, MemoryStore, ModuleSpec
+from lora_fusion.adapter import LoraAdapter
+from lora_fusion.spec import AdapterConfig, MemoryStore, ModuleSpec
 
 from .errors import LayoutMismatchError
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from .._lazy import torch
 from ..errors import InvalidParameterError, UnknownMethodError
 from ..linalg import EXACT_SVD_LIMIT, OVERSAMPLING, FactoredSVD, choose_rank, relative_error, retained_energy, truncate
-from ..params import MethodParams, Param, declared, defaults
+from ..params import RESERVED_NAMES, MethodParams, Param, declared, defaults
 
 if TYPE_CHECKING:
     import torch  # noqa: F811  (the real module for type checkers)
@@ -270,7 +270,8 @@ def register_method(
         cost: its estimate per module for `--dry-run` (default: a merge that stays factored, [`factored_cost`]).
 
     Raises:
-        ValueError: the name is taken, or a parameter name is already declared with another meaning.
+        ValueError: the name is taken, a parameter name is already declared with another meaning, or it is a
+            merge-wide option's name.
 
     Example:
         ```python
@@ -285,6 +286,9 @@ def register_method(
             if taken in _REGISTRY or taken in _ALIASES:
                 raise ValueError(f"method name {taken!r} is already registered; pick another name.")
         for param_name, declaration in declared(params).items():
+            if param_name in RESERVED_NAMES:
+                raise ValueError(f"parameter {param_name!r} of {name}: {param_name!r} is a merge-wide option or a "
+                                 "keyword of merge(); choose another name.")
             known, owner = _PARAMS.get(param_name, (declaration, name))
             if known is not declaration:
                 raise ValueError(

@@ -1,0 +1,170 @@
+"""What an adapter is before any factor is read: its config, each module's shapes, rank, scale and tensor addresses,
+and the store its tensors come from. The formats read files into these; [`LoraAdapter`] is built on them.
+
+Conventions (docs/methods.md):
+
+* Module names are the base model's module paths (`model.layers.0.self_attn.q_proj`), not a file's state-dict keys;
+  each format maps its keys to these names and back.
+* Every module is held in a canonical "out × in" form: `B` is m×r, `A` is r×n and the update is ΔW = scale·B·A.
+  Embeddings use m = embedding width, n = vocabulary (PEFT applies (B·A)ᵀ to `nn.Embedding.weight`);
+  convolutions flatten A's kernel into n = in·∏k (PEFT reshapes B·A back to the kernel).
+* `scale` already resolves `lora_alpha`, `alpha_pattern`, `rank_pattern` and rslora for the module.
+
+Nothing here reads a file or imports a format, so the formats and the writer can build on it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+
+from .errors import NonFiniteError
+
+ModuleKind = Literal["linear", "embedding", "conv"]
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or Inf in `tensor`; one reduction (NaN propagates through amax), several times cheaper than isfinite."""
+    return bool(torch.isfinite(tensor.abs().amax())) if tensor.numel() else True
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """What is known about one module from file headers alone: shapes, rank, scale and where its tensors live.
+
+    `a_key`, `b_key` and `bias_key` address the module's tensors in the adapter's [`TensorStore`]: a file's own keys
+    for an adapter that was read, names of this module for one built in memory.
+    """
+
+    name: str
+    kind: ModuleKind
+    out_features: int
+    in_features: int
+    rank: int
+    scale: float
+    dtype: torch.dtype
+    a_shape: tuple[int, ...]
+    b_shape: tuple[int, ...]
+    a_key: str
+    b_key: str
+    bias_key: str | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(m, n) of the canonical update."""
+        return (self.out_features, self.in_features)
+
+    @property
+    def kernel(self) -> tuple[int, ...]:
+        """The trailing dimensions of A beyond the input channels (the kernel of a convolution; empty otherwise)."""
+        return self.a_shape[2:]
+
+    def layout(self) -> tuple[ModuleKind, tuple[int, int], tuple[int, ...]]:
+        """What must agree between adapters for their updates of this module to be added."""
+        return (self.kind, self.shape, self.kernel)
+
+    def written(self, *, rank: int, dtype: torch.dtype, bias: bool = False) -> ModuleSpec:
+        """The spec of this module as lora-fusion writes it: same kind and shapes, rank `rank`, every scale folded
+        into the factors (scale 1), its tensors held in memory under `<name>.A`, `<name>.B` and `<name>.bias` (the
+        output format names them in the file)."""
+        return ModuleSpec(
+            name=self.name,
+            kind=self.kind,
+            out_features=self.out_features,
+            in_features=self.in_features,
+            rank=rank,
+            scale=1.0,
+            dtype=dtype,
+            a_shape=(rank, *self.a_shape[1:]),
+            b_shape=(self.b_shape[0], rank, *self.b_shape[2:]),
+            a_key=f"{self.name}.A",
+            b_key=f"{self.name}.B",
+            bias_key=f"{self.name}.bias" if bias else None,
+        )
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """The parts of an adapter's config that decide what the tensors mean; `raw` keeps the file's content."""
+
+    base_model: str | None
+    task_type: str | None
+    r: int
+    lora_alpha: float
+    use_rslora: bool = False
+    rank_pattern: Mapping[str, int] = field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = field(default_factory=dict)
+    fan_in_fan_out: bool = False
+    raw: Mapping[str, Any] = field(default_factory=dict)
+
+    def expected_rank(self, module: str) -> int:
+        """The rank PEFT would give `module`: the first matching `rank_pattern` key, else `r`."""
+        return int(_pattern_value(self.rank_pattern, module, self.r))
+
+    def scale_for(self, module: str, rank: int) -> float:
+        """alpha/r, or alpha/√r with rslora, with alpha from the first matching `alpha_pattern` key (as PEFT)."""
+        alpha = float(_pattern_value(self.alpha_pattern, module, self.lora_alpha))
+        return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
+
+
+def _pattern_value(pattern: Mapping[str, Any], module: str, default: Any) -> Any:
+    # PEFT's get_pattern_key: a key is a regex matched against a dotted suffix of the module name; first wins.
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+class TensorStore(Protocol):
+    """Where an adapter's tensors live: a file opened lazily, or memory."""
+
+    def read(self, key: str) -> torch.Tensor: ...
+
+
+class MemoryStore:
+    """Tensors already in memory (merged adapters)."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self._tensors = dict(tensors)
+
+    def read(self, key: str) -> torch.Tensor:
+        return self._tensors[key]
+
+
+@dataclass(frozen=True)
+class AdapterContents:
+    """What a format reads from an adapter's files: the config, the modules (from headers) and the open store.
+
+    `files` are the files read, config first: a local source is identified by their hash.
+    """
+
+    config: AdapterConfig
+    modules: Mapping[str, ModuleSpec]
+    store: TensorStore
+    files: tuple[Path, ...] = ()
+
+
+def read_factors(
+    spec: ModuleSpec, store: TensorStore, *, where: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One module's A (r×n), B (m×r) and lora_B bias (or None) from `store`, in canonical form and the file's dtype.
+
+    Raises:
+        NonFiniteError: a factor holds NaN or Inf; the message names `where` (the adapter) and the module.
+    """
+    a = store.read(spec.a_key).reshape(spec.rank, spec.in_features)
+    b = store.read(spec.b_key).reshape(spec.out_features, spec.rank)
+    bias = store.read(spec.bias_key) if spec.bias_key else None
+    for tensor in (a, b) if bias is None else (a, b, bias):
+        if not all_finite(tensor):
+            raise NonFiniteError(
+                f"{where}: module {spec.name} holds NaN or Inf values; the adapter is corrupted or diverged in "
+                "training. Re-download it, or leave it out of the merge."
+            )
+    return a, b, bias
