@@ -130,7 +130,8 @@ class Scratch:
             floats() for _ in range(8)
         )
         self.mask = torch.empty(entries, dtype=torch.bool, device=device)
-        self.uniform = torch.empty(entries)  # DARE's draws come from a CPU generator, whatever the device
+        # DARE's draws come from a CPU generator, whatever the device (and whatever torch's default device is)
+        self.uniform = torch.empty(entries, device="cpu")
 
 
 @dataclass(frozen=True)
@@ -182,7 +183,8 @@ def _bracketed(task: DenseTask, keep: int) -> tuple[torch.Tensor, int, int] | No
     """(threshold, count above it, count at or above it) from a sampled bracket and one streamed pass, or None."""
     m, n = task.shape
     count = m * n
-    positions = torch.randint(count, (_SAMPLE,), generator=torch.Generator().manual_seed(0)).to(task.device)
+    positions = torch.randint(count, (_SAMPLE,), generator=torch.Generator().manual_seed(0), device="cpu")
+    positions = positions.to(task.device)
     sample = task.sample(positions).abs()
     quantile = 1.0 - keep / count
     margin = 8.0 * (quantile * (1.0 - quantile) / _SAMPLE) ** 0.5 + 2.0 / _SAMPLE
@@ -209,9 +211,10 @@ def _bracketed(task: DenseTask, keep: int) -> tuple[torch.Tensor, int, int] | No
 
 
 def _count(kept: torch.Tensor) -> int:
-    """The number of ones in a float 0/1 mask: a float32 sum, exact up to 2²⁴ entries (any block but a single row
-    wider than that), where counting into int64 costs five times as much."""
-    return int(kept.sum()) if kept.numel() <= 1 << 24 else int(torch.count_nonzero(kept))
+    """The number of ones in a float 0/1 mask: a sum accumulated in float32 (whatever the mask's dtype: a bfloat16 or
+    float16 sum is inexact above 256 or overflows), exact up to 2²⁴ entries (any block but a single row wider than
+    that), where counting into int64 costs five times as much."""
+    return int(kept.sum(dtype=torch.float32)) if kept.numel() <= 1 << 24 else int(torch.count_nonzero(kept))
 
 
 def _tie_position(task: DenseTask, threshold: float, kept: int) -> int:
@@ -258,7 +261,9 @@ class Drop:
     generator: torch.Generator
 
     def apply_(self, block: torch.Tensor, offset: int, scratch: Scratch) -> None:
-        uniform = torch.rand(block.numel(), generator=self.generator, out=scratch.uniform[: block.numel()])
+        uniform = torch.rand(
+            block.numel(), generator=self.generator, device="cpu", out=scratch.uniform[: block.numel()]
+        )
         kept = torch.lt(uniform.to(block.device), self.density, out=scratch.kept[: block.numel()])
         block.mul_(kept).div_(self.density)
 
