@@ -111,6 +111,9 @@ def knots(group: ModuleGroup, params: KnotsParams) -> ModuleResult:
     core = R_B.double() @ torch.block_diag(*[R.double().mT for _, R in qrs])
     U_c, S, Vh_c = torch.linalg.svd(core)
     keep = numerical_rank(S)
+    if keep == 0:  # the tasks are all zero: nothing to align (written at rank 1, zero, like every zero merge)
+        return lowrank_result(factored_svd(*concatenated(group)), group, rank=params.rank, energy=params.energy,
+                              scale=params.scale)
     U = Q_B @ U_c[:, :keep].float()
     offsets = torch.tensor([0] + [f.rank for f in group.factors]).cumsum(0)
     # the aligned tasks (S·Vᵢᵀ, keep×n) as products, streamed like full-space updates: never T of them held whole
@@ -182,7 +185,7 @@ def iso_cts(group: ModuleGroup, params: IsoCtsParams) -> ModuleResult:
     total = factored_svd(*concatenated(group))
     D = numerical_rank(total.S)
     if D == 0:
-        return lowrank_result(total, group, params)
+        return lowrank_result(total, group, rank=params.rank, energy=params.energy, scale=params.scale)
     T = len(group.factors)
     # The official code (iso.py) rounds the share to the nearest count per task: round((D − ⌊f·D⌋)/T), never more
     # than D/T so that k_c ≥ 0 (3 rank-8 LoRAs: 2 task directions each, k_c = 18; flooring gave 1 and 21).
