@@ -1,0 +1,335 @@
+"""Fast tests that kill mutants which survived `make mutation` in lora_fusion/writer.py, lora_fusion/formats/ (peft.py,
+stores.py), spec.py, sources.py and adapter.py (docs/testing.md; the survivor table with the reason for each one kept
+is recorded there).
+
+Each test checks behaviour a caller sees (a written file, a model card's text, an error and its message), with
+expected values written out by hand. What another process or the system would do (remove or create a file between
+two system calls, refuse a signal, a read or a deletion) is reproduced in-process by wrapping one writer step or one
+`os`/`pathlib` call for the test's duration (the tests run as root, where permissions refuse nothing); nothing here
+starts a process, sleeps or uses the network.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pathlib
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora_fusion import load_adapter
+from lora_fusion import writer
+from lora_fusion.adapter import LoraAdapter
+from lora_fusion.errors import NonFiniteError, OutputProtectedError
+from lora_fusion.formats.stores import save_safetensors
+from lora_fusion.methods.base import ModuleStats
+from lora_fusion.spec import AdapterConfig, MemoryStore
+from tests.test_properties import write_lora
+
+SHAPES = {"model.layers.0.self_attn.q_proj": (16, 12), "model.layers.0.self_attn.v_proj": (16, 12)}
+Q = "model.layers.0.self_attn.q_proj"
+
+
+def small_lora(folder: Path, seed: int = 0) -> Path:
+    return write_lora(folder, SHAPES, r=4, alpha=8, seed=seed)
+
+
+def empty_adapter(base_model: str | None = None, **kwargs: object) -> LoraAdapter:
+    config = AdapterConfig(base_model=base_model, task_type=None, r=1, lora_alpha=1)
+    return LoraAdapter(config=config, modules={}, store=MemoryStore({}), **kwargs)
+
+
+def card_section(card: str, heading: str) -> list[str]:
+    """The lines of `card` from `heading` to the end of the section's first table or code block."""
+    lines = card.split("\n")
+    start = lines.index(heading)
+    end = next(i for i in range(start + 1, len(lines)) if lines[i].startswith(("|", "```")))
+    while end < len(lines) and lines[end]:
+        end += 1
+    return lines[start:end]
+
+
+def dead_stage(out: Path, pid: int) -> Path:
+    """A staging folder of `out` as a writer with `pid` on this host leaves it when killed."""
+    stage = out.with_name(f".{out.name}.0123abcd-{pid}-{writer._HOST}.incomplete")
+    stage.mkdir(parents=True)
+    (stage / "adapter_model.safetensors").write_bytes(b"partial")
+    return stage
+
+
+# ============================================================================================== write_adapter
+
+
+def test_the_check_just_before_the_rename_still_protects_the_inputs(tmp_path: Path, monkeypatch) -> None:
+    adapter = load_adapter(small_lora(tmp_path / "a"))
+    out = adapter.save_pretrained(tmp_path / "out")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    arriving = out / "adapter_model.bin"  # an input of this write that appears in `out` while the write runs
+    fill = writer._fill
+
+    def fill_while_the_input_arrives(adapter, folder):
+        fill(adapter, folder)
+        arriving.write_bytes(b"the user's input")
+
+    monkeypatch.setattr(writer, "_fill", fill_while_the_input_arrives)
+    with pytest.raises(OutputProtectedError, match="it contains the input"):
+        writer.write_adapter(adapter, out, overwrite=True, protected=[arriving])
+    assert arriving.read_bytes() == b"the user's input"
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p != arriving} == before
+
+
+def test_a_write_that_overflows_the_output_dtype_is_refused_naming_the_output(tmp_path: Path) -> None:
+    from lora_fusion.spec import ModuleSpec
+
+    spec = ModuleSpec(name=Q, kind="linear", out_features=3, in_features=2, rank=1, scale=1.0, dtype=torch.float16,
+                      a_shape=(1, 2), b_shape=(3, 1), a_key="A", b_key="B")
+    store = MemoryStore({"A": torch.full((1, 2), 1e6), "B": torch.ones(3, 1)})  # finite in float32, inf in float16
+    adapter = LoraAdapter(config=AdapterConfig(base_model=None, task_type=None, r=1, lora_alpha=1),
+                          modules={Q: spec}, store=store)
+    with pytest.raises(NonFiniteError, match=rf"merged-out\S*: module {Q} holds NaN or Inf"):
+        writer.write_adapter(adapter, tmp_path / "merged-out")
+    assert not (tmp_path / "merged-out").exists()
+
+
+# ============================================================================================== check_output_folder
+
+
+def test_an_unreadable_readme_alone_counts_as_the_users_file(tmp_path: Path, monkeypatch) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "README.md").write_text("---\n---\n\n# LoRA adapter merged with lora-fusion\n")
+    writer.check_output_folder(out, overwrite=True)  # readable: a lora-fusion card, may be replaced
+    real_open = pathlib.Path.open
+
+    def refuse_readme(self, *args, **kwargs):  # the tests run as root, where chmod 000 does not stop a read
+        if self.name == "README.md":
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "open", refuse_readme)
+    with pytest.raises(OutputProtectedError, match="it holds files lora-fusion did not write") as caught:
+        writer.check_output_folder(out, overwrite=True)
+    assert "README.md" in str(caught.value)
+
+
+# ============================================================================================== dead stages
+
+
+def test_a_dead_stage_removed_by_another_writer_meanwhile_does_not_fail_the_write(tmp_path: Path, monkeypatch) -> None:
+    adapter = load_adapter(small_lora(tmp_path / "a"))
+    out = tmp_path / "out"
+    stage = dead_stage(out, 999_999)
+    seen = []
+
+    def dead_and_removed_by_someone_else(pid: int) -> bool:
+        seen.append(pid)
+        shutil.rmtree(stage)  # a concurrent writer cleans the same leftover first
+        return False
+
+    monkeypatch.setattr(writer, "_alive", dead_and_removed_by_someone_else)
+    assert writer.write_adapter(adapter, out) == out
+    assert seen == [999_999]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_a_stage_of_another_users_live_process_is_kept(tmp_path: Path, monkeypatch) -> None:
+    adapter = load_adapter(small_lora(tmp_path / "a"))
+    out = tmp_path / "out"
+    other_users, dead = dead_stage(out, 999_998), dead_stage(out, 999_997)
+    real_kill = os.kill
+
+    def kill(pid: int, signal: int) -> None:
+        if pid == 999_998:  # exists, but belongs to another user: signalling it is refused
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        if pid == 999_997:
+            raise ProcessLookupError(errno.ESRCH, "No such process")
+        real_kill(pid, signal)
+
+    monkeypatch.setattr(os, "kill", kill)
+    writer.write_adapter(adapter, out)
+    assert other_users.is_dir() and not dead.exists()
+
+
+# ============================================================================================== model card
+
+
+def test_the_card_names_a_hub_base_model_in_its_metadata(tmp_path: Path) -> None:
+    card = writer.model_card(load_adapter(small_lora(tmp_path / "a")))  # base_model_name_or_path: toy/base
+    header = card.split("\n---\n")[0]
+    assert "\nbase_model: toy/base\n" in header + "\n"
+    assert "# base: toy/base" in card
+
+
+def test_the_sources_table_leaves_missing_cells_empty() -> None:
+    source = {"source": "org/math-lora", "revision": None, "subfolder": None, "commit": "abc123", "weight": 0.5}
+    card = writer.model_card(empty_adapter(provenance={"method": "linear", "sources": [source]}))
+    assert card_section(card, "## Sources")[-3:] == [
+        "| source | revision | subfolder | resolved commit or sha256 | weight |",
+        "|---|---|---|---|---|",
+        "| `org/math-lora` |  |  | `abc123` | `0.5` |",
+    ]
+
+
+def test_the_parameters_table_lists_each_parameter_with_names_escaped_only_when_needed() -> None:
+    params = {"density": 0.5, "svd_rank": 8, "a|b": "x"}
+    card = writer.model_card(empty_adapter(provenance={"method": "ties", "params": params}))
+    assert card_section(card, "## Parameters") == [
+        "## Parameters",
+        "",
+        "| parameter | value |",
+        "|---|---|",
+        "| density | `0.5` |",
+        "| svd_rank | `8` |",
+        "| a\\|b | `x` |",
+    ]
+
+
+def test_the_parameters_table_says_none_when_there_are_no_parameters() -> None:
+    card = writer.model_card(empty_adapter(provenance={"method": "linear", "params": {}}))
+    assert card_section(card, "## Parameters")[2:] == ["| parameter | value |", "|---|---|", "| (none) | |"]
+
+
+def test_the_truncated_modules_table_is_a_markdown_table() -> None:
+    stats = {Q: ModuleStats(rank=2, retained_energy=0.75, relative_error=0.5)}
+    card = writer.model_card(empty_adapter(stats=stats))
+    assert card_section(card, "## Truncated modules")[-3:] == [
+        "| module | rank | retained energy | relative error |",
+        "|---|---|---|---|",
+        f"| `{Q}` | 2 | 0.750000 | 5.00e-01 |",
+    ]
+
+
+def test_the_use_block_is_a_python_code_block_naming_no_base_model_as_none() -> None:
+    card = writer.model_card(empty_adapter())
+    assert card_section(card, "## Use") == [
+        "## Use",
+        "",
+        "```python",
+        "from peft import PeftModel",
+        'model = PeftModel.from_pretrained(base_model, "<this repo or folder>")  # base: None',
+        "```",
+    ]
+
+
+def test_the_use_block_shows_a_control_character_of_the_base_model_as_a_question_mark() -> None:
+    card = writer.model_card(empty_adapter(base_model="org/base\nimport os"))
+    assert "  # base: org/base?import os\n```\n" in card
+
+
+# ============================================================================================== _swap_into_place
+
+
+def test_an_old_output_that_cannot_be_deleted_does_not_fail_the_completed_overwrite(tmp_path, monkeypatch) -> None:
+    first = load_adapter(small_lora(tmp_path / "a", seed=1))
+    second = load_adapter(small_lora(tmp_path / "b", seed=2))
+    out = first.save_pretrained(tmp_path / "out")
+    real_rmdir = os.rmdir
+
+    def rmdir(path, *args, **kwargs):  # the previous output, once renamed aside, cannot be removed (busy, ...)
+        if str(path).endswith(".old"):
+            raise OSError(errno.EBUSY, "Device or resource busy", str(path))
+        return real_rmdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rmdir", rmdir)
+    assert writer.write_adapter(second, out, overwrite=True) == out
+    expected = second.factors(Q)
+    written = load_adapter(out).factors(Q)
+    assert torch.allclose(written.B @ written.A, expected.scale * expected.B @ expected.A, atol=1e-6)
+
+
+# ============================================================================================== stores
+
+
+def test_save_safetensors_reraises_an_io_error_with_its_errno(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError) as caught:  # errno 2 maps to FileNotFoundError
+        save_safetensors({"x": torch.ones(2)}, tmp_path / "missing" / "x.safetensors", metadata={})
+    assert caught.value.errno == errno.ENOENT
+    assert caught.value.strerror == os.strerror(errno.ENOENT)
+
+
+def test_a_header_with_non_ascii_metadata_is_still_sorted(tmp_path: Path) -> None:
+    metadata = {f"key{i}": "café ü " * 8 for i in (7, 3, 9, 0, 5, 1, 8, 2, 6, 4)}
+    path = tmp_path / "x.safetensors"
+    save_safetensors({"b": torch.ones(2), "a": torch.zeros(3)}, path, metadata=metadata)
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = raw[8 : 8 + size]
+    parsed = json.loads(header)
+    assert list(parsed["__metadata__"]) == ["format"] + [f"key{i}" for i in range(10)]
+    assert list(parsed) == ["__metadata__", "a", "b"]
+    assert "café ü".encode() in header  # kept as UTF-8, not \\u-escaped
+
+
+# ============================================================================================== peft
+
+
+def test_peft_detects_an_adapter_folder_and_a_weights_file_beside_its_config(tmp_path: Path) -> None:
+    from lora_fusion.formats.peft import PEFT
+
+    folder = small_lora(tmp_path / "a")
+    (tmp_path / "a" / "sub").mkdir()
+    assert PEFT.detect(folder) and PEFT.detect(folder / "adapter_model.safetensors")
+    assert not PEFT.detect(folder / "sub")  # the config is in its parent, not in it
+    assert not PEFT.detect(tmp_path)
+
+
+@pytest.mark.parametrize("key", ["target_modules", "exclude_modules"])
+def test_an_invalid_module_regex_is_refused_naming_the_source(key: str, tmp_path: Path) -> None:
+    from lora_fusion.errors import CorruptAdapterError
+
+    folder = write_lora(tmp_path / "code-lora", SHAPES, r=4, alpha=8, extra={key: "q_proj("})
+    with pytest.raises(CorruptAdapterError, match=r"code-lora: adapter_config\.json has the pattern 'q_proj\(',"):
+        load_adapter(folder)
+
+
+# ============================================================================================== adapter
+
+
+def test_non_finite_factors_of_a_loaded_adapter_are_refused_naming_its_source(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    folder = small_lora(tmp_path / "code-lora")
+    tensors = load_file(folder / "adapter_model.safetensors")
+    tensors[f"base_model.model.{Q}.lora_B.weight"][0, 0] = float("nan")
+    save_file(tensors, folder / "adapter_model.safetensors")
+    adapter = load_adapter(folder)
+    with pytest.raises(NonFiniteError, match=rf"^\S*code-lora: module {Q} holds NaN or Inf"):
+        adapter.factors(Q)
+
+
+# ---------------------------------------------------------------------------------------------- PeftFormat.read
+
+
+def test_a_config_given_for_an_adapter_folder_may_lie_outside_it(tmp_path: Path) -> None:
+    folder = small_lora(tmp_path / "a")  # r=4, alpha=8: scale 2
+    elsewhere = tmp_path / "configs"
+    elsewhere.mkdir()
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (elsewhere / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 16}))
+    adapter = load_adapter(folder, config=elsewhere / "adapter_config.json")
+    assert adapter.modules[Q].scale == 4.0  # 16 / 4: the given config, not the folder's
+
+
+@pytest.mark.parametrize("case", ["link", "bin", "safetensors"])
+def test_unreadable_weights_are_refused_naming_the_source(case: str, tmp_path: Path) -> None:
+    import re
+
+    from lora_fusion.errors import CorruptAdapterError
+
+    folder = small_lora(tmp_path / "code-lora")
+    weights = folder / "adapter_model.safetensors"
+    if case == "link":
+        outside = tmp_path / "outside.safetensors"
+        weights.rename(outside)
+        weights.symlink_to(outside)
+    elif case == "bin":
+        weights.unlink()
+        (folder / "adapter_model.bin").write_bytes(b"PK\x03\x04 not a torch file")
+    else:
+        weights.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
+    with pytest.raises(CorruptAdapterError, match="^" + re.escape(f"{folder}: adapter_model.")):
+        load_adapter(str(folder))
