@@ -283,3 +283,38 @@ def test_value_type_names_the_python_type_of_a_declared_field() -> None:
     assert value_type(Typed, "weights") == list[float]
     assert value_type(Typed, "count") is int
     assert value_type(Typed, "share") is float
+
+
+def test_a_plugin_method_is_found_by_its_alias_before_any_plugin_was_loaded(scratch_registry, monkeypatch) -> None:
+    def load() -> None:
+        register_method("plugged", aliases=("plug",), summary="s", formula="f", reference="r")(lambda g, p: None)
+
+    monkeypatch.setattr(scratch_registry, "_entry_points_loaded", False)
+    monkeypatch.setattr("importlib.metadata.entry_points", lambda group=None: [FakeEntry("plugged", load)])
+    assert get_method("plug").name == "plugged"
+
+
+def test_looking_up_a_built_in_method_loads_no_plugin(scratch_registry, monkeypatch) -> None:
+    def broken(group=None):
+        raise AssertionError("plugins were loaded for a built-in method")
+
+    monkeypatch.setattr(scratch_registry, "_entry_points_loaded", False)
+    monkeypatch.setattr("importlib.metadata.entry_points", broken)
+    assert get_method("svd").name == "svd" and get_method("cat").name == "linear"
+
+
+def test_an_unknown_method_lists_every_name_and_alias(scratch_registry, monkeypatch) -> None:
+    from lora_fusion.errors import UnknownMethodError
+
+    monkeypatch.setattr(scratch_registry, "_entry_points_loaded", True)
+    with pytest.raises(UnknownMethodError, match=r"choose one of: breadcrumbs, breadcrumbs_ties, cat, dare_linear, "):
+        get_method("svdd")
+
+
+def test_a_method_may_declare_a_rank_without_an_energy_and_an_svd_without_a_space() -> None:
+    @dataclass(frozen=True)
+    class RankOnly(MethodParams):
+        rank: int | None = ROUNDS.field(None)
+
+    assert RankOnly(rank=3).rank == 3
+    assert get_method("rapf").resolve({"svd": "exact"}).svd == "exact"  # rapf declares svd but no space
