@@ -20,7 +20,14 @@ from collections.abc import Iterable
 from pathlib import Path, PureWindowsPath
 from typing import TYPE_CHECKING, Any
 
-from .errors import CorruptAdapterError, LoraFusionError, OutputExistsError, OutputProtectedError, OutputWriteError
+from .errors import (
+    CorruptAdapterError,
+    LoraFusionError,
+    NonFiniteError,
+    OutputExistsError,
+    OutputProtectedError,
+    OutputWriteError,
+)
 from .formats import DEFAULT_FORMAT, FORMATS
 from .formats.peft import CONFIG_NAME, SAFETENSORS_NAME
 from .hub import check_push_allowed, is_repo_id, push_folder
@@ -74,7 +81,7 @@ def write_adapter(
         stage.mkdir()
         with thread_limit(1):
             _fill(adapter, stage)
-            _check_written(adapter, stage)
+            _check_written(adapter, stage, out)
         # Again: a long write leaves time for someone to put files into `out` (or create it).
         check_output_folder(out, overwrite=overwrite, protected=keep)
         _swap_into_place(stage, out, overwrite=overwrite)
@@ -360,15 +367,22 @@ def model_card(adapter: LoraAdapter) -> str:
     return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)
 
 
-def _check_written(adapter: LoraAdapter, folder: Path) -> None:
-    """Reopen what was written, as a user would, and compare it with what was meant to be written."""
+def _check_written(adapter: LoraAdapter, folder: Path, out: Path) -> None:
+    """Reopen what was written (in the staging `folder`), as a user would, and compare it with what was meant to be
+    written to `out`."""
     written = DEFAULT_FORMAT.read(folder, source=str(folder))
     for name, spec in adapter.modules.items():
         got = written.modules.get(name)
         if got is None or got.rank != spec.rank or got.layout() != spec.layout():
             raise CorruptAdapterError(f"internal error: module {name} was not written as planned; nothing was saved.")
-        # raises NonFiniteError if a value did not survive the cast to the output dtype
-        read_factors(got, written.store, where=str(folder))
+        try:
+            read_factors(got, written.store, where=str(out))
+        except NonFiniteError:  # a value did not survive the cast to the output dtype (the inputs were finite)
+            dtype = str(got.dtype).removeprefix("torch.")
+            raise NonFiniteError(
+                f"{out}: module {name} does not fit in {dtype} (a value overflows when written); write it in float32 "
+                "(--dtype float32) or lower the weights; nothing was saved."
+            ) from None
     if set(written.modules) != set(adapter.modules):
         raise CorruptAdapterError("internal error: the written adapter has extra modules; nothing was saved.")
 
