@@ -122,8 +122,8 @@ def merge(
         if spec.kind == "adapters":
             return spec.fn(inputs.adapters, resolved)  # type: ignore[call-arg, arg-type]
         if dry_run:
-            return make_plan(spec, resolved, inputs.adapters, weight_list, inputs.layout, inputs.dtype,
-                             with_base=base_model is not None, workers=engine.CPU_WORKERS)
+            return make_plan(spec, resolved, inputs.adapters, [_origin(a) for a in inputs.adapters], weight_list,
+                             inputs.layout, inputs.dtype, with_base=base_model is not None, workers=engine.CPU_WORKERS)
         merged = engine.merge_modules(inputs, list(inputs.layout), progress)
     return _assemble(inputs, merged, rank_given=params.get("rank") is not None or params.get("energy") is not None)
 

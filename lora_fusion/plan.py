@@ -89,6 +89,7 @@ def make_plan(
     spec: MethodSpec,
     params: MethodParams,
     adapters: Sequence[LoraAdapter],
+    names: Sequence[str],
     weights: Sequence[float],
     layout: Mapping[str, ModuleSpec],
     dtype: torch.dtype,
@@ -96,7 +97,7 @@ def make_plan(
     with_base: bool,
     workers: int,
 ) -> MergePlan:
-    """The plan of a merge of `layout`'s modules: each module's output rank, FLOPs and working memory come from the
+    """The plan of a merge of `layout`'s modules (`names`: how each source is shown, as the merge's errors name it): each module's output rank, FLOPs and working memory come from the
     method's declared cost; the peak counts `workers` modules merged at once plus the output."""
     from .methods import ModuleShape
 
@@ -112,7 +113,7 @@ def make_plan(
     peak = workers * max((p.working_bytes for p in modules), default=0) + output
     return MergePlan(
         method=spec.name,
-        sources=tuple(a.source.source if a.source else "in-memory adapter" for a in adapters),
+        sources=tuple(names),
         weights=tuple(weights),
         params=params.recorded(),
         modules=tuple(modules),
