@@ -51,6 +51,16 @@ SourcesArg = Annotated[
 ]
 
 
+WeightNameOpt = Annotated[
+    Optional[str],
+    typer.Option(help="The LoRA file inside each source folder or repo, when it holds several .safetensors files."),
+]
+InputFormatOpt = Annotated[
+    Optional[str],
+    typer.Option(help="Read the sources as peft, diffusers or kohya instead of detecting it from their files."),
+]
+
+
 def _parse_weights(text: str | None) -> list[float] | None:
     if text is None:
         return None
@@ -124,6 +134,8 @@ def merge(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; read no tensors, write nothing.")] = False,
     recipe: Annotated[Optional[Path], typer.Option(help="YAML recipe; flags given here override its keys.")] = None,
     subfolder: Annotated[Optional[str], typer.Option(help="Folder inside each source repo/dir.")] = None,
+    weight_name: WeightNameOpt = None,
+    input_format: InputFormatOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan or result as JSON.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
@@ -153,7 +165,8 @@ def merge(
         from lora_fusion.distributed import finish
 
         try:
-            _run_merge(plan, subfolder=subfolder, dry_run=dry_run, as_json=as_json, quiet=quiet)
+            _run_merge(plan, subfolder=subfolder, weight_name=weight_name, input_format=input_format,
+                       dry_run=dry_run, as_json=as_json, quiet=quiet)
         finally:
             finish()
 
@@ -177,18 +190,21 @@ def _parse_params(items: Sequence[str]) -> dict[str, Any]:
     return parsed
 
 
-def _run_merge(plan: Any, *, subfolder: str | None, dry_run: bool, as_json: bool, quiet: bool) -> None:
+def _run_merge(
+    plan: Any, *, subfolder: str | None, weight_name: str | None, input_format: str | None, dry_run: bool,
+    as_json: bool, quiet: bool,
+) -> None:
     from lora_fusion.distributed import is_main_process
     from lora_fusion.api import merge as fuse
 
     if not dry_run and plan.out is None and plan.push_to_hub is None:
         fail("say where the merged adapter goes: --out DIR (and/or --push-to-hub REPO).")
     from lora_fusion.hub import check_push_allowed
-    from lora_fusion.writer import check_output_folder
+    from lora_fusion.writer import check_output
 
     if not dry_run and plan.out:  # before any download or merge: what --overwrite may replace, sources protected
         inputs = [*(entry.source for entry in plan.entries()), *(p for p in (plan.base_model, *plan.path_params().values()) if p)]
-        check_output_folder(Path(plan.out), overwrite=bool(plan.overwrite), protected=inputs)
+        check_output(Path(plan.out), overwrite=bool(plan.overwrite), protected=inputs, format=plan.format)
     if not dry_run and plan.push_to_hub:
         check_push_allowed(plan.push_to_hub)
     if dry_run and plan.out and Path(plan.out).exists():
@@ -202,6 +218,8 @@ def _run_merge(plan: Any, *, subfolder: str | None, dry_run: bool, as_json: bool
         weights=plan.source_weights(),
         base_model=plan.base_model,
         subfolder=subfolder,
+        weight_name=weight_name,
+        input_format=input_format,
         device=plan.device,
         dtype=plan.dtype,
         ignore_base_model=plan.ignore_base_model,
@@ -215,7 +233,7 @@ def _run_merge(plan: Any, *, subfolder: str | None, dry_run: bool, as_json: bool
     if dry_run:
         typer.echo(json.dumps(result.to_dict(), indent=2) if as_json else str(result))
         return
-    written = result.save_pretrained(plan.out, overwrite=plan.overwrite) if plan.out else None
+    written = result.save_pretrained(plan.out, overwrite=plan.overwrite, format=plan.format) if plan.out else None
     if written and plan.push_to_hub:
         on_interrupt(f"interrupted; {written} is written; the push to {plan.push_to_hub} may be incomplete: run "
                       f"`lora-fusion push {written} {plan.push_to_hub}`.")
@@ -244,7 +262,7 @@ def _push(result: Any, plan: Any, written: Path | None) -> str:
     from lora_fusion.errors import HubError
 
     try:
-        return result.push_to_hub(plan.push_to_hub, private=plan.private)
+        return result.push_to_hub(plan.push_to_hub, private=plan.private, format=plan.format)
     except HubError as err:
         if written is None:
             raise
@@ -263,12 +281,15 @@ def inspect(
         bool, typer.Option("--interference", help="Cosine, top-k sign conflicts and subspace overlap between them.")
     ] = False,
     density: Annotated[float, typer.Option(help="Top-k fraction for --interference sign conflicts.")] = 0.2,
+    weight_name: WeightNameOpt = None,
+    input_format: InputFormatOpt = None,
 ) -> None:
     """Describe adapters: base model, resolved commit, modules, ranks, scales, dtype and size (headers only)."""
     with user_errors():
         from lora_fusion.sources import load_adapter
 
-        adapters = [load_adapter(s, subfolder=subfolder) for s in sources]
+        adapters = [load_adapter(s, subfolder=subfolder, weight_name=weight_name, input_format=input_format)
+                    for s in sources]
         if interference:
             _print_interference(adapters, density=density, as_json=as_json)
             return
@@ -322,6 +343,32 @@ def _describe(adapter: Any) -> dict[str, Any]:
             s.name: {"kind": s.kind, "shape": list(s.shape), "rank": s.rank, "scale": s.scale} for s in specs
         },
     }
+
+
+@app.command()
+def convert(
+    source: Annotated[str, typer.Argument(help="A LoRA file or folder, or a Hub id (owner/name[@revision]).")],
+    to: Annotated[str, typer.Option("--to", help="Output format: peft, diffusers (folders) or kohya (one file).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder, or a .safetensors file for kohya.")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an --out that lora-fusion wrote.")] = False,
+    revision: Annotated[Optional[str], typer.Option(help="Branch, tag or commit of a Hub source.")] = None,
+    subfolder: Annotated[Optional[str], typer.Option(help="Folder inside the source repo/dir.")] = None,
+    weight_name: WeightNameOpt = None,
+    input_format: InputFormatOpt = None,
+) -> None:
+    """Rewrite a LoRA in another format, exactly (kohya/A1111, ComfyUI, Flux, LyCORIS, diffusers, PEFT)."""
+    with user_errors():
+        from lora_fusion.formats import format_named
+        from lora_fusion.writer import check_output
+
+        target = format_named(to)
+        check_output(out, overwrite=overwrite, protected=[source], format=target)
+        on_interrupt(f"interrupted; nothing written; {out} {'untouched' if out.exists() else 'not created'}.")
+        from lora_fusion.api import convert as rewrite
+
+        written = rewrite(source, to=target.name, out=out, overwrite=overwrite, revision=revision,
+                          subfolder=subfolder, weight_name=weight_name, input_format=input_format)
+        typer.echo(f"converted {source} -> {written} ({target.name})")
 
 
 @app.command()

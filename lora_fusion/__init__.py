@@ -26,6 +26,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 _LAZY = {
     "load_adapter": "sources",
     "merge": "api",
+    "convert": "api",
     "MergePlan": "plan",
     "LoraAdapter": "adapter",
     "ModuleFactors": "adapter",
@@ -47,7 +48,7 @@ __all__ = ["__version__", *sorted(_LAZY)]
 if TYPE_CHECKING:
     from .adapter import LoraAdapter, ModuleFactors
     from .diagnostics import interference_report
-    from .api import merge
+    from .api import convert, merge
     from .methods import ModuleGroup, ModuleResult, ModuleStats, get_method, list_methods, register_method
     from .params import MethodParams, Param
     from .plan import MergePlan

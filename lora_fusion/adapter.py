@@ -186,10 +186,13 @@ class LoraAdapter:
         """
         return self.factors(module).delta()
 
-    def save_pretrained(self, save_directory: str | Path, *, overwrite: bool = False) -> Path:
-        """Write a PEFT adapter (adapter_config.json, adapter_model.safetensors, README.md model card), atomically.
+    def save_pretrained(self, save_directory: str | Path, *, overwrite: bool = False, format: str = "peft") -> Path:
+        """Write the adapter atomically: a PEFT folder (adapter_config.json, adapter_model.safetensors, README.md
+        model card), a diffusers folder (`format="diffusers"`: pytorch_lora_weights.safetensors and the card) or one
+        kohya file (`format="kohya"`, `save_directory` ending in `.safetensors`).
 
-        The result loads with `peft.PeftModel.from_pretrained(base_model, save_directory)`.
+        A PEFT folder loads with `peft.PeftModel.from_pretrained(base_model, save_directory)`, a diffusers one with
+        `pipe.load_lora_weights(save_directory)`.
 
         With `overwrite=True` an existing folder is replaced only if it holds nothing but adapter files (as one
         lora-fusion wrote); see [`check_output_folder`] for what is refused.
@@ -202,7 +205,7 @@ class LoraAdapter:
         """
         from .writer import write_adapter
 
-        return write_adapter(self, Path(save_directory), overwrite=overwrite)
+        return write_adapter(self, Path(save_directory), overwrite=overwrite, format=format)
 
     def push_to_hub(
         self,
@@ -212,6 +215,7 @@ class LoraAdapter:
         revision: str | None = None,
         commit_message: str | None = None,
         token: str | None = None,
+        format: str = "peft",
     ) -> str:
         """Upload the adapter to a Hub model repo (created if missing); returns the commit URL.
 
@@ -220,5 +224,6 @@ class LoraAdapter:
         from .writer import push_adapter
 
         return push_adapter(
-            self, repo_id, private=private, revision=revision, commit_message=commit_message, token=token
+            self, repo_id, private=private, revision=revision, commit_message=commit_message, token=token,
+            format=format,
         )

@@ -49,6 +49,8 @@ def merge(
     revision: str | None = None,
     subfolder: str | None = None,
     token: str | None = None,
+    weight_name: str | None = None,
+    input_format: str | None = None,
     dtype: torch.dtype | str | None = None,
     device: str = "cpu",
     distributed: bool = False,
@@ -66,7 +68,8 @@ def merge(
         weights: one weight per source (default 1 each, i.e. the plain sum); negative weights subtract.
         base_model: the base model's weights (a local directory or file, or a Hub id `owner/name[@revision]`), for
             methods that use them (RAPF); read one module at a time, only safetensors.
-        revision, subfolder, token: passed to [`load_adapter`] for string sources.
+        revision, subfolder, token, weight_name, input_format: passed to [`load_adapter`] for string sources
+            (adapters of different formats merge together: diffusion LoRAs are read into diffusers' module names).
         dtype: output dtype, `"float32"`, `"float16"` or `"bfloat16"` (default: the sources' dtype, float32 if they
             differ). The math is float32 (float64 for the small cores) whatever the dtype.
         device: where the math runs (`"cpu"`, `"cuda"`, `"auto"`).
@@ -106,7 +109,8 @@ def merge(
     shard = current_shard(device) if distributed and not dry_run and spec.kind == "module" else None
 
     def open_inputs(on: torch.device) -> engine.MergeInputs:
-        adapters = [_open(s, revision=revision, subfolder=subfolder, token=token) for s in sources]
+        adapters = [_open(s, revision=revision, subfolder=subfolder, token=token, weight_name=weight_name,
+                          input_format=input_format) for s in sources]
         layout = _module_layout(adapters, ignore_base_model=ignore_base_model)
         out_dtype = _dtype(dtype) if dtype is not None else _common_dtype(adapters)
         for adapter in adapters:
@@ -221,14 +225,67 @@ def _open_base(source: str | Path, *, token: str | None) -> BaseWeights:
     return BaseWeights(repo_id, revision=revision or None, token=token)
 
 
-def _open(source: Source, *, revision: str | None, subfolder: str | None, token: str | None) -> LoraAdapter:
+def _open(
+    source: Source, *, revision: str | None, subfolder: str | None, token: str | None, weight_name: str | None,
+    input_format: str | None,
+) -> LoraAdapter:
     if isinstance(source, LoraAdapter):
         return source
     if isinstance(source, (str, Path)):
-        return load_adapter(source, revision=revision, subfolder=subfolder, token=token)
+        return load_adapter(source, revision=revision, subfolder=subfolder, token=token, weight_name=weight_name,
+                            input_format=input_format)
     return load_adapter(
-        source.source, revision=source.revision or revision, subfolder=source.subfolder or subfolder, token=token
+        source.source, revision=source.revision or revision, subfolder=source.subfolder or subfolder, token=token,
+        weight_name=source.weight_name or weight_name, input_format=input_format,
     )
+
+
+def convert(
+    source: str | Path | LoraAdapter,
+    *,
+    to: str = "peft",
+    out: str | Path,
+    overwrite: bool = False,
+    revision: str | None = None,
+    subfolder: str | None = None,
+    token: str | None = None,
+    weight_name: str | None = None,
+    input_format: str | None = None,
+) -> Path:
+    """Rewrite a LoRA in another format, exactly: the same update ΔW in every module (float rounding only).
+
+    Diffusion LoRAs (diffusers, kohya/A1111, ComfyUI, kohya Flux, LyCORIS LoHa/LoKr) are read into diffusers'
+    module names and written as a PEFT or diffusers folder or one kohya file; scales are folded into the factors.
+    LyCORIS modules become plain LoRA of their exact rank; a fused Flux q/k/v is split (read) or fused again
+    (kohya output), exactly.
+
+    Args:
+        source: a local file or folder, a Hub id `owner/name[@revision]`, or a loaded [`LoraAdapter`].
+        to: `"peft"`, `"diffusers"` or `"kohya"`.
+        out: the output folder (a `.safetensors` file for kohya).
+        overwrite: replace an existing `out` that lora-fusion wrote.
+        revision, subfolder, token, weight_name, input_format: as in [`load_adapter`].
+
+    Returns:
+        `out`, absolute.
+
+    Raises:
+        UnsupportedAdapterError: the target format has no key for a module (named); nothing is written.
+        and the errors of [`load_adapter`] and [`write_adapter`].
+
+    Example:
+        ```python
+        >>> convert("my_style.safetensors", to="diffusers", out="my_style/")
+        >>> pipe.load_lora_weights("my_style/")
+        ```
+    """
+    from .formats import format_named
+    from .writer import write_adapter
+
+    target = format_named(to)
+    adapter = _open(source, revision=revision, subfolder=subfolder, token=token, weight_name=weight_name,
+                    input_format=input_format)
+    return write_adapter(adapter, Path(out), overwrite=overwrite, format=target)
 
 
 def _weights(weights: Sequence[float] | None, count: int) -> list[float]:

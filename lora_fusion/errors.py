@@ -26,6 +26,10 @@ class UnsupportedAdapterError(LoraFusionError, ValueError):
     """A LoRA feature that cannot be merged exactly (DoRA, PiSSA, ...); the message names the feature."""
 
 
+class AmbiguousSourceError(LoraFusionError, ValueError):
+    """A folder or Hub repo holding several LoRA files and no way to tell which is meant; pass `weight_name`."""
+
+
 class CorruptAdapterError(LoraFusionError, ValueError):
     """Unreadable files, inconsistent shapes, or non-finite weights."""
 

@@ -173,6 +173,34 @@ def download_file(
         raise hub_error(err, repo_id, revision) from None
 
 
+def list_safetensors(
+    repo_id: str, *, revision: str | None, subfolder: str | None = None, token: str | None = None
+) -> list[str]:
+    """The `.safetensors` files directly in `subfolder` (or the root) of a Hub model repo, by name, sorted; for
+    choosing a single-file LoRA (diffusers, kohya) when the repo has no PEFT adapter config.
+
+    Raises:
+        HubError / SourceNotFoundError: as [`download_file`].
+    """
+    from huggingface_hub import HfApi
+    from huggingface_hub.hf_api import RepoFile
+
+    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+
+    def listing() -> list[str]:
+        entries = HfApi().list_repo_tree(repo_id, path_in_repo=prefix.rstrip("/") or None, revision=revision,
+                                         token=token)
+        return [e.path for e in entries if isinstance(e, RepoFile)]
+
+    try:
+        paths = call_hub(listing, repo_id=repo_id)
+    except HubError:
+        raise
+    except Exception as err:
+        raise hub_error(err, repo_id, revision) from None
+    return sorted(p[len(prefix):] for p in paths if p.endswith(".safetensors") and "/" not in p[len(prefix):])
+
+
 def commit_of(path: Path) -> str | None:
     """The commit a downloaded file belongs to: the standard cache lays files out as
     `…/snapshots/<commit>/<subfolder>/<file>`. None for a path outside that layout."""

@@ -191,7 +191,8 @@ MERGE_OPTIONS: Mapping[str, Option] = {
     "device": Option("cpu, cuda or auto.", str, "cpu"),
     "dtype": Option("Output dtype: float32, float16 or bfloat16 (default: input).", str),
     "ignore_base_model": Option("Merge despite different base_model names.", bool, False, flag=True),
-    "out": Option("Output adapter directory.", str, short="-o"),
+    "out": Option("Output adapter directory (a .safetensors file with --format kohya).", str, short="-o"),
+    "format": Option("Output format: peft, diffusers (folder) or kohya (one .safetensors file).", str, "peft"),
     "overwrite": Option("Replace an existing --out.", bool, False, flag=True),
     "push_to_hub": Option("Also upload to this Hub repo id.", str),
     "private": Option("Create the Hub repo private.", bool, flag=True),
@@ -199,4 +200,4 @@ MERGE_OPTIONS: Mapping[str, Option] = {
 
 # Names a method's parameter cannot take: the merge-wide options and the other keywords of `merge()`.
 RESERVED_NAMES = frozenset({*MERGE_OPTIONS, "sources", "revision", "subfolder", "token", "distributed", "dry_run",
-                            "progress", "param", "recipe"})
+                            "progress", "param", "recipe", "weight_name", "input_format"})

@@ -33,6 +33,7 @@ class SourceEntry(BaseModel):
     weight: float | None = None
     revision: str | None = None
     subfolder: str | None = None
+    weight_name: str | None = None
 
 
 def _merge_option_fields() -> dict[str, Any]:

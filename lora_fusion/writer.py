@@ -2,7 +2,8 @@
 provenance record, check what was written by reading it back, then rename into place; pushes go through the Hub module.
 
 Output conventions (docs/methods.md): every scale is folded into the factors (the format records scale 1 for every
-module); provenance names no local path. The format's own files come from [`lora_fusion.formats`] (PEFT).
+module); provenance names no local path. The format's own files come from [`lora_fusion.formats`] (PEFT and
+diffusers folders, or one kohya file).
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import (
     CorruptAdapterError,
+    InvalidParameterError,
     LoraFusionError,
     NonFiniteError,
     OutputExistsError,
     OutputProtectedError,
     OutputWriteError,
 )
-from .formats import DEFAULT_FORMAT, FORMATS
+from .formats import DEFAULT_FORMAT, FORMATS, AdapterFormat, format_named
 from .formats.peft import CONFIG_NAME, SAFETENSORS_NAME
 from .hub import check_push_allowed, is_repo_id, push_folder
 from .runtime import thread_limit
@@ -47,44 +49,55 @@ _HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
 
 
 def write_adapter(
-    adapter: LoraAdapter, out: str | Path, *, overwrite: bool = False, protected: Iterable[str | Path] = ()
+    adapter: LoraAdapter,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    protected: Iterable[str | Path] = (),
+    format: str | AdapterFormat = DEFAULT_FORMAT,
 ) -> Path:
-    """Write `adapter` as a PEFT adapter directory at `out`: stage beside it, validate, then rename into place.
+    """Write `adapter` in `format` at `out` (a folder; one `.safetensors` file for kohya): stage beside it, validate,
+    then rename into place.
 
     An interrupted or failed write leaves `out` as it was (absent, or the previous adapter). Before any work, and
-    again just before the rename, `out` is checked with [`check_output_folder`], protecting the adapter's own local
+    again just before the rename, `out` is checked with [`check_output`], protecting the adapter's own local
     inputs ([`LoraAdapter.local_inputs`]) and `protected`.
 
     Args:
         adapter: what to write.
-        out: the adapter directory to create (or replace, with `overwrite`).
-        overwrite (`bool`, *optional*, defaults to False): replace an existing `out` that holds only adapter files.
+        out: the adapter directory (or kohya file) to create, or replace with `overwrite`.
+        overwrite (`bool`, *optional*, defaults to False): replace an existing `out` that lora-fusion could have
+            written (a folder of adapter files only, or a LoRA file it wrote).
         protected (*optional*): more local paths that must not be replaced, contain `out` or lie inside it.
+        format (*optional*, defaults to `"peft"`): `"peft"`, `"diffusers"` or `"kohya"`.
 
     Returns:
         `out`, absolute.
 
     Raises:
         OutputExistsError: `out` exists and `overwrite` is False.
-        OutputProtectedError: `overwrite` would delete something lora-fusion did not write (see `check_output_folder`).
+        OutputProtectedError: `overwrite` would delete something lora-fusion did not write (see `check_output`).
         OutputWriteError: the disk refused the write.
+        UnsupportedAdapterError: the format has no key for a module (named); nothing was written.
     """
+    known = format_named(format) if isinstance(format, str) else format
     out = Path(out).expanduser().absolute()
     keep = [*adapter.local_inputs(), *protected]
-    check_output_folder(out, overwrite=overwrite, protected=keep)
+    check_output(out, overwrite=overwrite, protected=keep, format=known)
     # Same filesystem as `out`, so the final rename is atomic; unique per call, so concurrent writers never collide.
     # The pid and host in the name let a later write remove what a killed writer left (`finally` cannot run on SIGKILL).
     stage = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}-{os.getpid()}-{_HOST}.incomplete")
+    target = stage / out.name if known.single_file else stage
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         _remove_dead_stages(out)
         stage.mkdir()
         with thread_limit(1):
-            _fill(adapter, stage)
-            _check_written(adapter, stage, out)
+            _fill(adapter, target, known)
+            _check_written(adapter, target, out, known)
         # Again: a long write leaves time for someone to put files into `out` (or create it).
-        check_output_folder(out, overwrite=overwrite, protected=keep)
-        _swap_into_place(stage, out, overwrite=overwrite)
+        check_output(out, overwrite=overwrite, protected=keep, format=known)
+        _swap_into_place(target, out, overwrite=overwrite)
     except OSError as err:
         if isinstance(err, LoraFusionError):
             raise
@@ -92,6 +105,68 @@ def write_adapter(
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return out
+
+
+def check_output(
+    out: str | Path,
+    *,
+    overwrite: bool,
+    protected: Iterable[str | Path] = (),
+    format: str | AdapterFormat = DEFAULT_FORMAT,
+) -> None:
+    """[`check_output_folder`] for folder formats, [`check_output_file`] for single-file ones (kohya)."""
+    known = format_named(format) if isinstance(format, str) else format
+    if known.single_file:
+        check_output_file(out, overwrite=overwrite, protected=protected)
+    else:
+        check_output_folder(out, overwrite=overwrite, protected=protected)
+
+
+def check_output_file(out: str | Path, *, overwrite: bool, protected: Iterable[str | Path] = ()) -> None:
+    """Refuse a single-file output (kohya) whose replacement could lose data, before any work is done.
+
+    `out` must end in `.safetensors`. An existing `out` is replaced only with `overwrite`, and only if it is a
+    regular file (not a link or a folder) that lora-fusion wrote (its header holds lora-fusion's provenance record)
+    and none of `protected` (a LoRA file that is an input of the command is never replaced).
+
+    Raises:
+        InvalidParameterError: `out` does not end in `.safetensors`.
+        OutputExistsError: `out` exists and `overwrite` is False.
+        OutputProtectedError: the file is not one lora-fusion may replace; the message says why.
+    """
+    target = Path(out).expanduser().absolute()
+    if target.suffix != ".safetensors":
+        raise InvalidParameterError("out", str(out), expected="a file name ending in .safetensors for a kohya file")
+    if not os.path.lexists(target):
+        return
+    if not overwrite:
+        raise OutputExistsError(f"{target} already exists; pass --overwrite (overwrite=True) or choose another --out.")
+    if target.is_symlink():
+        raise OutputProtectedError(
+            target, f"it is a symbolic link (to {os.readlink(target)})", [], "Remove the link, or pass a real file."
+        )
+    if not target.is_file():
+        raise OutputProtectedError(target, "it is not a file", [], "Choose another --out.")
+    reason = _special_folder(target.resolve(), protected)
+    if reason:
+        raise OutputProtectedError(target, reason, [], "Choose an --out outside the inputs.")
+    if not _written_by_us(target):
+        raise OutputProtectedError(
+            target, "it is a file lora-fusion did not write", [], "Choose another --out, or move the file away first."
+        )
+
+
+def _written_by_us(path: Path) -> bool:
+    """Whether the safetensors file `path` carries lora-fusion's provenance record in its header."""
+    try:
+        with path.open("rb") as file:
+            size = int.from_bytes(file.read(8), "little")
+            if not 0 < size <= 100_000_000:
+                return False
+            header = json.loads(file.read(size))
+    except (OSError, ValueError):
+        return False
+    return isinstance(header, dict) and "lora_fusion" in (header.get("__metadata__") or {})
 
 
 def check_output_folder(out: str | Path, *, overwrite: bool, protected: Iterable[str | Path] = ()) -> None:
@@ -221,10 +296,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _fill(adapter: LoraAdapter, folder: Path) -> None:
+def _fill(adapter: LoraAdapter, target: Path, known: AdapterFormat) -> None:
     metadata = {"lora_fusion": json.dumps(_provenance_record(adapter), sort_keys=True)}
-    DEFAULT_FORMAT.write(adapter, folder, metadata=metadata)
-    (folder / CARD_NAME).write_text(model_card(adapter))
+    known.write(adapter, target, metadata=metadata)
+    if not known.single_file:  # one file has no place for a card; its header holds the provenance
+        (target / CARD_NAME).write_text(model_card(adapter, known))
 
 
 def _provenance_record(adapter: LoraAdapter) -> dict[str, Any]:
@@ -297,7 +373,7 @@ def _card_base_model(name: str | None) -> str | None:
     return name
 
 
-def model_card(adapter: LoraAdapter) -> str:
+def model_card(adapter: LoraAdapter, known: AdapterFormat = DEFAULT_FORMAT) -> str:
     """A Hub model card (YAML metadata from huggingface_hub's `ModelCardData`, then markdown) with the merge's
     provenance: sources, commits, method, parameters, version, and per-module retained energy where the merge
     truncated. Every value from a source is escaped ([`_md`]); no local path is written."""
@@ -308,9 +384,9 @@ def model_card(adapter: LoraAdapter) -> str:
     method = record.get("method", "copy")
     base = _card_base_model(adapter.config.base_model)
     data = ModelCardData(
-        library_name="peft",
+        library_name=known.library_name,
         base_model=base,
-        tags=["lora", "peft", "lora-fusion", "merge", str(method)],
+        tags=["lora", known.name, "lora-fusion", "merge", str(method)],
     )
     lines = [
         CARD_TITLE,
@@ -357,8 +433,8 @@ def model_card(adapter: LoraAdapter) -> str:
         "## Use",
         "",
         "```python",
-        "from peft import PeftModel",
-        f"model = PeftModel.from_pretrained(base_model, \"<this repo or folder>\")  # base: {shown_base}",
+        f"# base model: {shown_base}",
+        *known.usage.splitlines(),
         "```",
         "",
         "The same provenance is stored in the safetensors metadata under `lora_fusion`.",
@@ -367,13 +443,16 @@ def model_card(adapter: LoraAdapter) -> str:
     return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)
 
 
-def _check_written(adapter: LoraAdapter, folder: Path, out: Path) -> None:
-    """Reopen what was written (in the staging `folder`), as a user would, and compare it with what was meant to be
-    written to `out`."""
-    written = DEFAULT_FORMAT.read(folder, source=str(folder))
+def _check_written(adapter: LoraAdapter, target: Path, out: Path, known: AdapterFormat) -> None:
+    """Reopen what was written (the staging `target`), as a user would, and compare it with what was meant to be
+    written to `out`. A kohya file may hold a module at a higher rank, and extra all-zero parts, where Flux's fused
+    q/k/v hold several modules in one."""
+    written = known.read(target, source=str(target))
+    fused = known.single_file
     for name, spec in adapter.modules.items():
         got = written.modules.get(name)
-        if got is None or got.rank != spec.rank or got.layout() != spec.layout():
+        rank_ok = got is not None and (got.rank == spec.rank or (fused and got.rank > spec.rank))
+        if got is None or not rank_ok or got.layout() != spec.layout():
             raise CorruptAdapterError(f"internal error: module {name} was not written as planned; nothing was saved.")
         try:
             read_factors(got, written.store, where=str(out))
@@ -383,11 +462,13 @@ def _check_written(adapter: LoraAdapter, folder: Path, out: Path) -> None:
                 f"{out}: module {name} does not fit in {dtype} (a value overflows when written); write it in float32 "
                 "(--dtype float32) or lower the weights; nothing was saved."
             ) from None
-    if set(written.modules) != set(adapter.modules):
+    if not fused and set(written.modules) != set(adapter.modules):
         raise CorruptAdapterError("internal error: the written adapter has extra modules; nothing was saved.")
 
 
 def _swap_into_place(stage: Path, out: Path, *, overwrite: bool) -> None:
+    """Rename the staged folder or file `stage` to `out`; a previous `out` is moved aside first and restored if the
+    rename fails."""
     if not out.exists():
         os.replace(stage, out)
         return
@@ -414,12 +495,19 @@ def push_adapter(
     revision: str | None = None,
     commit_message: str | None = None,
     token: str | None = None,
+    format: str | AdapterFormat = DEFAULT_FORMAT,
 ) -> PushResult:
-    """Write `adapter` to a temporary folder and upload it with [`push_folder`]; returns its [`PushResult`]
-    (a `str`: the commit URL)."""
+    """Write `adapter` in `format` to a temporary folder and upload it with [`push_folder`]; returns its
+    [`PushResult`] (a `str`: the commit URL). A kohya file is uploaded as `<repo name>.safetensors`."""
     check_push_allowed(repo_id)  # before the write, which costs time for nothing if the upload cannot happen
+    known = format_named(format) if isinstance(format, str) else format
     with tempfile.TemporaryDirectory(prefix="lora-fusion-push-") as tmp:
-        folder = write_adapter(adapter, Path(tmp) / "adapter")
+        if known.single_file:
+            folder = Path(tmp) / "adapter"
+            folder.mkdir()
+            write_adapter(adapter, folder / f"{repo_id.rsplit('/', 1)[-1]}.safetensors", format=known)
+        else:
+            folder = write_adapter(adapter, Path(tmp) / "adapter", format=known)
         return push_folder(
             folder, repo_id, private=private, revision=revision, commit_message=commit_message, token=token
         )

@@ -47,6 +47,9 @@ class PeftFormat:
 
     name = "peft"
     file_names = frozenset({CONFIG_NAME, SAFETENSORS_NAME, LEGACY_NAME})
+    single_file = False
+    library_name = "peft"
+    usage = 'from peft import PeftModel\nmodel = PeftModel.from_pretrained(base_model, "<this repo or folder>")'
 
     def detect(self, path: Path) -> bool:
         """Whether `path` is a folder with an `adapter_config.json`, or a weights file with one beside it."""
@@ -420,20 +423,28 @@ def check_scale_fits(module: str, scale: float, dtype: torch.dtype, source: str)
         )
 
 
+def folded_factors(adapter: LoraAdapter, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One module's A and B in stored shapes and the module's dtype, with its scale folded in as √|s| on each factor
+    (so that every format can record scale 1), and its lora_B bias times s (or None). Shared by every writer."""
+    spec = adapter.modules[name]
+    factors = adapter.factors(name)
+    a, b = factors.A, factors.B
+    if spec.scale != 1.0:  # merged adapters already have scale 1; loaded ones get √|s| on each factor
+        root = math.sqrt(abs(spec.scale))
+        a, b = a * root, b * math.copysign(root, spec.scale)
+    bias = None if factors.bias is None else (factors.bias * spec.scale).to(spec.dtype).contiguous()
+    return a.reshape(spec.a_shape).to(spec.dtype).contiguous(), b.reshape(spec.b_shape).to(spec.dtype).contiguous(), bias
+
+
 def _output_tensors(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
-    """PEFT-keyed tensors in stored shapes, with each module's scale folded in as √|s| on each factor."""
+    """PEFT-keyed tensors in stored shapes, scales folded in ([`folded_factors`])."""
     tensors: dict[str, torch.Tensor] = {}
     for name, spec in adapter.modules.items():
-        factors = adapter.factors(name)
-        a, b = factors.A, factors.B
-        if spec.scale != 1.0:  # merged adapters already have scale 1; loaded ones get √|s| on each factor
-            root = math.sqrt(abs(spec.scale))
-            a, b = a * root, b * math.copysign(root, spec.scale)
+        a, b, bias = folded_factors(adapter, name)
         a_key, b_key, bias_key = state_dict_keys(spec)
-        tensors[a_key] = a.reshape(spec.a_shape).to(spec.dtype).contiguous()
-        tensors[b_key] = b.reshape(spec.b_shape).to(spec.dtype).contiguous()
-        if factors.bias is not None and bias_key:
-            tensors[bias_key] = (factors.bias * spec.scale).to(spec.dtype).contiguous()
+        tensors[a_key], tensors[b_key] = a, b
+        if bias is not None and bias_key:
+            tensors[bias_key] = bias
     return tensors
 
 

@@ -59,6 +59,10 @@ class SafetensorsStore:
     def keys(self) -> list[str]:
         return list(self._file.keys())
 
+    def metadata(self) -> dict[str, str]:
+        """The file header's `__metadata__` (strings; empty when there is none)."""
+        return dict(self._file.metadata() or {})
+
     def header(self, key: str) -> tuple[tuple[int, ...], str]:
         piece = self._file.get_slice(key)
         return tuple(piece.get_shape()), piece.get_dtype()

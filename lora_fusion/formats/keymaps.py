@@ -1,0 +1,290 @@
+"""Module names of diffusion-model LoRA files, mapped to the canonical (diffusers/PEFT) names with diffusers' own
+maintained converters, and back.
+
+The canonical name of a module is its diffusers path with the pipeline component in front:
+`unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`, `text_encoder.text_model.encoder.layers.0.
+self_attn.q_proj`, `transformer.transformer_blocks.0.attn.to_q`.
+
+Reading (kohya/A1111, SDXL's original SGM block names, ComfyUI's `diffusion_model.` prefix, kohya Flux): the
+file's key names are run through diffusers' converters (`StableDiffusionXLLoraLoaderMixin.lora_state_dict`,
+`FluxLoraLoaderMixin.lora_state_dict`, `convert_unet_state_dict_to_peft`, `convert_state_dict_to_peft`) on a
+*probe*: a state dict with the file's keys and tiny tagged tensors instead of the weights. Each probe `down` holds
+the module's number and each `up` its row numbers, so the converted dict says, for every canonical module, which
+file module it came from and which rows of that module's up matrix it took (a fused Flux q/k/v splits the up
+matrix in row blocks; the down matrix is shared, which is exact). The weights themselves are then read lazily, and
+the scale alpha/rank applied by lora-fusion: the probe carries no alphas. A file module the converters drop (they
+skip a few key kinds with only a log line) is refused by name, never lost.
+
+Writing kohya: SD/SDXL names through diffusers' `convert_state_dict_to_kohya` on a probe; Flux through
+[`FLUX_KOHYA_GROUPS`] below, written here because diffusers has no Flux → kohya converter, and tested against
+diffusers' reader (every name written reads back to the module it came from).
+
+diffusers is an optional extra (`pip install "lora-fusion[diffusers]"`, pinned), imported only when such a file is
+met: it imports transformers and peft, which costs seconds.
+"""
+
+from __future__ import annotations
+
+import re
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import CorruptAdapterError, UnsupportedAdapterError
+
+# The pipeline components a diffusion LoRA names (diffusers' prefixes), in file order.
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+COMFY_PREFIX = "diffusion_model."
+# SD 1.x/2.x and SDXL UNets have 2 layers per block; the SGM → diffusers block numbering depends on it.
+SGM_LAYERS_PER_BLOCK = 2
+DIFFUSERS_EXTRA = 'pip install "lora-fusion[diffusers]"'
+
+
+def diffusers_available() -> bool:
+    from importlib.util import find_spec
+
+    return find_spec("diffusers") is not None
+
+
+def require_diffusers(source: str, what: str) -> None:
+    """Refuse clearly when diffusers, whose key maps read and write `what`, is not installed."""
+    if not diffusers_available():
+        raise UnsupportedAdapterError(
+            f"{source}: {what} needs diffusers' key maps, which are not installed; run {DIFFUSERS_EXTRA}."
+        )
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Where one canonical module's factors live in a file: the file's module (its key prefix) and the row blocks
+    of its up matrix (`None`: all rows, in order). The down matrix is always used whole."""
+
+    module: str
+    rows: tuple[tuple[int, int], ...] | None = None
+
+
+def _probe(modules: Mapping[str, int], *, down: str, up: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    names = list(modules)
+    probe: dict[str, torch.Tensor] = {}
+    for index, name in enumerate(names):
+        probe[f"{name}.{down}"] = torch.full((1, 1), float(index))
+        probe[f"{name}.{up}"] = torch.arange(modules[name], dtype=torch.float32).reshape(-1, 1)
+    return probe, names
+
+
+def _row_blocks(rows: torch.Tensor, out_features: int) -> tuple[tuple[int, int], ...] | None:
+    values = [int(v) for v in rows.flatten().tolist()]
+    if values == list(range(out_features)):
+        return None
+    blocks: list[list[int]] = []
+    for value in values:
+        if blocks and blocks[-1][1] == value:
+            blocks[-1][1] += 1
+        else:
+            blocks.append([value, value + 1])
+    return tuple((start, stop) for start, stop in blocks)
+
+
+def _read_probe(converted: Mapping[str, torch.Tensor], names: list[str], out: Mapping[str, int]) -> dict[str, Piece]:
+    pieces: dict[str, Piece] = {}
+    for key, tensor in converted.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        canonical = key[: -len(".lora_A.weight")]
+        module = names[int(tensor.flatten()[0])]
+        rows = converted[f"{canonical}.lora_B.weight"]
+        pieces[canonical] = Piece(module, _row_blocks(rows, out[module]))
+    return pieces
+
+
+def _refuse_dropped(pieces: Mapping[str, Piece], names: list[str], source: str) -> None:
+    placed = {piece.module for piece in pieces.values()}
+    dropped = [name for name in names if name not in placed]
+    if dropped:
+        shown = ", ".join(dropped[:3]) + (f" and {len(dropped) - 3} more" if len(dropped) > 3 else "")
+        raise UnsupportedAdapterError(
+            f"{source}: diffusers' key map has no place for {shown}; lora-fusion drops no module silently. Remove "
+            "those modules from the file, or convert it with the tool that made it."
+        )
+
+
+def kohya_to_canonical(modules: Mapping[str, int], *, source: str) -> dict[str, Piece]:
+    """Canonical name → [`Piece`] for kohya module names (`lora_unet_…`, `lora_te1_…`, `lora_unet_double_blocks_…`,
+    with their up matrix's row count), through diffusers' converters.
+
+    Raises:
+        UnsupportedAdapterError: diffusers is missing, or its map drops or rejects a module (named).
+    """
+    require_diffusers(source, "a kohya/A1111/ComfyUI LoRA file")
+    probe, names = _probe(modules, down="lora_down.weight", up="lora_up.weight")
+    flux = any(re.match(r"lora_unet_(double|single)_blocks_", name) for name in names)
+    try:
+        converted = _convert_flux(probe) if flux else _convert_sd(probe)
+    except (ValueError, KeyError, IndexError, AssertionError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        kind = "Flux" if flux else "SD/SDXL"
+        raise UnsupportedAdapterError(
+            f"{source}: diffusers' {kind} key map cannot read this file ({first[:200]}); example keys: "
+            f"{', '.join(names[:3])}."
+        ) from None
+    pieces = _read_probe(converted, names, modules)
+    _refuse_dropped(pieces, names, source)
+    return pieces
+
+
+def diffusers_old_to_canonical(modules: Mapping[str, int], *, source: str) -> dict[str, Piece]:
+    """Canonical name → [`Piece`] for the older diffusers key styles (`….processor.to_q_lora.down.weight`,
+    `….lora.down.weight`, `….lora_linear_layer.down.weight`), given as the module part before `.down.weight`."""
+    require_diffusers(source, "an older diffusers LoRA file")
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+
+    probe, names = _probe(modules, down="down.weight", up="up.weight")
+    try:
+        unet = {k: v for k, v in probe.items() if not k.startswith("text_encoder")}
+        text = {k: v for k, v in probe.items() if k.startswith("text_encoder")}
+        converted = {**(convert_unet_state_dict_to_peft(unet) if unet else {}),
+                     **(convert_state_dict_to_peft(text) if text else {})}
+    except (ValueError, KeyError) as err:
+        raise UnsupportedAdapterError(f"{source}: diffusers' key map cannot read this file ({err}).") from None
+    pieces = _read_probe(converted, names, modules)
+    _refuse_dropped(pieces, names, source)
+    return pieces
+
+
+def _convert_sd(probe: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    from diffusers.loaders.lora_pipeline import StableDiffusionXLLoraLoaderMixin
+    from diffusers.utils.state_dict_utils import (
+        StateDictType,
+        convert_state_dict_to_diffusers,
+        convert_state_dict_to_peft,
+        convert_unet_state_dict_to_peft,
+    )
+
+    # layers_per_block is what diffusers needs from the UNet config to renumber SGM blocks; SD and SDXL share it.
+    config = types.SimpleNamespace(layers_per_block=SGM_LAYERS_PER_BLOCK)
+    converted, _ = StableDiffusionXLLoraLoaderMixin.lora_state_dict(probe, unet_config=config)
+    unet = {k: v for k, v in converted.items() if k.startswith("unet.")}
+    text = {k: v for k, v in converted.items() if not k.startswith("unet.")}
+    result = dict(convert_unet_state_dict_to_peft(unet)) if unet else {}
+    if text:
+        # The text-encoder keys mix the old style (attention: `to_q_lora`) and the new one (MLP:
+        # `lora_linear_layer`); diffusers infers one style per dict from `to_out_lora`, so say both explicitly.
+        text = convert_state_dict_to_diffusers(text, original_type=StateDictType.DIFFUSERS_OLD)
+        result.update(convert_state_dict_to_peft(text, original_type=StateDictType.DIFFUSERS))
+    return result
+
+
+def _convert_flux(probe: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
+
+    return dict(FluxLoraLoaderMixin.lora_state_dict(probe))
+
+
+def canonical_to_kohya_sd(modules: list[str], *, text_encoder_2: bool, source: str) -> dict[str, str]:
+    """kohya module name for each canonical SD/SDXL name (`unet.…`, `text_encoder.…`, `text_encoder_2.…`), through
+    diffusers' `convert_state_dict_to_kohya`. With no second text encoder the first is `lora_te_` (SD 1.x/2.x, as
+    kohya names it), else `lora_te1_`/`lora_te2_` (SDXL)."""
+    require_diffusers(source, "writing a kohya file")
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+
+    probe = {f"{name}.lora_A.weight": torch.full((1, 1), float(i)) for i, name in enumerate(modules)}
+    converted = convert_state_dict_to_kohya(probe)
+    names: dict[str, str] = {}
+    for key, tensor in converted.items():
+        if key.endswith(".lora_down.weight"):
+            kohya = key[: -len(".lora_down.weight")]
+            if not text_encoder_2:
+                kohya = kohya.replace("lora_te1_", "lora_te_", 1)
+            names[modules[int(tensor.flatten()[0])]] = kohya
+    return names
+
+
+# Flux (BFL) modules as kohya names them, and the diffusers modules each holds: a fused module's up matrix is the
+# row-wise concatenation of its parts (q, k, v; single blocks add the MLP input), which share one down matrix.
+FLUX_KOHYA_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (r"double_blocks_{i}_img_attn_qkv", ("transformer_blocks.{i}.attn.to_q", "transformer_blocks.{i}.attn.to_k",
+                                         "transformer_blocks.{i}.attn.to_v")),
+    (r"double_blocks_{i}_img_attn_proj", ("transformer_blocks.{i}.attn.to_out.0",)),
+    (r"double_blocks_{i}_img_mlp_0", ("transformer_blocks.{i}.ff.net.0.proj",)),
+    (r"double_blocks_{i}_img_mlp_2", ("transformer_blocks.{i}.ff.net.2",)),
+    (r"double_blocks_{i}_img_mod_lin", ("transformer_blocks.{i}.norm1.linear",)),
+    (r"double_blocks_{i}_txt_attn_qkv", ("transformer_blocks.{i}.attn.add_q_proj",
+                                         "transformer_blocks.{i}.attn.add_k_proj",
+                                         "transformer_blocks.{i}.attn.add_v_proj")),
+    (r"double_blocks_{i}_txt_attn_proj", ("transformer_blocks.{i}.attn.to_add_out",)),
+    (r"double_blocks_{i}_txt_mlp_0", ("transformer_blocks.{i}.ff_context.net.0.proj",)),
+    (r"double_blocks_{i}_txt_mlp_2", ("transformer_blocks.{i}.ff_context.net.2",)),
+    (r"double_blocks_{i}_txt_mod_lin", ("transformer_blocks.{i}.norm1_context.linear",)),
+    (r"single_blocks_{i}_linear1", ("single_transformer_blocks.{i}.attn.to_q",
+                                    "single_transformer_blocks.{i}.attn.to_k",
+                                    "single_transformer_blocks.{i}.attn.to_v",
+                                    "single_transformer_blocks.{i}.proj_mlp")),
+    (r"single_blocks_{i}_linear2", ("single_transformer_blocks.{i}.proj_out",)),
+    (r"single_blocks_{i}_modulation_lin", ("single_transformer_blocks.{i}.norm.linear",)),
+    ("img_in", ("x_embedder",)),
+    ("txt_in", ("context_embedder",)),
+    ("time_in_in_layer", ("time_text_embed.timestep_embedder.linear_1",)),
+    ("time_in_out_layer", ("time_text_embed.timestep_embedder.linear_2",)),
+    ("vector_in_in_layer", ("time_text_embed.text_embedder.linear_1",)),
+    ("vector_in_out_layer", ("time_text_embed.text_embedder.linear_2",)),
+    ("guidance_in_in_layer", ("time_text_embed.guidance_embedder.linear_1",)),
+    ("guidance_in_out_layer", ("time_text_embed.guidance_embedder.linear_2",)),
+    ("final_layer_linear", ("proj_out",)),
+)
+
+
+@dataclass(frozen=True)
+class FusedModule:
+    """A kohya Flux module to write: its name and its parts (canonical names, `None` for a part the adapter lacks,
+    written as zero rows)."""
+
+    kohya: str
+    parts: tuple[str | None, ...]
+    part_names: tuple[str, ...]
+
+
+def canonical_to_kohya_flux(modules: list[str], *, source: str) -> list[FusedModule]:
+    """Group the canonical Flux transformer modules (`transformer.…`) into kohya's fused modules.
+
+    Raises:
+        UnsupportedAdapterError: a module kohya's Flux layout has no key for (named).
+    """
+    wanted = {name.removeprefix("transformer."): name for name in modules}
+    groups: dict[str, FusedModule] = {}
+    for kohya_pattern, parts in FLUX_KOHYA_GROUPS:
+        for part in parts:
+            regex = re.compile("^" + re.escape(part).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
+            for short in wanted:
+                match = regex.match(short)
+                if match is None:
+                    continue
+                names = tuple(p.format(i=match.groupdict().get("i")) for p in parts)
+                kohya = "lora_unet_" + kohya_pattern.format(i=match.groupdict().get("i"))
+                present = tuple(wanted.get(n) for n in names)
+                groups[kohya] = FusedModule(kohya, present, tuple(f"transformer.{n}" for n in names))
+    placed = {name for group in groups.values() for name in group.parts if name}
+    missing = [name for name in modules if name not in placed]
+    if missing:
+        raise UnsupportedAdapterError(
+            f"{source}: kohya's Flux layout has no key for module {missing[0]}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            + "; write --format peft or diffusers instead."
+        )
+    return list(groups.values())
+
+
+def scalar_alpha(value: Any, *, module: str, source: str) -> float:
+    """A kohya `.alpha` tensor as a finite number, or a one-line error naming the module."""
+    tensor = torch.as_tensor(value)
+    if tensor.numel() != 1:
+        raise CorruptAdapterError(
+            f"{source}: module {module} has an alpha of shape {list(tensor.shape)}; expected one number."
+        )
+    alpha = float(tensor.reshape(()).float())
+    if not torch.isfinite(torch.tensor(alpha)):
+        raise CorruptAdapterError(f"{source}: module {module} has alpha {alpha}; expected a finite number.")
+    return alpha

@@ -1,0 +1,424 @@
+"""Diffusion LoRA files in and out (issue 14): diffusers, kohya/A1111 (SD and SDXL's SGM names), kohya Flux, LyCORIS,
+`convert`, `merge --format`, and merges across formats, on tiny diffusers models built here.
+
+LoRAs are made with PEFT and saved with diffusers' own `save_lora_weights` / `convert_state_dict_to_kohya`, or
+with the independent SGM key map written in this file; every output is loaded back with diffusers and compared,
+in float32, with the forward of the PEFT-injected model (base + ΔW).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from lora_fusion import convert, load_adapter, merge
+from lora_fusion.errors import (
+    AmbiguousSourceError,
+    CorruptAdapterError,
+    IncompatibleAdaptersError,
+    NotALoraAdapterError,
+    OutputProtectedError,
+    UnsupportedAdapterError,
+)
+from tests.test_cli import assert_user_error, invoke
+
+pytest.importorskip("diffusers")  # the [diffusers] extra is part of the test install (make test)
+
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.0.proj", "conv1", "time_emb_proj"]
+# diffusers 0.42.1 infers the text encoder's key style from `out_proj` (to_out_lora): a kohya text-encoder LoRA
+# without it does not load into diffusers, so the tests train all four attention projections, as trainers do.
+TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1"]
+
+
+class TinyPipeline:
+    """What `load_lora_weights` needs of a pipeline: its unet and text encoder (and no device map)."""
+
+    hf_device_map = None
+
+    def __init__(self, unet, text_encoder):
+        self.unet, self.text_encoder = unet, text_encoder
+
+    @property
+    def components(self):
+        return {"unet": self.unet, "text_encoder": self.text_encoder}
+
+
+def _pipeline_class():
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+    return type("TinySD", (TinyPipeline, StableDiffusionLoraLoaderMixin), {})
+
+
+def tiny_unet(seed: int = 0):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=4,
+    ).eval()
+
+
+def tiny_text_encoder(seed: int = 0):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                            num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1)
+    return CLIPTextModel(config).eval()
+
+
+def with_lora(model, targets: list[str], *, r: int, alpha: float, seed: int):
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=r, lora_alpha=alpha, init_lora_weights=False, target_modules=targets)
+    lora = inject_adapter_in_model(config, copy.deepcopy(model))
+    return lora, config
+
+
+def peft_deltas(model, component: str) -> dict[str, torch.Tensor]:
+    """PEFT's own ΔW of every LoRA layer, flattened to out × in·k·k, by canonical name."""
+    from peft.tuners.lora import LoraLayer
+
+    return {f"{component}.{name}": module.get_delta_weight("default").flatten(1).float()
+            for name, module in model.named_modules() if isinstance(module, LoraLayer)}
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    """A tiny SD model, a PEFT LoRA on its UNet (convs included) and text encoder, saved by diffusers."""
+    from peft import get_peft_model_state_dict
+
+    unet, text = tiny_unet(), tiny_text_encoder()
+    lora_unet, unet_config = with_lora(unet, UNET_TARGETS, r=4, alpha=8, seed=1)
+    lora_text, text_config = with_lora(text, TEXT_TARGETS, r=2, alpha=3, seed=2)
+    folder = tmp_path_factory.mktemp("sd") / "diffusers_lora"
+    _pipeline_class().save_lora_weights(
+        folder, unet_lora_layers=get_peft_model_state_dict(lora_unet),
+        text_encoder_lora_layers=get_peft_model_state_dict(lora_text),
+        unet_lora_adapter_metadata=unet_config.to_dict(), text_encoder_lora_adapter_metadata=text_config.to_dict(),
+    )
+    deltas = {**peft_deltas(lora_unet, "unet"), **peft_deltas(lora_text, "text_encoder")}
+    return {"unet": unet, "text": text, "lora_unet": lora_unet, "lora_text": lora_text, "folder": folder,
+            "deltas": deltas}
+
+
+def forward(unet, text) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(1, 4, 8, 8, generator=generator)
+    context = torch.randn(1, 5, 16, generator=generator)
+    ids = torch.randint(0, 50, (1, 6), generator=generator)
+    with torch.no_grad():
+        return unet(sample, 3, context).sample, text(ids).last_hidden_state
+
+
+def loaded_forward(sd, folder: Path, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    pipe = _pipeline_class()(copy.deepcopy(sd["unet"]), copy.deepcopy(sd["text"]))
+    pipe.load_lora_weights(str(folder), **kwargs)
+    return forward(pipe.unet, pipe.text_encoder)
+
+
+def assert_same_deltas(adapter, deltas: dict[str, torch.Tensor], *, tol: float = 1e-6) -> None:
+    assert set(adapter.modules) == set(deltas)
+    for name, expected in deltas.items():
+        got = adapter.delta(name)
+        assert got.shape == expected.shape, name
+        assert torch.allclose(got, expected, atol=tol, rtol=1e-5), name
+
+
+def test_a_diffusers_file_reads_into_peft_deltas_with_its_metadata_scales(sd) -> None:
+    adapter = load_adapter(sd["folder"])
+    assert all(name.startswith(("unet.", "text_encoder.")) for name in adapter.modules)
+    assert adapter.modules["unet.down_blocks.0.resnets.0.conv1"].kind == "conv"
+    scales = {spec.scale for name, spec in adapter.modules.items() if name.startswith("text_encoder.")}
+    assert scales == {1.5}  # alpha 3 / r 2, from lora_adapter_metadata
+    assert_same_deltas(adapter, sd["deltas"])
+
+
+@pytest.mark.parametrize("to", ["diffusers", "kohya"])
+def test_converted_outputs_load_in_diffusers_with_the_forward_of_base_plus_delta(sd, tmp_path, to) -> None:
+    out = tmp_path / ("lora.safetensors" if to == "kohya" else "lora")
+    convert(sd["folder"], to=to, out=out)
+    expected = forward(sd["lora_unet"], sd["lora_text"])
+    got = loaded_forward(sd, out.parent, weight_name=out.name) if to == "kohya" else loaded_forward(sd, out)
+    base = forward(sd["unet"], sd["text"])
+    for g, e, b in zip(got, expected, base):
+        assert (e - b).abs().max() > 1e-3  # the LoRA changes the output, so the check below has teeth
+        assert torch.allclose(g, e, atol=1e-5, rtol=1e-5)
+    with safe_open(str(out if to == "kohya" else out / "pytorch_lora_weights.safetensors"), "pt") as file:
+        assert json.loads(file.metadata()["lora_fusion"])["method"] == "copy"  # provenance in every format
+
+
+def test_round_trip_peft_kohya_diffusers_peft_keeps_every_delta(sd, tmp_path) -> None:
+    peft_dir = convert(sd["folder"], to="peft", out=tmp_path / "peft")
+    kohya = convert(peft_dir, to="kohya", out=tmp_path / "k.safetensors")
+    back = convert(kohya, to="diffusers", out=tmp_path / "diffusers")
+    final = convert(back, to="peft", out=tmp_path / "peft2")
+    assert json.loads((final / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    assert_same_deltas(load_adapter(final), sd["deltas"])
+    keys = load_file(kohya)
+    assert all(k.startswith(("lora_unet_", "lora_te_")) for k in keys)  # SD 1.x: `lora_te_`, one text encoder
+    assert all(float(keys[k]) == keys[k.replace(".alpha", ".lora_down.weight")].shape[0]
+               for k in keys if k.endswith(".alpha"))  # alpha = rank: scales folded into the factors
+
+
+def test_kohya_written_by_diffusers_reads_with_its_alphas(sd, tmp_path) -> None:
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+    from peft import get_peft_model_state_dict
+
+    state = {f"unet.{k}": v for k, v in get_peft_model_state_dict(sd["lora_unet"]).items()}
+    state.update({f"text_encoder.{k}": v for k, v in get_peft_model_state_dict(sd["lora_text"]).items()})
+    kohya = convert_state_dict_to_kohya(state)
+    # diffusers writes alpha = rank; the LoRA was trained with alpha 8 (unet) and 3 (text), so say so.
+    for key in [k for k in kohya if k.endswith(".alpha")]:
+        kohya[key] = torch.tensor(8.0 if key.startswith("lora_unet_") else 3.0)
+    save_file(kohya, tmp_path / "by_diffusers.safetensors")
+    adapter = load_adapter(tmp_path / "by_diffusers.safetensors")
+    assert_same_deltas(adapter, sd["deltas"])
+
+
+def sgm_name(canonical: str) -> str | None:
+    """The kohya SGM name (SDXL's original UNet numbering) of a diffusers UNet attention module: an independent map
+    (layers_per_block 2: input block 1 + 3·block + layer, output block 3·block + layer, middle block 1)."""
+    down = re.match(r"unet\.down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)$", canonical)
+    up = re.match(r"unet\.up_blocks\.(\d+)\.attentions\.(\d+)\.(.+)$", canonical)
+    mid = re.match(r"unet\.mid_block\.attentions\.0\.(.+)$", canonical)
+    if down:
+        block, rest = f"input_blocks_{1 + 3 * int(down[1]) + int(down[2])}_1", down[3]
+    elif up:
+        block, rest = f"output_blocks_{3 * int(up[1]) + int(up[2])}_1", up[3]
+    elif mid:
+        block, rest = "middle_block_1", mid[1]
+    else:
+        return None
+    return f"lora_unet_{block}_{rest.replace('.', '_')}"
+
+
+def test_sdxl_kohya_with_sgm_block_names_and_two_text_encoders(sd, tmp_path) -> None:
+    """kohya SDXL files name the UNet in SGM blocks and the text encoders `lora_te1_`/`lora_te2_`."""
+    text2 = tiny_text_encoder(seed=5)
+    lora_text2, _ = with_lora(text2, TEXT_TARGETS, r=3, alpha=3, seed=6)
+    deltas = {**{k: v for k, v in sd["deltas"].items() if sgm_name(k) or k.startswith("text_encoder.")},
+              **peft_deltas(lora_text2, "text_encoder_2")}
+    tensors: dict[str, torch.Tensor] = {}
+    for name, delta in deltas.items():
+        if name.startswith("unet."):
+            kohya = sgm_name(name)
+        else:
+            component, _, path = name.partition(".")
+            kohya = ("lora_te1_" if component == "text_encoder" else "lora_te2_") + path.replace(".", "_")
+        # An exact rank-r factorisation of the known ΔW with alpha = 2r: the reader must apply alpha / r = 2.
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        r = int((s > 1e-6 * s[0]).sum())
+        tensors[f"{kohya}.lora_up.weight"] = (u[:, :r] * s[:r]).contiguous() / 2
+        tensors[f"{kohya}.lora_down.weight"] = vh[:r].contiguous()
+        tensors[f"{kohya}.alpha"] = torch.tensor(2.0 * r)
+    save_file(tensors, tmp_path / "sdxl.safetensors")
+    adapter = load_adapter(tmp_path / "sdxl.safetensors")
+    assert_same_deltas(adapter, deltas, tol=1e-5)
+    written = convert(adapter, to="kohya", out=tmp_path / "out.safetensors")
+    assert {k.split("_")[1] for k in load_file(written)} >= {"unet", "te1", "te2"}
+    assert_same_deltas(load_adapter(written), deltas, tol=1e-5)
+
+
+def test_kohya_and_diffusers_sources_merge_by_canonical_name(sd, tmp_path) -> None:
+    kohya = convert(sd["folder"], to="kohya", out=tmp_path / "a.safetensors")
+    other = with_lora(sd["unet"], ["to_q", "conv1"], r=2, alpha=2, seed=9)[0]
+    from peft import get_peft_model_state_dict
+
+    folder = tmp_path / "b"
+    _pipeline_class().save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(other))
+    b_deltas = peft_deltas(other, "unet")
+    merged = merge([kohya, folder], method="linear", weights=[0.5, 2.0])
+    assert set(merged.modules) == set(sd["deltas"])  # b's modules are a subset: missing = zero update
+    for name, delta in sd["deltas"].items():
+        expected = 0.5 * delta + 2.0 * b_deltas.get(name, torch.zeros_like(delta))
+        assert torch.allclose(merged.delta(name), expected, atol=1e-5), name
+    out = merged.save_pretrained(tmp_path / "merged", format="diffusers")
+    assert (out / "pytorch_lora_weights.safetensors").is_file() and (out / "README.md").is_file()
+    assert "load_lora_weights" in (out / "README.md").read_text()
+
+
+def test_a_shape_mismatch_across_formats_names_the_module(sd, tmp_path) -> None:
+    kohya = convert(sd["folder"], to="kohya", out=tmp_path / "a.safetensors")
+    tensors = load_file(kohya)
+    key = next(k for k in tensors if "attn1_to_q" in k and k.endswith("lora_down.weight"))
+    tensors[key] = torch.randn(tensors[key].shape[0], tensors[key].shape[1] + 1)
+    save_file(tensors, tmp_path / "bad.safetensors")
+    with pytest.raises(IncompatibleAdaptersError, match="to_q"):
+        merge([sd["folder"], tmp_path / "bad.safetensors"])
+
+
+def flux_model():
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                  attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                  pooled_projection_dim=16, axes_dims_rope=(2, 2, 4)).eval()
+
+
+def test_flux_kohya_fuses_qkv_exactly_and_diffusers_reads_it_back(tmp_path) -> None:
+    """Writing kohya Flux fuses q/k/v (a block-diagonal up matrix; k absent here, so zero rows) and diffusers' own
+    reader splits it back to the same ΔW per module."""
+    from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
+
+    model = flux_model()
+    targets = ["attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
+               "ff.net.2", "single_transformer_blocks.0.proj_out"]
+    lora, _ = with_lora(model, targets, r=3, alpha=6, seed=4)
+    deltas = {k: v for k, v in peft_deltas(lora, "transformer").items()
+              if not k.startswith("transformer.single_transformer_blocks.0.attn")}
+    from peft import get_peft_model_state_dict
+
+    state = {f"transformer.{k}": v for k, v in get_peft_model_state_dict(lora).items()
+             if not k.startswith("single_transformer_blocks.0.attn")}
+    save_file(state, tmp_path / "flux_diffusers.safetensors",
+              metadata={"lora_adapter_metadata": json.dumps({"transformer.r": 3, "transformer.lora_alpha": 6})})
+    adapter = load_adapter(tmp_path / "flux_diffusers.safetensors")
+    assert_same_deltas(adapter, deltas)
+    written = convert(adapter, to="kohya", out=tmp_path / "flux.safetensors")
+    keys = load_file(written)
+    qkv = "lora_unet_double_blocks_0_img_attn_qkv"
+    assert keys[f"{qkv}.lora_down.weight"].shape[0] == 6  # to_q and to_v fused at rank 3 + 3; to_k absent
+    assert keys[f"{qkv}.lora_up.weight"][16:32].abs().max() == 0  # k's rows
+    converted = FluxLoraLoaderMixin.lora_state_dict(str(written))
+    for name, delta in deltas.items():
+        a, b = converted[f"{name}.lora_A.weight"], converted[f"{name}.lora_B.weight"]
+        assert torch.allclose(b.float() @ a.float(), delta, atol=1e-5), name
+    back = load_adapter(written)
+    for name, delta in deltas.items():
+        assert torch.allclose(back.delta(name), delta, atol=1e-5), name
+    assert back.delta("transformer.transformer_blocks.0.attn.to_k").abs().max() == 0
+
+
+def test_comfyui_prefix_reads_like_kohya(tmp_path) -> None:
+    tensors = {
+        "diffusion_model.double_blocks.0.img_attn.proj.lora_A.weight": torch.randn(2, 16),
+        "diffusion_model.double_blocks.0.img_attn.proj.lora_B.weight": torch.randn(16, 2),
+        "diffusion_model.double_blocks.0.img_attn.proj.alpha": torch.tensor(1.0),
+    }
+    save_file(tensors, tmp_path / "comfy.safetensors")
+    adapter = load_adapter(tmp_path / "comfy.safetensors")
+    name = "transformer.transformer_blocks.0.attn.to_out.0"
+    expected = 0.5 * tensors["diffusion_model.double_blocks.0.img_attn.proj.lora_B.weight"] @ \
+        tensors["diffusion_model.double_blocks.0.img_attn.proj.lora_A.weight"]
+    assert list(adapter.modules) == [name]
+    assert torch.allclose(adapter.delta(name), expected, atol=1e-6)
+
+
+def test_lycoris_loha_and_lokr_in_a_kohya_file_match_lycoris(sd, tmp_path) -> None:
+    from lycoris.modules.loha import LohaModule
+    from lycoris.modules.lokr import LokrModule
+
+    unet = sd["unet"]
+    to_q = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+    conv = unet.down_blocks[0].resnets[0].conv1
+    conv2 = unet.down_blocks[0].resnets[1].conv2
+    torch.manual_seed(3)
+    loha = LohaModule("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q", to_q,
+                      lora_dim=2, alpha=1)
+    lokr = LokrModule("lora_unet_down_blocks_0_resnets_0_conv1", conv, lora_dim=2, alpha=1, factor=2)
+    # LoHa on a 3×3 conv stores its factors flattened ([r, in·3·3]): the kernel comes from the UNet's layout.
+    flat = LohaModule("lora_unet_down_blocks_0_resnets_1_conv2", conv2, lora_dim=2, alpha=4)
+    tensors = {}
+    expected = {}
+    for canonical, module, base in (("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", loha, to_q),
+                                    ("unet.down_blocks.0.resnets.0.conv1", lokr, conv),
+                                    ("unet.down_blocks.0.resnets.1.conv2", flat, conv2)):
+        for p in module.parameters():
+            if p.abs().max() == 0:
+                torch.nn.init.normal_(p, std=0.3)
+        expected[canonical] = module.get_weight(base.weight.shape).flatten(1).float().detach()
+        tensors.update({f"{module.lora_name}.{k}": v.detach().contiguous() for k, v in module.state_dict().items()})
+    save_file(tensors, tmp_path / "lycoris.safetensors")
+    adapter = load_adapter(tmp_path / "lycoris.safetensors")
+    for conv_name in ("unet.down_blocks.0.resnets.0.conv1", "unet.down_blocks.0.resnets.1.conv2"):
+        assert adapter.modules[conv_name].kind == "conv" and adapter.modules[conv_name].kernel == (3, 3)
+    assert "hada_w1_b" in " ".join(tensors) and tensors[f"{flat.lora_name}.hada_w1_b"].dim() == 2
+    assert_same_deltas(adapter, expected, tol=1e-5)
+    out = convert(adapter, to="diffusers", out=tmp_path / "plain")  # exact plain LoRA, loads in diffusers
+    assert_same_deltas(load_adapter(out), expected, tol=1e-5)
+
+
+def test_hub_repo_with_a_kohya_file_and_weight_name(hub, tmp_path, sd) -> None:
+    kohya = convert(sd["folder"], to="kohya", out=tmp_path / "style.safetensors")
+    hub.add_repo("org/style", {"style.safetensors": kohya.read_bytes(), "README.md": b"# style"})
+    assert_same_deltas(load_adapter("org/style"), sd["deltas"])
+    hub.add_repo("org/two", {"a.safetensors": kohya.read_bytes(), "b.safetensors": kohya.read_bytes()})
+    with pytest.raises(AmbiguousSourceError, match="--weight-name"):
+        load_adapter("org/two")
+    assert_same_deltas(load_adapter("org/two", weight_name="b.safetensors"), sd["deltas"])
+
+
+def test_cli_convert_and_merge_format(sd, tmp_path) -> None:
+    out = tmp_path / "k.safetensors"
+    result = invoke(*["convert", str(sd["folder"]), "--to", "kohya", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert_user_error(invoke(*["convert", str(sd["folder"]), "--to", "kohya", "--out", str(out)]), "--overwrite")
+    assert invoke(*["convert", str(sd["folder"]), "--to", "kohya", "--out", str(out), "--overwrite"]).exit_code == 0
+    merged = tmp_path / "m"
+    result = invoke(*["merge", str(out), str(sd["folder"]), "--method", "svd", "--rank", "4", "--format", "diffusers",
+                     "--out", str(merged)])
+    assert result.exit_code == 0, result.output
+    assert (merged / "pytorch_lora_weights.safetensors").is_file()
+    assert_user_error(invoke(*["merge", str(out), "--format", "kohya", "--out", str(tmp_path / "x")]), ".safetensors")
+    assert_user_error(invoke(*["convert", str(sd["folder"]), "--to", "onnx", "--out", str(tmp_path / "y")]),
+                      "peft, diffusers, kohya")
+
+
+def test_an_input_kohya_file_is_never_overwritten(sd, tmp_path) -> None:
+    kohya = convert(sd["folder"], to="kohya", out=tmp_path / "k.safetensors")
+    user_file = tmp_path / "mine.safetensors"
+    with pytest.raises(OutputProtectedError, match="input"):
+        convert(kohya, to="kohya", out=kohya, overwrite=True)
+    save_file({"x": torch.zeros(1)}, user_file)
+    with pytest.raises(OutputProtectedError, match="did not write"):
+        convert(sd["folder"], to="kohya", out=user_file, overwrite=True)
+
+
+def test_a_module_the_target_format_cannot_hold_is_refused_by_name(tmp_path) -> None:
+    from tests.test_reliability import lora
+
+    source = lora(tmp_path / "llama")
+    with pytest.raises(UnsupportedAdapterError, match=r"module model\.layers\.0\.self_attn\.q_proj"):
+        convert(source, to="kohya", out=tmp_path / "x.safetensors")
+    with pytest.raises(UnsupportedAdapterError, match="pipeline component"):
+        convert(source, to="diffusers", out=tmp_path / "d")
+    assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize(
+    ("tensors", "error", "message"),
+    [
+        ({"foo.weight": torch.zeros(2, 2), "bar.bias": torch.zeros(2)}, NotALoraAdapterError, "foo.weight"),
+        ({"lora_unet_x.lora_down.weight": torch.zeros(2, 4), "lora_unet_x.lora_up.weight": torch.zeros(4, 3)},
+         CorruptAdapterError, "lora_unet_x"),
+        ({"lora_unet_x.lora_down.weight": torch.zeros(2, 4), "lora_unet_x.lora_up.weight": torch.zeros(4, 2),
+          "lora_unet_x.alpha": torch.tensor(float("nan"))}, CorruptAdapterError, "lora_unet_x.*alpha"),
+        ({"lora_unet_x.lora_down.weight": torch.zeros(2, 4), "lora_unet_x.lora_up.weight": torch.zeros(4, 2),
+          "lora_unet_x.alpha": torch.zeros(2)}, CorruptAdapterError, "lora_unet_x.*alpha"),
+        ({"lora_unet_x.hada_w1_a": torch.zeros(4, 2), "lora_unet_x.hada_w1_b": torch.zeros(2, 4),
+          "lora_unet_x.hada_w2_a": torch.zeros(4, 2)}, CorruptAdapterError, "lora_unet_x"),
+        ({"lora_unet_x.lora_down.weight": torch.zeros(2, 4), "lora_unet_x.lora_up.weight": torch.zeros(4, 2),
+          "lora_unet_x.dora_scale": torch.zeros(4, 1)}, UnsupportedAdapterError, "DoRA"),
+    ],
+    ids=["unknown-layout", "rank-mismatch", "nan-alpha", "vector-alpha", "lycoris-missing-factor", "dora"],
+)
+def test_bad_files_are_refused_in_one_line_naming_the_module(tmp_path, tensors, error, message) -> None:
+    path = tmp_path / "bad.safetensors"
+    save_file(tensors, path)
+    with pytest.raises(error, match=message):
+        load_adapter(path)
+    result = invoke(*["convert", str(path), "--to", "peft", "--out", str(tmp_path / "out")])
+    assert_user_error(result, message.split(".*")[0])
+    assert not (tmp_path / "out").exists()
