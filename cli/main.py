@@ -136,6 +136,11 @@ def merge(
     subfolder: Annotated[Optional[str], typer.Option(help="Folder inside each source repo/dir.")] = None,
     weight_name: WeightNameOpt = None,
     input_format: InputFormatOpt = None,
+    module_weight: Annotated[
+        Optional[list[str]],
+        typer.Option(help="Per-module weights 'REGEX=w1,w2,…' (one per source) for modules the regex matches "
+                     "(re.search); repeatable, the first match wins; other modules keep --weights."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan or result as JSON.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
@@ -144,7 +149,9 @@ def merge(
         from lora_fusion.recipe import load_recipe, validated
         from lora_fusion.hub import check_push_repo_id
 
-        flags = {k: v for k, v in ctx.meta["declared"].items() if v is not None}
+        # Typer gives a repeatable option that was not used as an empty tuple: not given, like None.
+        flags = {k: list(v) if isinstance(v, tuple) else v for k, v in ctx.meta["declared"].items()
+                 if v is not None and v != ()}
         if "weights" in flags:
             flags["weights"] = _parse_weights(flags["weights"])
         for name, value in _parse_params(param or []).items():
@@ -165,10 +172,35 @@ def merge(
         from lora_fusion.distributed import finish
 
         try:
-            _run_merge(plan, subfolder=subfolder, weight_name=weight_name, input_format=input_format,
-                       dry_run=dry_run, as_json=as_json, quiet=quiet)
+            weights = _module_weights(module_weight or [], plan.source_weights(), len(plan.entries()))
+            _run_merge(plan, weights=weights, subfolder=subfolder, weight_name=weight_name,
+                       input_format=input_format, dry_run=dry_run, as_json=as_json, quiet=quiet)
         finally:
             finish()
+
+
+def _module_weights(items: Sequence[str], weights: list[Any] | None, count: int) -> list[Any] | None:
+    """Each source's weight with the `--module-weight REGEX=w1,w2,…` rules in front (first match wins), the
+    source's own weight (a number or a recipe's rule list) after them."""
+    if not items:
+        return weights
+    rules: list[tuple[str, list[float]]] = []
+    for item in items:
+        pattern, equals, text = item.rpartition("=")
+        try:
+            values = [float(part) for part in text.split(",")] if equals and pattern else None
+        except ValueError:
+            values = None
+        if not values or len(values) != count:
+            fail(f"--module-weight {item!r} is not REGEX=w1,w2,… with one weight per source ({count}); write e.g. "
+                 f"--module-weight 'mlp={','.join(['0.5'] * count)}'.")
+        rules.append((pattern, values))
+    base = weights if weights is not None else [1.0] * count
+    return [
+        [{"filter": pattern, "value": values[i]} for pattern, values in rules]
+        + (list(own) if isinstance(own, list) else [{"value": own}])
+        for i, own in enumerate(base)
+    ]
 
 
 def _parse_params(items: Sequence[str]) -> dict[str, Any]:
@@ -191,8 +223,8 @@ def _parse_params(items: Sequence[str]) -> dict[str, Any]:
 
 
 def _run_merge(
-    plan: Any, *, subfolder: str | None, weight_name: str | None, input_format: str | None, dry_run: bool,
-    as_json: bool, quiet: bool,
+    plan: Any, *, weights: list[Any] | None, subfolder: str | None, weight_name: str | None,
+    input_format: str | None, dry_run: bool, as_json: bool, quiet: bool,
 ) -> None:
     from lora_fusion.distributed import is_main_process
     from lora_fusion.api import merge as fuse
@@ -215,7 +247,9 @@ def _run_merge(
     result = fuse(
         plan.entries(),
         method=plan.method,
-        weights=plan.source_weights(),
+        weights=weights,
+        include=plan.include,
+        exclude=plan.exclude,
         base_model=plan.base_model,
         subfolder=subfolder,
         weight_name=weight_name,

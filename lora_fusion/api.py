@@ -21,6 +21,7 @@ from .base_weights import BaseWeights
 from .distributed import current_shard, is_main_process
 from .errors import DegenerateMergeWarning, IncompatibleAdaptersError, InvalidParameterError, SourceNotFoundError
 from .methods import MethodSpec, ModuleStats, get_method
+from .controls import ModuleControls, Rules, check_rule_values, parse_rules, rules_record, split_params
 from .plan import MergePlan, make_plan
 from .provenance import merge_provenance
 from .recipe import SourceEntry
@@ -44,7 +45,9 @@ def merge(
     sources: Sequence[Source],
     *,
     method: str = "linear",
-    weights: Sequence[float] | None = None,
+    weights: Sequence[float | Sequence[Any]] | None = None,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
     base_model: str | Path | None = None,
     revision: str | None = None,
     subfolder: str | None = None,
@@ -65,7 +68,12 @@ def merge(
         sources: Hub ids (`owner/name[@revision]`), local adapter directories or files, loaded [`LoraAdapter`]s,
             or recipe [`SourceEntry`]s (with their own revision and subfolder).
         method: a registered method name (`lora-fusion methods`), e.g. `"linear"`, `"task_arithmetic"`, `"svd"`.
-        weights: one weight per source (default 1 each, i.e. the plain sum); negative weights subtract.
+        weights: one weight per source (default 1 each, i.e. the plain sum); negative weights subtract. A weight may
+            also be a rule list, per module: `[{"filter": "mlp", "value": 0.2}, {"value": [0.0, 1.0]}]` (first
+            matching filter wins, `re.search` on the module name; a list value is a gradient over the layer
+            position; see [`lora_fusion.controls`]).
+        include, exclude: regular expressions (`re.search`): merge only modules matching an `include`, and leave
+            those matching an `exclude` out of the output.
         base_model: the base model's weights (a local directory or file, or a Hub id `owner/name[@revision]`), for
             methods that use them (RAPF); read one module at a time, only safetensors.
         revision, subfolder, token, weight_name, input_format: passed to [`load_adapter`] for string sources
@@ -81,7 +89,8 @@ def merge(
         progress: show a progress bar on stderr (default: when stderr is a terminal).
         **params: the method's own parameters, as it declares them (`lora-fusion methods` lists them with their
             defaults), e.g. `rank=16`, `energy=0.99`, `scale=0.5`, `density=0.2`, `seed=0`, `space="core"`; a name the
-            method does not declare is an error that lists the ones it takes.
+            method does not declare is an error that lists the ones it takes. Per-module parameters (rank, energy,
+            scale, density, gamma) also take a rule list, as `weights` do.
 
     Returns:
         The merged [`LoraAdapter`] (with `.stats` per module and `.provenance`), or a [`MergePlan`] if `dry_run`.
@@ -99,25 +108,37 @@ def merge(
         ```
     """
     spec = get_method(method)
-    resolved = spec.resolve(params)
+    scalars, rule_params = split_params(spec.declared, params)
+    resolved = spec.resolve(scalars)
+    check_rule_values(resolved, rule_params)
     if base_model is not None and not spec.uses_base:
         raise InvalidParameterError("base_model", str(base_model), expected=f"none: {spec.name} reads no base weights")
     weight_list = _weights(weights, len(sources))
     target = _device(device)
     if spec.kind == "adapters":
         _refuse_per_module_options(spec, weights=weights, dry_run=dry_run, dtype=dtype, device=device)
+        if include or exclude or rule_params:
+            raise InvalidParameterError("include/exclude", include or exclude or list(rule_params),
+                                        expected=f"none: {spec.name} fuses whole adapters")
     shard = current_shard(device) if distributed and not dry_run and spec.kind == "module" else None
 
     def open_inputs(on: torch.device) -> engine.MergeInputs:
         adapters = [_open(s, revision=revision, subfolder=subfolder, token=token, weight_name=weight_name,
                           input_format=input_format) for s in sources]
         layout = _module_layout(adapters, ignore_base_model=ignore_base_model)
+        controls = ModuleControls.build(layout, weights=weight_list, params=rule_params, include=include or (),
+                                        exclude=exclude or ())
+        if controls.unindexed and is_main_process():
+            _warn(f"{len(controls.unindexed)} module(s) have no layer index, so a gradient gives them its first value "
+                  f"(e.g. {controls.unindexed[0]}).")
+        layout = {name: layout[name] for name in controls.selected(layout)}
         out_dtype = _dtype(dtype) if dtype is not None else _common_dtype(adapters)
         for adapter in adapters:
             for name, module in adapter.modules.items():
                 check_scale_fits(name, module.scale, out_dtype, _origin(adapter))
         base = _open_base(base_model, token=token) if base_model is not None and not dry_run else None
-        return engine.MergeInputs(spec, resolved, adapters, weight_list, layout, on, out_dtype, base)
+        return engine.MergeInputs(spec, resolved, adapters, weight_list, layout, on, out_dtype, base,
+                                  None if controls.uniform else controls)
 
     if shard is not None:
         inputs, merged = engine.merge_sharded(shard, open_inputs, progress)
@@ -126,8 +147,8 @@ def merge(
         if spec.kind == "adapters":
             return spec.fn(inputs.adapters, resolved)  # type: ignore[call-arg, arg-type]
         if dry_run:
-            return make_plan(spec, resolved, inputs.adapters, [_origin(a) for a in inputs.adapters], weight_list,
-                             inputs.layout, inputs.dtype, with_base=base_model is not None, workers=engine.CPU_WORKERS)
+            return make_plan(spec, inputs, [_origin(a) for a in inputs.adapters], with_base=base_model is not None,
+                             workers=engine.CPU_WORKERS)
         merged = engine.merge_modules(inputs, list(inputs.layout), progress)
     return _assemble(inputs, merged, rank_given=params.get("rank") is not None or params.get("energy") is not None)
 
@@ -152,10 +173,18 @@ def _assemble(inputs: engine.MergeInputs, merged: Mapping[str, engine.ModuleOutp
         lora_alpha=1.0,
         fan_in_fan_out=any(a.config.fan_in_fan_out for a in adapters),
     )
+    controls = inputs.controls
+    per_module = {}
+    if controls is not None:  # what each module got, for the model card's readers and `lora-fusion report`
+        per_module = {"include": list(controls.include), "exclude": list(controls.exclude),
+                      "module_weights": {name: controls.weights_for(name) for name in inputs.layout},
+                      "module_params": {name: controls.params_for(name) for name in inputs.layout}}
     provenance = merge_provenance(
-        inputs.spec.name, inputs.params.recorded(), adapters, inputs.weights,
+        inputs.spec.name, {**inputs.params.recorded(), **{k: rules_record(r) for k, r in (controls.params if controls else {}).items()}},
+        adapters, [w if isinstance(w, float) else rules_record(w) for w in inputs.weights],
         dtype=str(inputs.dtype).removeprefix("torch."),
         **({"base_model": inputs.base.source} if inputs.base is not None else {}),
+        **per_module,
     )
     # The sources' local paths stay in memory (never in the provenance): writing the result must not replace them.
     local_inputs = [path for adapter in adapters for path in adapter.local_inputs()]
@@ -288,7 +317,7 @@ def convert(
     return write_adapter(adapter, Path(out), overwrite=overwrite, format=target)
 
 
-def _weights(weights: Sequence[float] | None, count: int) -> list[float]:
+def _weights(weights: Sequence[float | Sequence[Any]] | None, count: int) -> list[float | Rules]:
     if count == 0:
         raise InvalidParameterError("sources", [], expected="at least one adapter")
     if weights is None:
@@ -299,9 +328,9 @@ def _weights(weights: Sequence[float] | None, count: int) -> list[float]:
             "weights", values, expected=f"one weight per source ({count} sources, {len(values)} weights)"
         )
     for value in values:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(value, bool) or (isinstance(value, (int, float)) and not math.isfinite(value)):
             raise InvalidParameterError("weights", values, expected="finite numbers, e.g. 0.6,0.4")
-    return [float(v) for v in values]
+    return [parse_rules(v, what=f"weights[{i}]") for i, v in enumerate(values)]
 
 
 def _dtype(dtype: torch.dtype | str) -> torch.dtype:

@@ -26,6 +26,7 @@ from .spec import all_finite
 if TYPE_CHECKING:
     from .adapter import LoraAdapter
     from .base_weights import BaseWeights
+    from .controls import ModuleControls
     from .distributed import Shard
     from .methods import MethodSpec, ModuleStats
     from .params import MethodParams
@@ -49,6 +50,17 @@ class MergeInputs:
     device: torch.device
     dtype: torch.dtype
     base: BaseWeights | None = None
+    controls: ModuleControls | None = None
+
+    def weights_for(self, name: str) -> Sequence[float]:
+        """Each source's weight for module `name` (per-module rules, or the one weight of each source)."""
+        return self.controls.weights_for(name) if self.controls else self.weights  # type: ignore[return-value]
+
+    def params_for(self, name: str) -> MethodParams:
+        """The method's parameters for module `name` (per-module rules applied)."""
+        from .controls import with_values
+
+        return with_values(self.params, self.controls.params_for(name)) if self.controls else self.params
 
 
 @dataclass(frozen=True)
@@ -74,7 +86,8 @@ def merge_modules(inputs: MergeInputs, names: Sequence[str], progress: bool | No
     target, out_dtype = inputs.device, inputs.dtype
 
     def merge_one(name: str) -> ModuleOutput:
-        present = [(i, a, w) for i, (a, w) in enumerate(zip(inputs.adapters, inputs.weights)) if name in a.modules]
+        weights = inputs.weights_for(name)
+        present = [(i, a, w) for i, (a, w) in enumerate(zip(inputs.adapters, weights)) if name in a.modules]
         base_weight = None
         if inputs.base is not None:
             fan_in_fan_out = any(a.config.fan_in_fan_out for _, a, _ in present)
@@ -87,7 +100,7 @@ def merge_modules(inputs: MergeInputs, names: Sequence[str], progress: bool | No
             weights=[w for _, _, w in present],
             base=base_weight,
         )
-        result = inputs.spec.fn(group, inputs.params)  # type: ignore[call-arg, arg-type]
+        result = inputs.spec.fn(group, inputs.params_for(name))  # type: ignore[call-arg, arg-type]
         spec_out = inputs.layout[name].written(rank=result.stats.rank, dtype=out_dtype, bias=result.bias is not None)
         outputs = {spec_out.a_key: result.A, spec_out.b_key: result.B}
         if result.bias is not None and spec_out.bias_key:

@@ -40,6 +40,7 @@ class Param:
         path: the value is a file or folder path (a `PathLike` is accepted and stored as `str`).
         flag: the value is a switch (`--chained`, no `--no-chained`).
         short: a one-letter command-line spelling, e.g. `-r`.
+        per_module: the value may differ per module: a rule list (`lora_fusion.controls`) is accepted for it.
     """
 
     help: str
@@ -49,6 +50,7 @@ class Param:
     path: bool = False
     flag: bool = False
     short: str | None = None
+    per_module: bool = False
 
     def field(self, default: Any = _UNSET) -> Any:
         """A dataclass field for a method's parameters, with this declaration attached (and `default` if given)."""
@@ -90,17 +92,21 @@ RANK = Param(
     "a positive integer, e.g. 16",
     lambda value: is_int(value) and value >= 1,
     short="-r",
+    per_module=True,
 )
 ENERGY = Param(
     "Instead of rank: the smallest rank per module keeping this fraction of Σσ², e.g. 0.99.",
     "a fraction in (0, 1], e.g. 0.99",
     in_range(0.0, 1.0, low_open=True),
+    per_module=True,
 )
-SCALE = Param("Global factor λ on the merged update.", "a finite number, e.g. 0.5", is_real, default=1.0)
+SCALE = Param("Global factor λ on the merged update.", "a finite number, e.g. 0.5", is_real, default=1.0,
+              per_module=True)
 DENSITY = Param(
     "Fraction of entries kept (TIES/magnitude trim, DARE keep probability).",
     "a fraction in (0, 1], e.g. 0.2",
     in_range(0.0, 1.0, low_open=True),
+    per_module=True,
 )
 SEED = Param(
     "Seed of the random draws: DARE masks, randomized SVD, ICM-Fusion.",
@@ -193,6 +199,8 @@ MERGE_OPTIONS: Mapping[str, Option] = {
     "ignore_base_model": Option("Merge despite different base_model names.", bool, False, flag=True),
     "out": Option("Output adapter directory (a .safetensors file with --format kohya).", str, short="-o"),
     "format": Option("Output format: peft, diffusers (folder) or kohya (one .safetensors file).", str, "peft"),
+    "include": Option("Merge only modules matching this regex (re.search; repeatable).", list[str]),
+    "exclude": Option("Leave modules matching this regex out of the output (repeatable).", list[str]),
     "overwrite": Option("Replace an existing --out.", bool, False, flag=True),
     "push_to_hub": Option("Also upload to this Hub repo id.", str),
     "private": Option("Create the Hub repo private.", bool, flag=True),
@@ -200,4 +208,4 @@ MERGE_OPTIONS: Mapping[str, Option] = {
 
 # Names a method's parameter cannot take: the merge-wide options and the other keywords of `merge()`.
 RESERVED_NAMES = frozenset({*MERGE_OPTIONS, "sources", "revision", "subfolder", "token", "distributed", "dry_run",
-                            "progress", "param", "recipe", "weight_name", "input_format"})
+                            "progress", "param", "recipe", "weight_name", "input_format", "module_weight"})

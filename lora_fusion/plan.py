@@ -7,12 +7,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    import torch
-
-    from .adapter import LoraAdapter
-    from .spec import ModuleSpec
+    from .engine import MergeInputs
     from .methods import MethodSpec
-    from .params import MethodParams
 
 
 @dataclass(frozen=True)
@@ -33,7 +29,7 @@ class MergePlan:
 
     method: str
     sources: tuple[str, ...]
-    weights: tuple[float, ...]
+    weights: tuple[float | str, ...]
     params: Mapping[str, Any]
     modules: tuple[ModulePlan, ...]
     output_bytes: int
@@ -66,7 +62,7 @@ class MergePlan:
         bound = " (upper bounds; the merge picks per module)" if self.rank_is_bound else ""
         lines = [
             f"method        {self.method} {' '.join(f'{k}={v}' for k, v in self.params.items() if v is not None)}".rstrip(),
-            f"sources       {', '.join(f'{s} (w={w:g})' for s, w in zip(self.sources, self.weights))}",
+            f"sources       {', '.join(f'{s} (w={w:g})' if isinstance(w, float) else f'{s} (w {w})' for s, w in zip(self.sources, self.weights))}",
             f"modules       {len(self.modules)}",
             f"output ranks  {rank_text}{bound}",
             f"compute       ~{_si(self.flops)}FLOP",
@@ -87,12 +83,8 @@ def _si(value: float) -> str:
 
 def make_plan(
     spec: MethodSpec,
-    params: MethodParams,
-    adapters: Sequence[LoraAdapter],
+    inputs: MergeInputs,
     names: Sequence[str],
-    weights: Sequence[float],
-    layout: Mapping[str, ModuleSpec],
-    dtype: torch.dtype,
     *,
     with_base: bool,
     workers: int,
@@ -101,20 +93,21 @@ def make_plan(
     method's declared cost; the peak counts `workers` modules merged at once plus the output."""
     from .methods import ModuleShape
 
-    item = dtype.itemsize
+    params, adapters, layout = inputs.params, inputs.adapters, inputs.layout
+    item = inputs.dtype.itemsize
     natural = {"sum": sum, "max": max, "merged": sum}[spec.output_rank]
     modules = []
     for name, template in layout.items():
         ranks = tuple(a.modules[name].rank for a in adapters if name in a.modules)
         shape = ModuleShape(template.shape, ranks, natural(ranks), item, with_base=with_base)
-        cost = spec.cost(shape, params)
+        cost = spec.cost(shape, inputs.params_for(name))
         modules.append(ModulePlan(name, template.shape, ranks, cost.output_rank, cost.flops, cost.working_bytes))
     output = sum(item * (p.shape[0] + p.shape[1]) * p.output_rank for p in modules)
     peak = workers * max((p.working_bytes for p in modules), default=0) + output
     return MergePlan(
         method=spec.name,
         sources=tuple(names),
-        weights=tuple(weights),
+        weights=tuple(w if isinstance(w, float) else "per module" for w in inputs.weights),
         params=params.recorded(),
         modules=tuple(modules),
         output_bytes=output,

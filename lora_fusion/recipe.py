@@ -24,13 +24,27 @@ from .hub import check_push_repo_id
 from .params import MERGE_OPTIONS
 
 
+class WeightRule(BaseModel):
+    """One rule of a per-module value (`lora_fusion.controls`): `value` (a number or a gradient) where `filter`
+    (a regular expression on the module name) matches; no filter matches every module."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    filter: str | None = None
+    value: float | list[float]
+
+
+# A weight: one number for every module, or a rule list.
+WeightValue = float | list[WeightRule]
+
+
 class SourceEntry(BaseModel):
     """One adapter of a recipe."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     source: str
-    weight: float | None = None
+    weight: WeightValue | None = None
     revision: str | None = None
     subfolder: str | None = None
     weight_name: str | None = None
@@ -38,8 +52,10 @@ class SourceEntry(BaseModel):
 
 def _merge_option_fields() -> dict[str, Any]:
     """The recipe keys of the merge-wide options, from their one declaration (`lora_fusion.params.MERGE_OPTIONS`)."""
+    # `weights` entries may be rule lists in a recipe (the command line gives rules with --module-weight)
+    types = {name: list[WeightValue] if name == "weights" else option.type for name, option in MERGE_OPTIONS.items()}
     return {
-        name: (option.type if option.default is not None else option.type | None, option.default)
+        name: (types[name] if option.default is not None else types[name] | None, option.default)
         for name, option in MERGE_OPTIONS.items()
     }
 
@@ -82,14 +98,19 @@ class Recipe(create_model("_RecipeFields", __base__=_RecipeKeys, **_merge_option
         """Sources in long form."""
         return [s if isinstance(s, SourceEntry) else SourceEntry(source=s) for s in self.sources]
 
-    def source_weights(self) -> list[float] | None:
-        """The weights, from `weights:` or from per-source `weight:` (not both)."""
+    def source_weights(self) -> list[Any] | None:
+        """The weights, from `weights:` or from per-source `weight:` (not both): numbers, or rule lists as
+        mappings (`lora_fusion.controls.parse_rules` reads them)."""
         per_source = [e.weight for e in self.entries()]
         if any(w is not None for w in per_source):
             if self.weights is not None:
                 raise RecipeError("recipe: give weights either as `weights:` or per source, not both.")
-            return [1.0 if w is None else w for w in per_source]
-        return self.weights
+            chosen: list[Any] = [1.0 if w is None else w for w in per_source]
+        elif self.weights is None:
+            return None
+        else:
+            chosen = list(self.weights)
+        return [[rule.model_dump() for rule in w] if isinstance(w, list) else w for w in chosen]
 
 
 def read_recipe_file(path: str | Path) -> dict[str, Any]:
@@ -161,7 +182,10 @@ def validated(data: dict[str, Any], *, origin: str) -> Recipe:
             takes = ", ".join(sorted(spec.declared)) or "no parameters"
             raise RecipeError(f"{origin}: unknown key {key!r}; {spec.name} takes {takes}, and every recipe takes "
                               f"{', '.join(Recipe.model_fields)}.")
-    spec.resolve(recipe.params)  # another method's parameter, or a value outside its declared domain
+    from .controls import check_rule_values, split_params
+
+    scalars, rules = split_params(spec.declared, recipe.params)
+    check_rule_values(spec.resolve(scalars), rules)  # another method's parameter, or a value outside its domain
     return recipe
 
 

@@ -15,7 +15,7 @@ from .adapter import LoraAdapter, SourceInfo
 from .errors import AmbiguousSourceError, NotALoraAdapterError, SourceNotFoundError
 from .formats import AdapterFormat, detect_format, format_named
 from .formats.diffusers import DIFFUSERS, WEIGHT_NAME as DIFFUSERS_WEIGHT_NAME
-from .formats.peft import PEFT
+from .formats.peft import PEFT, SAFETENSORS_NAME as PEFT_WEIGHTS
 from .formats.single_file import read_single_file
 from .hub import commit_of, download_file, is_repo_id, list_safetensors
 
@@ -85,7 +85,7 @@ def load_adapter(
         )
         text = repo_id
     known = forced or detect_format(target)
-    if known is PEFT and target.suffix == ".safetensors" and not PEFT.detect(target) and config is None:
+    if known is PEFT and target.suffix == ".safetensors" and target.name != PEFT_WEIGHTS and config is None:
         # A lone weights file no format recognises: say what its keys look like and which layouts were tried.
         contents = read_single_file(target, source=text)
     else:

@@ -207,7 +207,9 @@ def test_sdxl_kohya_with_sgm_block_names_and_two_text_encoders(sd, tmp_path) -> 
     """kohya SDXL files name the UNet in SGM blocks and the text encoders `lora_te1_`/`lora_te2_`."""
     text2 = tiny_text_encoder(seed=5)
     lora_text2, _ = with_lora(text2, TEXT_TARGETS, r=3, alpha=3, seed=6)
-    deltas = {**{k: v for k, v in sd["deltas"].items() if sgm_name(k) or k.startswith("text_encoder.")},
+    # proj_in is a 1×1 conv in this SD-style UNet (a linear layer in SDXL's): left out of the hand-made file.
+    deltas = {**{k: v for k, v in sd["deltas"].items()
+                 if (sgm_name(k) and not k.endswith("proj_in")) or k.startswith("text_encoder.")},
               **peft_deltas(lora_text2, "text_encoder_2")}
     tensors: dict[str, torch.Tensor] = {}
     for name, delta in deltas.items():
@@ -228,6 +230,32 @@ def test_sdxl_kohya_with_sgm_block_names_and_two_text_encoders(sd, tmp_path) -> 
     written = convert(adapter, to="kohya", out=tmp_path / "out.safetensors")
     assert {k.split("_")[1] for k in load_file(written)} >= {"unet", "te1", "te2"}
     assert_same_deltas(load_adapter(written), deltas, tol=1e-5)
+    # diffusers' SDXL loader (with the UNet's own config) puts the SGM file and ours on the same weights.
+    for file in (tmp_path / "sdxl.safetensors", written):
+        assert_same_deltas_in_diffusers(sd, text2, file, deltas)
+
+
+def assert_same_deltas_in_diffusers(sd, text2, file: Path, deltas: dict[str, torch.Tensor]) -> None:
+    from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
+
+    class TinySDXL(TinyPipeline, StableDiffusionXLLoraLoaderMixin):
+        def __init__(self, unet, text_encoder, text_encoder_2):
+            super().__init__(unet, text_encoder)
+            self.text_encoder_2 = text_encoder_2
+
+        @property
+        def components(self):
+            return {**super().components, "text_encoder_2": self.text_encoder_2}
+
+    models = {"unet": sd["unet"], "text_encoder": sd["text"], "text_encoder_2": text2}
+    pipe = TinySDXL(*(copy.deepcopy(m) for m in models.values()))
+    pipe.load_lora_weights(str(file.parent), weight_name=file.name)
+    pipe.fuse_lora(components=list(models))
+    for name, delta in deltas.items():
+        component, _, path = name.partition(".")
+        fused = getattr(pipe, component).get_submodule(path)
+        base = models[component].get_submodule(path)
+        assert torch.allclose((fused.weight - base.weight).flatten(1).float(), delta, atol=1e-5), name
 
 
 def test_kohya_and_diffusers_sources_merge_by_canonical_name(sd, tmp_path) -> None:

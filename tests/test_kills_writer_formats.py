@@ -71,8 +71,8 @@ def test_the_check_just_before_the_rename_still_protects_the_inputs(tmp_path: Pa
     arriving = out / "adapter_model.bin"  # an input of this write that appears in `out` while the write runs
     fill = writer._fill
 
-    def fill_while_the_input_arrives(adapter, folder):
-        fill(adapter, folder)
+    def fill_while_the_input_arrives(adapter, folder, known):
+        fill(adapter, folder, known)
         arriving.write_bytes(b"the user's input")
 
     monkeypatch.setattr(writer, "_fill", fill_while_the_input_arrives)

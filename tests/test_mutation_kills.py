@@ -211,7 +211,8 @@ def test_push_to_hub_passes_every_option_on(monkeypatch: pytest.MonkeyPatch) -> 
     calls = []
     monkeypatch.setattr(lora_fusion.writer, "push_adapter", lambda *args, **kwargs: calls.append((args, kwargs)) or "url")
     adapter = empty_adapter()
-    options = {"private": True, "revision": "dev", "commit_message": "merge a and b", "token": "hf_x"}
+    options = {"private": True, "revision": "dev", "commit_message": "merge a and b", "token": "hf_x",
+               "format": "diffusers"}
     assert adapter.push_to_hub("me/merged", **options) == "url"
     assert calls == [((adapter, "me/merged"), options)]
 
@@ -1493,7 +1494,7 @@ def test_write_adapter_refuses_an_existing_folder_and_creates_missing_parents(tm
         writer.write_adapter(adapter, tmp_path / "taken")
     stages = []
     fill = writer._fill
-    monkeypatch.setattr(writer, "_fill", lambda adapter, folder: stages.append(folder.name) or fill(adapter, folder))
+    monkeypatch.setattr(writer, "_fill", lambda adapter, folder, known: stages.append(folder.name) or fill(adapter, folder, known))
     assert writer.write_adapter(adapter, tmp_path / "new" / "deeper" / "out") == tmp_path / "new" / "deeper" / "out"
     # the stage's name is the one a later write recognises to clean up after a killed writer
     assert re.fullmatch(rf"\.out\.[0-9a-f]{{8}}-{os.getpid()}-{writer._HOST}\.incomplete", stages[0])

@@ -64,9 +64,10 @@ class DiffusersFormat:
         return path.suffix == ".safetensors" and file_layout(safetensors_keys(path)) == "diffusers"
 
     def read(self, path: Path, *, source: str, config: Path | None = None) -> AdapterContents:
-        """Open a diffusers LoRA (the folder's `pytorch_lora_weights.safetensors`, or the file `path`)."""
+        """Open a diffusers LoRA (the folder's `pytorch_lora_weights.safetensors`, or the file `path`). Some repos
+        store kohya keys under diffusers' file name: the keys decide how the file is read."""
         file = path / WEIGHT_NAME if path.is_dir() else path
-        return read_single_file(file, source=source, layout="diffusers")
+        return read_single_file(file, source=source)
 
     def write(self, adapter: LoraAdapter, folder: Path, *, metadata: Mapping[str, str]) -> None:
         """Write `pytorch_lora_weights.safetensors` into `folder`: scales folded (scale 1, recorded per component in

@@ -42,7 +42,7 @@ MAJORITY = Param(
 )
 GAMMA = Param(
     "Breadcrumbs: fraction of the largest entries removed.", "a fraction in [0, 1), e.g. 0.01",
-    in_range(0.0, 1.0, high_open=True), default=0.01,
+    in_range(0.0, 1.0, high_open=True), default=0.01, per_module=True,
 )
 
 
