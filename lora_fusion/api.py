@@ -20,8 +20,8 @@ from .adapter import LoraAdapter
 from .base_weights import BaseWeights
 from .distributed import current_shard, is_main_process
 from .errors import DegenerateMergeWarning, IncompatibleAdaptersError, InvalidParameterError, SourceNotFoundError
-from .methods import MethodSpec, ModuleStats, get_method
 from .controls import ModuleControls, Rules, check_rule_values, parse_rules, rules_record, split_params
+from .methods import MethodSpec, ModuleStats, get_method
 from .plan import MergePlan, make_plan
 from .provenance import merge_provenance
 from .recipe import SourceEntry
@@ -174,14 +174,16 @@ def _assemble(inputs: engine.MergeInputs, merged: Mapping[str, engine.ModuleOutp
         fan_in_fan_out=any(a.config.fan_in_fan_out for a in adapters),
     )
     controls = inputs.controls
-    per_module = {}
+    recorded, per_module = inputs.params.recorded(), {}
     if controls is not None:  # what each module got, for the model card's readers and `lora-fusion report`
-        per_module = {"include": list(controls.include), "exclude": list(controls.exclude),
-                      "module_weights": {name: controls.weights_for(name) for name in inputs.layout},
-                      "module_params": {name: controls.params_for(name) for name in inputs.layout}}
+        recorded.update({name: rules_record(rules) for name, rules in controls.params.items()})
+        per_module = {"include": list(controls.include), "exclude": list(controls.exclude)}
+        if any(not isinstance(w, float) for w in controls.weights):
+            per_module["module_weights"] = {name: controls.weights_for(name) for name in inputs.layout}
+        if controls.params:
+            per_module["module_params"] = {name: controls.params_for(name) for name in inputs.layout}
     provenance = merge_provenance(
-        inputs.spec.name, {**inputs.params.recorded(), **{k: rules_record(r) for k, r in (controls.params if controls else {}).items()}},
-        adapters, [w if isinstance(w, float) else rules_record(w) for w in inputs.weights],
+        inputs.spec.name, recorded, adapters, [w if isinstance(w, float) else rules_record(w) for w in inputs.weights],
         dtype=str(inputs.dtype).removeprefix("torch."),
         **({"base_model": inputs.base.source} if inputs.base is not None else {}),
         **per_module,

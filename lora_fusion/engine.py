@@ -26,7 +26,7 @@ from .spec import all_finite
 if TYPE_CHECKING:
     from .adapter import LoraAdapter
     from .base_weights import BaseWeights
-    from .controls import ModuleControls
+    from .controls import ModuleControls, Rules
     from .distributed import Shard
     from .methods import MethodSpec, ModuleStats
     from .params import MethodParams
@@ -40,12 +40,13 @@ CPU_WORKERS = min(2, os.cpu_count() or 1)
 @dataclass(frozen=True)
 class MergeInputs:
     """Everything the loop needs: the method and its parameters, the opened adapters with their weights, the module
-    layout (canonical shapes), where the math runs, the output dtype, and the base weights if the method reads them."""
+    layout (canonical shapes), where the math runs, the output dtype, the base weights if the method reads them, and
+    the per-module controls (None when every module gets the same weights and parameters)."""
 
     spec: MethodSpec
     params: MethodParams
     adapters: Sequence[LoraAdapter]
-    weights: Sequence[float]
+    weights: Sequence[float | Rules]  # numbers, or rule lists when `controls` resolves them per module
     layout: Mapping[str, ModuleSpec]
     device: torch.device
     dtype: torch.dtype

@@ -34,7 +34,6 @@ from .formats import DEFAULT_FORMAT, FORMATS, AdapterFormat, format_named
 from .formats.peft import CONFIG_NAME, SAFETENSORS_NAME
 from .hub import check_push_allowed, is_repo_id, push_folder
 from .runtime import thread_limit
-from .spec import read_factors
 
 if TYPE_CHECKING:
     from .adapter import LoraAdapter
@@ -93,7 +92,11 @@ def write_adapter(
         _remove_dead_stages(out)
         stage.mkdir()
         with thread_limit(1):
-            _fill(adapter, target, known)
+            try:
+                _fill(adapter, target, known)
+            except NonFiniteError as err:  # the inputs were finite: a value overflowed the output dtype
+                raise NonFiniteError(f"{out}: {err}; write it in float32 (--dtype float32) or lower the weights; "
+                                     "nothing was saved.") from None
             _check_written(adapter, target, out, known)
         # Again: a long write leaves time for someone to put files into `out` (or create it).
         check_output(out, overwrite=overwrite, protected=keep, format=known)
@@ -137,14 +140,8 @@ def check_output_file(out: str | Path, *, overwrite: bool, protected: Iterable[s
     target = Path(out).expanduser().absolute()
     if target.suffix != ".safetensors":
         raise InvalidParameterError("out", str(out), expected="a file name ending in .safetensors for a kohya file")
-    if not os.path.lexists(target):
+    if not _existing(target, overwrite=overwrite, kind="file"):
         return
-    if not overwrite:
-        raise OutputExistsError(f"{target} already exists; pass --overwrite (overwrite=True) or choose another --out.")
-    if target.is_symlink():
-        raise OutputProtectedError(
-            target, f"it is a symbolic link (to {os.readlink(target)})", [], "Remove the link, or pass a real file."
-        )
     if not target.is_file():
         raise OutputProtectedError(target, "it is not a file", [], "Choose another --out.")
     reason = _special_folder(target.resolve(), protected)
@@ -154,6 +151,19 @@ def check_output_file(out: str | Path, *, overwrite: bool, protected: Iterable[s
         raise OutputProtectedError(
             target, "it is a file lora-fusion did not write", [], "Choose another --out, or move the file away first."
         )
+
+
+def _existing(target: Path, *, overwrite: bool, kind: str) -> bool:
+    """Whether the output `target` exists (then it needs checking); refused without `overwrite`, or as a link."""
+    if not os.path.lexists(target):
+        return False
+    if not overwrite:
+        raise OutputExistsError(f"{target} already exists; pass --overwrite (overwrite=True) or choose another --out.")
+    if target.is_symlink():
+        raise OutputProtectedError(
+            target, f"it is a symbolic link (to {os.readlink(target)})", [], f"Remove the link, or pass a real {kind}."
+        )
+    return True
 
 
 def _written_by_us(path: Path) -> bool:
@@ -200,14 +210,8 @@ def check_output_folder(out: str | Path, *, overwrite: bool, protected: Iterable
         ```
     """
     target = Path(out).expanduser().absolute()
-    if not os.path.lexists(target):
+    if not _existing(target, overwrite=overwrite, kind="folder"):
         return
-    if not overwrite:
-        raise OutputExistsError(f"{target} already exists; pass --overwrite (overwrite=True) or choose another --out.")
-    if target.is_symlink():
-        raise OutputProtectedError(
-            target, f"it is a symbolic link (to {os.readlink(target)})", [], "Remove the link, or pass a real folder."
-        )
     if not target.is_dir():
         raise OutputProtectedError(
             target, "it is a file, not an adapter folder", [], "Choose another --out, or delete the file yourself."
@@ -444,9 +448,10 @@ def model_card(adapter: LoraAdapter, known: AdapterFormat = DEFAULT_FORMAT) -> s
 
 
 def _check_written(adapter: LoraAdapter, target: Path, out: Path, known: AdapterFormat) -> None:
-    """Reopen what was written (the staging `target`), as a user would, and compare it with what was meant to be
-    written to `out`. A kohya file may hold a module at a higher rank, and extra all-zero parts, where Flux's fused
-    q/k/v hold several modules in one."""
+    """Reopen what was written (the staging `target`), as a user would, and compare its modules, ranks and shapes
+    with what was meant to be written to `out`. The values were checked finite in memory after their cast
+    (`lora_fusion.formats.peft.folded_factors`), so the headers suffice. A kohya file may hold a module at a higher rank, and extra
+    all-zero parts, where Flux's fused q/k/v hold several modules in one."""
     written = known.read(target, source=str(target))
     fused = known.single_file
     for name, spec in adapter.modules.items():
@@ -454,14 +459,6 @@ def _check_written(adapter: LoraAdapter, target: Path, out: Path, known: Adapter
         rank_ok = got is not None and (got.rank == spec.rank or (fused and got.rank > spec.rank))
         if got is None or not rank_ok or got.layout() != spec.layout():
             raise CorruptAdapterError(f"internal error: module {name} was not written as planned; nothing was saved.")
-        try:
-            read_factors(got, written.store, where=str(out))
-        except NonFiniteError:  # a value did not survive the cast to the output dtype (the inputs were finite)
-            dtype = str(got.dtype).removeprefix("torch.")
-            raise NonFiniteError(
-                f"{out}: module {name} does not fit in {dtype} (a value overflows when written); write it in float32 "
-                "(--dtype float32) or lower the weights; nothing was saved."
-            ) from None
     if not fused and set(written.modules) != set(adapter.modules):
         raise CorruptAdapterError("internal error: the written adapter has extra modules; nothing was saved.")
 

@@ -450,3 +450,24 @@ def test_bad_files_are_refused_in_one_line_naming_the_module(tmp_path, tensors, 
     result = invoke(*["convert", str(path), "--to", "peft", "--out", str(tmp_path / "out")])
     assert_user_error(result, message.split(".*")[0])
     assert not (tmp_path / "out").exists()
+
+
+def test_older_diffusers_key_styles_read_through_diffusers_converters(sd, tmp_path) -> None:
+    """`….processor.to_q_lora.down.weight` (attention processors) and `….lora_linear_layer.down.weight` (text
+    encoder) files, as diffusers wrote them before PEFT: read to the same modules, scale 1 (no alphas, no metadata)."""
+    state = load_file(sd["folder"] / "pytorch_lora_weights.safetensors")
+    old = {}
+    for key, tensor in state.items():
+        module, part = key.rsplit(".lora_", 1)
+        side = "down" if part.startswith("A") else "up"
+        head, _, leaf = module.rpartition(".")
+        if module.startswith("unet.") and leaf in ("to_q", "to_k", "to_v"):
+            old[f"{head}.processor.{leaf}_lora.{side}.weight"] = tensor
+        elif module.startswith("text_encoder."):
+            old[f"{module}.lora_linear_layer.{side}.weight"] = tensor
+    save_file(old, tmp_path / "old.safetensors")
+    adapter = load_adapter(tmp_path / "old.safetensors")
+    scales = {"unet": 2.0, "text_encoder": 1.5}  # the alphas the fixture trained with; the old file has none
+    expected = {name: delta / scales[name.split(".")[0]] for name, delta in sd["deltas"].items()
+                if name.startswith("text_encoder.") or name.rsplit(".", 1)[1] in ("to_q", "to_k", "to_v")}
+    assert_same_deltas(adapter, expected)

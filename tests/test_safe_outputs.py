@@ -213,8 +213,8 @@ def test_files_put_into_the_output_during_the_write_stop_the_replacement(tmp_pat
     out = merge([lora(tmp_path / "old")]).save_pretrained(tmp_path / "out")
     check_written = writer._check_written
 
-    def meanwhile(adapter, folder, out):  # the first check passed; a user saves a file into the output
-        check_written(adapter, folder, out)
+    def meanwhile(adapter, folder, out, known):  # the first check passed; a user saves a file into the output
+        check_written(adapter, folder, out, known)
         (out / "notes.txt").write_text("saved during the merge")
 
     monkeypatch.setattr(writer, "_check_written", meanwhile)

@@ -77,16 +77,14 @@ def _probe(modules: Mapping[str, int], *, down: str, up: str) -> tuple[dict[str,
 
 
 def _row_blocks(rows: torch.Tensor, out_features: int) -> tuple[tuple[int, int], ...] | None:
-    values = [int(v) for v in rows.flatten().tolist()]
-    if values == list(range(out_features)):
+    """The runs of consecutive row numbers in the probe's up column `rows` (None: all rows in order)."""
+    values = rows.flatten().to(torch.int64)
+    if values.numel() == out_features and torch.equal(values, torch.arange(out_features)):
         return None
-    blocks: list[list[int]] = []
-    for value in values:
-        if blocks and blocks[-1][1] == value:
-            blocks[-1][1] += 1
-        else:
-            blocks.append([value, value + 1])
-    return tuple((start, stop) for start, stop in blocks)
+    # A new block starts wherever a row number does not follow the previous one.
+    starts = torch.nonzero(torch.diff(values) != 1).flatten() + 1
+    edges = [0, *starts.tolist(), values.numel()]
+    return tuple((int(values[a]), int(values[b - 1]) + 1) for a, b in zip(edges, edges[1:]))
 
 
 def _read_probe(converted: Mapping[str, torch.Tensor], names: list[str], out: Mapping[str, int]) -> dict[str, Piece]:

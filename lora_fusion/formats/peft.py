@@ -20,9 +20,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import CorruptAdapterError, NotALoraAdapterError, SourceNotFoundError, UnsupportedAdapterError
+from ..errors import (
+    CorruptAdapterError,
+    NonFiniteError,
+    NotALoraAdapterError,
+    SourceNotFoundError,
+    UnsupportedAdapterError,
+)
 from ..hub import commit_of, download_file
-from ..spec import AdapterConfig, AdapterContents, ModuleSpec
+from ..spec import AdapterConfig, AdapterContents, ModuleSpec, all_finite
 from .stores import FLOAT_DTYPES, PickleStore, SafetensorsStore, refuse_outside_links, save_safetensors
 
 if TYPE_CHECKING:
@@ -425,7 +431,11 @@ def check_scale_fits(module: str, scale: float, dtype: torch.dtype, source: str)
 
 def folded_factors(adapter: LoraAdapter, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One module's A and B in stored shapes and the module's dtype, with its scale folded in as √|s| on each factor
-    (so that every format can record scale 1), and its lora_B bias times s (or None). Shared by every writer."""
+    (so that every format can record scale 1), and its lora_B bias times s (or None). Shared by every writer.
+
+    Raises:
+        NonFiniteError: a value overflows the module's dtype once scaled and cast.
+    """
     spec = adapter.modules[name]
     factors = adapter.factors(name)
     a, b = factors.A, factors.B
@@ -433,7 +443,12 @@ def folded_factors(adapter: LoraAdapter, name: str) -> tuple[torch.Tensor, torch
         root = math.sqrt(abs(spec.scale))
         a, b = a * root, b * math.copysign(root, spec.scale)
     bias = None if factors.bias is None else (factors.bias * spec.scale).to(spec.dtype).contiguous()
-    return a.reshape(spec.a_shape).to(spec.dtype).contiguous(), b.reshape(spec.b_shape).to(spec.dtype).contiguous(), bias
+    a, b = a.reshape(spec.a_shape).to(spec.dtype).contiguous(), b.reshape(spec.b_shape).to(spec.dtype).contiguous()
+    # The inputs were finite (read_factors checks them): a non-finite value here is an overflow of the cast.
+    if not all(all_finite(t) for t in (a, b) if t is not None) or (bias is not None and not all_finite(bias)):
+        raise NonFiniteError(f"module {name} does not fit in {str(spec.dtype).removeprefix('torch.')} (a value "
+                             "overflows when written)")
+    return a, b, bias
 
 
 def _output_tensors(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
