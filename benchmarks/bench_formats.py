@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -78,8 +79,8 @@ def sdxl_modules() -> list[tuple[str, str, tuple[int, int]]]:
     attentions: list[tuple[str, str, int, int]] = []  # canonical prefix, SGM prefix, dim, transformer depth
     for block, dim, depth in ((1, 640, 2), (2, 1280, 10)):
         for layer in (0, 1):
-            attentions.append((f"unet.down_blocks.{block}.attentions.{layer}", f"input_blocks_{1 + 3 * block + layer}_1",
-                               dim, depth))
+            attentions.append((f"unet.down_blocks.{block}.attentions.{layer}",
+                               f"input_blocks_{1 + 3 * block + layer}_1", dim, depth))
     attentions.append(("unet.mid_block.attentions.0", "middle_block_1", 1280, 10))
     for block, dim, depth in ((0, 1280, 10), (1, 640, 2)):
         for layer in (0, 1, 2):
@@ -213,6 +214,7 @@ def convert_timers() -> dict[str, list[tuple[Any, str]]]:
                                                                        (fkohya, "save_safetensors")],
         "    header sort (stores._sort_header)": [(fstores, "_sort_header")],
         "  model card (writer.model_card)": [(writer, "model_card")],
+        "  provenance record (writer._provenance_record; the source's sha256)": [(writer, "_provenance_record")],
         "read_back_check (writer._check_written)": [(writer, "_check_written")],
         "  read factors + finiteness (spec.read_factors)": [(writer, "read_factors")],
         "output checks and rename (writer.check_output, _swap_into_place)": [(writer, "check_output"),
@@ -236,7 +238,8 @@ lora_fusion.convert(sys.argv[1], to=sys.argv[2], out=sys.argv[3])
 t2 = time.perf_counter()
 lora_fusion.convert(sys.argv[1], to=sys.argv[2], out=sys.argv[4])
 t3 = time.perf_counter()
-print(json.dumps({"import_torch_safetensors_s": t0 - t, "import_lora_fusion_s": t1 - t0, "first_convert_s": t2 - t1, "second_convert_s": t3 - t2}))
+print(json.dumps({"import_torch_safetensors_s": t0 - t, "import_lora_fusion_s": t1 - t0,
+                  "first_convert_s": t2 - t1, "second_convert_s": t3 - t2}))
 """
 
 DIFFUSERS_IMPORT_SCRIPT = r"""
@@ -497,7 +500,6 @@ def bench_merge(full: list[Path], subset: list[Path], subset_names: list[str], a
 
     log(f"interleaved on the subset: kohya x{kohya_runs}, lora-fusion x{runs}; then lora-fusion on all modules")
     kohya_s, lf_s, lf_full_s = [], [], []
-    per_kohya = max(1, runs // max(kohya_runs, 1))
     with CpuShare() as share:
         for run in range(max(runs, kohya_runs)):
             if run < kohya_runs:
@@ -513,7 +515,6 @@ def bench_merge(full: list[Path], subset: list[Path], subset_names: list[str], a
                 lf_full_s.append(time.perf_counter() - start)
             log(f"  run {run + 1}: kohya {kohya_s[-1] if run < kohya_runs else float('nan'):.2f} s, lora-fusion "
                 f"{lf_s[-1]:.3f} s (subset), {lf_full_s[-1]:.3f} s (all modules)")
-    del per_kohya
 
     log(f"diagnostic: lora-fusion on the subset with one engine worker (one core, as the kohya reference), x{runs}")
     import lora_fusion.engine as engine
@@ -600,6 +601,8 @@ def main() -> None:
     parser.add_argument("--skip-convert", action="store_true")
     args = parser.parse_args()
     started = time.perf_counter()
+    # SIGTERM (a killed run) exits through the `with` blocks, so the temporary folder (~700 MB) is removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
