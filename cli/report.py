@@ -22,7 +22,7 @@ def report(
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="The report folder to write.", show_default=False)],
     overwrite: Annotated[
-        bool, typer.Option(help="Replace an existing --out that holds only the files of a report.")
+        bool, typer.Option("--overwrite", help="Replace an existing --out that holds only the files of a report.")
     ] = False,
     density: Annotated[float, typer.Option(help="Top-k fraction of each update kept before counting sign conflicts.")]
     = 0.2,

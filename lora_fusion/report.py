@@ -414,7 +414,7 @@ def build_report(
             )
         if unmatched:
             notes.append(f"{len(unmatched)} modules could not be compared (listed under 'Not compared')")
-    elif sources:
+    else:
         notes.append("interference needs two or more sources")
 
     # Spectra of the largest modules: by the output's ‖ΔW‖_F, or the first source's without an output.
@@ -651,7 +651,7 @@ def _draw_spectra(report: Mapping[str, Any]) -> bytes:
     figure = _figure(4 * columns, 3 * rows)
     axes = figure.subplots(rows, columns, squeeze=False).ravel()
     names = [s["name"] for s in report["sources"]]
-    figure.subplots_adjust(left=0.07, right=0.98, top=0.93, bottom=0.08, hspace=0.45, wspace=0.3)
+    figure.subplots_adjust(left=0.1, right=0.98, top=0.93, bottom=0.08, hspace=0.45, wspace=0.35)
     for number_of, (ax, item) in enumerate(zip(axes, drawn)):
         lines = [(f"[{i}] {names[i]}", values, 1.0) for i, values in enumerate(item["sources"]) if values]
         if item["output"] is not None:

@@ -296,6 +296,10 @@ def test_cli_writes_the_report_of_a_written_output_and_its_sources(case, tmp_pat
     assert {n: r["rank"] for n, r in saved["modules"].items()} == {n: s.rank for n, s in case["merged"].stats.items()}
     assert_user_error(invoke("report", merged_dir, a, b, "--out", out), "already exists", "--overwrite")
     assert invoke("report", merged_dir, a, b, "--out", out, "--overwrite").exit_code == 0
+    alone = invoke("report", merged_dir, "--out", tmp_path / "alone")  # an output alone: its stats and spectra
+    assert alone.exit_code == 0, alone.output
+    saved = json.loads((tmp_path / "alone" / "report.json").read_text())
+    assert saved["sources"] == [] and saved["interference"]["layers"] == [] and len(saved["modules"]) == 7
     assert_user_error(invoke("report", a, "--out", tmp_path / "one"), "not a merge output")
     assert_user_error(invoke("report", merged_dir, merged_dir, a, "--out", tmp_path / "two"), "are both merged outputs")
     assert_user_error(invoke("report", merged_dir, a, b, "--out", a, "--overwrite"), "does not write")
