@@ -448,9 +448,11 @@ def methods(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 from .cil import cil_app  # noqa: E402
 from .icm import icm_app  # noqa: E402
+from .report import report as report_command  # noqa: E402
 
 app.add_typer(cil_app, name="cil")
 app.add_typer(icm_app, name="icm")
+app.command("report")(report_command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
