@@ -141,6 +141,9 @@ def merge(
         typer.Option(help="Per-module weights 'REGEX=w1,w2,…' (one per source) for modules the regex matches "
                      "(re.search); repeatable, the first match wins; other modules keep --weights."),
     ] = None,
+    report: Annotated[
+        Optional[Path], typer.Option(help="Also write the merge report (as `lora-fusion report`) to this folder.")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan or result as JSON.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
@@ -174,7 +177,7 @@ def merge(
         try:
             weights = _module_weights(module_weight or [], plan.source_weights(), len(plan.entries()))
             _run_merge(plan, weights=weights, subfolder=subfolder, weight_name=weight_name,
-                       input_format=input_format, dry_run=dry_run, as_json=as_json, quiet=quiet)
+                       input_format=input_format, report=report, dry_run=dry_run, as_json=as_json, quiet=quiet)
         finally:
             finish()
 
@@ -224,7 +227,7 @@ def _parse_params(items: Sequence[str]) -> dict[str, Any]:
 
 def _run_merge(
     plan: Any, *, weights: list[Any] | None, subfolder: str | None, weight_name: str | None,
-    input_format: str | None, dry_run: bool, as_json: bool, quiet: bool,
+    input_format: str | None, report: Path | None, dry_run: bool, as_json: bool, quiet: bool,
 ) -> None:
     from lora_fusion.distributed import is_main_process
     from lora_fusion.api import merge as fuse
@@ -239,6 +242,10 @@ def _run_merge(
         check_output(Path(plan.out), overwrite=bool(plan.overwrite), protected=inputs, format=plan.format)
     if not dry_run and plan.push_to_hub:
         check_push_allowed(plan.push_to_hub)
+    if not dry_run and report is not None:
+        from lora_fusion.report import check_report_folder
+
+        check_report_folder(report, overwrite=bool(plan.overwrite))
     if dry_run and plan.out and Path(plan.out).exists():
         warn(f"--out {plan.out} already exists: a real run would need --overwrite.")
     if plan.out:
@@ -272,6 +279,8 @@ def _run_merge(
         on_interrupt(f"interrupted; {written} is written; the push to {plan.push_to_hub} may be incomplete: run "
                       f"`lora-fusion push {written} {plan.push_to_hub}`.")
     url = _push(result, plan, written) if plan.push_to_hub else None
+    if report is not None:
+        _write_report(result, plan, report, subfolder=subfolder, weight_name=weight_name, input_format=input_format)
     truncated = [s for s in result.stats.values() if s.truncated]
     summary = {
         "out": str(written) if written else None,
@@ -289,6 +298,20 @@ def _run_merge(
         f"merged {summary['modules']} modules with {summary['method']} (ranks {summary['ranks']}, "
         f"min retained energy {summary['min_retained_energy']:.6f}) -> {where}"
     )
+
+
+def _write_report(
+    result: Any, plan: Any, folder: Path, *, subfolder: str | None, weight_name: str | None, input_format: str | None
+) -> None:
+    """`merge --report`: the report of the merged adapter and its sources (opened again: headers, then factors)."""
+    from lora_fusion.report import build_report, write_report
+    from lora_fusion.sources import load_adapter
+
+    sources = [load_adapter(e.source, revision=e.revision, subfolder=e.subfolder or subfolder,
+                            weight_name=e.weight_name or weight_name, input_format=input_format)
+               for e in plan.entries()]
+    written = write_report(build_report(sources, result), folder, overwrite=bool(plan.overwrite))
+    typer.echo(f"report written to {written}", err=True)
 
 
 def _push(result: Any, plan: Any, written: Path | None) -> str:

@@ -304,3 +304,19 @@ def test_cli_writes_the_report_of_a_written_output_and_its_sources(case, tmp_pat
     assert_user_error(invoke("report", merged_dir, merged_dir, a, "--out", tmp_path / "two"), "are both merged outputs")
     assert_user_error(invoke("report", merged_dir, a, b, "--out", a, "--overwrite"), "does not write")
     assert not (tmp_path / "one").exists() and not (tmp_path / "two").exists()
+
+
+def test_merge_with_report_writes_the_report_of_that_merge(tmp_path) -> None:
+    """`merge --report DIR`: the report's per-module numbers are the written merge's stats."""
+    from lora_fusion import load_adapter as open_adapter
+    from tests.test_cli import invoke as run_cli
+    from tests.test_reliability import lora as small_lora
+
+    a, b = small_lora(tmp_path / "a", seed=1), small_lora(tmp_path / "b", seed=2)
+    result = run_cli("merge", a, b, "--method", "svd", "--rank", "2", "--out", tmp_path / "m",
+                     "--report", tmp_path / "rep")
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "rep" / "report.json").read_text())
+    merged = open_adapter(tmp_path / "m")
+    assert set(record["modules"]) == set(merged.modules)
+    assert all(row["rank"] == 2 for row in record["modules"].values())
