@@ -245,7 +245,7 @@ def _run_merge(
     if not dry_run and report is not None:
         from lora_fusion.report import check_report_folder
 
-        check_report_folder(report, overwrite=bool(plan.overwrite))
+        check_report_folder(report, overwrite=bool(plan.overwrite), protected=[e.source for e in plan.entries()])
     if dry_run and plan.out and Path(plan.out).exists():
         warn(f"--out {plan.out} already exists: a real run would need --overwrite.")
     if plan.out:

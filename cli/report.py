@@ -36,7 +36,7 @@ def report(
 
         if not 0.0 < density <= 1.0:
             raise InvalidParameterError("density", density, expected="a fraction in (0, 1], e.g. 0.2")
-        check_report_folder(out, overwrite=overwrite)  # before reading anything: a refusal costs nothing
+        check_report_folder(out, overwrite=overwrite, protected=sources)  # before reading: a refusal costs nothing
         adapters = [(given, load_adapter(given, subfolder=subfolder)) for given in sources]
         outputs = [(given, a) for given, a in adapters if is_merge_output(read_provenance(a))]
         inputs = [a for given, a in adapters if all(a is not o for _, o in outputs)]

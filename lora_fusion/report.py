@@ -21,8 +21,6 @@ import html
 import json
 import os
 import re
-import shutil
-import uuid
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +32,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 
 from .diagnostics import sign_conflicts
-from .errors import LoraFusionError, OutputExistsError, OutputProtectedError, OutputWriteError
+from .errors import OutputProtectedError
+from .writer import existing_output, special_folder, staged, swap_into_place
 from .linalg import factored_svd
 from .runtime import thread_limit
 
@@ -457,32 +456,26 @@ def build_report(
 # ----------------------------------------------------------------------------------------------------------- writing
 
 
-def check_report_folder(out: str | Path, *, overwrite: bool) -> None:
+def check_report_folder(out: str | Path, *, overwrite: bool, protected: Sequence[str | Path] = ()) -> None:
     """Refuse a report folder whose replacement could lose data, before any work is done.
 
     Nothing to check when `out` does not exist. An existing `out` is refused without `overwrite`; with it, it is
     replaced only if it is a real folder (not a link or a file) holding nothing but the files a report writes
-    ([`REPORT_FILES`]), and is neither the current directory, the home folder, nor a folder containing them.
+    ([`REPORT_FILES`]), and is none of the folders the adapter writer protects (the current directory, the home
+    folder, a path of `protected` — the report's sources —, a folder containing one or inside one).
 
     Raises:
         OutputExistsError: `out` exists and `overwrite` is False.
         OutputProtectedError: replacing `out` could delete something a report did not write; the message says what.
     """
     target = Path(out).expanduser().absolute()
-    if not os.path.lexists(target):
+    if not existing_output(target, overwrite=overwrite, kind="folder"):
         return
-    if not overwrite:
-        raise OutputExistsError(f"{target} already exists; pass --overwrite (overwrite=True) or choose another --out.")
-    if target.is_symlink():
-        raise OutputProtectedError(
-            target, f"it is a symbolic link (to {os.readlink(target)})", [], "Remove the link, or pass a real folder."
-        )
     if not target.is_dir():
         raise OutputProtectedError(target, "it is a file, not a report folder", [], "Choose another --out.")
-    real, cwd, home = target.resolve(), Path.cwd().resolve(), Path.home().resolve()
-    for place, what in ((cwd, "the current directory"), (home, "the home folder")):
-        if place.is_relative_to(real):
-            raise OutputProtectedError(target, f"it is or contains {what}", [], "Choose another --out.")
+    reason = special_folder(target.resolve(), protected)
+    if reason:
+        raise OutputProtectedError(target, reason, [], "Choose another --out.")
     entries = sorted(target.iterdir(), key=lambda p: p.name)
     others = [
         f"{e.name}/" if e.is_dir() and not e.is_symlink() else e.name
@@ -521,39 +514,14 @@ def write_report(report: Mapping[str, Any], out: str | Path, *, overwrite: bool 
     text = json.dumps(report, indent=1, allow_nan=False) + "\n"
     figures = draw_figures(report)
     page = render_html(report, figures)
-    stage = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}-{os.getpid()}.incomplete")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        stage.mkdir()
+    with staged(out) as stage:
         (stage / REPORT_JSON).write_text(text, encoding="utf-8")
         for name, data in figures.items():
             (stage / name).write_bytes(data)
         (stage / INDEX_HTML).write_text(page, encoding="utf-8")
         check_report_folder(out, overwrite=overwrite)  # again: something may have appeared there meanwhile
-        _swap_into_place(stage, out)
-    except OSError as err:
-        if isinstance(err, LoraFusionError):
-            raise
-        raise OutputWriteError(f"could not write {out}: {err.strerror or err}; nothing was written.") from None
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        swap_into_place(stage, out, overwrite=True)  # checked just above
     return out
-
-
-def _swap_into_place(stage: Path, out: Path) -> None:
-    """Rename `stage` to `out`; a previous `out` (checked by the caller) is moved aside first, restored if the rename
-    fails, and deleted after it succeeds."""
-    if not os.path.lexists(out):
-        os.replace(stage, out)
-        return
-    old = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.old")
-    os.replace(out, old)
-    try:
-        os.replace(stage, out)
-    except BaseException:
-        os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------------------- figures

@@ -17,7 +17,8 @@ import shutil
 import socket
 import tempfile
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path, PureWindowsPath
 from typing import TYPE_CHECKING, Any
 
@@ -83,14 +84,8 @@ def write_adapter(
     out = Path(out).expanduser().absolute()
     keep = [*adapter.local_inputs(), *protected]
     check_output(out, overwrite=overwrite, protected=keep, format=known)
-    # Same filesystem as `out`, so the final rename is atomic; unique per call, so concurrent writers never collide.
-    # The pid and host in the name let a later write remove what a killed writer left (`finally` cannot run on SIGKILL).
-    stage = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}-{os.getpid()}-{_HOST}.incomplete")
-    target = stage / out.name if known.single_file else stage
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        _remove_dead_stages(out)
-        stage.mkdir()
+    with staged(out) as stage:
+        target = stage / out.name if known.single_file else stage
         with thread_limit(1):
             try:
                 _fill(adapter, target, known)
@@ -100,14 +95,31 @@ def write_adapter(
             _check_written(adapter, target, out, known)
         # Again: a long write leaves time for someone to put files into `out` (or create it).
         check_output(out, overwrite=overwrite, protected=keep, format=known)
-        _swap_into_place(target, out, overwrite=overwrite)
+        swap_into_place(target, out, overwrite=overwrite)
+    return out
+
+
+@contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """A new, empty staging folder beside `out`, removed when the block ends, whatever happens; a disk error in the
+    block becomes one `OutputWriteError` saying nothing was written. The writer of every output (adapters, reports).
+
+    Beside `out`, so the final rename is atomic (same filesystem); unique per call, so concurrent writers never
+    collide. The pid and host in its name let a later write remove what a killed writer left (`finally` cannot run
+    on SIGKILL).
+    """
+    stage = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}-{os.getpid()}-{_HOST}.incomplete")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_dead_stages(out)
+        stage.mkdir()
+        yield stage
     except OSError as err:
         if isinstance(err, LoraFusionError):
             raise
         raise OutputWriteError(f"could not write {out}: {err.strerror or err}; nothing was written.") from None
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-    return out
 
 
 def check_output(
@@ -140,11 +152,11 @@ def check_output_file(out: str | Path, *, overwrite: bool, protected: Iterable[s
     target = Path(out).expanduser().absolute()
     if target.suffix != ".safetensors":
         raise InvalidParameterError("out", str(out), expected="a file name ending in .safetensors for a kohya file")
-    if not _existing(target, overwrite=overwrite, kind="file"):
+    if not existing_output(target, overwrite=overwrite, kind="file"):
         return
     if not target.is_file():
         raise OutputProtectedError(target, "it is not a file", [], "Choose another --out.")
-    reason = _special_folder(target.resolve(), protected)
+    reason = special_folder(target.resolve(), protected)
     if reason:
         raise OutputProtectedError(target, reason, [], "Choose an --out outside the inputs.")
     if not _written_by_us(target):
@@ -153,7 +165,7 @@ def check_output_file(out: str | Path, *, overwrite: bool, protected: Iterable[s
         )
 
 
-def _existing(target: Path, *, overwrite: bool, kind: str) -> bool:
+def existing_output(target: Path, *, overwrite: bool, kind: str) -> bool:
     """Whether the output `target` exists (then it needs checking); refused without `overwrite`, or as a link."""
     if not os.path.lexists(target):
         return False
@@ -210,7 +222,7 @@ def check_output_folder(out: str | Path, *, overwrite: bool, protected: Iterable
         ```
     """
     target = Path(out).expanduser().absolute()
-    if not _existing(target, overwrite=overwrite, kind="folder"):
+    if not existing_output(target, overwrite=overwrite, kind="folder"):
         return
     if not target.is_dir():
         raise OutputProtectedError(
@@ -223,7 +235,7 @@ def check_output_folder(out: str | Path, *, overwrite: bool, protected: Iterable
             target, f"its content cannot be listed ({err.strerror or err})", [], "Choose another --out."
         ) from None
     listing = [f"{e.name}/" if e.is_dir() and not e.is_symlink() else e.name for e in entries]
-    reason = _special_folder(target.resolve(), protected)
+    reason = special_folder(target.resolve(), protected)
     if reason:
         inputs = "input" in reason
         advice = "Choose an --out outside the inputs." if inputs else "Choose another --out, e.g. a new folder."
@@ -238,7 +250,7 @@ def check_output_folder(out: str | Path, *, overwrite: bool, protected: Iterable
         )
 
 
-def _special_folder(real: Path, protected: Iterable[str | Path]) -> str | None:
+def special_folder(real: Path, protected: Iterable[str | Path]) -> str | None:
     """Why the resolved folder `real` must never be replaced, or None."""
     cwd, home = Path.cwd().resolve(), Path.home().resolve()
     if real == Path(real.anchor):
@@ -463,7 +475,7 @@ def _check_written(adapter: LoraAdapter, target: Path, out: Path, known: Adapter
         raise CorruptAdapterError("internal error: the written adapter has extra modules; nothing was saved.")
 
 
-def _swap_into_place(stage: Path, out: Path, *, overwrite: bool) -> None:
+def swap_into_place(stage: Path, out: Path, *, overwrite: bool) -> None:
     """Rename the staged folder or file `stage` to `out`; a previous `out` is moved aside first and restored if the
     rename fails."""
     if not out.exists():

@@ -302,7 +302,7 @@ def test_cli_writes_the_report_of_a_written_output_and_its_sources(case, tmp_pat
     assert saved["sources"] == [] and saved["interference"]["layers"] == [] and len(saved["modules"]) == 7
     assert_user_error(invoke("report", a, "--out", tmp_path / "one"), "not a merge output")
     assert_user_error(invoke("report", merged_dir, merged_dir, a, "--out", tmp_path / "two"), "are both merged outputs")
-    assert_user_error(invoke("report", merged_dir, a, b, "--out", a, "--overwrite"), "does not write")
+    assert_user_error(invoke("report", merged_dir, a, b, "--out", a, "--overwrite"), "it is the input")
     assert not (tmp_path / "one").exists() and not (tmp_path / "two").exists()
 
 
