@@ -4,7 +4,7 @@ largest entries, and overlap of their column spaces, per module and overall (`lo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from itertools import combinations
 from statistics import fmean
 from typing import Any
@@ -72,8 +72,15 @@ def interference_report(adapters: Sequence[LoraAdapter], *, density: float = 0.2
             for (i, x), (j, y) in combinations(present, 2)
         }
         modules[module] = {"pairs": pairs, "sign_conflict": sign_conflicts([f for _, f in present], density)}
+    overall = overall_interference(modules)
+    return {"sources": names, "density": density, "overall": overall, "modules": modules, "unmatched": unmatched}
+
+
+def overall_interference(modules: Mapping[str, Any]) -> dict[str, Any]:
+    """The means over `modules` (per-module records with "pairs" and "sign_conflict") of each pair's cosine and
+    subspace overlap and of the sign conflict, with the number of modules."""
     pair_keys = sorted({k for m in modules.values() for k in m["pairs"]})
-    overall = {
+    return {
         "pairs": {
             key: {
                 stat: fmean(m["pairs"][key][stat] for m in modules.values() if key in m["pairs"])
@@ -84,4 +91,3 @@ def interference_report(adapters: Sequence[LoraAdapter], *, density: float = 0.2
         "sign_conflict": fmean(m["sign_conflict"] for m in modules.values()) if modules else 0.0,
         "modules": len(modules),
     }
-    return {"sources": names, "density": density, "overall": overall, "modules": modules, "unmatched": unmatched}

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-from .diagnostics import sign_conflicts
+from .diagnostics import overall_interference, sign_conflicts
 from .errors import OutputProtectedError
 from .writer import existing_output, special_folder, staged, swap_into_place
 from .linalg import factored_svd
@@ -386,17 +386,7 @@ def build_report(
             "layers": layers,
             "modules": compared,
             "unmatched": unmatched,
-            "overall": {
-                "modules": len(compared),
-                "pairs": {
-                    key: {
-                        stat: fmean(m["pairs"][key][stat] for m in compared.values() if key in m["pairs"])
-                        for stat in ("cosine", "subspace_overlap")
-                    }
-                    for key in pair_keys
-                },
-                "sign_conflict": fmean(m["sign_conflict"] for m in compared.values()) if compared else 0.0,
-            },
+            "overall": overall_interference(compared),
             "sign_conflict_counting": {
                 "exact_up_to_entries": EXACT_SIGN_ENTRIES if sign_sample is not None else None,
                 "sample_entries": sign_sample,
