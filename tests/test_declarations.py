@@ -21,7 +21,8 @@ from lora_fusion.recipe import Recipe
 from tests.test_cli import invoke
 from tests.test_reliability import lora
 
-CLI_ONLY = {"param", "dry_run", "recipe", "subfolder", "weight_name", "input_format", "json", "quiet", "help"}
+CLI_ONLY = {"param", "dry_run", "recipe", "subfolder", "weight_name", "input_format", "module_weight", "report", "json",
+            "quiet", "help"}
 
 
 @pytest.fixture
