@@ -215,10 +215,9 @@ def convert_timers() -> dict[str, list[tuple[Any, str]]]:
         "    header sort (stores._sort_header)": [(fstores, "_sort_header")],
         "  model card (writer.model_card)": [(writer, "model_card")],
         "  provenance record (writer._provenance_record; the source's sha256)": [(writer, "_provenance_record")],
-        "read_back_check (writer._check_written)": [(writer, "_check_written")],
-        "  read factors + finiteness (spec.read_factors)": [(writer, "read_factors")],
-        "output checks and rename (writer.check_output, _swap_into_place)": [(writer, "check_output"),
-                                                                             (writer, "_swap_into_place")],
+        "read_back_check (writer._check_written: headers)": [(writer, "_check_written")],
+        "output checks and rename (writer.check_output, swap_into_place)": [(writer, "check_output"),
+                                                                            (writer, "swap_into_place")],
         "finiteness checks, all calls (spec.all_finite)": [(spec, "all_finite")],
     }
 

@@ -71,7 +71,23 @@ class SourceInfo:
     def sha256(self) -> str | None:
         """sha256 of the files a local adapter was read from, config first (for PEFT: `adapter_config.json` followed
         by the weights file, as `cat adapter_config.json adapter_model.safetensors | sha256sum` prints it); None for
-        Hub sources (their commit identifies them) or when the files are gone. Computed once, when first asked for."""
+        Hub sources (their commit identifies them) or when the files are gone. Computed once, when first asked for
+        (or in the background since [`start_hashing`](SourceInfo.start_hashing))."""
+        pending = self.__dict__.get("_hashing")
+        return pending.result() if pending is not None else self._digest()
+
+    def start_hashing(self) -> None:
+        """Start computing [`sha256`](SourceInfo.sha256) in a background thread (hashlib releases the GIL), so that a
+        write that will record it does not wait for a pass over a large file. Nothing for Hub sources."""
+        if self.local_path is None or not self.files or "_hashing" in self.__dict__ or "sha256" in self.__dict__:
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(1, thread_name_prefix="lora-fusion-sha256")
+        self.__dict__["_hashing"] = pool.submit(self._digest)
+        pool.shutdown(wait=False)
+
+    def _digest(self) -> str | None:
         if self.local_path is None or not self.files:
             return None
         digest = hashlib.sha256()

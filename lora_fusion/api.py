@@ -125,6 +125,10 @@ def merge(
     def open_inputs(on: torch.device) -> engine.MergeInputs:
         adapters = [_open(s, revision=revision, subfolder=subfolder, token=token, weight_name=weight_name,
                           input_format=input_format) for s in sources]
+        if not dry_run:  # the result's provenance records each local source's sha256: hashed while merging
+            for adapter in adapters:
+                if adapter.source is not None:
+                    adapter.source.start_hashing()
         layout = _module_layout(adapters, ignore_base_model=ignore_base_model)
         controls = ModuleControls.build(layout, weights=weight_list, params=rule_params, include=include or (),
                                         exclude=exclude or ())
@@ -316,6 +320,8 @@ def convert(
     target = format_named(to)
     adapter = _open(source, revision=revision, subfolder=subfolder, token=token, weight_name=weight_name,
                     input_format=input_format)
+    if adapter.source is not None:
+        adapter.source.start_hashing()  # the provenance records it; the other core hashes while this one converts
     return write_adapter(adapter, Path(out), overwrite=overwrite, format=target)
 
 

@@ -30,8 +30,12 @@ ModuleKind = Literal["linear", "embedding", "conv"]
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
-    """No NaN or Inf in `tensor`; one reduction (NaN propagates through amax), several times cheaper than isfinite."""
-    return bool(torch.isfinite(tensor.abs().amax())) if tensor.numel() else True
+    """No NaN or Inf in `tensor`: one min-max pass (NaN propagates to both, an infinity is an extreme), several
+    times cheaper than `isfinite(tensor).all()` or `abs().amax()`."""
+    if not tensor.numel():
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 @dataclass(frozen=True)

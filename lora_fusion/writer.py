@@ -17,8 +17,9 @@ import shutil
 import socket
 import tempfile
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from functools import cached_property
 from pathlib import Path, PureWindowsPath
 from typing import TYPE_CHECKING, Any
 
@@ -312,9 +313,29 @@ def _alive(pid: int) -> bool:
     return True
 
 
+class _Provenance(Mapping[str, str]):
+    """The weights file's metadata, `{"lora_fusion": <provenance JSON>}`, made when the format saves the file: after
+    it has read the factors, so that a local source's sha256 (hashed in the background) is ready by then."""
+
+    def __init__(self, adapter: LoraAdapter) -> None:
+        self._adapter = adapter
+
+    @cached_property
+    def _items(self) -> dict[str, str]:
+        return {"lora_fusion": json.dumps(_provenance_record(self._adapter), sort_keys=True)}
+
+    def __getitem__(self, key: str) -> str:
+        return self._items[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
 def _fill(adapter: LoraAdapter, target: Path, known: AdapterFormat) -> None:
-    metadata = {"lora_fusion": json.dumps(_provenance_record(adapter), sort_keys=True)}
-    known.write(adapter, target, metadata=metadata)
+    known.write(adapter, target, metadata=_Provenance(adapter))
     if not known.single_file:  # one file has no place for a card; its header holds the provenance
         (target / CARD_NAME).write_text(model_card(adapter, known))
 

@@ -329,15 +329,18 @@ def _refuse_untargeted(raw: Mapping[str, Any], specs: Mapping[str, ModuleSpec], 
             raise CorruptAdapterError(
                 f"{source}: {CONFIG_NAME} has {key}={_short(value)}; expected a regex string or a list of names."
             )
+    # Lists become sets once: lora-fusion's own configs list every module name.
+    target_set = frozenset(targets) if isinstance(targets, list) else targets
+    excluded_set = frozenset(excluded) if isinstance(excluded, list) else excluded
     for name, spec in specs.items():
-        if excluded is not None and _selects(excluded, name, source):
+        if excluded_set is not None and _selects(excluded_set, name, source):
             raise CorruptAdapterError(
                 f"{source}: module {name} has LoRA tensors but exclude_modules={_short(excluded)} excludes it; PEFT "
                 f"would refuse to load this adapter. Fix {CONFIG_NAME} or the weights file."
             )
-        if targets is None:
+        if target_set is None:
             continue
-        selected = spec.kind == "linear" if targets == "all-linear" else _selects(targets, name, source)
+        selected = spec.kind == "linear" if targets == "all-linear" else _selects(target_set, name, source)
         if not selected:
             raise CorruptAdapterError(
                 f"{source}: module {name} has LoRA tensors but target_modules={_short(targets)} does not select it; "
@@ -345,7 +348,7 @@ def _refuse_untargeted(raw: Mapping[str, Any], specs: Mapping[str, ModuleSpec], 
             )
 
 
-def _selects(pattern: str | list[str], module: str, source: str) -> bool:
+def _selects(pattern: str | list[str] | frozenset[str], module: str, source: str) -> bool:
     if isinstance(pattern, str):
         try:
             return re.fullmatch(pattern, module) is not None
@@ -353,7 +356,11 @@ def _selects(pattern: str | list[str], module: str, source: str) -> bool:
             raise CorruptAdapterError(
                 f"{source}: {CONFIG_NAME} has the pattern {_short(pattern)}, which is not a valid regular expression."
             ) from None
-    return any(module == target or module.endswith(f".{target}") for target in pattern)
+    # A name equal to an entry or ending in `.entry`: one of the name's dotted suffixes is an entry (a set lookup
+    # each, not a scan of a list that lora-fusion's own configs fill with every module name).
+    entries = pattern if isinstance(pattern, frozenset) else frozenset(pattern)
+    parts = module.split(".")
+    return any(".".join(parts[i:]) in entries for i in range(len(parts)))
 
 
 def _module_spec(
@@ -444,8 +451,9 @@ def folded_factors(adapter: LoraAdapter, name: str) -> tuple[torch.Tensor, torch
         a, b = a * root, b * math.copysign(root, spec.scale)
     bias = None if factors.bias is None else (factors.bias * spec.scale).to(spec.dtype).contiguous()
     a, b = a.reshape(spec.a_shape).to(spec.dtype).contiguous(), b.reshape(spec.b_shape).to(spec.dtype).contiguous()
-    # The inputs were finite (read_factors checks them): a non-finite value here is an overflow of the cast.
-    if not all(all_finite(t) for t in (a, b) if t is not None) or (bias is not None and not all_finite(bias)):
+    # The inputs were finite (read_factors checks them): only a scale above 1 or a cast can overflow.
+    may_overflow = abs(spec.scale) > 1.0 or factors.A.dtype != spec.dtype or factors.B.dtype != spec.dtype
+    if may_overflow and not all(all_finite(t) for t in (a, b, bias) if t is not None):
         raise NonFiniteError(f"module {name} does not fit in {str(spec.dtype).removeprefix('torch.')} (a value "
                              "overflows when written)")
     return a, b, bias
