@@ -182,8 +182,12 @@ class LoraAdapter:
                 paths.append(Path(value).expanduser())
         return tuple(dict.fromkeys(paths))
 
-    def factors(self, module: str) -> ModuleFactors:
+    def factors(self, module: str, *, check_finite: bool = True) -> ModuleFactors:
         """Read one module's factors in canonical form (A r×n, B m×r), in the file's dtype.
+
+        Args:
+            module: the module's name.
+            check_finite: refuse NaN or Inf (False: the caller checks what it computes from the factors).
 
         Raises:
             KeyError: if the adapter has no such module.
@@ -191,7 +195,7 @@ class LoraAdapter:
         """
         spec = self.modules[module]
         where = self.source.source if self.source else "merged adapter"
-        a, b, bias = read_factors(spec, self._store, where=where)
+        a, b, bias = read_factors(spec, self._store, where=where, check_finite=check_finite)
         return ModuleFactors(A=a, B=b, scale=spec.scale, bias=bias)
 
     def delta(self, module: str) -> torch.Tensor:

@@ -38,6 +38,10 @@ class NonFiniteError(CorruptAdapterError):
     """NaN or Inf in a factor."""
 
 
+class OutputOverflowError(NonFiniteError):
+    """Finite factors whose scaled value does not fit the output dtype (Inf once cast)."""
+
+
 class IncompatibleAdaptersError(LoraFusionError, ValueError):
     """Adapters that cannot be merged together: different base models or different shapes for one module."""
 

@@ -155,9 +155,12 @@ class AdapterContents:
 
 
 def read_factors(
-    spec: ModuleSpec, store: TensorStore, *, where: str
+    spec: ModuleSpec, store: TensorStore, *, where: str, check_finite: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One module's A (r×n), B (m×r) and lora_B bias (or None) from `store`, in canonical form and the file's dtype.
+
+    `check_finite=False` leaves the check to a caller that checks what it computes from the factors (a NaN or Inf
+    in a factor reaches that result), and reads again with the check to name the cause.
 
     Raises:
         NonFiniteError: a factor holds NaN or Inf; the message names `where` (the adapter) and the module.
@@ -165,7 +168,7 @@ def read_factors(
     a = store.read(spec.a_key).reshape(spec.rank, spec.in_features)
     b = store.read(spec.b_key).reshape(spec.out_features, spec.rank)
     bias = store.read(spec.bias_key) if spec.bias_key else None
-    for tensor in (a, b) if bias is None else (a, b, bias):
+    for tensor in ((a, b) if bias is None else (a, b, bias)) if check_finite else ():
         if not all_finite(tensor):
             raise NonFiniteError(
                 f"{where}: module {spec.name} holds NaN or Inf values; the adapter is corrupted or diverged in "

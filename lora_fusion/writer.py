@@ -27,8 +27,8 @@ from .errors import (
     CorruptAdapterError,
     InvalidParameterError,
     LoraFusionError,
-    NonFiniteError,
     OutputExistsError,
+    OutputOverflowError,
     OutputProtectedError,
     OutputWriteError,
 )
@@ -90,8 +90,8 @@ def write_adapter(
         with thread_limit(1):
             try:
                 _fill(adapter, target, known)
-            except NonFiniteError as err:  # the inputs were finite: a value overflowed the output dtype
-                raise NonFiniteError(f"{out}: {err}; write it in float32 (--dtype float32) or lower the weights; "
+            except OutputOverflowError as err:  # the inputs were finite: a value overflowed the output dtype
+                raise OutputOverflowError(f"{out}: {err}; write it in float32 (--dtype float32) or lower the weights; "
                                      "nothing was saved.") from None
             _check_written(adapter, target, out, known)
         # Again: a long write leaves time for someone to put files into `out` (or create it).

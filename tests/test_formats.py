@@ -471,3 +471,15 @@ def test_older_diffusers_key_styles_read_through_diffusers_converters(sd, tmp_pa
     expected = {name: delta / scales[name.split(".")[0]] for name, delta in sd["deltas"].items()
                 if name.startswith("text_encoder.") or name.rsplit(".", 1)[1] in ("to_q", "to_k", "to_v")}
     assert_same_deltas(adapter, expected)
+
+
+def test_a_nan_in_a_source_is_named_as_such_when_converting_not_as_an_overflow(tmp_path) -> None:
+    from lora_fusion.errors import NonFiniteError, OutputOverflowError
+
+    up = torch.randn(16, 2)
+    up[3, 1] = float("nan")
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.randn(2, 16),
+               "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": up}, tmp_path / "nan.safetensors")
+    with pytest.raises(NonFiniteError, match="proj_in holds NaN or Inf") as caught:
+        convert(tmp_path / "nan.safetensors", to="diffusers", out=tmp_path / "out")
+    assert not isinstance(caught.value, OutputOverflowError) and not (tmp_path / "out").exists()

@@ -22,8 +22,8 @@ import torch
 
 from ..errors import (
     CorruptAdapterError,
-    NonFiniteError,
     NotALoraAdapterError,
+    OutputOverflowError,
     SourceNotFoundError,
     UnsupportedAdapterError,
 )
@@ -441,20 +441,20 @@ def folded_factors(adapter: LoraAdapter, name: str) -> tuple[torch.Tensor, torch
     (so that every format can record scale 1), and its lora_B bias times s (or None). Shared by every writer.
 
     Raises:
-        NonFiniteError: a value overflows the module's dtype once scaled and cast.
+        NonFiniteError: a factor holds NaN or Inf (naming the source).
+        OutputOverflowError: a value overflows the module's dtype once scaled and cast.
     """
     spec = adapter.modules[name]
-    factors = adapter.factors(name)
+    factors = adapter.factors(name, check_finite=False)  # one check, of what is written, below
     a, b = factors.A, factors.B
     if spec.scale != 1.0:  # merged adapters already have scale 1; loaded ones get √|s| on each factor
         root = math.sqrt(abs(spec.scale))
         a, b = a * root, b * math.copysign(root, spec.scale)
     bias = None if factors.bias is None else (factors.bias * spec.scale).to(spec.dtype).contiguous()
     a, b = a.reshape(spec.a_shape).to(spec.dtype).contiguous(), b.reshape(spec.b_shape).to(spec.dtype).contiguous()
-    # The inputs were finite (read_factors checks them): only a scale above 1 or a cast can overflow.
-    may_overflow = abs(spec.scale) > 1.0 or factors.A.dtype != spec.dtype or factors.B.dtype != spec.dtype
-    if may_overflow and not all(all_finite(t) for t in (a, b, bias) if t is not None):
-        raise NonFiniteError(f"module {name} does not fit in {str(spec.dtype).removeprefix('torch.')} (a value "
+    if not all(all_finite(t) for t in (a, b, bias) if t is not None):
+        adapter.factors(name)  # a NaN or Inf in the source: its own error, naming the source
+        raise OutputOverflowError(f"module {name} does not fit in {str(spec.dtype).removeprefix('torch.')} (a value "
                              "overflows when written)")
     return a, b, bias
 
