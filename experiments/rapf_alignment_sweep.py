@@ -61,8 +61,8 @@ SWEEP_RECIPE = REPO / "recipes" / "rapf_imagenet_r_20-20.yaml"
 CONSE_RECIPE = REPO / "recipes" / "rapf_fashion_mnist.yaml"
 IMAGE_DIM = 512
 TRAIN_PER_CLASS, TEST_PER_CLASS = 120, 30
-# Continual-CLIP's zero-shot Last on ImageNet-R with CLIP ViT-B/16 (72.0 %, docs/rapf.md and METHODS.md d.8): s is set
-# so that the space at rho = 1 is as CLIP-like, by this measure, as CLIP itself on that benchmark.
+# Continual-CLIP's zero-shot Last on ImageNet-R with CLIP ViT-B/16 (72.0 %; Thengane et al., arXiv:2210.03114, quoted
+# in docs/rapf.md §6): s is set so that the space at rho = 1 is as CLIP-like, by this measure, as CLIP is there.
 ZERO_SHOT_TARGET = 0.72
 CONSE_TOP = 10
 # Runs in this order, so that a sweep cut short has the two ends and the middle first.
@@ -230,12 +230,14 @@ def _zero_shot_curve(recipe: CILRecipe, dataset: Any, text_by_class: torch.Tenso
 
 
 def _ladder(recipe: CILRecipe, encoders: PrecomputedFeatures, dataset: Any, text_by_class: torch.Tensor, seed: int,
-            scratch: Path, tag: str) -> dict[str, dict[str, Any]]:
-    """Every row for one space and one seed: {label: run record}."""
+            scratch: Path, tag: str, rows: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """The zero-shot row and every trained row (or those named in `rows`) for one space and one seed."""
     curve = _zero_shot_curve(recipe, dataset, text_by_class)
     runs = {ZERO_SHOT: {"seed": seed, "accuracies": curve, "last": curve[-1], "avg": sum(curve) / len(curve),
                         "seconds": 0.0, "cpu_seconds": 0.0, "hard_pairs": 0}}
     for i, (label, changes) in enumerate(TRAINED_ROWS):
+        if rows is not None and label not in rows:
+            continue
         wall, cpu = time.perf_counter(), time.process_time()
         result = run_cil(_variant(recipe, changes, seed, scratch / f"{tag}-{i}-{seed}"), encoders=encoders,
                          dataset=dataset, resume=False, progress=False)
@@ -265,9 +267,11 @@ def _recipe_for(path: Path, name: str) -> CILRecipe:
 
 
 def run_sweep(rhos: list[float], seeds: list[int], covs: torch.Tensor, text_unit: torch.Tensor, scale: float,
-              scratch: Path, report: dict[str, Any], save: Any) -> None:
+              scratch: Path, report: dict[str, Any], save: Any, *, threshold: float | None = None,
+              rows: list[str] | None = None) -> None:
     recipe = _recipe_for(SWEEP_RECIPE, "rapf_alignment_sweep")
-    recipe = recipe.model_copy(update={"cache_dir": str(scratch / "cache")})
+    rapf = recipe.rapf if threshold is None else recipe.rapf.model_copy(update={"threshold": threshold})
+    recipe = recipe.model_copy(update={"cache_dir": str(scratch / "cache"), "rapf": rapf})
     names = imagenet_r_names()
     for rho in rhos:
         key = f"{rho:g}"
@@ -283,12 +287,10 @@ def run_sweep(rhos: list[float], seeds: list[int], covs: torch.Tensor, text_unit
             encoders = PrecomputedFeatures({recipe.prompt.format(n): space.text[c] for c, n in enumerate(names)},
                                            image_dim=IMAGE_DIM, name=tag)
             zero_shot_all.append(zero_shot_accuracy(*space.test, space.text))
-            per_seed.append(_ladder(recipe, encoders, dataset, space.text, seed, scratch, tag))
-        rows = _summarise(per_seed)
-        report["sweep"][key] = {"rho": rho, "zero_shot_all_classes": _mean_std(zero_shot_all), "rows": rows}
-        print(f"rho = {key}: zero-shot {100 * rows[ZERO_SHOT]['last_mean']:.2f} %, full RAPF Last "
-              f"{100 * rows['+ fusion = full RAPF']['last_mean']:.2f} ± {100 * rows['+ fusion = full RAPF']['last_std']:.2f}",
-              flush=True)
+            per_seed.append(_ladder(recipe, encoders, dataset, space.text, seed, scratch, tag, rows))
+        summary = _summarise(per_seed)
+        report["sweep"][key] = {"rho": rho, "zero_shot_all_classes": _mean_std(zero_shot_all), "rows": summary}
+        print(f"rho = {key}: zero-shot {100 * summary[ZERO_SHOT]['last_mean']:.2f} %", flush=True)
         save()
 
 
@@ -339,13 +341,42 @@ def _by_rho(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+# Paired differences (same space and seed): each component against the row it is added to.
+STEPS = [("+ Gaussian replay", "sequential fine-tuning"), ("+ hinge", "+ Gaussian replay"),
+         ("+ fusion = full RAPF", "+ hinge"), ("+ fusion = full RAPF", "fusion with raw-basis mask")]
+
+
+def _paired(report: dict[str, Any]) -> list[str]:
+    """Per-seed differences of Last and Avg between rows run on the same space, mean ± std over seeds (points)."""
+    columns = [(f"ρ = {b['rho']:g}", b["rows"]) for b in sorted(report["sweep"].values(), key=lambda b: b["rho"])]
+    if report.get("conse"):
+        columns.append(("ConSE", report["conse"]["rows"]))
+    steps = [(a, b) for a, b in STEPS if columns and a in columns[0][1] and b in columns[0][1]]
+    if not steps:
+        return []
+    lines = ["\nPaired differences (points; per seed on the same space, then mean ± std over seeds), Last / Avg:\n",
+             "| difference | " + " | ".join(title for title, _ in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for a, b in steps:
+        cells = []
+        for _, rows in columns:
+            parts = []
+            for metric in ("last", "avg"):
+                diffs = [100 * (x[metric] - y[metric]) for x, y in zip(rows[a]["runs"], rows[b]["runs"])]
+                mean, std = _mean_std(diffs)
+                parts.append(f"{mean:+.2f} ± {std:.2f}")
+            cells.append(" / ".join(parts))
+        lines.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_outputs(report: dict[str, Any], target: Path, stem: str = "rapf_alignment_sweep") -> None:
     target.mkdir(parents=True, exist_ok=True)
     (target / f"{stem}.json").write_text(json.dumps(report, indent=2))
     setting = report.get("setting", {})
     parts = [f"Seeds {report['seeds']}; mean ± sample std over seeds. Wall seconds on one niced thread. Scale s = "
              f"{setting.get('scale', float('nan')):.4f} ({setting.get('scale_rule', '')}).\n"]
-    parts += _by_rho(report)
+    parts += _by_rho(report) + _paired(report)
     for key, block in sorted(report["sweep"].items(), key=lambda kv: kv[1]["rho"]):
         parts += [f"\n### ρ = {key} (zero-shot over all 200 classes "
                   f"{100 * block['zero_shot_all_classes'][0]:.2f} ± {100 * block['zero_shot_all_classes'][1]:.2f} %)\n",
@@ -402,6 +433,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="the output files' stem in --out (default: %(default)s)")
     parser.add_argument("--append", action="store_true",
                         help="keep the ρ values and ConSE results already in --out's JSON and run only what is missing")
+    parser.add_argument("--threshold", type=float, default=None, metavar="ALPHA",
+                        help="the sweep's hard-pair threshold α instead of the official 0.65 (default: official)")
+    parser.add_argument("--rows", nargs="+", default=None, metavar="LABEL",
+                        choices=[label for label, _ in TRAINED_ROWS],
+                        help="run only these trained rows of the sweep (default: all)")
     parser.add_argument("--render", action="store_true",
                         help="only rewrite the Markdown table and the plot from --out's JSON (no runs)")
     args = parse_study_args(parser, argv)
@@ -439,7 +475,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report["setting"] = {
         "image_dim": IMAGE_DIM, "text_dim": int(text_unit.shape[1]), "classes": len(names),
         "train_per_class": TRAIN_PER_CLASS, "test_per_class": TEST_PER_CLASS, "scale": scale,
-        "calibrated_scale": calibrated, "scale_factor": args.scale_factor,
+        "calibrated_scale": calibrated, "scale_factor": args.scale_factor, "threshold_override": args.threshold,
+        "rows_run": args.rows,
         "scale_rule": f"{args.scale_factor:g} x the s at which zero-shot accuracy at rho = 1 (seed 0, test split) "
                       f"is {ZERO_SHOT_TARGET}",
         "noise_rms": float(covs.diagonal(dim1=-2, dim2=-1).sum(-1).mean().sqrt()),
@@ -450,7 +487,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"covariances keep {100 * cov_info['variance_kept']:.1f} % of the within-class variance", flush=True)
     with tempfile.TemporaryDirectory(prefix="rapf-sweep-") as scratch:
         if not args.skip_sweep:
-            run_sweep(args.rhos, args.seeds, covs, text_unit, scale, Path(scratch), report, save)
+            run_sweep(args.rhos, args.seeds, covs, text_unit, scale, Path(scratch), report, save,
+                      threshold=args.threshold, rows=args.rows)
         if not args.skip_conse and not (args.append and report.get("conse")):
             report["conse"] = run_conse(args.seeds, encoders, fmnist, imagenet_categories(args.torchvision_wheel),
                                         Path(scratch))
