@@ -12,12 +12,15 @@ from .._lazy import lazy_attributes
 _LAZY = {
     "CILRecipe": "recipe",
     "CILResult": "trainer",
+    "PrecomputedFeatures": "features",
+    "feature_dataset": "features",
     "load_recipe": "recipe",
     "run_cil": "trainer",
     "run_recipe": "run",
 }
 
 if TYPE_CHECKING:
+    from .features import PrecomputedFeatures, feature_dataset
     from .recipe import CILRecipe, load_recipe
     from .run import run_recipe
     from .trainer import CILResult, run_cil
