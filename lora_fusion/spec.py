@@ -38,6 +38,19 @@ def all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
+def is_lora_pair(a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> bool:
+    """Whether factors of these shapes form a LoRA pair: A r×in (×kernel), B out×r (×1…), r ≥ 1. The one shape
+    check of every format's reader."""
+    rank = a_shape[0] if a_shape else 0
+    return (
+        len(a_shape) >= 2
+        and len(b_shape) == len(a_shape)
+        and b_shape[1] == rank
+        and all(d == 1 for d in b_shape[2:])
+        and rank > 0
+    )
+
+
 @dataclass(frozen=True)
 class ModuleSpec:
     """What is known about one module from file headers alone: shapes, rank, scale and where its tensors live.

@@ -28,7 +28,7 @@ from ..errors import (
     UnsupportedAdapterError,
 )
 from ..hub import commit_of, download_file
-from ..spec import AdapterConfig, AdapterContents, ModuleSpec, all_finite
+from ..spec import AdapterConfig, AdapterContents, ModuleSpec, all_finite, is_lora_pair
 from .stores import FLOAT_DTYPES, PickleStore, SafetensorsStore, refuse_outside_links, save_safetensors
 
 if TYPE_CHECKING:
@@ -373,14 +373,7 @@ def _module_spec(
     embedding = "embedding" in keys["lora_A"]
     kind = "embedding" if embedding else ("conv" if len(a_shape) > 2 else "linear")
     rank = a_shape[0] if a_shape else 0
-    consistent = (
-        len(a_shape) >= 2
-        and len(b_shape) == len(a_shape)
-        and b_shape[1] == rank
-        and all(d == 1 for d in b_shape[2:])
-        and rank > 0
-    )
-    if not consistent:
+    if not is_lora_pair(a_shape, b_shape):
         raise CorruptAdapterError(
             f"{source}: module {module} has lora_A {list(a_shape)} and lora_B {list(b_shape)}, which do not form "
             "a LoRA pair (A r×in…, B out×r…); grouped convolutions are not supported."

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CorruptAdapterError, NotALoraAdapterError, UnsupportedAdapterError
-from ..spec import AdapterConfig, AdapterContents, ModuleSpec
+from ..spec import AdapterConfig, AdapterContents, ModuleSpec, is_lora_pair
 from .keymaps import (
     COMFY_PREFIX,
     COMPONENTS,
@@ -108,11 +108,8 @@ def _group(keys: list[str], source: str, *, kohya: bool) -> dict[str, _FileModul
 
 
 class DerivedStore:
-    """A file's tensors plus tensors computed from them on read (row blocks, Tucker products, LyCORIS factors).
-
-    Keys of the file read through; a derived key calls its recipe, whose last result is kept so that reading a
-    module's A and then its B computes a LyCORIS module once.
-    """
+    """A file's tensors plus tensors computed from them on read (row blocks, Tucker products, LyCORIS factors):
+    keys of the file read through, a derived key calls its recipe."""
 
     def __init__(self, file: SafetensorsStore) -> None:
         self.file = file
@@ -145,10 +142,15 @@ class _LycorisCache:
         self._last: tuple[str, tuple[torch.Tensor, torch.Tensor, float]] | None = None
 
     def factors(self, module: _FileModule) -> tuple[torch.Tensor, torch.Tensor, float]:
-        if self._last is None or self._last[0] != module.name:
-            tensors = {part: self.file.read(key) for part, key in module.keys.items()}
-            self._last = (module.name, lycoris_factors(tensors, module=module.name, source=self.source))
-        return self._last[1]
+        # The engine merges two modules at once: read `_last` once, and return what this call computed, never what
+        # another thread stored meanwhile (replacing the tuple is atomic).
+        last = self._last
+        if last is not None and last[0] == module.name:
+            return last[1]
+        tensors = {part: self.file.read(key) for part, key in module.keys.items()}
+        result = lycoris_factors(tensors, module=module.name, source=self.source)
+        self._last = (module.name, result)
+        return result
 
 
 def read_single_file(path: Path, *, source: str, layout: str | None = None) -> AdapterContents:
@@ -236,8 +238,7 @@ def _lora_shapes(module: _FileModule, file: SafetensorsStore, source: str) -> _L
         consistent = len(down) == 4 and len(mid) == 4 and mid[:2] == (rank, rank) and len(up) == 4 and up[1] == rank
         a_shape = (rank, down[1], *mid[2:])
     else:
-        consistent = len(down) >= 2 and len(up) == len(down) and up[1] == rank and all(d == 1 for d in up[2:])
-        a_shape = down
+        consistent, a_shape = is_lora_pair(down, up), down
     if not consistent or rank == 0:
         raise CorruptAdapterError(
             f"{source}: module {module.name} has lora_down {list(down)} and lora_up {list(up)}"
@@ -289,8 +290,7 @@ def flat_conv_kernel(canonical: str, in_features: int) -> tuple[int, ...]:
 
 def _lycoris_spec(
     canonical: str, piece: Piece, module: _FileModule, shape: LycorisShape, lycoris: _LycorisCache,
-    file: SafetensorsStore,
-    store: DerivedStore,
+    file: SafetensorsStore, store: DerivedStore,
 ) -> ModuleSpec:
     rows = piece.rows
     kernel = tuple(shape.kernel) or flat_conv_kernel(canonical, shape.in_features)
@@ -370,7 +370,7 @@ def _diffusers_spec(
     a_shape, dtype = file.header(keys["lora_A.weight"])
     b_shape, _ = file.header(keys["lora_B.weight"])
     rank = a_shape[0] if a_shape else 0
-    if len(a_shape) < 2 or len(b_shape) != len(a_shape) or b_shape[1] != rank or rank == 0:
+    if not is_lora_pair(a_shape, b_shape):
         raise CorruptAdapterError(
             f"{source}: module {name} has lora_A {list(a_shape)} and lora_B {list(b_shape)}, which do not form a "
             "LoRA pair of one rank."
