@@ -483,3 +483,20 @@ def test_a_nan_in_a_source_is_named_as_such_when_converting_not_as_an_overflow(t
     with pytest.raises(NonFiniteError, match="proj_in holds NaN or Inf") as caught:
         convert(tmp_path / "nan.safetensors", to="diffusers", out=tmp_path / "out")
     assert not isinstance(caught.value, OutputOverflowError) and not (tmp_path / "out").exists()
+
+
+def test_a_kohya_text_encoder_lora_without_out_proj_reads_every_module(tmp_path) -> None:
+    """diffusers infers the text encoder's key style from `out_proj` (to_out_lora); the reader names both styles
+    explicitly, so attention and MLP modules of a LoRA without out_proj are all kept (README, Formats)."""
+    generator = torch.Generator().manual_seed(0)
+    tensors = {}
+    for module, (out, inp) in {"self_attn_q_proj": (16, 16), "mlp_fc1": (32, 16)}.items():
+        prefix = f"lora_te_text_model_encoder_layers_0_{module}"
+        tensors[f"{prefix}.lora_down.weight"] = torch.randn(2, inp, generator=generator)
+        tensors[f"{prefix}.lora_up.weight"] = torch.randn(out, 2, generator=generator)
+    save_file(tensors, tmp_path / "te.safetensors")
+    adapter = load_adapter(tmp_path / "te.safetensors")
+    assert sorted(adapter.modules) == ["text_encoder.text_model.encoder.layers.0.mlp.fc1",
+                                       "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"]
+    down, up = (tensors[f"lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_{p}.weight"] for p in ("down", "up"))
+    assert torch.allclose(adapter.delta("text_encoder.text_model.encoder.layers.0.self_attn.q_proj"), up @ down)
