@@ -148,10 +148,15 @@ class ModuleControls:
                                         expected=f"a selection that keeps some of the {len(modules)} modules "
                                         f"(e.g. {sorted(modules)[0] if modules else 'none'})")
         controls.positions = _positions(selected)
-        lists = [(f"weights[{i}]", w) for i, w in enumerate(weights) if isinstance(w, tuple)]
-        lists += list(controls.params.items())
+        weight_lists = [(f"weights[{i}]", w) for i, w in enumerate(weights) if isinstance(w, tuple)]
+        for what, rules in weight_lists:  # a source's weight must exist for every module; a parameter has a default
+            unmatched = next((m for m in selected if _first(rules, m) is None), None)
+            if unmatched is not None:
+                raise InvalidParameterError(
+                    what, rules_record(rules), expected=f"a rule for every module ({unmatched} matches none): end "
+                    "the list with a rule without filter")
         unindexed: set[str] = set()
-        for what, rules in lists:
+        for what, rules in [*weight_lists, *controls.params.items()]:
             for position, rule in enumerate(rules):
                 if rule.filter is None:
                     continue
@@ -184,10 +189,9 @@ class ModuleControls:
                 if _first(rules, module) is not None}
 
     def _value(self, rules: Rules, module: str) -> float:
+        # A rule matches: `build` checked it for weights, and `params_for` asks only where one does.
         value = _first(rules, module)
-        if value is None:
-            raise InvalidParameterError("rules", [r.filter for r in rules],
-                                        expected=f"a rule matching {module} (end the list with a rule without filter)")
+        assert value is not None
         if isinstance(value, float):
             return value
         return interpolate(value, self.positions.get(module))

@@ -126,11 +126,13 @@ def test_a_gradient_gives_modules_without_a_layer_index_its_first_value_with_a_w
         ({"weights": [[{"filte": "mlp", "value": 1}], 1]}, "optional `filter`"),
         ({"weights": [[{"value": "high"}], 1]}, "gradient of two or more numbers"),
         ({"include": ["nothing-matches"]}, "keeps some of the"),
+        ({"weights": [[{"filter": "mlp", "value": 1}], 1]}, "a rule for every module"),
         ({"density": [{"value": 1.5}], "method": "ties"}, "density"),
         ({"seed": [{"value": 1}], "method": "dare_linear"}, "one value for the whole merge"),
         ({"weights": [[{"filter": "head_proj", "value": [0, 1]}, {"value": 1}], 1]}, "no layer index"),
     ],
-    ids=["bad-regex", "empty-match", "unknown-key", "bad-value", "empty-selection", "density-domain",
+    ids=["bad-regex", "empty-match", "unknown-key", "bad-value", "empty-selection", "no-rule-for-a-module",
+         "density-domain",
          "not-per-module", "gradient-without-layers"],
 )
 def test_bad_rules_are_refused_before_any_merge(pair, kwargs, fragment) -> None:
