@@ -141,6 +141,11 @@ def merge(
         typer.Option(help="Per-module weights 'REGEX=w1,w2,…' (one per source) for modules the regex matches "
                      "(re.search); repeatable, the first match wins; other modules keep --weights."),
     ] = None,
+    rank_pattern: Annotated[
+        Optional[list[str]],
+        typer.Option(help="Per-module output rank 'REGEX=R' for modules the regex matches (re.search); repeatable, "
+                     "the first match wins and replaces the global rank rule there (PEFT's rank_pattern)."),
+    ] = None,
     report: Annotated[
         Optional[Path], typer.Option(help="Also write the merge report (as `lora-fusion report`) to this folder.")
     ] = None,
@@ -176,7 +181,8 @@ def merge(
 
         try:
             weights = _module_weights(module_weight or [], plan.source_weights(), len(plan.entries()))
-            _run_merge(plan, weights=weights, subfolder=subfolder, weight_name=weight_name,
+            ranks = _rank_patterns(rank_pattern or [], plan.params.get("rank"))
+            _run_merge(plan, weights=weights, ranks=ranks, subfolder=subfolder, weight_name=weight_name,
                        input_format=input_format, report=report, dry_run=dry_run, as_json=as_json, quiet=quiet)
         finally:
             finish()
@@ -199,11 +205,27 @@ def _module_weights(items: Sequence[str], weights: list[Any] | None, count: int)
                  f"--module-weight 'mlp={','.join(['0.5'] * count)}'.")
         rules.append((pattern, values))
     base = weights if weights is not None else [1.0] * count
-    return [
-        [{"filter": pattern, "value": values[i]} for pattern, values in rules]
-        + (list(own) if isinstance(own, list) else [{"value": own}])
-        for i, own in enumerate(base)
-    ]
+    return [_in_front([{"filter": pattern, "value": values[i]} for pattern, values in rules], own)
+            for i, own in enumerate(base)]
+
+
+def _rank_patterns(items: Sequence[str], rank: Any) -> dict[str, Any]:
+    """`rank` with the `--rank-pattern REGEX=R` rules in front (first match wins), as a per-module rule list."""
+    rules = []
+    for item in items:
+        pattern, equals, text = item.rpartition("=")
+        if not (equals and pattern and text.strip().isdigit() and int(text) >= 1):
+            fail(f"--rank-pattern {item!r} is not REGEX=R with a positive integer rank; write e.g. "
+                 "--rank-pattern 'mlp=8'.")
+        rules.append({"filter": pattern, "value": int(text)})
+    return {"rank": _in_front(rules, rank)} if rules else {}
+
+
+def _in_front(rules: list[dict[str, Any]], own: Any) -> list[dict[str, Any]]:
+    """Rules that come first, then `own`: a rule list, a value for every other module, or nothing (None)."""
+    if own is None:
+        return rules
+    return rules + (list(own) if isinstance(own, list) else [{"value": own}])
 
 
 def _parse_params(items: Sequence[str]) -> dict[str, Any]:
@@ -226,7 +248,7 @@ def _parse_params(items: Sequence[str]) -> dict[str, Any]:
 
 
 def _run_merge(
-    plan: Any, *, weights: list[Any] | None, subfolder: str | None, weight_name: str | None,
+    plan: Any, *, weights: list[Any] | None, ranks: dict[str, Any], subfolder: str | None, weight_name: str | None,
     input_format: str | None, report: Path | None, dry_run: bool, as_json: bool, quiet: bool,
 ) -> None:
     from lora_fusion.distributed import is_main_process
@@ -267,7 +289,7 @@ def _run_merge(
         distributed=True,
         dry_run=dry_run,
         progress=False if quiet else None,
-        **plan.params,
+        **(plan.params | ranks),
     )
     if not is_main_process():
         return  # under accelerate launch every process holds the result; the main one writes and reports it

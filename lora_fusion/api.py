@@ -23,6 +23,7 @@ from .errors import DegenerateMergeWarning, IncompatibleAdaptersError, InvalidPa
 from .controls import ModuleControls, Rules, check_rule_values, parse_rules, rules_record, split_params
 from .methods import MethodSpec, ModuleStats, get_method
 from .plan import MergePlan, make_plan
+from .params import RANK_RULES
 from .provenance import merge_provenance
 from .recipe import SourceEntry
 from .formats.peft import check_scale_fits
@@ -154,7 +155,7 @@ def merge(
             return make_plan(spec, inputs, [_origin(a) for a in inputs.adapters], with_base=base_model is not None,
                              workers=engine.CPU_WORKERS)
         merged = engine.merge_modules(inputs, list(inputs.layout), progress)
-    return _assemble(inputs, merged, rank_given=params.get("rank") is not None or params.get("energy") is not None)
+    return _assemble(inputs, merged, rank_given=any(params.get(name) is not None for name in (*RANK_RULES, "max_rank")))
 
 
 def _assemble(inputs: engine.MergeInputs, merged: Mapping[str, engine.ModuleOutput], *, rank_given: bool) -> LoraAdapter:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import InvalidParameterError
-from .params import MethodParams, Param, is_real, value_type
+from .params import RANK_RULES, MethodParams, Param, is_real, value_type
 
 Value = float | tuple[float, ...]
 
@@ -268,6 +268,9 @@ def with_values(params: MethodParams, values: Mapping[str, float]) -> MethodPara
     if not values:
         return params
     typed = {name: int(round(v)) if value_type(type(params), name) is int else v for name, v in values.items()}
+    chosen = [name for name in RANK_RULES if name in typed]
+    if len(chosen) == 1:  # a module's own rank rule replaces the global one (as PEFT's rank_pattern does `r`)
+        typed.update({name: None for name in RANK_RULES if name not in typed and hasattr(params, name)})
     return dataclasses.replace(params, **typed)
 
 

@@ -90,6 +90,63 @@ class FactoredSVD:
         return FactoredSVD.of(self.left.columns(count), self.S[:count], self.right.columns(count))
 
 
+@dataclass(frozen=True)
+class RankRule:
+    """How many singular components a low-rank output keeps: at most one of the rules below, optionally capped.
+
+    - `rank` R: R components (at most the number computed).
+    - `energy` e: the smallest R with Σ_{j≤R} σⱼ² ≥ e·‖ΔW‖_F² (retained energy E(R) ≥ e).
+    - `sv_fro` f: the smallest R with ‖ΔW_R‖_F ≥ f·‖ΔW‖_F, i.e. `energy` f² (kohya sd-scripts
+      `networks/resize_lora.py`, `--dynamic_method sv_fro`).
+    - `sv_ratio` x: the components with σⱼ > σ₁/x (kohya's `sv_ratio`: the largest singular value is at most x times
+      the smallest kept one).
+    - `sv_cumulative` c: the smallest R with Σ_{j≤R} σⱼ ≥ c·Σⱼ σⱼ, a share of the nuclear norm (kohya's
+      `sv_cumulative`). It needs the whole spectrum, so a dense update is then decomposed exactly.
+    - `max_rank` M: a cap on whatever the rule gives (e.g. a serving engine's largest LoRA rank).
+
+    Unlike kohya, which never keeps the last singular value (its index is capped at len(S) − 1), a rule here may
+    keep every computed component; and zero singular values are never kept by `sv_ratio`. With no rule, the
+    method's default rank applies (then the cap).
+    """
+
+    rank: int | None = None
+    energy: float | None = None
+    sv_fro: float | None = None
+    sv_ratio: float | None = None
+    sv_cumulative: float | None = None
+    max_rank: int | None = None
+
+    @property
+    def adaptive(self) -> bool:
+        """The rank depends on the spectrum (any rule but `rank`)."""
+        return any(v is not None for v in (self.energy, self.sv_fro, self.sv_ratio, self.sv_cumulative))
+
+    @property
+    def needs_whole_spectrum(self) -> bool:
+        """The rule compares against Σσ, which only the whole spectrum gives (a partial SVD knows ‖ΔW‖_F² only)."""
+        return self.sv_cumulative is not None
+
+    def resolve(self, S: torch.Tensor, *, default: int, total: float | None = None) -> int | None:
+        """The rank this rule keeps of the singular values S (descending; ‖ΔW‖_F² = `total`, Σσ² unless given), or
+        None when the computed values do not settle it (a partial spectrum whose tail may still matter)."""
+        complete = total is None or float((S.double() ** 2).sum()) >= total * (1 - 1e-9)
+        if self.energy is not None or self.sv_fro is not None:
+            target = self.energy if self.energy is not None else self.sv_fro**2  # type: ignore[operator]
+            chosen = energy_rank(S, target, total)
+        elif self.sv_ratio is not None:
+            kept = int((S > S[0] / self.sv_ratio).sum()) if S.numel() else 0
+            chosen = kept if kept < S.numel() or complete else None
+        elif self.sv_cumulative is not None:
+            chosen = _nuclear_rank(S, self.sv_cumulative) if complete else None
+        else:
+            chosen = min(self.rank if self.rank is not None else default, S.numel())
+        if chosen is None:
+            return None
+        if self.max_rank is not None:
+            chosen = min(chosen, self.max_rank)
+        return max(1, chosen)
+
+
 def factored_svd(B: torch.Tensor, A: torch.Tensor) -> FactoredSVD:
     """Exact thin SVD of the product B·A (B m×k, A k×n) without forming the m×n matrix.
 
@@ -119,26 +176,27 @@ def dense_svd(
     *,
     components: int,
     generator: torch.Generator,
-    energy: float | None = None,
+    rule: RankRule = RankRule(),
     svd: SvdChoice = "auto",
 ) -> FactoredSVD:
-    """SVD of a dense m×n update, for a rank-`components` truncation or, with `energy`, for the smallest rank whose
-    retained energy reaches that fraction of ‖ΔW‖_F² (b.3, b.4).
+    """SVD of a dense m×n update, for a rank-`components` truncation or, with an adaptive `rule` (energy, sv_fro,
+    sv_ratio, sv_cumulative), for the rank that rule gives (b.3, b.4).
 
     `svd="exact"`: the whole SVD, in float64. `"randomized"`: the leading part by randomized SVD (Halko, Martinsson
     & Tropp 2011, arXiv:0909.4061; `OVERSAMPLING` extra columns and `POWER_ITERATIONS` power iterations with
-    re-orthonormalisation; docs/randomized_svd.md has its error): `components` of them or, with `energy`, a sketch
-    of 4×`components` first, doubled until the target is reached within its first half. `"auto"`: exact when
+    re-orthonormalisation; docs/randomized_svd.md has its error): `components` of them or, with an adaptive rule, a
+    sketch of 4×`components` first, doubled until the rule is settled within its first half. `"auto"`: exact when
     min(m, n) ≤ EXACT_SVD_LIMIT, else randomized with the sketch capped at `SKETCH_SHARE`·min(m, n). A target the
-    capped (or, for "randomized", whole-width: float32 rounding) sketch misses is reached by the exact SVD. The
-    Gaussian test matrices come from `generator`, on the CPU, so results do not depend on the device.
+    capped (or, for "randomized", whole-width: float32 rounding) sketch misses is reached by the exact SVD; so is a
+    rule that needs the whole spectrum (sv_cumulative). The Gaussian test matrices come from `generator`, on the
+    CPU, so results do not depend on the device.
     """
     m, n = dense.shape
-    if svd == "exact" or (svd == "auto" and min(m, n) <= EXACT_SVD_LIMIT):
+    if svd == "exact" or (svd == "auto" and min(m, n) <= EXACT_SVD_LIMIT) or rule.needs_whole_spectrum:
         return exact_svd(dense)
     total = frobenius_energy(dense)
     ceiling = min(m, n) if svd == "randomized" else max(1, int(SKETCH_SHARE * min(m, n)))
-    width = min((components if energy is None else 4 * components) + OVERSAMPLING, min(m, n))
+    width = min((4 * components if rule.adaptive else components) + OVERSAMPLING, min(m, n))
     while True:
         found = randomized_svd(dense, width=width, generator=generator, total=total)
         # A sketch resolves its trailing components least well (its partial sums fall below the exact ones), so a
@@ -146,7 +204,7 @@ def dense_svd(
         # within the first half of the sketch, where the ranks match (docs/randomized_svd.md). A sketch of the
         # whole width is an exact basis.
         trusted = found.S if width == min(m, n) else found.S[: width // 2]
-        if energy is None or energy_rank(trusted, energy, total) is not None:
+        if not rule.adaptive or rule.resolve(trusted, default=components, total=total) is not None:
             return found
         if width >= ceiling:
             return exact_svd(dense)
@@ -194,14 +252,21 @@ def core_bases(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return Q_B @ U_b.float(), Q_A @ U_a.float()
 
 
-def choose_rank(S: torch.Tensor, *, rank: int | None, energy: float | None, default: int, total: float | None = None) -> int:
-    """The output rank: `rank` (capped at the number of singular values), the smallest R whose retained energy
-    Σ_{j≤R} σⱼ² / ‖ΔW‖_F² reaches `energy` (all computed values if none does), or `default`. At least 1."""
-    available = S.numel()
-    if energy is not None:
-        found = energy_rank(S, energy, total)
-        return max(1, available if found is None else found)
-    return max(1, min(rank if rank is not None else default, available))
+def choose_rank(S: torch.Tensor, rule: RankRule, *, default: int, total: float | None = None) -> int:
+    """The output rank `rule` gives for the singular values S (`default` without a rule), or every computed value
+    (capped) when a partial spectrum falls short of an adaptive target. At least 1."""
+    chosen = rule.resolve(S, default=default, total=total)
+    if chosen is None:
+        chosen = S.numel() if rule.max_rank is None else min(S.numel(), rule.max_rank)
+    return max(1, chosen)
+
+
+def _nuclear_rank(S: torch.Tensor, share: float) -> int:
+    cumulative = torch.cumsum(S.double(), 0)
+    whole = float(cumulative[-1]) if S.numel() else 0.0
+    if whole == 0.0:
+        return 1
+    return int((cumulative >= share * whole * (1 - 1e-12)).nonzero()[0]) + 1
 
 
 def energy_rank(S: torch.Tensor, energy: float, total: float | None = None) -> int | None:

@@ -21,9 +21,12 @@ import types
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import InvalidParameterError
+
+if TYPE_CHECKING:
+    from .linalg import RankRule
 
 _UNSET: Any = object()
 
@@ -100,6 +103,32 @@ ENERGY = Param(
     in_range(0.0, 1.0, low_open=True),
     per_module=True,
 )
+SV_FRO = Param(
+    "Instead of rank: the smallest rank per module keeping this fraction of ‖ΔW‖_F (kohya's sv_fro), e.g. 0.9.",
+    "a fraction in (0, 1], e.g. 0.9",
+    in_range(0.0, 1.0, low_open=True),
+    per_module=True,
+)
+SV_RATIO = Param(
+    "Instead of rank: keep the singular values above σ_max / x per module (kohya's sv_ratio), e.g. 10.",
+    "a number ≥ 1, e.g. 10",
+    in_range(1.0, math.inf),
+    per_module=True,
+)
+SV_CUMULATIVE = Param(
+    "Instead of rank: the smallest rank per module keeping this share of Σσ (kohya's sv_cumulative), e.g. 0.9.",
+    "a fraction in (0, 1], e.g. 0.9",
+    in_range(0.0, 1.0, low_open=True),
+    per_module=True,
+)
+MAX_RANK = Param(
+    "A cap on the output rank of every module, whatever rule chose it (e.g. a serving engine's max LoRA rank).",
+    "a positive integer, e.g. 64",
+    lambda value: is_int(value) and value >= 1,
+    per_module=True,
+)
+# The rules choosing an output rank, at most one at a time (`max_rank` caps any of them).
+RANK_RULES = ("rank", "energy", "sv_fro", "sv_ratio", "sv_cumulative")
 SCALE = Param("Global factor λ on the merged update.", "a finite number, e.g. 0.5", is_real, default=1.0,
               per_module=True)
 DENSITY = Param(
@@ -147,8 +176,11 @@ class MethodParams:
                 object.__setattr__(self, item.name, value)
             if value is not None and not declaration.check(value):
                 raise InvalidParameterError(item.name, value, expected=declaration.expected)
-        if getattr(self, "rank", None) is not None and getattr(self, "energy", None) is not None:
-            raise InvalidParameterError("rank", getattr(self, "rank"), expected="either a rank or an energy, not both")
+        given = [name for name in RANK_RULES if getattr(self, name, None) is not None]
+        if len(given) > 1:
+            raise InvalidParameterError(
+                given[0], getattr(self, given[0]), expected=f"one rank rule, not {' and '.join(given)}"
+            )
         if getattr(self, "svd", "auto") != "auto" and getattr(self, "space", "full") == "core":
             # a core-space merge forms no dense update: its k×k SVD is always exact
             raise InvalidParameterError("svd", getattr(self, "svd"), expected="'auto' with space 'core', or space 'full'")
@@ -156,6 +188,25 @@ class MethodParams:
     def recorded(self) -> dict[str, object]:
         """Every parameter with its resolved value, by name: what the model card, the metadata and the plan show."""
         return {name: getattr(self, name) for name in sorted(f.name for f in fields(self))}
+
+
+@dataclass(frozen=True)
+class RankedParams(MethodParams):
+    """The output-rank rule of a method that goes back to low rank (`linalg.RankRule`): one of rank, energy, sv_fro,
+    sv_ratio or sv_cumulative, and a `max_rank` cap."""
+
+    rank: int | None = RANK.field()
+    energy: float | None = ENERGY.field()
+    sv_fro: float | None = SV_FRO.field()
+    sv_ratio: float | None = SV_RATIO.field()
+    sv_cumulative: float | None = SV_CUMULATIVE.field()
+    max_rank: int | None = MAX_RANK.field()
+
+    def rank_rule(self) -> RankRule:
+        """These parameters as a [`lora_fusion.linalg.RankRule`]."""
+        from .linalg import RankRule
+
+        return RankRule(self.rank, self.energy, self.sv_fro, self.sv_ratio, self.sv_cumulative, self.max_rank)
 
 
 def declared(params: type[MethodParams]) -> dict[str, Param]:

@@ -6,6 +6,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .params import RankedParams
+
 if TYPE_CHECKING:
     from .engine import MergeInputs
     from .methods import MethodSpec
@@ -13,7 +15,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class ModulePlan:
-    """One module of a merge plan: canonical shape, input ranks, output rank (an upper bound with `energy`)."""
+    """One module of a merge plan: canonical shape, input ranks, output rank (an upper bound with an adaptive rank rule)."""
 
     name: str
     shape: tuple[int, int]
@@ -117,5 +119,5 @@ def make_plan(
             for a in adapters
             for module in a.modules.values()
         ),
-        rank_is_bound=getattr(params, "energy", None) is not None or spec.output_rank == "merged",
+        rank_is_bound=(isinstance(params, RankedParams) and params.rank_rule().adaptive) or spec.output_rank == "merged",
     )

@@ -21,7 +21,7 @@ from lora_fusion.recipe import Recipe
 from tests.test_cli import invoke
 from tests.test_reliability import lora
 
-CLI_ONLY = {"param", "dry_run", "recipe", "subfolder", "weight_name", "input_format", "module_weight", "report", "json",
+CLI_ONLY = {"param", "dry_run", "recipe", "subfolder", "weight_name", "input_format", "module_weight", "rank_pattern", "report", "json",
             "quiet", "help"}
 
 
@@ -36,7 +36,7 @@ def scratch_registry(monkeypatch):
 
 def test_a_misspelled_or_foreign_keyword_lists_the_methods_parameters(tmp_path) -> None:
     sources = [lora(tmp_path / "a"), lora(tmp_path / "b", seed=1)]
-    with pytest.raises(InvalidParameterError, match=r"rnak 3: expected none: svd takes energy, rank, scale"):
+    with pytest.raises(InvalidParameterError, match=r"rnak 3: expected none: svd takes energy, max_rank, rank, scale, sv_cumulative"):
         merge(sources, method="svd", rnak=3)
     with pytest.raises(InvalidParameterError, match="linear takes no parameters"):
         merge(sources, method="linear", density=0.5)
@@ -53,7 +53,7 @@ def test_the_recipe_keys_are_the_merge_options_and_the_declared_parameters(tmp_p
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"method: ties\ndensity: 0.3\nrnak: 2\nsources: [{lora(tmp_path / 'a')}]\n")
     result = invoke("merge", "--recipe", recipe, "--dry-run")
-    assert result.exit_code == 2 and "unknown key 'rnak'; ties takes density, energy, majority, rank" in result.stderr
+    assert result.exit_code == 2 and "unknown key 'rnak'; ties takes density, energy, majority, max_rank, rank" in result.stderr
 
 
 def test_the_methods_listing_is_the_declarations() -> None:

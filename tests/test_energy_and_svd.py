@@ -19,6 +19,7 @@ from lora_fusion.linalg import (
     EXACT_SVD_LIMIT,
     OVERSAMPLING,
     POWER_ITERATIONS,
+    RankRule,
     dense_svd,
     energy_rank,
     randomized_excess_bound,
@@ -145,7 +146,8 @@ def test_the_sketch_grows_to_the_target_or_gives_way_to_the_exact_svd(spectrum, 
         dense = geometric(*shape, generator, ratio=0.99)
     else:
         dense = torch.randn(*shape, generator=generator)
-    found = dense_svd(dense, components=16, energy=energy, svd=svd, generator=torch.Generator().manual_seed(0))
+    found = dense_svd(dense, components=16, rule=RankRule(energy=energy), svd=svd,
+                      generator=torch.Generator().manual_seed(0))
     assert found.S.numel() == width
     assert energy_rank(found.S, energy, found.total_energy) == energy_rank(torch.linalg.svdvals(dense.double()), energy)
 

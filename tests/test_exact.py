@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from lora_fusion.adapter import ModuleFactors
 from lora_fusion.errors import InvalidParameterError
-from lora_fusion.linalg import choose_rank
+from lora_fusion.linalg import RankRule, choose_rank
 from lora_fusion.methods import ModuleGroup, get_method
 
 
@@ -150,6 +150,6 @@ def test_invalid_parameters_are_refused(kwargs: dict) -> None:
 
 
 def test_choose_rank_caps_at_available() -> None:
-    assert choose_rank(torch.tensor([3.0, 2.0, 1.0]), rank=10, energy=None, default=2) == 3
-    assert choose_rank(torch.tensor([3.0, 2.0, 1.0]), rank=None, energy=None, default=2) == 2
-    assert choose_rank(torch.tensor([1.0, 0.0]), rank=None, energy=0.999, default=2) == 1
+    assert choose_rank(torch.tensor([3.0, 2.0, 1.0]), RankRule(rank=10, energy=None), default=2) == 3
+    assert choose_rank(torch.tensor([3.0, 2.0, 1.0]), RankRule(rank=None, energy=None), default=2) == 2
+    assert choose_rank(torch.tensor([1.0, 0.0]), RankRule(rank=None, energy=0.999), default=2) == 1

@@ -85,8 +85,8 @@ def test_truncating_to_more_components_than_the_svd_has_gives_all_of_them(build,
 
 def test_a_target_reached_within_the_first_half_of_the_first_sketch_keeps_that_sketch() -> None:
     dense = with_spectrum([1.0] * 10 + [1e-3] * 38, m=60)  # 60×48; energy 0.99 needs exactly 10 components
-    found = linalg.dense_svd(dense, components=1, generator=torch.Generator().manual_seed(0), energy=0.99,
-                             svd="randomized")
+    found = linalg.dense_svd(dense, components=1, generator=torch.Generator().manual_seed(0),
+                             rule=linalg.RankRule(energy=0.99), svd="randomized")
     assert found.S.numel() == 4 * 1 + linalg.OVERSAMPLING  # 24 computed: 10 lies within its first 12
     assert linalg.energy_rank(found.S, 0.99, found.total_energy) == 10
 
@@ -96,8 +96,8 @@ def test_a_whole_width_sketch_is_trusted_without_an_exact_svd(monkeypatch) -> No
     exact = linalg.exact_svd
     monkeypatch.setattr(linalg, "exact_svd", lambda dense: calls.append(dense) or exact(dense))
     dense = with_spectrum([1.0] * 30 + [1e-3] * 18, m=60)  # 60×48; energy 0.999 needs 30: past half of each sketch
-    found = linalg.dense_svd(dense, components=1, generator=torch.Generator().manual_seed(0), energy=0.999,
-                             svd="randomized")
+    found = linalg.dense_svd(dense, components=1, generator=torch.Generator().manual_seed(0), 
+                             rule=linalg.RankRule(energy=0.999), svd="randomized")
     assert found.S.numel() == 48 and calls == []  # a 24-wide sketch, then the whole 48: it spans ΔW, exact already
     assert linalg.energy_rank(found.S, 0.999, found.total_energy) == 30
 
@@ -115,7 +115,8 @@ def test_a_target_the_capped_sketch_misses_is_reached_by_the_exact_svd_without_r
 
     monkeypatch.setattr(linalg, "randomized_svd", each_width_once)
     dense = with_spectrum([0.9**j for j in range(100)], m=100)  # energy 0.9999 needs 44 components, past the cap
-    found = linalg.dense_svd(dense, components=1, generator=torch.Generator().manual_seed(0), energy=0.9999)
+    found = linalg.dense_svd(dense, components=1, generator=torch.Generator().manual_seed(0),
+                             rule=linalg.RankRule(energy=0.9999))
     assert torch.equal(found.S, linalg.exact_svd(dense).S)
 
 

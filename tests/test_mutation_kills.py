@@ -508,7 +508,8 @@ def test_a_registered_method_is_found_by_name_and_alias_with_what_it_declared(sc
     spec = get_method("half")
     assert get_method("halve") is spec and get_method("h") is spec and spec in list_methods()
     assert (spec.name, spec.fn, spec.summary, spec.formula, spec.reference) == ("half", half, "s", "f", "r")
-    assert set(spec.declared) == {"scale", "rank", "energy"} and spec.aliases == ("halve", "h")
+    rank_rules = {"rank", "energy", "sv_fro", "sv_ratio", "sv_cumulative", "max_rank"}
+    assert set(spec.declared) == {"scale", *rank_rules} and spec.aliases == ("halve", "h")
     assert spec.spaces == ("core", "full") and spec.cost is cost
     assert (spec.output_rank, spec.uses_base, spec.kind) == ("sum", True, "module")
     with pytest.raises(ValueError, match="already registered"):
@@ -565,10 +566,11 @@ def test_element_wise_methods_share_one_registration_form(scratch_registry) -> N
     assert _register("trimmed", summary="s", formula="f", reference="r", params=CrumbsParams)(trimmed) is trimmed
     spec = get_method("trimmed")
     assert (spec.fn, spec.summary, spec.formula, spec.reference) == (trimmed, "s", "f", "r")
-    assert set(spec.declared) == {"scale", "density", "rank", "energy", "seed", "space", "svd", "gamma"}
+    rank_rules = {"rank", "energy", "sv_fro", "sv_ratio", "sv_cumulative", "max_rank"}
+    assert set(spec.declared) == {"scale", "density", *rank_rules, "seed", "space", "svd", "gamma"}
     assert spec.describe()["density"]["default"] == 0.9 and spec.spaces == ("full", "core")
     assert spec.cost is elementwise_cost
-    assert set(get_method("ties").declared) == {"scale", "density", "rank", "energy", "seed", "space", "svd", "majority"}
+    assert set(get_method("ties").declared) == {"scale", "density", *rank_rules, "seed", "space", "svd", "majority"}
 
 
 # --------------------------------------------------------------------------------------------- numerical rank
@@ -1197,8 +1199,8 @@ def test_the_sketch_starts_at_four_times_the_rank_and_doubles_to_its_cap(
     monkeypatch.setattr(linalg, "randomized_svd", spy_randomized)
     monkeypatch.setattr(linalg, "exact_svd", spy_exact)
     dense = decaying()
-    found = linalg.dense_svd(dense, components=components, generator=torch.Generator().manual_seed(0), energy=energy,
-                             svd=svd)
+    found = linalg.dense_svd(dense, components=components, generator=torch.Generator().manual_seed(0),
+                             rule=linalg.RankRule(energy=energy), svd=svd)
     assert calls == {"widths": widths, "exact": int(exact)}
     if energy is not None:
         expected = linalg.energy_rank(linalg.exact_svd(dense).S, energy)
@@ -1258,7 +1260,7 @@ def test_a_base_aware_rapf_step_keeps_the_fused_updates_dtype() -> None:
 
 
 def test_rank_and_retained_energy_of_a_partial_or_zero_spectrum() -> None:
-    from lora_fusion.linalg import choose_rank, retained_energy
+    from lora_fusion.linalg import RankRule, choose_rank, retained_energy
 
     S = torch.tensor([3.0, 4.0])
     assert retained_energy(S, 1) == pytest.approx(9 / 25) and retained_energy(S, 2) == 1.0
@@ -1267,10 +1269,10 @@ def test_rank_and_retained_energy_of_a_partial_or_zero_spectrum() -> None:
     assert retained_energy(S, 2, total=24.0) == 1.0  # a total rounded below Σσ² still gives at most 1
     assert retained_energy(S, 1, total=100.0) == pytest.approx(0.09)
     # energy not reached by the computed values: all of them
-    assert choose_rank(torch.tensor([3.0, 1.0]), rank=None, energy=0.99, default=1, total=100.0) == 2
-    assert choose_rank(torch.tensor([3.0, 1.0]), rank=None, energy=0.5, default=1) == 1
-    assert choose_rank(torch.tensor([3.0, 1.0]), rank=5, energy=None, default=1) == 2
-    assert choose_rank(torch.tensor([3.0, 1.0]), rank=None, energy=None, default=1) == 1
+    assert choose_rank(torch.tensor([3.0, 1.0]), RankRule(rank=None, energy=0.99), default=1, total=100.0) == 2
+    assert choose_rank(torch.tensor([3.0, 1.0]), RankRule(rank=None, energy=0.5), default=1) == 1
+    assert choose_rank(torch.tensor([3.0, 1.0]), RankRule(rank=5, energy=None), default=1) == 2
+    assert choose_rank(torch.tensor([3.0, 1.0]), RankRule(rank=None, energy=None), default=1) == 1
 
 
 def test_the_magnitude_bound_of_a_group() -> None:

@@ -19,8 +19,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from .._lazy import torch
 from ..errors import InvalidParameterError, UnknownMethodError
-from ..linalg import EXACT_SVD_LIMIT, OVERSAMPLING, FactoredSVD, choose_rank, relative_error, retained_energy, truncate
-from ..params import RESERVED_NAMES, MethodParams, Param, declared, defaults
+from ..linalg import (
+    EXACT_SVD_LIMIT, OVERSAMPLING, FactoredSVD, RankRule, choose_rank, relative_error, retained_energy, truncate,
+)
+from ..params import RESERVED_NAMES, MethodParams, Param, RankedParams, declared, defaults
 
 if TYPE_CHECKING:
     import torch  # noqa: F811  (the real module for type checkers)
@@ -87,12 +89,11 @@ def lowrank_result(
     svd: FactoredSVD,
     group: ModuleGroup,
     *,
-    rank: int | None,
-    energy: float | None,
+    rule: RankRule,
     scale: float = 1.0,
     bias: torch.Tensor | None = None,
 ) -> ModuleResult:
-    """Truncate an SVD of the merged update to the requested rank (`rank`, `energy`, or the largest input rank) and
+    """Truncate an SVD of the merged update to the rank `rule` gives (default: the largest input rank) and
     record E(R) and the relative error. A merge that is zero up to float32 rounding (e.g. ΔW₁ − ΔW₁) is written at
     rank 1 with zero factors and full energy (`scale` is the λ the update was scaled by: it scales that yardstick)."""
     S = svd.S
@@ -100,7 +101,7 @@ def lowrank_result(
         zeros = ModuleStats(rank=1, sigma_max=0.0, sigma_next=0.0)
         m, n = svd.shape
         return ModuleResult(A=S.new_zeros(1, n, dtype=torch.float32), B=S.new_zeros(m, 1, dtype=torch.float32), stats=zeros, bias=bias)
-    chosen = choose_rank(S, rank=rank, energy=energy, default=group.max_rank, total=svd.total_energy)
+    chosen = choose_rank(S, rule, default=group.max_rank, total=svd.total_energy)
     kept = retained_energy(S, chosen, svd.total_energy)
     B, A = truncate(svd, chosen)
     stats = ModuleStats(
@@ -125,11 +126,13 @@ class ModuleShape:
     with_base: bool = False
 
     def output_rank(self, params: MethodParams, *, dense: bool) -> int:
-        """The planned output rank: `rank`, or the largest possible with `energy` (an upper bound), or the natural
-        rank; at most min(m, n) when the method forms the dense update, Σ rᵢ when it stays factored."""
+        """The planned output rank: `rank`, or the largest possible with an adaptive rule (an upper bound), or the
+        natural rank, under `max_rank`; at most min(m, n) when the method forms the dense update, Σ rᵢ when it
+        stays factored."""
         ceiling = min(self.shape) if dense else sum(self.ranks)
-        rank, energy = getattr(params, "rank", None), getattr(params, "energy", None)
-        return min(ceiling, rank or (ceiling if energy else self.natural_rank))
+        rule = params.rank_rule() if isinstance(params, RankedParams) else RankRule()
+        chosen = min(ceiling, rule.rank or (ceiling if rule.adaptive else self.natural_rank))
+        return chosen if rule.max_rank is None else min(chosen, rule.max_rank)
 
 
 @dataclass(frozen=True)
@@ -156,7 +159,8 @@ def dense_svd_cost(module: ModuleShape, params: MethodParams, out_rank: int) -> 
     the sketch up to the exact SVD, so it is planned as exact."""
     m, n = module.shape
     choice = getattr(params, "svd", "auto")
-    exact = choice == "exact" or getattr(params, "energy", None) is not None or (
+    adaptive = isinstance(params, RankedParams) and params.rank_rule().adaptive
+    exact = choice == "exact" or adaptive or (
         choice == "auto" and min(m, n) <= EXACT_SVD_LIMIT
     )
     if exact:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from .._lazy import torch
 from ..linalg import factored_svd
-from ..params import ENERGY, RANK, SCALE, MethodParams
+from ..params import SCALE, MethodParams, RankedParams
 from .base import ModuleGroup, ModuleResult, ModuleStats, NoParams, lowrank_result, register_method
 
 if TYPE_CHECKING:
@@ -22,11 +22,8 @@ class ScaledParams(MethodParams):
 
 
 @dataclass(frozen=True)
-class LowRankParams(ScaledParams):
-    """λ, and the output rank: `rank`, or the smallest rank keeping `energy` of the update's Σσ²."""
-
-    rank: int | None = RANK.field()
-    energy: float | None = ENERGY.field()
+class LowRankParams(ScaledParams, RankedParams):
+    """λ, and the output-rank rule (`rank`, `energy`, `sv_fro`, `sv_ratio`, `sv_cumulative`; `max_rank`)."""
 
 
 def concatenated(group: ModuleGroup, factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,11 +79,11 @@ def svd(group: ModuleGroup, params: LowRankParams) -> ModuleResult:
     """ΔW_R = U_R·Σ_R·V_Rᵀ, the best rank-R approximation of λ·Σᵢ wᵢ·ΔWᵢ in Frobenius and spectral norm.
 
     With B_cat = Q_B·R_B and A_catᵀ = Q_A·R_A, ΔW = Q_B·(R_B·R_Aᵀ)·Q_Aᵀ; the SVD of the k×k core gives ΔW's exact
-    SVD (Eckart–Young–Mirsky). R is `rank` (default: the largest input rank), or the smallest rank with retained
-    energy ≥ `energy`. The output splits √σ evenly between B' and A'. An all-zero sum is written at rank 1.
+    SVD (Eckart–Young–Mirsky). R comes from the rank rule (`linalg.RankRule`; default: the largest input rank).
+    The output splits √σ evenly between B' and A'. An all-zero sum is written at rank 1.
     """
     B, A = concatenated(group, params.scale)
     return lowrank_result(
-        factored_svd(B, A), group, rank=params.rank, energy=params.energy, scale=params.scale,
+        factored_svd(B, A), group, rule=params.rank_rule(), scale=params.scale,
         bias=group.scaled_bias(params.scale),
     )

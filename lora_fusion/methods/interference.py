@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from .._lazy import torch
 from ..errors import UnsupportedAdapterError
 from ..linalg import FactoredSVD, core_bases, dense_svd
-from ..params import DENSITY, ENERGY, RANK, SCALE, SEED, SPACE, SVD, MethodParams, Param, in_range, one_of
+from ..params import DENSITY, SCALE, SEED, SPACE, SVD, Param, RankedParams, in_range, one_of
 from .base import (
     ModuleCost,
     ModuleGroup,
@@ -47,14 +47,12 @@ GAMMA = Param(
 
 
 @dataclass(frozen=True)
-class ElementwiseParams(MethodParams):
+class ElementwiseParams(RankedParams):
     """What every element-wise method takes: λ, the density d, the output rank rule, the seed, the space and the
     SVD back to low rank. d defaults to 0.2 (TIES, magnitude pruning); DARE and Breadcrumbs declare their own."""
 
     scale: float = SCALE.field()
     density: float = DENSITY.field(0.2)
-    rank: int | None = RANK.field()
-    energy: float | None = ENERGY.field()
     seed: int = SEED.field()
     space: str = SPACE.field()
     svd: str = SVD.field()
@@ -135,9 +133,9 @@ def elementwise_merge(
         U_m, S, Vh_m = torch.linalg.svd(merged.double(), full_matrices=False)
         svd = FactoredSVD.of(U_B @ U_m.float(), S, V_A @ Vh_m.mT.float())
     else:
-        svd = dense_svd(merged, components=params.rank or group.max_rank, energy=params.energy, svd=params.svd,
+        svd = dense_svd(merged, components=params.rank or group.max_rank, rule=params.rank_rule(), svd=params.svd,
                         generator=seeded(params.seed, group.name, "svd"))
-    return lowrank_result(svd, group, rank=params.rank, energy=params.energy, scale=params.scale)
+    return lowrank_result(svd, group, rule=params.rank_rule(), scale=params.scale)
 
 
 def _trim(task: DenseTask, params: ElementwiseParams, generator: torch.Generator) -> Sparsifier:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Literal
 from .._lazy import torch
 from ..errors import UnsupportedAdapterError
 from ..linalg import dense_svd, factored_svd
-from ..params import ENERGY, RANK, SVD, MethodParams, Param, in_range
+from ..params import SVD, Param, RankedParams, in_range
 from .base import (
     ModuleCost,
     ModuleGroup,
@@ -53,10 +53,8 @@ CHAINED = Param(
 
 
 @dataclass(frozen=True)
-class RapfParams(MethodParams):
+class RapfParams(RankedParams):
     bias: float = BIAS.field()
-    rank: int | None = RANK.field()
-    energy: float | None = ENERGY.field()
     chained: bool = CHAINED.field()
     svd: str = SVD.field()
 
@@ -236,13 +234,13 @@ def rapf(group: ModuleGroup, params: RapfParams) -> ModuleResult:
         for B, A in deltas:
             fused = fuse_update_dense(base, fused, B @ A, bias=bias, chained=params.chained)
         generator = torch.Generator().manual_seed(0)  # rapf takes no seed: a randomized SVD (above 1024) draws from 0
-        svd = dense_svd(fused, components=params.rank or group.max_rank, energy=params.energy, svd=params.svd,
+        svd = dense_svd(fused, components=params.rank or group.max_rank, rule=params.rank_rule(), svd=params.svd,
                         generator=generator)
-        return lowrank_result(svd, group, rank=params.rank, energy=params.energy)
+        return lowrank_result(svd, group, rule=params.rank_rule())
     fused_factors = deltas[0]
     for delta in deltas[1:]:
         fused_factors = fuse_update_factored(fused_factors, delta, bias=bias, chained=params.chained)
-    return lowrank_result(factored_svd(*fused_factors), group, rank=params.rank, energy=params.energy)
+    return lowrank_result(factored_svd(*fused_factors), group, rule=params.rank_rule())
 
 
 __all__ = [

@@ -10,6 +10,7 @@ truncate it.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -63,10 +64,10 @@ def polar(X: torch.Tensor) -> torch.Tensor:
 
 def full_rank_result(svd: FactoredSVD, group: ModuleGroup, params: LowRankParams) -> ModuleResult:
     """Truncate only if the user asked: the default output rank is the merged update's whole (numerical) rank."""
-    rank = params.rank
-    if rank is None and params.energy is None:
-        rank = max(1, numerical_rank(svd.S))
-    return lowrank_result(svd, group, rank=rank, energy=params.energy, scale=params.scale)
+    rule = params.rank_rule()
+    if rule.rank is None and not rule.adaptive:
+        rule = dataclasses.replace(rule, rank=max(1, numerical_rank(svd.S)))
+    return lowrank_result(svd, group, rule=rule, scale=params.scale)
 
 
 def task_svds(group: ModuleGroup) -> list[FactoredSVD]:
@@ -112,7 +113,7 @@ def knots(group: ModuleGroup, params: KnotsParams) -> ModuleResult:
     U_c, S, Vh_c = torch.linalg.svd(core)
     keep = numerical_rank(S)
     if keep == 0:  # the tasks are all zero: nothing to align (written at rank 1, zero, like every zero merge)
-        return lowrank_result(factored_svd(*concatenated(group)), group, rank=params.rank, energy=params.energy,
+        return lowrank_result(factored_svd(*concatenated(group)), group, rule=params.rank_rule(),
                               scale=params.scale)
     U = Q_B @ U_c[:, :keep].float()
     offsets = torch.tensor([0] + [f.rank for f in group.factors]).cumsum(0)
@@ -163,7 +164,7 @@ def iso_c(group: ModuleGroup, params: CoreSpaceParams) -> ModuleResult:
     svd = factored_svd(*concatenated(group))
     keep = numerical_rank(svd.S)
     if keep == 0:
-        return lowrank_result(svd, group, rank=params.rank, energy=params.energy, scale=params.scale)
+        return lowrank_result(svd, group, rule=params.rank_rule(), scale=params.scale)
     flat = torch.full_like(svd.S[:keep], params.scale * float(svd.S[:keep].mean()))
     return full_rank_result(FactoredSVD.of(svd.left.columns(keep), flat, svd.right.columns(keep)), group, params)
 
@@ -185,7 +186,7 @@ def iso_cts(group: ModuleGroup, params: IsoCtsParams) -> ModuleResult:
     total = factored_svd(*concatenated(group))
     D = numerical_rank(total.S)
     if D == 0:
-        return lowrank_result(total, group, rank=params.rank, energy=params.energy, scale=params.scale)
+        return lowrank_result(total, group, rule=params.rank_rule(), scale=params.scale)
     T = len(group.factors)
     # The official code (iso.py) rounds the share to the nearest count per task: round((D − ⌊f·D⌋)/T), never more
     # than D/T so that k_c ≥ 0 (3 rank-8 LoRAs: 2 task directions each, k_c = 18; flooring gave 1 and 21).
