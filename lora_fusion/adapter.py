@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .spec import AdapterConfig, ModuleSpec, TensorStore, read_factors
+from .errors import NonFiniteError, UnsupportedAdapterError
+from .spec import AdapterConfig, ModuleSpec, TensorStore, all_finite, read_factors
 
 if TYPE_CHECKING:
     from .methods.base import ModuleStats
@@ -24,16 +25,28 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class ModuleFactors:
-    """The factors of one module in canonical form: ΔW = scale·B·A (+ scale·bias on the output, if any)."""
+    """The factors of one module in canonical form: ΔW = scale·B·A (+ scale·bias on the output, if any).
+
+    A DoRA module carries its magnitude vector μ (`magnitude`, one value per output row) until the base weights turn
+    it into its update ([`lora_fusion.dora.dora_factors`]); that update is full-rank, and `source_rank` keeps the rank
+    the adapter was trained with (what a merge defaults to).
+    """
 
     A: torch.Tensor
     B: torch.Tensor
     scale: float
     bias: torch.Tensor | None = None
+    magnitude: torch.Tensor | None = None
+    source_rank: int | None = None
 
     @property
     def rank(self) -> int:
         return self.A.shape[0]
+
+    @property
+    def nominal_rank(self) -> int:
+        """The rank of the adapter these factors came from (for a DoRA update, the rank of its B·A, not of ΔW)."""
+        return self.source_rank if self.source_rank is not None else self.rank
 
     def delta(self) -> torch.Tensor:
         """Dense ΔW = scale·B·A in float32, m×n: for tests, `inspect` and dense methods only."""
@@ -182,21 +195,35 @@ class LoraAdapter:
                 paths.append(Path(value).expanduser())
         return tuple(dict.fromkeys(paths))
 
-    def factors(self, module: str, *, check_finite: bool = True) -> ModuleFactors:
+    def factors(self, module: str, *, check_finite: bool = True, magnitude: bool = False) -> ModuleFactors:
         """Read one module's factors in canonical form (A r×n, B m×r), in the file's dtype.
 
         Args:
             module: the module's name.
             check_finite: refuse NaN or Inf (False: the caller checks what it computes from the factors).
+            magnitude: also read a DoRA module's magnitude vector (the caller turns it into the update with the base
+                weights); without it a DoRA module is refused, since its B·A alone is not its update.
 
         Raises:
             KeyError: if the adapter has no such module.
             NonFiniteError: if a factor holds NaN or Inf.
+            UnsupportedAdapterError: a DoRA module read without `magnitude`.
         """
         spec = self.modules[module]
         where = self.source.source if self.source else "merged adapter"
+        if spec.dora and not magnitude:
+            raise UnsupportedAdapterError(
+                f"{where}: module {module} is DoRA, whose update depends on the base weights; merge it with "
+                "--base-model BASE (or bake it into the base model)."
+            )
         a, b, bias = read_factors(spec, self._store, where=where, check_finite=check_finite)
-        return ModuleFactors(A=a, B=b, scale=spec.scale, bias=bias)
+        mu = None
+        if spec.magnitude_key is not None:
+            mu = self._store.read(spec.magnitude_key).reshape(spec.out_features)
+            if check_finite and not all_finite(mu):
+                raise NonFiniteError(f"{where}: module {module} has NaN or Inf in its DoRA magnitude vector; the "
+                                     "adapter is corrupted or diverged in training.")
+        return ModuleFactors(A=a, B=b, scale=spec.scale, bias=bias, magnitude=mu)
 
     def delta(self, module: str) -> torch.Tensor:
         """The dense update ΔW = scale·B·A of one module, float32, in canonical m×n form.

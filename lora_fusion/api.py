@@ -19,7 +19,10 @@ from . import engine
 from .adapter import LoraAdapter
 from .base_weights import BaseWeights
 from .distributed import current_shard, is_main_process
-from .errors import DegenerateMergeWarning, IncompatibleAdaptersError, InvalidParameterError, SourceNotFoundError
+from .errors import (
+    DegenerateMergeWarning, IncompatibleAdaptersError, InvalidParameterError, SourceNotFoundError,
+    UnsupportedAdapterError,
+)
 from .controls import ModuleControls, Rules, check_rule_values, parse_rules, rules_record, split_params
 from .methods import MethodSpec, ModuleStats, get_method
 from .plan import MergePlan, make_plan
@@ -76,7 +79,9 @@ def merge(
         include, exclude: regular expressions (`re.search`): merge only modules matching an `include`, and leave
             those matching an `exclude` out of the output.
         base_model: the base model's weights (a local directory or file, or a Hub id `owner/name[@revision]`), for
-            methods that use them (RAPF); read one module at a time, only safetensors.
+            methods that use them (RAPF) and for DoRA sources (each DoRA module's update
+            diag(μ/‖W₀ + sBA‖)·(W₀ + sBA) − W₀ is formed from them and merged as any update; exact sums then become
+            rank-limited, with their stats); read one module at a time, only safetensors.
         revision, subfolder, token, weight_name, input_format: passed to [`load_adapter`] for string sources
             (adapters of different formats merge together: diffusion LoRAs are read into diffusers' module names).
         dtype: output dtype, `"float32"`, `"float16"` or `"bfloat16"` (default: the sources' dtype, float32 if they
@@ -112,8 +117,6 @@ def merge(
     scalars, rule_params = split_params(spec.declared, params)
     resolved = spec.resolve(scalars)
     check_rule_values(resolved, rule_params)
-    if base_model is not None and not spec.uses_base:
-        raise InvalidParameterError("base_model", str(base_model), expected=f"none: {spec.name} reads no base weights")
     weight_list = _weights(weights, len(sources))
     target = _device(device)
     if spec.kind == "adapters":
@@ -137,6 +140,7 @@ def merge(
             _warn(f"{len(controls.unindexed)} module(s) have no layer index, so a gradient gives them its first value "
                   f"(e.g. {controls.unindexed[0]}).")
         layout = {name: layout[name] for name in controls.selected(layout)}
+        _check_base_use(spec, adapters, layout, base_model)
         out_dtype = _dtype(dtype) if dtype is not None else _common_dtype(adapters)
         for adapter in adapters:
             for name, module in adapter.modules.items():
@@ -199,6 +203,23 @@ def _assemble(inputs: engine.MergeInputs, merged: Mapping[str, engine.ModuleOutp
         config=config, modules=modules, store=MemoryStore(tensors), provenance=provenance, stats=stats,
         inputs=local_inputs,
     )
+
+
+def _check_base_use(
+    spec: MethodSpec, adapters: Sequence[LoraAdapter], layout: Mapping[str, ModuleSpec], base_model: object
+) -> None:
+    """Base weights are read by methods that use them (RAPF) and for DoRA modules, whose update depends on them: a
+    DoRA module without them, or base weights nothing would read, is refused (from the headers, before any tensor)."""
+    dora = next(((a, name) for a in adapters for name in layout if name in a.modules and a.modules[name].dora), None)
+    if dora is not None and base_model is None:
+        adapter, name = dora
+        raise UnsupportedAdapterError(
+            f"{_origin(adapter)}: module {name} is DoRA, whose update depends on the base weights; pass the base "
+            "model (--base-model BASE, or base_model= in Python) to merge it."
+        )
+    if base_model is not None and not spec.uses_base and dora is None:
+        raise InvalidParameterError("base_model", str(base_model),
+                                    expected=f"none: {spec.name} reads no base weights and no source is DoRA")
 
 
 def _refuse_per_module_options(

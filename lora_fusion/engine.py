@@ -19,6 +19,7 @@ import torch
 
 from .adapter import ModuleFactors
 from .distributed import gather_shards, is_main_process
+from .dora import dora_factors
 from .errors import NonFiniteError
 from .runtime import thread_limit
 from .spec import all_finite
@@ -89,17 +90,20 @@ def merge_modules(inputs: MergeInputs, names: Sequence[str], progress: bool | No
     def merge_one(name: str) -> ModuleOutput:
         weights = inputs.weights_for(name)
         present = [(i, a, w) for i, (a, w) in enumerate(zip(inputs.adapters, weights)) if name in a.modules]
+        factors = [_to(a.factors(name, magnitude=True), target) for _, a, _ in present]
+        dora = any(f.magnitude is not None for f in factors)
         base_weight = None
-        if inputs.base is not None:
+        if inputs.base is not None and (inputs.spec.uses_base or dora):  # the API refuses DoRA without a base
             fan_in_fan_out = any(a.config.fan_in_fan_out for _, a, _ in present)
             base_weight = inputs.base.weight(inputs.layout[name], fan_in_fan_out=fan_in_fan_out).to(target)
-        factors = [a.factors(name) for _, a, _ in present]
+        if dora:
+            factors = [dora_factors(base_weight, f) if f.magnitude is not None else f for f in factors]
         zero_inputs = tuple(i for (i, _, _), f in zip(present, factors) if _is_zero(f.B) or _is_zero(f.A))
         group = ModuleGroup(
             name=name,
-            factors=[_to(f, target) for f in factors],
+            factors=factors,
             weights=[w for _, _, w in present],
-            base=base_weight,
+            base=base_weight if inputs.spec.uses_base else None,
         )
         result = inputs.spec.fn(group, inputs.params_for(name))  # type: ignore[call-arg, arg-type]
         spec_out = inputs.layout[name].written(rank=result.stats.rank, dtype=out_dtype, bias=result.bias is not None)
@@ -145,10 +149,11 @@ def _is_zero(tensor: torch.Tensor) -> bool:
 
 
 def _to(factors: ModuleFactors, device: torch.device) -> ModuleFactors:
-    bias = factors.bias.to(device, torch.float32) if factors.bias is not None else None
-    return ModuleFactors(
-        A=factors.A.to(device, torch.float32), B=factors.B.to(device, torch.float32), scale=factors.scale, bias=bias
-    )
+    def moved(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return tensor.to(device, torch.float32) if tensor is not None else None
+
+    return ModuleFactors(A=moved(factors.A), B=moved(factors.B), scale=factors.scale, bias=moved(factors.bias),
+                         magnitude=moved(factors.magnitude))
 
 
 def _progress(items: Iterable[T], total: int, enabled: bool | None, method: str) -> Iterator[T]:

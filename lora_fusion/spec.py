@@ -55,7 +55,7 @@ def is_lora_pair(a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> bool:
 class ModuleSpec:
     """What is known about one module from file headers alone: shapes, rank, scale and where its tensors live.
 
-    `a_key`, `b_key` and `bias_key` address the module's tensors in the adapter's [`TensorStore`]: a file's own keys
+    `a_key`, `b_key`, `bias_key` and `magnitude_key` (DoRA's μ) address the module's tensors in the adapter's [`TensorStore`]: a file's own keys
     for an adapter that was read, names of this module for one built in memory.
     """
 
@@ -71,6 +71,13 @@ class ModuleSpec:
     a_key: str
     b_key: str
     bias_key: str | None = None
+    magnitude_key: str | None = None
+
+    @property
+    def dora(self) -> bool:
+        """A DoRA module (Liu et al., ICML 2024): a magnitude vector μ rescales each row of W₀ + s·B·A, so its update
+        depends on the base weights (`lora_fusion.dora`)."""
+        return self.magnitude_key is not None
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -237,7 +237,6 @@ def rewrite_config(path: Path, **changes) -> Path:
 @pytest.mark.parametrize(
     ("changes", "feature"),
     [
-        ({"use_dora": True}, "DoRA"),
         ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
         ({"init_lora_weights": "pissa"}, "pissa"),
         ({"bias": "all"}, "bias"),
@@ -249,12 +248,14 @@ def test_unsupported_features_are_refused_by_name(make_llama_lora, changes, feat
         load_adapter(rewrite_config(make_llama_lora(), **changes))
 
 
-def test_real_dora_adapter_is_refused(load_llama, tmp_path) -> None:
+def test_real_dora_adapter_is_read_but_its_factors_alone_are_refused(load_llama, tmp_path) -> None:
     from peft import LoraConfig, get_peft_model
 
     get_peft_model(load_llama(), LoraConfig(r=2, use_dora=True, target_modules=["q_proj"])).save_pretrained(tmp_path / "d")
-    with pytest.raises(UnsupportedAdapterError, match="DoRA"):
-        load_adapter(tmp_path / "d")
+    adapter = load_adapter(tmp_path / "d")
+    assert all(spec.dora for spec in adapter.modules.values())
+    with pytest.raises(UnsupportedAdapterError, match="is DoRA, whose update depends on the base weights"):
+        adapter.delta("model.layers.0.self_attn.q_proj")
 
 
 def test_full_model_directory_is_not_an_adapter(llama_dir) -> None:

@@ -1581,7 +1581,6 @@ def refused_with(error: type[Exception], folder: Path, *fragments: str) -> str:
 
 
 REFUSED_FEATURES = {
-    "use_dora": "DoRA: its update depends on the base weights and is not a low-rank sum",
     "target_parameters": "target_parameters (LoRA on nn.Parameter)",
     "modules_to_save": "modules_to_save (full copies of modules, e.g. heads, are not low-rank updates; keep them "
     "outside the merge)",
@@ -1605,11 +1604,17 @@ def test_each_lora_variant_is_refused_naming_it(tmp_path: Path, key: str, featur
     refused_with(UnsupportedAdapterError, folder, f": uses {feature}, which lora-fusion cannot merge exactly;")
 
 
-def test_dora_and_stray_tensors_in_the_weights_are_named(tmp_path: Path) -> None:
-    from lora_fusion.errors import UnsupportedAdapterError
+def test_dora_mismatches_and_stray_tensors_in_the_weights_are_named(tmp_path: Path) -> None:
+    from lora_fusion.errors import CorruptAdapterError, UnsupportedAdapterError
 
-    dora = pair("m.q", (4, 6), (5, 4)) | {"base_model.model.m.q.lora_magnitude_vector.default.weight": torch.ones(5)}
-    refused_with(UnsupportedAdapterError, raw_adapter(tmp_path / "dora", dora), "lora_magnitude_vector.default.weight' is DoRA;")
+    dora = pair("m.q", (4, 6), (5, 4)) | {"base_model.model.m.q.lora_magnitude_vector": torch.ones(5)}
+    refused_with(CorruptAdapterError, raw_adapter(tmp_path / "dora", dora),
+                 "module m.q has a lora_magnitude_vector but adapter_config.json does not set use_dora")
+    refused_with(CorruptAdapterError, raw_adapter(tmp_path / "no-mu", pair("m.q", (4, 6), (5, 4)), use_dora=True),
+                 "use_dora is set but module m.q has no lora_magnitude_vector")
+    wrong = pair("m.q", (4, 6), (5, 4)) | {"base_model.model.m.q.lora_magnitude_vector": torch.ones(4)}
+    refused_with(CorruptAdapterError, raw_adapter(tmp_path / "wrong", wrong, use_dora=True),
+                 "module m.q has a lora_magnitude_vector of shape [4]; expected one value per output row (5)")
     stray = pair("m.q", (4, 6), (5, 4)) | {"base_model.model.m.q.scaling": torch.ones(1)}
     refused_with(UnsupportedAdapterError, raw_adapter(tmp_path / "stray", stray),
                  "scaling' is a tensor that is not a LoRA factor;")
@@ -1703,7 +1708,6 @@ def test_a_scale_beyond_the_output_dtype_names_that_dtype() -> None:
         ({"task_type": 3}, "has task_type=3; expected a name on one line."),
         ({"use_rslora": "false"}, "has use_rslora='false'; expected true or false."),
         ({"fan_in_fan_out": 1}, "has fan_in_fan_out=1; expected true or false."),
-        ({"use_dora": True}, ": uses DoRA"),
     ],
     ids=lambda value: next(iter(value)) if isinstance(value, dict) else "",
 )

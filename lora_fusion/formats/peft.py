@@ -40,6 +40,7 @@ LEGACY_NAME = "adapter_model.bin"
 
 _FACTOR_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_A|lora_B)\.(?P<param>weight|bias)$")
 _EMBEDDING_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_embedding_A|lora_embedding_B)$")
+_MAGNITUDE_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_magnitude_vector)$")
 _BASE_COPY_KEY = re.compile(r"^(?:base_model\.model\.)?.+\.base_layer\.weight$")
 # A module path as `nn.Module.named_modules()` spells it: dotted names, no separators, no empty or `..` segments.
 _MODULE_PATH = re.compile(r"^[\w-]+(?:\.[\w-]+)*$", re.ASCII)
@@ -209,7 +210,6 @@ def _text(raw: Mapping[str, Any], key: str, source: str) -> str | None:
 
 def _refuse_unsupported_features(raw: Mapping[str, Any], source: str) -> None:
     refusals = {
-        "use_dora": "DoRA: its update depends on the base weights and is not a low-rank sum",
         "target_parameters": "target_parameters (LoRA on nn.Parameter)",
         "modules_to_save": "modules_to_save (full copies of modules, e.g. heads, are not low-rank updates; "
         "keep them outside the merge)",
@@ -291,11 +291,11 @@ def _module_specs(store: SafetensorsStore | PickleStore, config: AdapterConfig, 
     for key in store.keys():
         if key in base_copies:
             continue
-        match = _FACTOR_KEY.match(key) or _EMBEDDING_KEY.match(key)
+        match = _FACTOR_KEY.match(key) or _EMBEDDING_KEY.match(key) or _MAGNITUDE_KEY.match(key)
         if match is None:
-            feature = "DoRA" if "lora_magnitude_vector" in key else "a tensor that is not a LoRA factor"
             raise UnsupportedAdapterError(
-                f"{source}: {_short(key)} is {feature}; only plain LoRA factors can be merged."
+                f"{source}: {_short(key)} is a tensor that is not a LoRA factor; only LoRA (and DoRA) factors can be "
+                "merged."
             )
         if not _MODULE_PATH.match(match["module"]):
             raise CorruptAdapterError(
@@ -389,6 +389,7 @@ def _module_spec(
     bias_key = keys.get("lora_B_bias")
     if bias_key is not None and store.header(bias_key)[0] != (b_shape[0],):
         raise CorruptAdapterError(f"{source}: module {module} has a lora_B bias of the wrong shape.")
+    magnitude_key = _magnitude_key(store, config, module, keys, kind, b_shape[0], source)
     in_features = 1
     for d in a_shape[1:]:
         in_features *= d
@@ -407,7 +408,35 @@ def _module_spec(
         a_key=keys["lora_A"],
         b_key=keys["lora_B"],
         bias_key=bias_key,
+        magnitude_key=magnitude_key,
     )
+
+
+def _magnitude_key(
+    store: SafetensorsStore | PickleStore, config: AdapterConfig, module: str, keys: dict[str, str], kind: str,
+    out_features: int, source: str,
+) -> str | None:
+    """DoRA's magnitude vector μ of `module` (shape (out,) for Linear, (1, out, 1, 1) for Conv2d, as PEFT saves it),
+    present exactly when the config says `use_dora`."""
+    key = keys.get("lora_magnitude_vector")
+    dora = bool(config.raw.get("use_dora"))
+    if key is None:
+        if dora:
+            raise CorruptAdapterError(f"{source}: use_dora is set but module {module} has no lora_magnitude_vector; "
+                                      "the adapter is incomplete.")
+        return None
+    if not dora:
+        raise CorruptAdapterError(f"{source}: module {module} has a lora_magnitude_vector but {CONFIG_NAME} does not "
+                                  "set use_dora; the files do not belong together.")
+    if kind == "embedding" or "lora_B_bias" in keys:
+        feature = "an embedding" if kind == "embedding" else "lora_bias"
+        raise UnsupportedAdapterError(f"{source}: module {module} is DoRA on {feature}, which lora-fusion does not "
+                                      "convert; convert it to a plain LoRA first.")
+    shape = store.header(key)[0]
+    if [d for d in shape if d != 1] != [out_features] or shape[-1 if kind == "linear" else 1] != out_features:
+        raise CorruptAdapterError(f"{source}: module {module} has a lora_magnitude_vector of shape {list(shape)}; "
+                                  f"expected one value per output row ({out_features}).")
+    return key
 
 
 def check_scale_fits(module: str, scale: float, dtype: torch.dtype, source: str) -> None:

@@ -45,7 +45,8 @@ class ModuleGroup:
 
     @property
     def max_rank(self) -> int:
-        return max(f.rank for f in self.factors)
+        """The largest rank the adapters were trained with (for a DoRA update, its B·A's rank)."""
+        return max(f.nominal_rank for f in self.factors)
 
     def magnitude(self, factor: float = 1.0) -> float:
         """Σ |c·wᵢ·sᵢ|·‖Bᵢ‖·‖Aᵢ‖, an upper bound of ‖c·Σ wᵢΔWᵢ‖_F: the yardstick for "zero up to rounding"."""

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .._lazy import torch
-from ..linalg import factored_svd
+from ..linalg import RankRule, factored_svd
 from ..params import SCALE, MethodParams, RankedParams
 from .base import ModuleGroup, ModuleResult, ModuleStats, NoParams, lowrank_result, register_method
 
@@ -50,8 +50,7 @@ def linear(group: ModuleGroup, params: NoParams) -> ModuleResult:
     Unlike PEFT's `linear`, which forms (Σ√(wᵢsᵢ)Bᵢ)(Σ√(wⱼsⱼ)Aⱼ) and so adds the cross terms BᵢAⱼ, this is the
     weighted sum itself. A lora_B bias is summed the same way: Σ wᵢ·sᵢ·bᵢ.
     """
-    B, A = concatenated(group)
-    return ModuleResult(A=A, B=B, bias=group.scaled_bias(), stats=ModuleStats(rank=A.shape[0]))
+    return exact_sum(group, 1.0)
 
 
 @register_method(
@@ -64,8 +63,19 @@ def linear(group: ModuleGroup, params: NoParams) -> ModuleResult:
 )
 def task_arithmetic(group: ModuleGroup, params: ScaledParams) -> ModuleResult:
     """ΔW = λ·Σᵢ wᵢ·ΔWᵢ (Ilharco et al., ICLR 2023), exact in factored form; λ is `scale`, default 1."""
-    B, A = concatenated(group, params.scale)
-    return ModuleResult(A=A, B=B, bias=group.scaled_bias(params.scale), stats=ModuleStats(rank=A.shape[0]))
+    return exact_sum(group, params.scale)
+
+
+def exact_sum(group: ModuleGroup, factor: float) -> ModuleResult:
+    """c·Σᵢ wᵢ·ΔWᵢ as concatenated factors, rank Σ rᵢ. A DoRA update is full-rank: with one among the sources the
+    sum is limited to the rank Σ rᵢ the sources were trained with, by its best approximation (Eckart–Young–Mirsky),
+    and the stats say what it kept."""
+    B, A = concatenated(group, factor)
+    bias = group.scaled_bias(factor)
+    if any(f.source_rank is not None for f in group.factors):
+        rank = sum(f.nominal_rank for f in group.factors)
+        return lowrank_result(factored_svd(B, A), group, rule=RankRule(rank=rank), scale=factor, bias=bias)
+    return ModuleResult(A=A, B=B, bias=bias, stats=ModuleStats(rank=A.shape[0]))
 
 
 @register_method(
