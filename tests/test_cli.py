@@ -254,7 +254,7 @@ def test_ties_merge_records_its_resolved_parameters(two_loras, tmp_path) -> None
     assert result.exit_code == 0, result.output
     metadata = json.loads(_metadata(out / "adapter_model.safetensors")["lora_fusion"])
     assert metadata["params"] == {
-        "density": 0.2, "energy": None, "majority": "total", "rank": None, "scale": 1.0, "seed": 0, "space": "core",
-        "svd": "auto",
+        "density": 0.2, "energy": None, "majority": "total", "max_rank": None, "rank": None, "scale": 1.0, "seed": 0,
+        "space": "core", "sv_cumulative": None, "sv_fro": None, "sv_ratio": None, "svd": "auto",
     }
     assert "ties" in (out / "README.md").read_text()
