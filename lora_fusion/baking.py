@@ -104,6 +104,7 @@ def bake(
         ```
     """
     from .api import merge
+    from .methods import get_method
 
     out_dtype = _output_dtype(dtype)
     dequantizer = _dequantizer(dequantize)
@@ -114,6 +115,8 @@ def bake(
     inputs = [str(s) for s in sources if isinstance(s, (str, Path))]
     if not dry_run:  # before the merge: a refused output costs nothing
         check_model_folder(target, overwrite=overwrite, protected=[*inputs, *checkpoint.local_paths()])
+    if merge_kwargs.get("base_model") is None and get_method(merge_kwargs.get("method", "linear")).uses_base:
+        merge_kwargs["base_model"] = f"{base}@{revision}" if revision and checkpoint.is_hub else base
     if dry_run:
         plan = merge(sources, dry_run=True, token=token, **merge_kwargs)
         return _bake_plan(checkpoint, plan, target, out_dtype, untie_embeddings)
@@ -211,6 +214,10 @@ class BaseCheckpoint:
             if missing:
                 raise SourceNotFoundError(f"{self._folder}: shard {missing[0]} named by {INDEX_NAME} is missing; "
                                           "download the model again.")
+
+    @property
+    def is_hub(self) -> bool:
+        return self._folder is None
 
     @property
     def sharded(self) -> bool:
@@ -469,8 +476,8 @@ def _updated(
         delta = delta.T
     elif spec.kind == "conv":
         delta = delta.reshape(original.shape)
-    base = dequantizer(original) if dequantizer is not None else original.float()
-    return base.float().add_(delta).to(dtype)
+    base = dequantizer(original) if dequantizer is not None else original
+    return (base.float() + delta).to(dtype)  # a new tensor: the original may be the source of another (untied)
 
 
 def _output_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
