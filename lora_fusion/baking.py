@@ -79,7 +79,8 @@ def bake(
             tensor silently changes the other.
         dequantize: `"nf4"` for QLoRA adapters: add ΔW onto the NF4 quantise–dequantise of W₀ (bitsandbytes,
             blocksize 64, no double quantisation: transformers' `BitsAndBytesConfig` defaults), the weights the
-            adapter was trained against. Needs the `qlora` extra (bitsandbytes).
+            adapter was trained against, for the Linear layers bitsandbytes quantises (not embeddings or lm_head).
+            Needs the `qlora` extra (bitsandbytes).
         token: Hub token for the base model and Hub sources.
         progress: progress bars on stderr (default: when stderr is a terminal).
         dry_run: return a [`BakePlan`] (shards, tensors, bytes to write) from headers, reading and writing no tensor.
@@ -476,7 +477,9 @@ def _updated(
         delta = delta.T
     elif spec.kind == "conv":
         delta = delta.reshape(original.shape)
-    base = dequantizer(original) if dequantizer is not None else original
+    # bitsandbytes quantises the Linear layers, never embeddings or (in transformers' default) the output layer
+    quantised = spec.kind == "linear" and spec.name.rsplit(".", 1)[-1] not in OUTPUT_EMBEDDINGS
+    base = dequantizer(original) if dequantizer is not None and quantised else original
     return (base.float() + delta).to(dtype)  # a new tensor: the original may be the source of another (untied)
 
 
