@@ -24,7 +24,8 @@ from .base_weights import INDEX_NAME, WEIGHTS_NAME, module_key, read_index
 from .errors import IncompatibleAdaptersError, InvalidParameterError, NonFiniteError, SourceNotFoundError
 from .hub import commit_of, download_file, is_repo_id, list_files
 from .spec import all_finite
-from .writer import check_model_folder, is_model_support_file, write_model
+from .formats.stores import SAFETENSORS_DTYPES
+from .writer import ShardStream, check_model_folder, is_model_support_file, write_model
 
 if TYPE_CHECKING:
     from .adapter import LoraAdapter
@@ -239,13 +240,7 @@ class BaseCheckpoint:
 
     def shapes(self, name: str) -> dict[str, tuple[int, ...]]:
         """Each tensor's shape in shard `name`, from its header."""
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(self.shard_path(name)), framework="pt") as file:
-                return {key: tuple(file.get_slice(key).get_shape()) for key in file.keys()}
-        except (SafetensorError, OSError, ValueError) as err:
-            raise SourceNotFoundError(f"{self.source}: {name} is not a readable safetensors file ({err}).") from None
+        return {key: shape for key, (_, shape, _) in ShardReader(self.shard_path(name), self.source).entries.items()}
 
     def config(self) -> dict[str, Any] | None:
         """`config.json` as a mapping, or None if the model has none."""
@@ -296,13 +291,7 @@ class BaseCheckpoint:
         return dict.fromkeys(self._header_keys(single), WEIGHTS_NAME)
 
     def _header_keys(self, path: Path) -> list[str]:
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as file:
-                return list(file.keys())
-        except (SafetensorError, OSError, ValueError) as err:
-            raise SourceNotFoundError(f"{self.source}: {path.name} is not a readable safetensors file ({err}).") from None
+        return list(ShardReader(path, self.source).entries)
 
 
 def _no_safetensors(source: str, pickled: list[str]) -> str:
@@ -422,11 +411,10 @@ def _baked_shards(
     out_dtype: torch.dtype | None,
     dequantizer: Any,
     progress: bool | None,
-) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
-    """Each output shard in turn: the base shard read whole, its changed tensors replaced by W₀ + ΔW (float32,
-    rounded once), the others cast to `out_dtype` if given. A generator: one shard in memory at a time."""
-    from safetensors.torch import load_file
-
+) -> Iterator[ShardStream]:
+    """Each output shard in turn, for [`write_model`]: its layout from the base shard's header, then its tensors one
+    at a time, each read from the file alone (no memory map, so a shard is never resident), changed ones replaced by
+    W₀ + ΔW (float32, rounded once), the others cast to `out_dtype` if given."""
     names: Any = checkpoint.shards
     if progress or (progress is None and sys.stderr.isatty()):
         from tqdm.auto import tqdm
@@ -434,29 +422,90 @@ def _baked_shards(
         names = tqdm(names, desc="baking", unit="shard", file=sys.stderr, leave=False)
     fan_in_fan_out = merged.config.fan_in_fan_out
     for shard in names:
-        tensors = load_file(str(checkpoint.shard_path(shard)))
+        reader = ShardReader(checkpoint.shard_path(shard), checkpoint.source)
         changed = updates.by_shard.get(shard, {})
-        originals = {key: tensors[update.source_key] for key, update in changed.items()}
-        for key, (target, shared) in updates.added.items():
-            if target == shard and key not in changed:
-                tensors[key] = tensors[shared].clone()
-        for key, update in changed.items():
-            original = originals[key]
-            spec = merged.modules[update.module]
-            _check_shape(checkpoint.source, spec, update, tuple(original.shape), fan_in_fan_out)
-            if not all_finite(original):
-                raise NonFiniteError(
-                    f"{checkpoint.source}: {update.source_key} (base weight of {update.module}) holds NaN or Inf; the "
-                    "base model is corrupt: download it again."
-                )
-            tensors[key] = _updated(original, merged, spec, update.part, fan_in_fan_out, dequantizer,
-                                    out_dtype or original.dtype)
-        if out_dtype is not None:
-            for key, tensor in tensors.items():
-                if tensor.is_floating_point() and tensor.dtype != out_dtype:
-                    tensors[key] = tensor.to(out_dtype)
-        yield shard, tensors
-        del tensors, originals
+        sources = {key: key for key in reader.entries}
+        sources.update({key: shared for key, (target, shared) in updates.added.items() if target == shard})
+        sources.update({key: update.source_key for key, update in changed.items()})
+        for key, update in changed.items():  # every shape of the shard before any of its bytes is written
+            _check_shape(checkpoint.source, merged.modules[update.module], update,
+                         reader.entries[update.source_key][1], fan_in_fan_out)
+        layout = {}
+        for key in sorted(sources):
+            dtype, shape, _ = reader.entries[sources[key]]
+            floating = SAFETENSORS_DTYPES[dtype].is_floating_point
+            layout[key] = (_safetensors_name(out_dtype) if out_dtype is not None and floating else dtype, shape)
+
+        def tensors(reader: ShardReader = reader, changed: dict[str, _Update] = changed,
+                    sources: dict[str, str] = sources, layout: dict[str, Any] = layout) -> Iterator[tuple[str, Any]]:
+            for key in layout:
+                original = reader.read(sources[key])
+                update = changed.get(key)
+                if update is None:
+                    yield key, original if out_dtype is None or not original.is_floating_point() \
+                        else original.to(out_dtype)
+                    continue
+                if not all_finite(original):
+                    raise NonFiniteError(
+                        f"{checkpoint.source}: {update.source_key} (base weight of {update.module}) holds NaN or Inf; "
+                        "the base model is corrupt: download it again."
+                    )
+                yield key, _updated(original, merged, merged.modules[update.module], update.part, fan_in_fan_out,
+                                    dequantizer, out_dtype or original.dtype)
+
+        yield shard, layout, tensors()
+
+
+class ShardReader:
+    """One safetensors file of a base model, read one tensor at a time with plain reads: unlike safetensors' memory
+    map, whose pages stay resident (and count in the process's memory) once read, a tensor here lives only as long as
+    its caller keeps it."""
+
+    def __init__(self, path: Path, source: str) -> None:
+        self.path = path
+        size = path.stat().st_size
+        problem = None
+        try:
+            with path.open("rb") as file:
+                length = int.from_bytes(file.read(8), "little")
+                header = json.loads(file.read(length)) if 0 < length <= min(size - 8, 100_000_000) else None
+        except (OSError, ValueError, RecursionError) as err:
+            header, problem = None, str(err)
+        self.data_start = 8 + length if header is not None else 0
+        self.entries: dict[str, tuple[str, tuple[int, ...], tuple[int, int]]] = {}
+        if isinstance(header, dict):
+            header.pop("__metadata__", None)
+            for key, entry in header.items():
+                try:
+                    dtype, shape, (start, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+                    valid = (dtype in SAFETENSORS_DTYPES and all(isinstance(d, int) and d >= 0 for d in shape)
+                             and 0 <= start <= end <= size - self.data_start
+                             and end - start == math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize)
+                except (KeyError, TypeError, ValueError):
+                    valid = False
+                if not valid:
+                    problem = f"tensor {key} has an invalid header entry"
+                    break
+                self.entries[key] = (dtype, shape, (start, end))
+        else:
+            problem = problem or "no valid header"
+        if problem:
+            raise SourceNotFoundError(f"{source}: {path.name} is not a readable safetensors file ({problem}).")
+
+    def read(self, key: str) -> torch.Tensor:
+        dtype, shape, (start, end) = self.entries[key]
+        buffer = bytearray(end - start)
+        with self.path.open("rb") as file:
+            file.seek(self.data_start + start)
+            if file.readinto(buffer) != len(buffer):
+                raise SourceNotFoundError(f"{self.path.name}: {key} is cut short; the file is truncated.")
+        if not buffer:
+            return torch.empty(shape, dtype=SAFETENSORS_DTYPES[dtype])
+        return torch.frombuffer(buffer, dtype=SAFETENSORS_DTYPES[dtype]).reshape(shape)
+
+
+def _safetensors_name(dtype: torch.dtype) -> str:
+    return next(name for name, known in SAFETENSORS_DTYPES.items() if known == dtype)
 
 
 def _updated(
@@ -540,7 +589,7 @@ def _bake_plan(checkpoint: BaseCheckpoint, plan: MergePlan, out: Path, out_dtype
         touched.setdefault(shard, []).append(module.name)
     shards = []
     for name in checkpoint.shards:
-        sizes = _header_sizes(checkpoint.shard_path(name), out_dtype)
+        sizes = _header_sizes(checkpoint.shard_path(name), out_dtype, checkpoint.source)
         if untie and tied and tied[1] not in checkpoint.weight_map and checkpoint.weight_map[tied[0]] == name:
             sizes[tied[1]] = sizes[tied[0]]
         shards.append(BakeShard(name, len(sizes), sum(sizes.values()), tuple(touched.get(name, ()))))
@@ -548,16 +597,10 @@ def _bake_plan(checkpoint: BaseCheckpoint, plan: MergePlan, out: Path, out_dtype
                     None if out_dtype is None else _dtype_name(out_dtype), bool(untie and tied))
 
 
-def _header_sizes(path: Path, out_dtype: torch.dtype | None) -> dict[str, int]:
+def _header_sizes(path: Path, out_dtype: torch.dtype | None, source: str) -> dict[str, int]:
     """Each tensor's bytes once written, from the safetensors header (floating tensors at `out_dtype` if given)."""
-    with path.open("rb") as file:
-        header = json.loads(file.read(int.from_bytes(file.read(8), "little")))
-    header.pop("__metadata__", None)
-    out_size = None if out_dtype is None else torch.finfo(out_dtype).bits // 8
-    floats = {"F64", "F32", "F16", "BF16"}
     sizes = {}
-    for key, entry in header.items():
-        start, end = entry["data_offsets"]
-        count = math.prod(entry["shape"])
-        sizes[key] = count * out_size if out_size and entry["dtype"] in floats else end - start
+    for key, (dtype, shape, (start, end)) in ShardReader(path, source).entries.items():
+        floating = SAFETENSORS_DTYPES[dtype].is_floating_point
+        sizes[key] = math.prod(shape) * out_dtype.itemsize if out_dtype is not None and floating else end - start
     return sizes

@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -612,9 +613,14 @@ def _non_model_files(listing: list[str], entries: list[Path]) -> list[str]:
     return [name for name, entry in zip(listing, entries) if not ours(entry)]
 
 
+# One output shard, as bake hands it to `write_model`: its file name, every tensor's (safetensors dtype name, shape) in
+# the file's order, and the tensors themselves, computed one at a time, in that order.
+ShardStream = tuple[str, Mapping[str, tuple[str, tuple[int, ...]]], Iterable[tuple[str, Any]]]
+
+
 def write_model(
     out: str | Path,
-    shards: Iterable[tuple[str, Mapping[str, Any]]],
+    shards: Iterable[ShardStream],
     *,
     adapter: LoraAdapter,
     bake: Mapping[str, Any],
@@ -626,13 +632,15 @@ def write_model(
     """Write a full model (the output of [`lora_fusion.bake`]) at the folder `out`: stage beside it, write each
     shard as it comes, the index, the small `files` and a model card, check what was written, rename into place.
 
-    `shards` is consumed one item at a time (a generator computes each shard when asked), so only one shard is in
-    memory; each is saved with `{"format": "pt"}` and lora-fusion's provenance (the merge's record, plus `bake`) in
-    its header. An interrupted or failed write (a full disk) leaves `out` as it was.
+    Each shard is streamed ([`write_streamed_safetensors`]): its header is written from the announced layout, then
+    each tensor as the bake computes it, so memory holds one tensor, never a shard. Every shard has `{"format": "pt"}`
+    and lora-fusion's provenance (the merge's record, plus `bake`) in its header. An interrupted or failed write (a
+    full disk) leaves `out` as it was.
 
     Args:
         out: the model folder to create, or replace with `overwrite` ([`check_model_folder`]).
-        shards: `(file name, {tensor key: tensor})` per output shard, in order.
+        shards: per output shard, in order: its file name, its layout (tensor key -> safetensors dtype and shape, in
+            the file's order) and an iterable of `(key, tensor)` in that order.
         adapter: the merged adapter whose update the shards hold (its provenance and stats go to the card).
         bake: what the card and metadata say about the bake (base model, revision, commit, dtype, …; no local path).
         files: small files to write as they are (config.json, tokenizer files), by name.
@@ -646,8 +654,6 @@ def write_model(
         OutputExistsError, OutputProtectedError: `out` may not be replaced.
         OutputWriteError: the disk refused the write; nothing was written.
     """
-    from .formats.stores import save_safetensors
-
     out = Path(out).expanduser().absolute()
     keep = [*adapter.local_inputs(), *protected]
     check_model_folder(out, overwrite=overwrite, protected=keep)
@@ -657,12 +663,11 @@ def write_model(
         metadata = {"lora_fusion": json.dumps(record, sort_keys=True)}
         weight_map: dict[str, str] = {}
         total_size = 0
-        for name, tensors in shards:
+        for name, layout, tensors in shards:
             if Path(name).name != name or not name.endswith(".safetensors"):
                 raise CorruptAdapterError(f"internal error: shard name {name!r} is not a file name; nothing was saved.")
-            save_safetensors(tensors, stage / name, metadata=metadata)
-            weight_map.update(dict.fromkeys(tensors, name))
-            total_size += sum(t.numel() * t.element_size() for t in tensors.values())
+            total_size += write_streamed_safetensors(stage / name, layout, tensors, metadata=metadata)
+            weight_map.update(dict.fromkeys(layout, name))
         _check_model_written(stage, weight_map)
         if sharded:
             index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
@@ -675,6 +680,51 @@ def write_model(
         check_model_folder(out, overwrite=overwrite, protected=keep)  # again: the write took time
         swap_into_place(stage, out, overwrite=overwrite)
     return out
+
+
+def write_streamed_safetensors(
+    path: Path,
+    layout: Mapping[str, tuple[str, tuple[int, ...]]],
+    tensors: Iterable[tuple[str, Any]],
+    *,
+    metadata: Mapping[str, str],
+) -> int:
+    """Write a safetensors file whose tensors arrive one at a time: the header (from `layout`, offsets in its order,
+    `{"format": "pt"}` plus `metadata`, padded to 8 bytes as safetensors does) first, then each tensor's bytes as
+    `tensors` yields it, so only one tensor is ever in memory. Returns the bytes of tensor data written.
+
+    Raises:
+        CorruptAdapterError: a tensor arrives out of order, or with another dtype or shape than announced (a bug).
+        OSError: the disk refused the write.
+    """
+    from .formats.stores import SAFETENSORS_DTYPES
+
+    entries, offset = {}, 0
+    for key, (dtype, shape) in layout.items():
+        size = math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize
+        entries[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    header = json.dumps({"__metadata__": {"format": "pt", **metadata}, **entries}, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    expected = iter(layout.items())
+    with path.open("wb") as file:
+        file.write(len(header).to_bytes(8, "little") + header)
+        for key, tensor in tensors:
+            want_key, (dtype, shape) = next(expected, (None, ("", ())))
+            if key != want_key or tensor.dtype != SAFETENSORS_DTYPES[dtype] or tuple(tensor.shape) != tuple(shape):
+                raise CorruptAdapterError(f"internal error: {key} was not written as planned; nothing was saved.")
+            _write_tensor(file, tensor)
+        if next(expected, None) is not None:
+            raise CorruptAdapterError(f"internal error: {path.name} is missing tensors; nothing was saved.")
+    return offset
+
+
+def _write_tensor(file: Any, tensor: Any) -> None:
+    """The tensor's bytes, as stored in memory (little-endian, row-major), without a copy when it is contiguous."""
+    import torch
+
+    flat = tensor.detach().contiguous().reshape(-1)
+    file.write(flat.view(torch.uint8).numpy().data if flat.numel() else b"")
 
 
 def _check_model_written(stage: Path, weight_map: Mapping[str, str]) -> None:

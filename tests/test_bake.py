@@ -291,24 +291,26 @@ def test_an_adapter_of_another_shape_is_refused_naming_the_module(models, tmp_pa
 
 
 def test_a_full_disk_mid_bake_leaves_the_old_output_intact(models, tmp_path, monkeypatch) -> None:
-    import safetensors.torch
-    from safetensors import SafetensorError
+    import errno
+    import os
+
+    from lora_fusion import writer
 
     base, out = models["untied"], tmp_path / "baked"
     bake(base, [models["qv1"]], out=out)
     before = snapshot(out)
-    real_save, calls = safetensors.torch.save_file, []
+    real_write, calls = writer._write_tensor, []
 
-    def full_disk(tensors, path, metadata=None):
-        calls.append(path)
-        if len(calls) == 3:  # the third shard: two are already in the staging folder
-            raise SafetensorError("I/O error: No space left on device (os error 28)")
-        return real_save(tensors, path, metadata=metadata)
+    def full_disk(file, tensor):
+        calls.append(file.name)
+        if len(set(calls)) == 3:  # in the third shard: two are already in the staging folder
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(file, tensor)
 
-    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    monkeypatch.setattr(writer, "_write_tensor", full_disk)
     result = invoke("bake", base, models["qv2"], "--out", out, "--overwrite")
     assert_user_error(result, "No space left on device", "nothing was written")
-    assert len(calls) == 3 and snapshot(out) == before
+    assert len(set(calls)) == 3 and snapshot(out) == before
     assert hidden_leftovers(tmp_path) == []
 
 
