@@ -517,19 +517,21 @@ def _updated(
     dequantizer: Any,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """W₀ + ΔW in float32 in the stored orientation, rounded once to `dtype`."""
+    """W₀ + ΔW in float32 in the stored orientation, rounded once to `dtype`: bit for bit
+    `(W₀.float() + s·(B·A)).to(dtype)`, with ΔW's scaling and the sum done in place (two passes over the matrix
+    fewer than the textbook form; float addition is commutative, so the bits are the same)."""
     factors = merged.factors(spec.name)
     if part == "bias":
         return (original.float() + factors.scale * factors.bias.float()).to(dtype)
-    delta = factors.delta()
+    # bitsandbytes quantises the Linear layers, never embeddings or (in transformers' default) the output layer
+    quantised = spec.kind == "linear" and spec.name.rsplit(".", 1)[-1] not in OUTPUT_EMBEDDINGS
+    base = dequantizer(original) if dequantizer is not None and quantised else original
+    delta = (factors.B.float() @ factors.A.float()).mul_(factors.scale)  # ModuleFactors.delta, in place
     if spec.kind == "embedding" or (spec.kind == "linear" and fan_in_fan_out):
         delta = delta.T
     elif spec.kind == "conv":
         delta = delta.reshape(original.shape)
-    # bitsandbytes quantises the Linear layers, never embeddings or (in transformers' default) the output layer
-    quantised = spec.kind == "linear" and spec.name.rsplit(".", 1)[-1] not in OUTPUT_EMBEDDINGS
-    base = dequantizer(original) if dequantizer is not None and quantised else original
-    return (base.float() + delta).to(dtype)  # a new tensor: the original may be the source of another (untied)
+    return delta.add_(base).to(dtype)  # a new tensor: the original may be the source of another (untied)
 
 
 def _output_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
