@@ -11,8 +11,8 @@ gate, up, down). Three commands then run as their own processes, interleaved, `-
   else (this script, `--floor-child`).
 
 Each process's wall time and peak RSS (GNU time, or RUSAGE_CHILDREN of a wrapper: `_common.run_process`) are printed
-as JSON, with bake ÷ floor (target ≤ 1.3×) and bake's peak RSS ÷ PEFT's (target ≤ 0.5), and how far bake's
-weights are from PEFT's (bake adds in float32 and rounds once; PEFT adds in bfloat16).
+as JSON, with bake ÷ floor (target ≤ 1.3×) and bake's peak RSS ÷ PEFT's (target ≤ 0.5), and how many of bake's
+weights differ from PEFT's (both add in float32 and round once, so none should).
 
 Usage: python benchmarks/bench_bake.py [--workdir /tmp/lora-fusion-bench-bake] [--runs 3]
 """
@@ -89,7 +89,8 @@ def distance(bake_out: Path, peft_out: Path) -> dict[str, Any]:
             if unequal.any():
                 largest = max(largest, float((tensor.float() - other.float()).abs().max()))
     return {"elements": total, "share_differing": rounded(differ / total), "max_abs_difference": rounded(largest),
-            "why": "bake adds ΔW in float32 and rounds once; PEFT adds the bfloat16-rounded ΔW in bfloat16"}
+            "how": "bake: (W0.float() + dW).to(bfloat16); PEFT: bf16 weight += float32 dW (PEFT keeps the adapter "
+                   "in float32; torch adds in float32 and rounds once)"}
 
 
 def summary(runs: list[Any]) -> dict[str, Any]:

@@ -62,8 +62,9 @@ def bake(
     The base model is streamed: one safetensors shard at a time is read, updated and written, so memory holds one
     shard plus the merged adapter, never the whole model (PEFT's `merge_and_unload` loads it all). Each updated
     weight is W₀ + ΔW with ΔW = s·B·A of the merged adapter, added in float32 and rounded once to the shard's dtype
-    (or `dtype`): for a bfloat16 base this equals `(W₀.float() + ΔW).to(torch.bfloat16)`, which can differ in the
-    last bit from PEFT's merge, which adds in bfloat16. Other tensors are copied (cast to `dtype` if given).
+    (or `dtype`): for a bfloat16 base each changed weight is bit for bit `(W₀.float() + ΔW).to(torch.bfloat16)` (as
+    PEFT's `merge_and_unload` gives with its float32 adapter), never ΔW rounded to bfloat16 and then added. Other
+    tensors are copied (cast to `dtype` if given).
 
     Args:
         base: the base model: a local folder (`model.safetensors`, or shards with `model.safetensors.index.json`)

@@ -165,7 +165,7 @@ def test_bfloat16_update_is_added_in_float32_and_rounded_once(models, tmp_path) 
     assert deltas and all(t.dtype == torch.bfloat16 for t in written.values())
     for key, delta in deltas.items():
         assert torch.equal(written[key], (original[key].float() + delta).to(torch.bfloat16)), key
-        # adding in bfloat16 (PEFT on a bf16 model) rounds twice: differs somewhere
+        # rounding ΔW to bfloat16 first, then the sum, rounds twice: differs somewhere
         assert not torch.equal(written[key], original[key] + delta.to(torch.bfloat16)), key
     wide = bake(base, [lora], out=tmp_path / "f32", dtype="float32")
     widened = state_of(wide)
@@ -340,3 +340,17 @@ def test_bake_help_imports_no_heavy_modules() -> None:
     done = subprocess.run([sys.executable, "-c", probe, "bake", "--help"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "--untie-embeddings" in done.stdout and "--rank" in done.stdout and "--push-to-hub" not in done.stdout
+
+
+def test_bake_takes_merges_declared_options_less_those_of_adapter_outputs() -> None:
+    import re
+
+    from lora_fusion_cli.bake import BAKE_SKIPPED
+
+    def options(command: str) -> set[str]:
+        text = invoke(command, "--help").stdout.split("Options:", 1)[1]
+        return {name.replace("-", "_") for name in re.findall(r"--([a-z][a-z-]*)", text)}
+
+    merge_only = {"recipe", "report"}  # a bake has no recipe key for its base, and no adapter report
+    bake_only = {"revision", "untie_embeddings", "dequantize"}
+    assert options("bake") == (options("merge") - BAKE_SKIPPED - merge_only) | bake_only
