@@ -2,9 +2,10 @@
 model, streaming the base model one safetensors shard at a time.
 
 The merge runs first ([`lora_fusion.api.merge`]) and gives a small factored result. Then each shard of the base
-model is read whole (only that shard, plus the merged factors, is in memory), every module it holds gets
-W = W₀ + ΔW, computed in float32 and rounded once to the shard's dtype (or `dtype`), and the writer saves the shard
-under the same name; the output has the base model's shard layout, its index, config and tokenizer files and a model
+model is streamed: its header gives the output shard's layout, and its tensors are read one at a time with plain
+reads ([`ShardReader`]); every module it holds gets W = W₀ + ΔW, computed in float32 and rounded once to the shard's
+dtype (or `dtype`), and goes to the writer as soon as it is computed, so memory holds the merged factors and one
+tensor. The output has the base model's shard layout and names, its index, config and tokenizer files and a model
 card with provenance ([`lora_fusion.writer.write_model`]).
 """
 

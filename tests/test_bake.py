@@ -349,7 +349,7 @@ def test_bake_takes_merges_declared_options_less_those_of_adapter_outputs() -> N
 
     def options(command: str) -> set[str]:
         text = invoke(command, "--help").stdout.split("Options:", 1)[1]
-        return {name.replace("-", "_") for name in re.findall(r"--([a-z][a-z-]*)", text)}
+        return {name.replace("-", "_") for name in re.findall(r"^\s+(?:-\w, )?--([a-z][a-z-]*)", text, re.M)}
 
     merge_only = {"recipe", "report"}  # a bake has no recipe key for its base, and no adapter report
     bake_only = {"revision", "untie_embeddings", "dequantize"}
