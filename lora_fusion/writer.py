@@ -573,7 +573,7 @@ def push_adapter(
 MODEL_CARD_TITLE = "# Model baked with lora-fusion"
 MODEL_INDEX_NAME = "model.safetensors.index.json"
 # The small files of a model folder that bake copies beside the weights (and that `overwrite` may replace): config,
-# generation config, tokenizer. Never code: a `*.py` runs under trust_remote_code, and is not copied.
+# generation config, tokenizer. Never code: a model folder's Python files run when a loader trusts remote code.
 MODEL_SUPPORT_FILES = (
     "config.json", "generation_config.json", "tokenizer*.json", "tokenizer.model", "special_tokens_map.json", "vocab*",
     "merges.txt", "chat_template*",
