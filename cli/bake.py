@@ -69,7 +69,7 @@ def bake(
         from lora_fusion.baking import bake as bake_model
 
         result = bake_model(
-            base, plan.entries(), out=plan.out or ".", overwrite=bool(plan.overwrite), revision=revision,
+            base, plan.entries(), out=plan.out, overwrite=bool(plan.overwrite), revision=revision,
             dtype=plan.dtype, untie_embeddings=untie_embeddings, dequantize=dequantize,
             progress=False if quiet else None, dry_run=dry_run, **arguments,
         )

@@ -47,7 +47,7 @@ def bake(
     base: str | Path,
     sources: Sequence[Source],
     *,
-    out: str | Path,
+    out: str | Path | None,
     overwrite: bool = False,
     revision: str | None = None,
     dtype: torch.dtype | str | None = None,
@@ -71,7 +71,7 @@ def bake(
         base: the base model: a local folder (`model.safetensors`, or shards with `model.safetensors.index.json`)
             or a Hub id; a pickled checkpoint (`.bin`) is refused.
         sources: the adapters, as [`merge`] takes them.
-        out: the model folder to write, staged and renamed into place.
+        out: the model folder to write, staged and renamed into place (None only with `dry_run`).
         overwrite: replace an `out` that lora-fusion baked (see [`check_model_folder`]); never an input.
         revision: branch, tag or commit of a Hub base.
         dtype: `"float32"`, `"float16"` or `"bfloat16"` for every floating-point tensor (default: as stored);
@@ -114,16 +114,19 @@ def bake(
     dequantizer = _dequantizer(dequantize)
     if "dtype" in merge_kwargs or "dry_run" in merge_kwargs:  # bake's own; the merge is always float32
         raise InvalidParameterError("merge option", "dtype/dry_run", expected="bake's own dtype and dry_run")
+    if out is None and not dry_run:
+        raise InvalidParameterError("out", None, expected="the model folder to write (--out DIR)")
     checkpoint = BaseCheckpoint(base, revision=revision, token=token)
-    target = Path(out).expanduser().absolute()
+    target = Path(out).expanduser().absolute() if out is not None else None
     inputs = [str(s) for s in sources if isinstance(s, (str, Path))]
-    if not dry_run:  # before the merge: a refused output costs nothing
+    if target is not None and not dry_run:  # before the merge: a refused output costs nothing
         check_model_folder(target, overwrite=overwrite, protected=[*inputs, *checkpoint.local_paths()])
     if merge_kwargs.get("base_model") is None and get_method(merge_kwargs.get("method", "linear")).uses_base:
         merge_kwargs["base_model"] = f"{base}@{revision}" if revision and checkpoint.is_hub else base
     if dry_run:
         plan = merge(sources, dry_run=True, token=token, **merge_kwargs)
         return _bake_plan(checkpoint, plan, target, out_dtype, untie_embeddings)
+    assert target is not None  # refused above without dry_run
     merged = merge(sources, dtype=torch.float32, token=token, progress=progress, **merge_kwargs)
     updates = _plan_updates(checkpoint, merged, untie_embeddings)
     config = checkpoint.config()
@@ -159,7 +162,7 @@ class BakePlan:
     """What a bake would write, from headers alone: `lora-fusion bake --dry-run` prints it."""
 
     base: str
-    out: str
+    out: str | None
     merge: MergePlan
     shards: tuple[BakeShard, ...]
     dtype: str | None
@@ -182,7 +185,7 @@ class BakePlan:
         }
 
     def __str__(self) -> str:
-        lines = [f"bake {self.base} -> {self.out}: {len(self.shards)} shard(s), {self.bytes:,} bytes "
+        lines = [f"bake {self.base} -> {self.out or '(no --out)'}: {len(self.shards)} shard(s), {self.bytes:,} bytes "
                  f"(dtype {self.dtype or 'as stored'}); shapes are checked when baking", str(self.merge)]
         lines += [f"  {s.name}: {s.tensors} tensors, {s.bytes:,} bytes, {len(s.modules)} module(s) changed"
                   for s in self.shards]
@@ -212,7 +215,7 @@ class BaseCheckpoint:
             self.weight_map = self._hub_map()
         else:
             raise SourceNotFoundError(f"{self.source}: no such folder, and not a Hub repo id (owner/name).")
-        self.shards = tuple(dict.fromkeys(self.weight_map.values()))
+        self.shards = tuple(sorted(set(self.weight_map.values())))
         if self._folder is not None:
             missing = [s for s in self.shards if not (self._folder / s).is_file()]
             if missing:
@@ -581,7 +584,7 @@ def _written_config(config: dict[str, Any], out_dtype: torch.dtype | None, *, un
     return (json.dumps(written, indent=2, sort_keys=True) + "\n").encode()
 
 
-def _bake_plan(checkpoint: BaseCheckpoint, plan: MergePlan, out: Path, out_dtype: torch.dtype | None,
+def _bake_plan(checkpoint: BaseCheckpoint, plan: MergePlan, out: Path | None, out_dtype: torch.dtype | None,
                untie: bool) -> BakePlan:
     """The shards a bake would write, from the headers of the base shards (downloaded for a Hub base)."""
     modules = {key.removesuffix(".weight"): key for key in checkpoint.weight_map if key.endswith(".weight")}
@@ -597,7 +600,7 @@ def _bake_plan(checkpoint: BaseCheckpoint, plan: MergePlan, out: Path, out_dtype
         if untie and tied and tied[1] not in checkpoint.weight_map and checkpoint.weight_map[tied[0]] == name:
             sizes[tied[1]] = sizes[tied[0]]
         shards.append(BakeShard(name, len(sizes), sum(sizes.values()), tuple(touched.get(name, ()))))
-    return BakePlan(checkpoint.source, str(out), plan, tuple(shards),
+    return BakePlan(checkpoint.source, None if out is None else str(out), plan, tuple(shards),
                     None if out_dtype is None else _dtype_name(out_dtype), bool(untie and tied))
 
 
