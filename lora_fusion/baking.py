@@ -17,7 +17,7 @@ import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -41,6 +41,7 @@ INPUT_EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_e
 OUTPUT_EMBEDDINGS = ("lm_head", "embed_out")
 # bitsandbytes' NF4 settings of transformers' BitsAndBytesConfig defaults (blocksize 64, no double quantisation).
 NF4_BLOCKSIZE = 64
+T = TypeVar("T")
 
 
 def bake(
@@ -60,8 +61,8 @@ def bake(
 ) -> Path | BakePlan:
     """Merge `sources` (any method) and add the merged update into the base model's weights; write the full model.
 
-    The base model is streamed: one safetensors shard at a time is read, updated and written, so memory holds one
-    shard plus the merged adapter, never the whole model (PEFT's `merge_and_unload` loads it all). Each updated
+    The base model is streamed: shard by shard, one tensor at a time is read, updated and written, so memory holds
+    one tensor plus the merged adapter, never a shard or the model (PEFT's `merge_and_unload` loads it all). Each updated
     weight is W₀ + ΔW with ΔW = s·B·A of the merged adapter, added in float32 and rounded once to the shard's dtype
     (or `dtype`): for a bfloat16 base each changed weight is bit for bit `(W₀.float() + ΔW).to(torch.bfloat16)` (as
     PEFT's `merge_and_unload` gives with its float32 adapter), never ΔW rounded to bfloat16 and then added. Other
@@ -118,7 +119,8 @@ def bake(
         raise InvalidParameterError("out", None, expected="the model folder to write (--out DIR)")
     checkpoint = BaseCheckpoint(base, revision=revision, token=token)
     target = Path(out).expanduser().absolute() if out is not None else None
-    inputs = [str(s) for s in sources if isinstance(s, (str, Path))]
+    named = (getattr(s, "source", s) for s in sources)  # a recipe's SourceEntry names its source
+    inputs = [str(s) for s in named if isinstance(s, (str, Path))]
     if target is not None and not dry_run:  # before the merge: a refused output costs nothing
         check_model_folder(target, overwrite=overwrite, protected=[*inputs, *checkpoint.local_paths()])
     if merge_kwargs.get("base_model") is None and get_method(merge_kwargs.get("method", "linear")).uses_base:
@@ -458,7 +460,55 @@ def _baked_shards(
                 yield key, _updated(original, merged, merged.modules[update.module], update.part, fan_in_fan_out,
                                     dequantizer, out_dtype or original.dtype)
 
-        yield shard, layout, tensors()
+        yield shard, layout, _prefetched(tensors())
+
+
+def _prefetched(items: Iterator[T], depth: int = 2) -> Iterator[T]:
+    """`items`, computed in a background thread on one torch thread, up to `depth` ahead of the consumer: reading
+    and W₀ + ΔW of the next tensors overlap the write of this one (torch and file I/O release the GIL), and one
+    torch thread per task avoids OpenMP threads spinning against each other on shared cores (see `thread_limit`).
+    An error in the thread is raised here; when the consumer stops early, the thread stops at its next item."""
+    import queue
+    import threading
+
+    from .runtime import thread_limit
+
+    ready: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def offer(entry: tuple[str, Any]) -> bool:
+        """Queue `entry` unless the consumer has stopped (then never block: nobody would take it)."""
+        while not stop.is_set():
+            try:
+                ready.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not offer(("item", item)):
+                    return
+            offer(("done", None))
+        except BaseException as err:  # handed to the consumer, which raises it
+            offer(("error", err))
+
+    with thread_limit(1):
+        worker = threading.Thread(target=produce, name="lora-fusion-bake", daemon=True)
+        worker.start()
+        try:
+            while True:
+                kind, value = ready.get()
+                if kind == "done":
+                    return
+                if kind == "error":
+                    raise value
+                yield value
+        finally:
+            stop.set()
+            worker.join()
 
 
 class ShardReader:
