@@ -463,11 +463,12 @@ def _baked_shards(
         yield shard, layout, _prefetched(tensors())
 
 
-def _prefetched(items: Iterator[T], depth: int = 2) -> Iterator[T]:
+def _prefetched(items: Iterator[T], depth: int = 1) -> Iterator[T]:
     """`items`, computed in a background thread on one torch thread, up to `depth` ahead of the consumer: reading
-    and W₀ + ΔW of the next tensors overlap the write of this one (torch and file I/O release the GIL), and one
-    torch thread per task avoids OpenMP threads spinning against each other on shared cores (see `thread_limit`).
-    An error in the thread is raised here; when the consumer stops early, the thread stops at its next item."""
+    and W₀ + ΔW of the next tensor overlap the write of this one (torch and file I/O release the GIL), and one torch
+    thread per task avoids OpenMP threads spinning against each other on shared cores (see `thread_limit`). With
+    depth 1 at most three tensors are alive: the one written, one queued, one being computed. An error in the thread
+    is raised here; when the consumer stops early, the thread stops at its next item."""
     import queue
     import threading
 
