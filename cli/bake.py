@@ -77,7 +77,8 @@ def bake(
             typer.echo(json.dumps(result.to_dict(), indent=2) if as_json else str(result))
             return
         written = sorted(p.name for p in result.glob("*.safetensors"))
-        summary = {"out": str(result), "shards": len(written), "bytes": sum((result / n).stat().st_size for n in written)}
+        size = sum((result / name).stat().st_size for name in written)
+        summary = {"out": str(result), "shards": len(written), "bytes": size}
         typer.echo(json.dumps(summary, indent=2) if as_json else
                    f"baked {len(sources)} adapter(s) into {base} -> {result} ({summary['shards']} shard(s), "
                    f"{summary['bytes']:,} bytes)")

@@ -24,8 +24,8 @@ import torch
 from .base_weights import INDEX_NAME, WEIGHTS_NAME, module_key, read_index
 from .errors import IncompatibleAdaptersError, InvalidParameterError, NonFiniteError, SourceNotFoundError
 from .hub import commit_of, download_file, is_repo_id, list_files
-from .spec import all_finite
 from .formats.stores import SAFETENSORS_DTYPES
+from .spec import all_finite
 from .writer import ShardStream, check_model_folder, is_model_support_file, write_model
 
 if TYPE_CHECKING:
@@ -39,6 +39,7 @@ DEQUANTIZE = ("nf4",)
 # Module names of the pair that `tie_word_embeddings` ties: the input embedding and the output projection.
 INPUT_EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings")
 OUTPUT_EMBEDDINGS = ("lm_head", "embed_out")
+LM_HEAD_CLASSES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 # bitsandbytes' NF4 settings of transformers' BitsAndBytesConfig defaults (blocksize 64, no double quantisation).
 NF4_BLOCKSIZE = 64
 T = TypeVar("T")
@@ -62,8 +63,8 @@ def bake(
     """Merge `sources` (any method) and add the merged update into the base model's weights; write the full model.
 
     The base model is streamed: shard by shard, one tensor at a time is read, updated and written, so memory holds
-    one tensor plus the merged adapter, never a shard or the model (PEFT's `merge_and_unload` loads it all). Each updated
-    weight is W₀ + ΔW with ΔW = s·B·A of the merged adapter, added in float32 and rounded once to the shard's dtype
+    a few tensors plus the merged adapter, never a shard or the model (PEFT's `merge_and_unload` loads it all). Each
+    updated weight is W₀ + ΔW with ΔW = s·B·A of the merged adapter, added in float32 and rounded once to the shard's dtype
     (or `dtype`): for a bfloat16 base each changed weight is bit for bit `(W₀.float() + ΔW).to(torch.bfloat16)` (as
     PEFT's `merge_and_unload` gives with its float32 adapter), never ΔW rounded to bfloat16 and then added. Other
     tensors are copied (cast to `dtype` if given).
@@ -368,7 +369,7 @@ def _plan_updates(checkpoint: BaseCheckpoint, merged: LoraAdapter, untie: bool) 
 def _tied_pair(checkpoint: BaseCheckpoint, modules: Mapping[str, str]) -> tuple[str, str] | None:
     """(input embedding key, output projection key) when config.json ties them (`tie_word_embeddings`, true unless
     set false, as in transformers' `PretrainedConfig`); the output key may be absent from the checkpoint, which
-    then stores the shared weight once, under the input key."""
+    then stores the shared weight once, under the input key. None for a model without an output layer."""
     config = checkpoint.config() or {}
     if not config.get("tie_word_embeddings", True):
         return None
@@ -376,7 +377,12 @@ def _tied_pair(checkpoint: BaseCheckpoint, modules: Mapping[str, str]) -> tuple[
     if len(inputs) != 1:
         return None
     outputs = [key for name, key in modules.items() if name.rsplit(".", 1)[-1] in OUTPUT_EMBEDDINGS]
-    return inputs[0], outputs[0] if len(outputs) == 1 else f"{OUTPUT_EMBEDDINGS[0]}.weight"
+    if len(outputs) == 1:
+        return inputs[0], outputs[0]
+    # Stored once: the output layer is transformers' `lm_head` of a language-model head class; an encoder (BertModel)
+    # has no output layer for its embedding to be tied to.
+    heads = [a for a in config.get("architectures") or [] if isinstance(a, str) and a.endswith(LM_HEAD_CLASSES)]
+    return (inputs[0], f"{OUTPUT_EMBEDDINGS[0]}.weight") if heads else None
 
 
 def _base_key(checkpoint: BaseCheckpoint, modules: Mapping[str, str], name: str,

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lora_fusion import bake, load_adapter, merge
+from lora_fusion import bake, merge
 from lora_fusion.errors import IncompatibleAdaptersError
 from test_cli import assert_user_error, invoke
 from test_hub import files_of
@@ -214,7 +214,8 @@ def test_dry_run_prints_shards_and_bytes_and_writes_nothing(models, tmp_path) ->
     plan = json.loads(result.stdout)
     assert not out.exists()
     real = bake(models["untied"], [models["qv1"]], out=out, dtype="bfloat16")
-    sizes = {p.name: sum(t.numel() * t.element_size() for t in load_file(p).values()) for p in real.glob("*.safetensors")}
+    sizes = {shard.name: sum(t.numel() * t.element_size() for t in load_file(shard).values())
+             for shard in real.glob("*.safetensors")}
     assert {s["name"]: s["bytes"] for s in plan["shards"]} == sizes
     assert sum(len(s["modules"]) for s in plan["shards"]) == plan["merge"]["modules"] == 4
 
