@@ -71,10 +71,10 @@ def _parse_weights(text: str | None) -> list[float] | None:
     return None
 
 
-def _declared_options() -> list[Any]:
+def _declared_options(skipped: frozenset[str] = frozenset()) -> list[Any]:
     """`merge`'s options generated from the declarations: the merge-wide options, then every parameter a registered
-    method declares (its help once, with the methods that take it). Built when `merge` runs or shows its help, not
-    for `lora-fusion --help`."""
+    method declares (its help once, with the methods that take it), less the `skipped` names (another command that
+    reuses them: bake). Built when `merge` runs or shows its help, not for `lora-fusion --help`."""
     from lora_fusion.methods import declared_params, get_method
     from lora_fusion.methods.base import load_entry_points
     from lora_fusion.params import MERGE_OPTIONS, value_type
@@ -82,7 +82,7 @@ def _declared_options() -> list[Any]:
     load_entry_points()  # installed plugins' parameters get options too
     specs = [
         (name, str if option.type == list[float] else option.type, option.short, option.help)  # --weights 0.6,0.4
-        for name, option in MERGE_OPTIONS.items()
+        for name, option in MERGE_OPTIONS.items() if name not in skipped
     ]
     for name, (param, takers) in declared_params().items():
         kind = value_type(get_method(takers[0]).params, name)
@@ -108,18 +108,61 @@ def _declared_options() -> list[Any]:
 
 class _MergeCommand(TyperCommand):
     """The `merge` command, whose declared options are added when it is used (so `lora-fusion --help` stays light);
-    their values reach the command in `ctx.meta["declared"]`."""
+    their values reach the command in `ctx.meta["declared"]`. A command that reuses them (bake) subclasses it with
+    the merge-wide options it does not take in `skipped` ([`_declared_command`])."""
+
+    skipped: frozenset[str] = frozenset()
 
     def get_params(self, ctx: Any) -> list[Any]:
         params = super().get_params(ctx)
         if not hasattr(self, "_declared"):
-            self._declared = _declared_options()
+            self._declared = _declared_options(self.skipped)
         return [*params[:-1], *self._declared, params[-1]]  # --help stays last
 
     def invoke(self, ctx: Any) -> Any:
         names = {param.name for param in self._declared}
         ctx.meta["declared"] = {name: ctx.params.pop(name) for name in list(ctx.params) if name in names}
         return super().invoke(ctx)
+
+
+def _declared_command(skipped: frozenset[str]) -> type[_MergeCommand]:
+    """A command class with `merge`'s declared options, less `skipped`."""
+    return type("_DeclaredCommand", (_MergeCommand,), {"skipped": skipped})
+
+
+def _declared_flags(ctx: typer.Context, param: Sequence[str]) -> dict[str, Any]:
+    """The declared options given on the command line, and `--param NAME=VALUE` pairs, as recipe keys."""
+    # Typer gives a repeatable option that was not used as an empty tuple: not given, like None.
+    flags = {k: list(v) if isinstance(v, tuple) else v for k, v in ctx.meta["declared"].items()
+             if v is not None and v != ()}
+    if "weights" in flags:
+        flags["weights"] = _parse_weights(flags["weights"])
+    for name, value in _parse_params(param).items():
+        if name in flags:
+            fail(f"--param {name}=… repeats --{name.replace('_', '-')}; give it once.")
+        flags[name] = value
+    return flags
+
+
+def _merge_arguments(
+    plan: Any, *, weights: list[Any] | None, ranks: dict[str, Any], subfolder: str | None, weight_name: str | None,
+    input_format: str | None,
+) -> dict[str, Any]:
+    """The keywords of `lora_fusion.merge` for a validated plan (recipe keys and flags) with the `--rank-pattern`
+    rules (`ranks`), but its dtype and dry run."""
+    return dict(
+        method=plan.method,
+        weights=weights,
+        include=plan.include,
+        exclude=plan.exclude,
+        base_model=plan.base_model,
+        subfolder=subfolder,
+        weight_name=weight_name,
+        input_format=input_format,
+        device=plan.device,
+        ignore_base_model=plan.ignore_base_model,
+        **(plan.params | ranks),
+    )
 
 
 @app.command(cls=_MergeCommand)
@@ -157,15 +200,7 @@ def merge(
         from lora_fusion.recipe import load_recipe, validated
         from lora_fusion.hub import check_push_repo_id
 
-        # Typer gives a repeatable option that was not used as an empty tuple: not given, like None.
-        flags = {k: list(v) if isinstance(v, tuple) else v for k, v in ctx.meta["declared"].items()
-                 if v is not None and v != ()}
-        if "weights" in flags:
-            flags["weights"] = _parse_weights(flags["weights"])
-        for name, value in _parse_params(param or []).items():
-            if name in flags:
-                fail(f"--param {name}=… repeats --{name.replace('_', '-')}; give it once.")
-            flags[name] = value
+        flags = _declared_flags(ctx, param or [])
         if flags.get("push_to_hub") is not None:
             check_push_repo_id(flags["push_to_hub"])
         if recipe is not None:
@@ -275,21 +310,12 @@ def _run_merge(
         on_interrupt(f"interrupted; nothing written; {plan.out} {kept}.")
     result = fuse(
         plan.entries(),
-        method=plan.method,
-        weights=weights,
-        include=plan.include,
-        exclude=plan.exclude,
-        base_model=plan.base_model,
-        subfolder=subfolder,
-        weight_name=weight_name,
-        input_format=input_format,
-        device=plan.device,
+        **_merge_arguments(plan, weights=weights, ranks=ranks, subfolder=subfolder, weight_name=weight_name,
+                           input_format=input_format),
         dtype=plan.dtype,
-        ignore_base_model=plan.ignore_base_model,
         distributed=True,
         dry_run=dry_run,
         progress=False if quiet else None,
-        **(plan.params | ranks),
     )
     if not is_main_process():
         return  # under accelerate launch every process holds the result; the main one writes and reports it
@@ -491,6 +517,7 @@ def methods(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")]
             typer.echo(f"    --{name.replace('_', '-')} (default {param['default']}): {param['help']}")
 
 
+from .bake import BAKE_SKIPPED, bake as bake_command  # noqa: E402
 from .cil import cil_app  # noqa: E402
 from .icm import icm_app  # noqa: E402
 from .report import report as report_command  # noqa: E402
@@ -498,6 +525,7 @@ from .report import report as report_command  # noqa: E402
 app.add_typer(cil_app, name="cil")
 app.add_typer(icm_app, name="icm")
 app.command("report")(report_command)
+app.command("bake", cls=_declared_command(BAKE_SKIPPED))(bake_command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""lora-fusion: merge LoRA adapters exactly and fast, from the Hub or disk, into PEFT adapters.
+"""lora-fusion: merge LoRA adapters exactly and fast, from the Hub or disk, into PEFT adapters (or bake them into
+the base model).
 
 Names are imported on first use, so `import lora_fusion` (and `lora-fusion --help`) stays free of torch.
 
@@ -26,6 +27,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 _LAZY = {
     "load_adapter": "sources",
     "merge": "api",
+    "bake": "baking",
     "convert": "api",
     "MergePlan": "plan",
     "LoraAdapter": "adapter",
@@ -49,6 +51,7 @@ if TYPE_CHECKING:
     from .adapter import LoraAdapter, ModuleFactors
     from .diagnostics import interference_report
     from .api import convert, merge
+    from .baking import bake
     from .methods import ModuleGroup, ModuleResult, ModuleStats, get_method, list_methods, register_method
     from .params import MethodParams, Param
     from .plan import MergePlan

@@ -72,20 +72,7 @@ class BaseWeights:
         return tensor
 
     def _key(self, module: str) -> str:
-        # Adapters name modules from the model class they were trained with (e.g. "model.layers.0…" for a CausalLM),
-        # checkpoints sometimes with or without that prefix ("bert.encoder…" vs "encoder…"): match on a dotted suffix.
-        if module in self._modules:
-            return self._modules[module]
-        matches = [
-            key for name, key in self._modules.items() if name.endswith("." + module) or module.endswith("." + name)
-        ]
-        if len(matches) != 1:
-            found = "no weight" if not matches else f"{len(matches)} weights ({', '.join(matches[:3])})"
-            raise IncompatibleAdaptersError(
-                f"{self.source}: {found} for the adapters' module {module}; pass the base model the adapters were "
-                "trained on."
-            )
-        return matches[0]
+        return module_key(module, self._modules, self.source)
 
     def _single_file_map(self, path: Path) -> dict[str, str]:
         if path.suffix != ".safetensors":
@@ -94,7 +81,7 @@ class BaseWeights:
 
     def _local_map(self, folder: Path) -> dict[str, str]:
         if (folder / INDEX_NAME).is_file():
-            return _index_map(folder / INDEX_NAME, self.source)
+            return read_index(folder / INDEX_NAME, self.source)
         if (folder / WEIGHTS_NAME).is_file():
             return self._single_file_map(folder / WEIGHTS_NAME)
         raise SourceNotFoundError(
@@ -104,7 +91,7 @@ class BaseWeights:
     def _hub_map(self) -> dict[str, str]:
         index = self._download(INDEX_NAME, optional=True)
         if index is not None:
-            return _index_map(index, self.source)
+            return read_index(index, self.source)
         return dict.fromkeys(self._file(WEIGHTS_NAME).keys(), WEIGHTS_NAME)
 
     def _file(self, name: str) -> Any:
@@ -127,7 +114,32 @@ class BaseWeights:
         return path
 
 
-def _index_map(path: Path, source: str) -> dict[str, str]:
+def module_key(module: str, weights: dict[str, str], source: str) -> str:
+    """The checkpoint key of `module`'s weight, from `weights` (module path -> key of its `.weight`).
+
+    Adapters name modules from the model class they were trained with (e.g. "model.layers.0…" for a CausalLM),
+    checkpoints sometimes with or without that prefix ("bert.encoder…" vs "encoder…"): match on a dotted suffix.
+
+    Raises:
+        IncompatibleAdaptersError: no weight, or several, match `module` (named).
+    """
+    if module in weights:
+        return weights[module]
+    matches = [key for name, key in weights.items() if name.endswith("." + module) or module.endswith("." + name)]
+    if len(matches) != 1:
+        found = "no weight" if not matches else f"{len(matches)} weights ({', '.join(matches[:3])})"
+        raise IncompatibleAdaptersError(
+            f"{source}: {found} for the adapters' module {module}; pass the base model the adapters were trained on."
+        )
+    return matches[0]
+
+
+def read_index(path: Path, source: str) -> dict[str, str]:
+    """The `weight_map` of a sharded safetensors checkpoint's index (tensor key -> shard file name).
+
+    Raises:
+        SourceNotFoundError: the index is not valid JSON of that form, or names a shard outside the model folder.
+    """
     try:
         weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
     except (OSError, ValueError, KeyError, TypeError, RecursionError):  # RecursionError: JSON nested ~1000 deep

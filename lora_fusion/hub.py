@@ -182,6 +182,18 @@ def list_safetensors(
     Raises:
         HubError / SourceNotFoundError: as [`download_file`].
     """
+    files = list_files(repo_id, revision=revision, subfolder=subfolder, token=token)
+    return [name for name in files if name.endswith(".safetensors")]
+
+
+def list_files(
+    repo_id: str, *, revision: str | None, subfolder: str | None = None, token: str | None = None
+) -> list[str]:
+    """The files directly in `subfolder` (or the root) of a Hub model repo, by name, sorted.
+
+    Raises:
+        HubError / SourceNotFoundError: as [`download_file`].
+    """
     from huggingface_hub import HfApi
     from huggingface_hub.hf_api import RepoFile
 
@@ -198,7 +210,7 @@ def list_safetensors(
         raise
     except Exception as err:
         raise hub_error(err, repo_id, revision) from None
-    return sorted(p[len(prefix):] for p in paths if p.endswith(".safetensors") and "/" not in p[len(prefix):])
+    return sorted(p[len(prefix):] for p in paths if "/" not in p[len(prefix):])
 
 
 def commit_of(path: Path) -> str | None:

@@ -1,5 +1,6 @@
-"""The only place that writes adapters: stage beside the output, write the format's files, the model card and the
-provenance record, check what was written by reading it back, then rename into place; pushes go through the Hub module.
+"""The only place that writes adapters and models: stage beside the output, write the format's files (or a full
+model's shards, for bake), the model card and the provenance record, check what was written by reading it back, then
+rename into place; pushes go through the Hub module.
 
 Output conventions (docs/methods.md): every scale is folded into the factors (the format records scale 1 for every
 module); provenance names no local path. The format's own files come from [`lora_fusion.formats`] (PEFT and
@@ -11,13 +12,14 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
 import socket
 import tempfile
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path, PureWindowsPath
@@ -192,7 +194,13 @@ def _written_by_us(path: Path) -> bool:
     return isinstance(header, dict) and "lora_fusion" in (header.get("__metadata__") or {})
 
 
-def check_output_folder(out: str | Path, *, overwrite: bool, protected: Iterable[str | Path] = ()) -> None:
+def check_output_folder(
+    out: str | Path,
+    *,
+    overwrite: bool,
+    protected: Iterable[str | Path] = (),
+    foreign: Callable[[list[str], list[Path]], list[str]] | None = None,
+) -> None:
     """Refuse an output path whose replacement could lose data, before any work is done. Reads only the folder.
 
     Nothing to check when `out` does not exist. When it exists, `overwrite=False` refuses it; `overwrite=True`
@@ -211,6 +219,9 @@ def check_output_folder(out: str | Path, *, overwrite: bool, protected: Iterable
         overwrite: whether replacing an existing `out` was asked for (`--overwrite`).
         protected (*optional*): the inputs of the command: sources, `--base-model`, other input files. Entries that
             are not local paths (Hub ids such as `org/name@main`) are ignored, so the raw arguments can be passed.
+        foreign (*optional*): which of the folder's entries (names as listed, `name/` for folders; and their paths)
+            lora-fusion did not write; default: those that are not adapter files ([`check_model_folder`] passes the
+            rule for model folders).
 
     Raises:
         OutputExistsError: `out` exists and `overwrite` is False.
@@ -236,14 +247,13 @@ def check_output_folder(out: str | Path, *, overwrite: bool, protected: Iterable
             target, f"its content cannot be listed ({err.strerror or err})", [], "Choose another --out."
         ) from None
     listing = [f"{e.name}/" if e.is_dir() and not e.is_symlink() else e.name for e in entries]
+    foreign = foreign or _non_adapter_files
     reason = special_folder(target.resolve(), protected)
     if reason:
         inputs = "input" in reason
         advice = "Choose an --out outside the inputs." if inputs else "Choose another --out, e.g. a new folder."
         raise OutputProtectedError(target, reason, listing, advice)
-    others = [name for name, entry in zip(listing, entries) if not _is_adapter_file(entry)]
-    if listing == [CARD_NAME] and not _is_our_card(entries[0]):
-        others = listing  # a README.md alone is no adapter: it may be the user's notes
+    others = foreign(listing, entries)
     if others:
         raise OutputProtectedError(
             target, "it holds files lora-fusion did not write", others,
@@ -281,18 +291,24 @@ def special_folder(real: Path, protected: Iterable[str | Path]) -> str | None:
     return None
 
 
+def _non_adapter_files(listing: list[str], entries: list[Path]) -> list[str]:
+    if listing == [CARD_NAME] and not _is_our_card(entries[0]):
+        return listing  # a README.md alone is no adapter: it may be the user's notes
+    return [name for name, entry in zip(listing, entries) if not _is_adapter_file(entry)]
+
+
 def _is_adapter_file(entry: Path) -> bool:
     return entry.name in ADAPTER_FILES and entry.is_file() and not entry.is_symlink()
 
 
-def _is_our_card(path: Path) -> bool:
+def _is_our_card(path: Path, title: str = CARD_TITLE) -> bool:
     """Whether `path` is a model card lora-fusion wrote (its title line follows the YAML header)."""
     try:
         with path.open(encoding="utf-8", errors="replace") as file:
             head = file.read(4096)
     except OSError:
         return False
-    return f"\n{CARD_TITLE}\n" in head
+    return f"\n{title}\n" in head
 
 
 def _remove_dead_stages(out: Path) -> None:
@@ -431,22 +447,7 @@ def model_card(adapter: LoraAdapter, known: AdapterFormat = DEFAULT_FORMAT) -> s
         f"Method: {_code(method)} · lora-fusion {record.get('lora_fusion_version', 'unknown')} · "
         f"{len(adapter.modules)} modules · output dtype {record.get('dtype', 'as input')}",
         "",
-        "## Sources",
-        "",
-        f"Local sources are named by their folder and identified by the sha256 of `{CONFIG_NAME}` followed by "
-        f"the weights file (`cat {CONFIG_NAME} {SAFETENSORS_NAME} | sha256sum`).",
-        "",
-        "| source | revision | subfolder | resolved commit or sha256 | weight |",
-        "|---|---|---|---|---|",
-    ]
-    for source in record.get("sources", []):
-        cells = [source.get(k) for k in ("source", "revision", "subfolder")]
-        cells += [source.get("commit") or source.get("sha256"), source.get("weight")]
-        lines.append("| " + " | ".join("" if c is None else _code(c) for c in cells) + " |")
-    params = record.get("params", {})
-    lines += ["", "## Parameters", "", "| parameter | value |", "|---|---|"]
-    lines += [f"| {k if _WORD.fullmatch(k) else _md(k)} | {_code(v)} |" for k, v in params.items()] or [
-        "| (none) | |"
+        *_provenance_tables(record),
     ]
     truncated = {n: s for n, s in adapter.stats.items() if s.truncated}
     if truncated:
@@ -478,6 +479,30 @@ def model_card(adapter: LoraAdapter, known: AdapterFormat = DEFAULT_FORMAT) -> s
         "",
     ]
     return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)
+
+
+def _provenance_tables(record: Mapping[str, Any]) -> list[str]:
+    """The card's "Sources" and "Parameters" sections (markdown lines) from a provenance record, every value
+    escaped."""
+    lines = [
+        "## Sources",
+        "",
+        f"Local sources are named by their folder and identified by the sha256 of `{CONFIG_NAME}` followed by "
+        f"the weights file (`cat {CONFIG_NAME} {SAFETENSORS_NAME} | sha256sum`).",
+        "",
+        "| source | revision | subfolder | resolved commit or sha256 | weight |",
+        "|---|---|---|---|---|",
+    ]
+    for source in record.get("sources", []):
+        cells = [source.get(k) for k in ("source", "revision", "subfolder")]
+        cells += [source.get("commit") or source.get("sha256"), source.get("weight")]
+        lines.append("| " + " | ".join("" if c is None else _code(c) for c in cells) + " |")
+    params = record.get("params", {})
+    lines += ["", "## Parameters", "", "| parameter | value |", "|---|---|"]
+    lines += [f"| {k if _WORD.fullmatch(k) else _md(k)} | {_code(v)} |" for k, v in params.items()] or [
+        "| (none) | |"
+    ]
+    return lines
 
 
 def _check_written(adapter: LoraAdapter, target: Path, out: Path, known: AdapterFormat) -> None:
@@ -541,3 +566,217 @@ def push_adapter(
         return push_folder(
             folder, repo_id, private=private, revision=revision, commit_message=commit_message, token=token
         )
+
+
+# ------------------------------------------------------------------------------------------ full models (bake)
+
+MODEL_CARD_TITLE = "# Model baked with lora-fusion"
+MODEL_INDEX_NAME = "model.safetensors.index.json"
+# The small files of a model folder that bake copies beside the weights (and that `overwrite` may replace): config,
+# generation config, tokenizer. Never code: a model folder's Python files run when a loader trusts remote code.
+MODEL_SUPPORT_FILES = (
+    "config.json", "generation_config.json", "tokenizer*.json", "tokenizer.model", "special_tokens_map.json", "vocab*",
+    "merges.txt", "chat_template*",
+)
+
+
+def is_model_support_file(name: str) -> bool:
+    """Whether `name` is one of the small files ([`MODEL_SUPPORT_FILES`]) that a baked model folder holds."""
+    import fnmatch
+
+    return not name.endswith(".py") and any(fnmatch.fnmatchcase(name, pattern) for pattern in MODEL_SUPPORT_FILES)
+
+
+def check_model_folder(out: str | Path, *, overwrite: bool, protected: Iterable[str | Path] = ()) -> None:
+    """[`check_output_folder`] for a full model (bake): an existing `out` is replaced, with `overwrite` only, if it
+    holds lora-fusion's model card and otherwise only files a bake writes: safetensors files whose header carries
+    lora-fusion's provenance, the shard index and the copied config and tokenizer files. Anything else (another
+    model, code, a folder) is refused, as are the inputs (the base model, local sources) and the folders around them.
+
+    Raises:
+        OutputExistsError, OutputProtectedError: as [`check_output_folder`].
+    """
+    check_output_folder(out, overwrite=overwrite, protected=protected, foreign=_non_model_files)
+
+
+def _non_model_files(listing: list[str], entries: list[Path]) -> list[str]:
+    if CARD_NAME not in listing or not _is_our_card(entries[listing.index(CARD_NAME)], MODEL_CARD_TITLE):
+        return listing  # without our card, even a config.json and shards may be the user's own model
+
+    def ours(entry: Path) -> bool:
+        if not entry.is_file() or entry.is_symlink():
+            return False
+        if entry.suffix == ".safetensors":
+            return _written_by_us(entry)
+        return entry.name in (CARD_NAME, MODEL_INDEX_NAME) or is_model_support_file(entry.name)
+
+    return [name for name, entry in zip(listing, entries) if not ours(entry)]
+
+
+# One output shard, as bake hands it to `write_model`: its file name, every tensor's (safetensors dtype name, shape) in
+# the file's order, and the tensors themselves, computed one at a time, in that order.
+ShardStream = tuple[str, Mapping[str, tuple[str, tuple[int, ...]]], Iterable[tuple[str, Any]]]
+
+
+def write_model(
+    out: str | Path,
+    shards: Iterable[ShardStream],
+    *,
+    adapter: LoraAdapter,
+    bake: Mapping[str, Any],
+    files: Mapping[str, bytes],
+    sharded: bool,
+    overwrite: bool = False,
+    protected: Iterable[str | Path] = (),
+) -> Path:
+    """Write a full model (the output of [`lora_fusion.bake`]) at the folder `out`: stage beside it, write each
+    shard as it comes, the index, the small `files` and a model card, check what was written, rename into place.
+
+    Each shard is streamed ([`write_streamed_safetensors`]): its header is written from the announced layout, then
+    each tensor as the bake computes it, so memory holds one tensor, never a shard. Every shard has `{"format": "pt"}`
+    and lora-fusion's provenance (the merge's record, plus `bake`) in its header. An interrupted or failed write (a
+    full disk) leaves `out` as it was.
+
+    Args:
+        out: the model folder to create, or replace with `overwrite` ([`check_model_folder`]).
+        shards: per output shard, in order: its file name, its layout (tensor key -> safetensors dtype and shape, in
+            the file's order) and an iterable of `(key, tensor)` in that order.
+        adapter: the merged adapter whose update the shards hold (its provenance and stats go to the card).
+        bake: what the card and metadata say about the bake (base model, revision, commit, dtype, …; no local path).
+        files: small files to write as they are (config.json, tokenizer files), by name.
+        sharded: write `model.safetensors.index.json` (its `total_size` is the sum of the tensors' bytes).
+        overwrite, protected: as [`write_adapter`].
+
+    Returns:
+        `out`, absolute.
+
+    Raises:
+        OutputExistsError, OutputProtectedError: `out` may not be replaced.
+        OutputWriteError: the disk refused the write; nothing was written.
+    """
+    out = Path(out).expanduser().absolute()
+    keep = [*adapter.local_inputs(), *protected]
+    check_model_folder(out, overwrite=overwrite, protected=keep)
+    with staged(out) as stage:
+        record = _provenance_record(adapter)
+        record["bake"] = {k: _public_name(v) if isinstance(v, str) else v for k, v in bake.items()}
+        metadata = {"lora_fusion": json.dumps(record, sort_keys=True)}
+        weight_map: dict[str, str] = {}
+        total_size = 0
+        for name, layout, tensors in shards:
+            if Path(name).name != name or not name.endswith(".safetensors"):
+                raise CorruptAdapterError(f"internal error: shard name {name!r} is not a file name; nothing was saved.")
+            total_size += write_streamed_safetensors(stage / name, layout, tensors, metadata=metadata)
+            weight_map.update(dict.fromkeys(layout, name))
+        _check_model_written(stage, weight_map)
+        if sharded:
+            index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+            (stage / MODEL_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        for name, content in files.items():
+            if not is_model_support_file(name) or Path(name).name != name:
+                raise CorruptAdapterError(f"internal error: {name!r} is not a model support file; nothing was saved.")
+            (stage / name).write_bytes(content)
+        (stage / CARD_NAME).write_text(baked_model_card(record))
+        check_model_folder(out, overwrite=overwrite, protected=keep)  # again: the write took time
+        swap_into_place(stage, out, overwrite=overwrite)
+    return out
+
+
+def write_streamed_safetensors(
+    path: Path,
+    layout: Mapping[str, tuple[str, tuple[int, ...]]],
+    tensors: Iterable[tuple[str, Any]],
+    *,
+    metadata: Mapping[str, str],
+) -> int:
+    """Write a safetensors file whose tensors arrive one at a time: the header (from `layout`, offsets in its order,
+    `{"format": "pt"}` plus `metadata`, padded to 8 bytes as safetensors does) first, then each tensor's bytes as
+    `tensors` yields it, so only one tensor is ever in memory. Returns the bytes of tensor data written.
+
+    Raises:
+        CorruptAdapterError: a tensor arrives out of order, or with another dtype or shape than announced (a bug).
+        OSError: the disk refused the write.
+    """
+    from .formats.stores import SAFETENSORS_DTYPES
+
+    entries, offset = {}, 0
+    for key, (dtype, shape) in layout.items():
+        size = math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize
+        entries[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    header = json.dumps({"__metadata__": {"format": "pt", **metadata}, **entries}, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    expected = iter(layout.items())
+    with path.open("wb") as file:
+        file.write(len(header).to_bytes(8, "little") + header)
+        for key, tensor in tensors:
+            want_key, (dtype, shape) = next(expected, (None, ("", ())))
+            if key != want_key or tensor.dtype != SAFETENSORS_DTYPES[dtype] or tuple(tensor.shape) != tuple(shape):
+                raise CorruptAdapterError(f"internal error: {key} was not written as planned; nothing was saved.")
+            _write_tensor(file, tensor)
+        if next(expected, None) is not None:
+            raise CorruptAdapterError(f"internal error: {path.name} is missing tensors; nothing was saved.")
+    return offset
+
+
+def _write_tensor(file: Any, tensor: Any) -> None:
+    """The tensor's bytes, as stored in memory (little-endian, row-major), without a copy when it is contiguous."""
+    import torch
+
+    flat = tensor.detach().contiguous().reshape(-1)
+    file.write(flat.view(torch.uint8).numpy().data if flat.numel() else b"")
+
+
+def _check_model_written(stage: Path, weight_map: Mapping[str, str]) -> None:
+    """Reopen every written shard's header, as a loader would, and compare its tensor names with what was meant."""
+    from safetensors import safe_open
+
+    expected: dict[str, set[str]] = {}
+    for key, name in weight_map.items():
+        expected.setdefault(name, set()).add(key)
+    for name, keys in expected.items():
+        with safe_open(str(stage / name), framework="pt") as file:
+            if set(file.keys()) != keys:
+                raise CorruptAdapterError(f"internal error: {name} was not written as planned; nothing was saved.")
+
+
+def baked_model_card(record: Mapping[str, Any]) -> str:
+    """The model card of a baked model (YAML metadata, then markdown): the base model with its revision and commit,
+    the merge's sources, method and parameters, and how the update was added (dtype rounding, tied embeddings,
+    NF4). Every value is escaped; no local path is written."""
+    from huggingface_hub.repocard_data import ModelCardData
+
+    bake = record.get("bake", {})
+    method = record.get("method", "copy")
+    base = bake.get("base_model")
+    data = ModelCardData(
+        library_name="transformers",
+        base_model=_card_base_model(base) if isinstance(base, str) and bake.get("commit") else None,  # Hub only
+        tags=["lora-fusion", "merge", "bake", str(method)],
+    )
+    lines = [
+        MODEL_CARD_TITLE,
+        "",
+        f"The base model with a merge of LoRA adapters added into its weights: W = W₀ + ΔW, computed in float32 and "
+        f"rounded once to the output dtype. Method: {_code(method)} · lora-fusion "
+        f"{record.get('lora_fusion_version', 'unknown')} · {len(record.get('modules', {}))} modules changed.",
+        "",
+        "## Base model and bake",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        *(f"| {_md(k)} | {'' if v is None else _code(v)} |" for k, v in bake.items()),
+        "",
+        *_provenance_tables(record),
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM  # or the Auto class of config.json's architecture",
+        'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")',
+        "```",
+        "",
+        "The same provenance is stored in every safetensors file's metadata under `lora_fusion`.",
+        "",
+    ]
+    return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)

@@ -18,6 +18,11 @@ from ..errors import CorruptAdapterError
 
 # safetensors' names of the float dtypes a merge reads (a header says "F16"; torch says torch.float16).
 FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+# Every dtype of a safetensors header that a base model's shard may hold (bake streams them without safetensors).
+SAFETENSORS_DTYPES = {
+    **FLOAT_DTYPES, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
 
 
 def refuse_outside_links(file: Path, folder: Path, source: str) -> None:
