@@ -127,7 +127,7 @@ def merge(
     shard = current_shard(device) if distributed and not dry_run and spec.kind == "module" else None
 
     def open_inputs(on: torch.device) -> engine.MergeInputs:
-        adapters = [_open(s, revision=revision, subfolder=subfolder, token=token, weight_name=weight_name,
+        adapters = [open_source(s, revision=revision, subfolder=subfolder, token=token, weight_name=weight_name,
                           input_format=input_format) for s in sources]
         if not dry_run:  # the result's provenance records each local source's sha256: hashed while merging
             for adapter in adapters:
@@ -282,10 +282,12 @@ def _open_base(source: str | Path, *, token: str | None) -> BaseWeights:
     return BaseWeights(repo_id, revision=revision or None, token=token)
 
 
-def _open(
-    source: Source, *, revision: str | None, subfolder: str | None, token: str | None, weight_name: str | None,
-    input_format: str | None,
+def open_source(
+    source: Source, *, revision: str | None = None, subfolder: str | None = None, token: str | None = None,
+    weight_name: str | None = None, input_format: str | None = None,
 ) -> LoraAdapter:
+    """A source as `merge` takes it, opened (headers only): a loaded adapter as is, a recipe entry with its own
+    revision, subfolder and weight name, a string or path through [`load_adapter`]."""
     if isinstance(source, LoraAdapter):
         return source
     if isinstance(source, (str, Path)):
@@ -340,7 +342,7 @@ def convert(
     from .writer import write_adapter
 
     target = format_named(to)
-    adapter = _open(source, revision=revision, subfolder=subfolder, token=token, weight_name=weight_name,
+    adapter = open_source(source, revision=revision, subfolder=subfolder, token=token, weight_name=weight_name,
                     input_format=input_format)
     if adapter.source is not None:
         adapter.source.start_hashing()  # the provenance records it; the other core hashes while this one converts

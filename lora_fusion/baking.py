@@ -90,6 +90,7 @@ def bake(
         progress: progress bars on stderr (default: when stderr is a terminal).
         dry_run: return a [`BakePlan`] (shards, tensors, bytes to write) from headers, reading and writing no tensor.
         **merge_kwargs: [`merge`]'s options: `method`, `weights`, `rank`, `include`, … (its `dtype` is float32).
+            Methods that read W₀ (rapf) and DoRA sources get `base` as their `base_model`.
 
     Returns:
         `out`, absolute (or the [`BakePlan`] with `dry_run`).
@@ -109,7 +110,7 @@ def bake(
         ...      weights=[0.6, 0.4], out="smollm2-math-code")
         ```
     """
-    from .api import merge
+    from .api import merge, open_source
     from .methods import get_method
 
     out_dtype = _output_dtype(dtype)
@@ -124,7 +125,13 @@ def bake(
     inputs = [str(s) for s in named if isinstance(s, (str, Path))]
     if target is not None and not dry_run:  # before the merge: a refused output costs nothing
         check_model_folder(target, overwrite=overwrite, protected=[*inputs, *checkpoint.local_paths()])
-    if merge_kwargs.get("base_model") is None and get_method(merge_kwargs.get("method", "linear")).uses_base:
+    # opened once (headers): DoRA sources, like methods that read W₀, take their base weights from BASE
+    opening = {name: merge_kwargs.pop(name) for name in ("subfolder", "weight_name", "input_format")
+               if name in merge_kwargs}
+    sources = [open_source(s, token=token, **opening) for s in sources]
+    dora = any(spec.dora for adapter in sources for spec in adapter.modules.values())
+    uses_base = get_method(merge_kwargs.get("method", "linear")).uses_base
+    if merge_kwargs.get("base_model") is None and (uses_base or dora):
         merge_kwargs["base_model"] = f"{base}@{revision}" if revision and checkpoint.is_hub else base
     if dry_run:
         plan = merge(sources, dry_run=True, token=token, **merge_kwargs)

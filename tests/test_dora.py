@@ -147,3 +147,17 @@ def test_dora_on_a_convolution_matches_peft(tmp_path) -> None:
     for module in ("conv", "proj"):
         expected = (weights[f"{module}.weight"] - before[f"{module}.weight"]).reshape(merged.modules[module].shape)
         torch.testing.assert_close(merged.delta(module), expected, rtol=0, atol=1e-5)
+
+
+def test_bake_forms_dora_updates_from_its_base(load_llama, llama_dir, doras, tmp_path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lora_fusion import bake
+
+    out = bake(llama_dir, doras[:1], method="svd", rank=64, out=tmp_path / "baked")  # full rank: the update itself
+    tokens = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = PeftModel.from_pretrained(load_llama(), str(doras[0])).merge_and_unload()(tokens).logits
+        baked = AutoModelForCausalLM.from_pretrained(out).eval()(tokens).logits
+    assert float((baked - expected).norm() / expected.norm()) < 1e-5
