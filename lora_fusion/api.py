@@ -140,7 +140,8 @@ def merge(
         for adapter in adapters:
             for name, module in adapter.modules.items():
                 check_scale_fits(name, module.scale, out_dtype, _origin(adapter))
-        base = _open_base(base_model, token=token) if base_model is not None and not dry_run else None
+        opens_base = base_model is not None and not dry_run and spec.kind == "module"
+        base = _open_base(base_model, token=token) if opens_base else None
         return engine.MergeInputs(spec, resolved, adapters, weight_list, layout, on, out_dtype, base,
                                   None if controls.uniform else controls)
 
@@ -148,6 +149,9 @@ def merge(
         inputs, merged = engine.merge_sharded(shard, open_inputs, progress)
     else:
         inputs = open_inputs(target)
+        if spec.kind == "adapters" and spec.uses_base:  # it runs the base model itself (LoRAHub): named, not read
+            return spec.fn(inputs.adapters, resolved, base_model=base_model, device=device,  # type: ignore[call-arg]
+                           dry_run=dry_run)
         if spec.kind == "adapters":
             return spec.fn(inputs.adapters, resolved)  # type: ignore[call-arg, arg-type]
         if dry_run:
@@ -204,8 +208,11 @@ def _refuse_per_module_options(
     spec: MethodSpec, *, weights: Sequence[float] | None, dry_run: bool, dtype: torch.dtype | str | None, device: str
 ) -> None:
     """A method of the "adapters" kind (ICM-Fusion) learns its own combination and writes float32 from the CPU:
-    refuse what it would ignore, before anything is downloaded. Under a launcher each process runs it whole."""
-    given = {"weights": weights, "dry_run": dry_run or None, "dtype": dtype, "device": None if device == "cpu" else device}
+    refuse what it would ignore, before anything is downloaded. Under a launcher each process runs it whole. One
+    that runs the base model (LoRAHub, `uses_base`) plans a dry run and takes its device (through Accelerate)."""
+    given = {"weights": weights, "dtype": dtype}
+    if not spec.uses_base:
+        given |= {"dry_run": dry_run or None, "device": None if device == "cpu" else device}
     for name, value in given.items():
         if value is not None:
             raise InvalidParameterError(name, value, expected=f"none: {spec.name} learns its own weights, runs on the "

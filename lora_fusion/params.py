@@ -109,10 +109,15 @@ DENSITY = Param(
     per_module=True,
 )
 SEED = Param(
-    "Seed of the random draws: DARE masks, randomized SVD, ICM-Fusion.",
+    "Seed of the random draws: DARE masks, randomized SVD, ICM-Fusion, LoRAHub's search.",
     "a non-negative integer, e.g. 0",
     lambda value: is_int(value) and value >= 0,
     default=0,
+)
+SUPPORT = Param(
+    "JSONL support file: ICM-Fusion's labelled examples of each source's task; LoRAHub's {input, output} or "
+    "{text, label} examples.",
+    "a path", lambda value: isinstance(value, str), path=True,
 )
 SPACE = Param(
     "'full' (dense update per module) or 'core' (k×k core-space matrices).",
