@@ -104,7 +104,7 @@ def gradient(objective: Callable[[torch.Tensor], torch.Tensor], size: int, *, bu
         torch.manual_seed(seed)
         for _ in range(budget):
             value = objective(weights)
-            tracker.record(weights.detach().tolist(), float(value))
+            tracker.record(weights.detach().tolist(), float(value.detach()))
             optimizer.zero_grad()
             value.backward()
             optimizer.step()
