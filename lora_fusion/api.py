@@ -75,7 +75,8 @@ def merge(
         include, exclude: regular expressions (`re.search`): merge only modules matching an `include`, and leave
             those matching an `exclude` out of the output.
         base_model: the base model's weights (a local directory or file, or a Hub id `owner/name[@revision]`), for
-            methods that use them (RAPF); read one module at a time, only safetensors.
+            methods that use them (RAPF); read one module at a time, only safetensors. LoRAHub runs it instead
+            (loaded with transformers, a folder or Hub id).
         revision, subfolder, token, weight_name, input_format: passed to [`load_adapter`] for string sources
             (adapters of different formats merge together: diffusion LoRAs are read into diffusers' module names).
         dtype: output dtype, `"float32"`, `"float16"` or `"bfloat16"` (default: the sources' dtype, float32 if they
@@ -85,7 +86,8 @@ def merge(
             (each on its own GPU with cuda/auto): every process must call `merge`, and every process returns the
             whole result; save it from the main process only. Ignored in a single process.
         ignore_base_model: merge even if the adapters' `base_model_name_or_path` differ (shapes must still agree).
-        dry_run: return a [`MergePlan`] computed from headers, reading no tensors.
+        dry_run: return a [`MergePlan`] computed from headers, reading no tensors (LoRAHub: a `LorahubPlan`, the
+            search's budget, without loading the model).
         progress: show a progress bar on stderr (default: when stderr is a terminal).
         **params: the method's own parameters, as it declares them (`lora-fusion methods` lists them with their
             defaults), e.g. `rank=16`, `energy=0.99`, `scale=0.5`, `density=0.2`, `seed=0`, `space="core"`; a name the
