@@ -198,7 +198,7 @@ class Option:
 MERGE_OPTIONS: Mapping[str, Option] = {
     "method": Option("Merge method (see `lora-fusion methods`); default: linear.", str, "linear", short="-m"),
     "weights": Option("One weight per source, e.g. 0.6,0.4 (default 1 each).", list[float]),
-    "base_model": Option("Base model dir, file or Hub id, for methods that read W₀ (rapf).", str),
+    "base_model": Option("Base model dir, file or Hub id, for methods that read W₀ (rapf) or run it (lorahub).", str),
     "device": Option("cpu, cuda or auto.", str, "cpu"),
     "dtype": Option("Output dtype: float32, float16 or bfloat16 (default: input).", str),
     "ignore_base_model": Option("Merge despite different base_model names.", bool, False, flag=True),
