@@ -81,7 +81,8 @@ def merge(
         base_model: the base model's weights (a local directory or file, or a Hub id `owner/name[@revision]`), for
             methods that use them (RAPF) and for DoRA sources (each DoRA module's update
             diag(μ/‖W₀ + sBA‖)·(W₀ + sBA) − W₀ is formed from them and merged as any update; exact sums then become
-            rank-limited, with their stats); read one module at a time, only safetensors.
+            rank-limited, with their stats); read one module at a time, only safetensors. LoRAHub runs it instead
+            (loaded with transformers, a folder or Hub id).
         revision, subfolder, token, weight_name, input_format: passed to [`load_adapter`] for string sources
             (adapters of different formats merge together: diffusion LoRAs are read into diffusers' module names).
         dtype: output dtype, `"float32"`, `"float16"` or `"bfloat16"` (default: the sources' dtype, float32 if they
@@ -91,7 +92,8 @@ def merge(
             (each on its own GPU with cuda/auto): every process must call `merge`, and every process returns the
             whole result; save it from the main process only. Ignored in a single process.
         ignore_base_model: merge even if the adapters' `base_model_name_or_path` differ (shapes must still agree).
-        dry_run: return a [`MergePlan`] computed from headers, reading no tensors.
+        dry_run: return a [`MergePlan`] computed from headers, reading no tensors (LoRAHub: a `LorahubPlan`, the
+            search's budget, without loading the model).
         progress: show a progress bar on stderr (default: when stderr is a terminal).
         **params: the method's own parameters, as it declares them (`lora-fusion methods` lists them with their
             defaults), e.g. `rank=16`, `energy=0.99`, `scale=0.5`, `density=0.2`, `seed=0`, `space="core"`; a name the
@@ -128,7 +130,7 @@ def merge(
 
     def open_inputs(on: torch.device) -> engine.MergeInputs:
         adapters = [open_source(s, revision=revision, subfolder=subfolder, token=token, weight_name=weight_name,
-                          input_format=input_format) for s in sources]
+                                input_format=input_format) for s in sources]
         if not dry_run:  # the result's provenance records each local source's sha256: hashed while merging
             for adapter in adapters:
                 if adapter.source is not None:
@@ -145,7 +147,8 @@ def merge(
         for adapter in adapters:
             for name, module in adapter.modules.items():
                 check_scale_fits(name, module.scale, out_dtype, _origin(adapter))
-        base = _open_base(base_model, token=token) if base_model is not None and not dry_run else None
+        opens_base = base_model is not None and not dry_run and spec.kind == "module"
+        base = _open_base(base_model, token=token) if opens_base else None
         return engine.MergeInputs(spec, resolved, adapters, weight_list, layout, on, out_dtype, base,
                                   None if controls.uniform else controls)
 
@@ -153,6 +156,9 @@ def merge(
         inputs, merged = engine.merge_sharded(shard, open_inputs, progress)
     else:
         inputs = open_inputs(target)
+        if spec.kind == "adapters" and spec.uses_base:  # it runs the base model itself (LoRAHub): named, not read
+            return spec.fn(inputs.adapters, resolved, base_model=base_model, device=device,  # type: ignore[call-arg]
+                           dry_run=dry_run)
         if spec.kind == "adapters":
             return spec.fn(inputs.adapters, resolved)  # type: ignore[call-arg, arg-type]
         if dry_run:
@@ -226,8 +232,11 @@ def _refuse_per_module_options(
     spec: MethodSpec, *, weights: Sequence[float] | None, dry_run: bool, dtype: torch.dtype | str | None, device: str
 ) -> None:
     """A method of the "adapters" kind (ICM-Fusion) learns its own combination and writes float32 from the CPU:
-    refuse what it would ignore, before anything is downloaded. Under a launcher each process runs it whole."""
-    given = {"weights": weights, "dry_run": dry_run or None, "dtype": dtype, "device": None if device == "cpu" else device}
+    refuse what it would ignore, before anything is downloaded. Under a launcher each process runs it whole. One
+    that runs the base model (LoRAHub, `uses_base`) plans a dry run and takes its device (through Accelerate)."""
+    given = {"weights": weights, "dtype": dtype}
+    if not spec.uses_base:
+        given |= {"dry_run": dry_run or None, "device": None if device == "cpu" else device}
     for name, value in given.items():
         if value is not None:
             raise InvalidParameterError(name, value, expected=f"none: {spec.name} learns its own weights, runs on the "

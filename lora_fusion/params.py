@@ -138,10 +138,15 @@ DENSITY = Param(
     per_module=True,
 )
 SEED = Param(
-    "Seed of the random draws: DARE masks, randomized SVD, ICM-Fusion.",
+    "Seed of the random draws: DARE masks, randomized SVD, ICM-Fusion, LoRAHub's search.",
     "a non-negative integer, e.g. 0",
     lambda value: is_int(value) and value >= 0,
     default=0,
+)
+SUPPORT = Param(
+    "JSONL support file: ICM-Fusion's labelled examples of each source's task; LoRAHub's {input, output} or "
+    "{text, label} examples.",
+    "a path", lambda value: isinstance(value, str), path=True,
 )
 SPACE = Param(
     "'full' (dense update per module) or 'core' (k×k core-space matrices).",
@@ -244,7 +249,8 @@ class Option:
 MERGE_OPTIONS: Mapping[str, Option] = {
     "method": Option("Merge method (see `lora-fusion methods`); default: linear.", str, "linear", short="-m"),
     "weights": Option("One weight per source, e.g. 0.6,0.4 (default 1 each).", list[float]),
-    "base_model": Option("Base model dir, file or Hub id, for methods that read W₀ (rapf) and DoRA sources.", str),
+    "base_model": Option("Base model dir, file or Hub id, for methods that read W₀ (rapf) or run it (lorahub), and "
+                         "DoRA sources.", str),
     "device": Option("cpu, cuda or auto.", str, "cpu"),
     "dtype": Option("Output dtype: float32, float16 or bfloat16 (default: input).", str),
     "ignore_base_model": Option("Merge despite different base_model names.", bool, False, flag=True),

@@ -1063,7 +1063,8 @@ ACCEPTED = [
     {"density": 1.0}, {"density": 1}, {"density": 1e-9}, {"majority": "frequency"}, {"gamma": 0.0}, {"gamma": 0.999},
     {"seed": 0}, {"seed": 2**40}, {"common_fraction": 1.0}, {"common_fraction": 1e-9}, {"space": "core"},
     {"svd": "exact"}, {"svd": "randomized"}, {"svd": "auto", "space": "core"}, {"bias": 0.0}, {"bias": 1.0},
-    {"bias": 1}, {"chained": True}, {"fvae": "f"}, {"support": "s"},
+    {"bias": 1}, {"chained": True}, {"fvae": "f"}, {"support": "s"}, {"budget": 1}, {"optimizer": "gradient"},
+    {"optimizer": "gradient-free"}, {"per_group": True}, {"penalty": 0.0}, {"penalty": 1},
 ]
 REFUSED = [
     ({"rank": 0}, "rank"), ({"rank": True}, "rank"), ({"rank": 2.0}, "rank"), ({"rank": -1}, "rank"),
@@ -1076,6 +1077,9 @@ REFUSED = [
     ({"space": "dense"}, "space"), ({"svd": "fast"}, "svd"), ({"svd": "exact", "space": "core"}, "svd"),
     ({"svd": "randomized", "space": "core"}, "svd"), ({"bias": -0.01}, "bias"), ({"bias": 1.01}, "bias"),
     ({"bias": False}, "bias"), ({"chained": 1}, "chained"), ({"fvae": 3}, "fvae"), ({"support": 1.5}, "support"),
+    ({"budget": 0}, "budget"), ({"budget": 2.0}, "budget"), ({"budget": True}, "budget"),
+    ({"optimizer": "nevergrad"}, "optimizer"), ({"per_group": 1}, "per_group"), ({"penalty": -0.01}, "penalty"),
+    ({"penalty": math.inf}, "penalty"), ({"penalty": True}, "penalty"),
 ]
 
 
@@ -1083,11 +1087,12 @@ def every_declaration():
     """A parameter class with every built-in declaration, so each declared check is exercised on its own."""
     from dataclasses import dataclass
 
-    from lora_fusion.methods.icm import FVAE, SUPPORT
+    from lora_fusion.methods.icm import FVAE
     from lora_fusion.methods.interference import GAMMA, MAJORITY
+    from lora_fusion.methods.lorahub import BUDGET, OPTIMIZER, PENALTY, PER_GROUP
     from lora_fusion.methods.rapf import BIAS, CHAINED
     from lora_fusion.methods.subspace import COMMON_FRACTION
-    from lora_fusion.params import DENSITY, ENERGY, RANK, SCALE, SEED, SPACE, SVD, MethodParams
+    from lora_fusion.params import DENSITY, ENERGY, RANK, SCALE, SEED, SPACE, SUPPORT, SVD, MethodParams
 
     @dataclass(frozen=True)
     class Everything(MethodParams):
@@ -1105,6 +1110,10 @@ def every_declaration():
         chained: bool = CHAINED.field()
         fvae: str | None = FVAE.field()
         support: str | None = SUPPORT.field()
+        budget: int = BUDGET.field()
+        optimizer: str = OPTIMIZER.field()
+        per_group: bool = PER_GROUP.field()
+        penalty: float = PENALTY.field()
 
     return Everything
 

@@ -1,6 +1,6 @@
 """Merge methods, one module per family, each method registered by name (see `lora-fusion methods`)."""
 
-from . import exact, icm, interference, rapf, subspace  # noqa: F401  (importing a family registers its methods)
+from . import exact, icm, interference, lorahub, rapf, subspace  # noqa: F401  (importing a family registers its methods)
 from .base import (
     MethodSpec,
     ModuleCost,

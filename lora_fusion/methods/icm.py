@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import InvalidParameterError
-from ..params import SEED, MethodParams, Param
+from ..params import SEED, SUPPORT, MethodParams, Param
 from .base import register_method
 
 if TYPE_CHECKING:
@@ -21,10 +21,6 @@ if TYPE_CHECKING:
 FVAE = Param(
     "ICM-Fusion: F-VAE directory from `lora-fusion icm train`.", "a path", lambda value: isinstance(value, str),
     path=True,
-)
-SUPPORT = Param(
-    "ICM-Fusion: JSONL support file of labelled examples of each source's task.", "a path",
-    lambda value: isinstance(value, str), path=True,
 )
 
 
