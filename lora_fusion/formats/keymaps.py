@@ -25,6 +25,7 @@ met: it imports transformers and peft, which costs seconds.
 
 from __future__ import annotations
 
+import math
 import re
 import types
 from collections.abc import Mapping
@@ -67,13 +68,17 @@ class Piece:
     rows: tuple[tuple[int, int], ...] | None = None
 
 
-def _probe(modules: Mapping[str, int], *, down: str, up: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+def _probe(
+    modules: Mapping[str, int], *, down: str, up: str
+) -> tuple[dict[str, torch.Tensor], list[str], tuple[torch.Tensor, ...]]:
+    """A state dict of stand-ins (down: the module's index; up: its row numbers), the module names in index order,
+    and the stand-ins in probe order (down of module i at 2·i, up at 2·i + 1), kept for [`_read_probe`]."""
     names = list(modules)
     probe: dict[str, torch.Tensor] = {}
     for index, name in enumerate(names):
         probe[f"{name}.{down}"] = torch.full((1, 1), float(index))
         probe[f"{name}.{up}"] = torch.arange(modules[name], dtype=torch.float32).reshape(-1, 1)
-    return probe, names
+    return probe, names, tuple(probe.values())
 
 
 def _row_blocks(rows: torch.Tensor, out_features: int) -> tuple[tuple[int, int], ...] | None:
@@ -87,15 +92,24 @@ def _row_blocks(rows: torch.Tensor, out_features: int) -> tuple[tuple[int, int],
     return tuple((int(values[a]), int(values[b - 1]) + 1) for a, b in zip(edges, edges[1:]))
 
 
-def _read_probe(converted: Mapping[str, torch.Tensor], names: list[str], out: Mapping[str, int]) -> dict[str, Piece]:
+def _read_probe(
+    converted: Mapping[str, torch.Tensor], names: list[str], out: Mapping[str, int], stand_ins: tuple[torch.Tensor, ...]
+) -> dict[str, Piece]:
+    # The SD maps only rename keys: a tensor that is still a stand-in itself needs no reading (its place gives its
+    # module; an up matrix in its own module's place keeps every row in order). `stand_ins` keeps every stand-in
+    # alive, so no tensor diffusers made can reuse one's id.
+    places = {id(tensor): place for place, tensor in enumerate(stand_ins)}
     pieces: dict[str, Piece] = {}
     for key, tensor in converted.items():
         if not key.endswith(".lora_A.weight"):
             continue
         canonical = key[: -len(".lora_A.weight")]
-        module = names[int(tensor.flatten()[0])]
+        place = places.get(id(tensor))
+        index = place // 2 if place is not None and place % 2 == 0 else int(tensor.flatten()[0])
+        module = names[index]
         rows = converted[f"{canonical}.lora_B.weight"]
-        pieces[canonical] = Piece(module, _row_blocks(rows, out[module]))
+        whole = places.get(id(rows)) == 2 * index + 1
+        pieces[canonical] = Piece(module, None if whole else _row_blocks(rows, out[module]))
     return pieces
 
 
@@ -118,7 +132,7 @@ def kohya_to_canonical(modules: Mapping[str, int], *, source: str) -> dict[str, 
         UnsupportedAdapterError: diffusers is missing, or its map drops or rejects a module (named).
     """
     require_diffusers(source, "a kohya/A1111/ComfyUI LoRA file")
-    probe, names = _probe(modules, down="lora_down.weight", up="lora_up.weight")
+    probe, names, stand_ins = _probe(modules, down="lora_down.weight", up="lora_up.weight")
     flux = any(re.match(r"lora_unet_(double|single)_blocks_", name) for name in names)
     try:
         converted = _convert_flux(probe) if flux else _convert_sd(probe)
@@ -129,7 +143,7 @@ def kohya_to_canonical(modules: Mapping[str, int], *, source: str) -> dict[str, 
             f"{source}: diffusers' {kind} key map cannot read this file ({first[:200]}); example keys: "
             f"{', '.join(names[:3])}."
         ) from None
-    pieces = _read_probe(converted, names, modules)
+    pieces = _read_probe(converted, names, modules, stand_ins)
     _refuse_dropped(pieces, names, source)
     return pieces
 
@@ -140,7 +154,7 @@ def diffusers_old_to_canonical(modules: Mapping[str, int], *, source: str) -> di
     require_diffusers(source, "an older diffusers LoRA file")
     from diffusers.utils.state_dict_utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
 
-    probe, names = _probe(modules, down="down.weight", up="up.weight")
+    probe, names, stand_ins = _probe(modules, down="down.weight", up="up.weight")
     try:
         unet = {k: v for k, v in probe.items() if not k.startswith("text_encoder")}
         text = {k: v for k, v in probe.items() if k.startswith("text_encoder")}
@@ -148,7 +162,7 @@ def diffusers_old_to_canonical(modules: Mapping[str, int], *, source: str) -> di
                      **(convert_state_dict_to_peft(text) if text else {})}
     except (ValueError, KeyError) as err:
         raise UnsupportedAdapterError(f"{source}: diffusers' key map cannot read this file ({err}).") from None
-    pieces = _read_probe(converted, names, modules)
+    pieces = _read_probe(converted, names, modules, stand_ins)
     _refuse_dropped(pieces, names, source)
     return pieces
 
@@ -282,7 +296,7 @@ def scalar_alpha(value: Any, *, module: str, source: str) -> float:
         raise CorruptAdapterError(
             f"{source}: module {module} has an alpha of shape {list(tensor.shape)}; expected one number."
         )
-    alpha = float(tensor.reshape(()).float())
-    if not torch.isfinite(torch.tensor(alpha)):
+    alpha = float(tensor.reshape(()))
+    if not math.isfinite(alpha):
         raise CorruptAdapterError(f"{source}: module {module} has alpha {alpha}; expected a finite number.")
     return alpha

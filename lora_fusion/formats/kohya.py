@@ -21,7 +21,7 @@ from ..errors import UnsupportedAdapterError
 from ..spec import AdapterContents
 from .diffusers import component_of, safetensors_keys
 from .keymaps import FusedModule, canonical_to_kohya_flux, canonical_to_kohya_sd
-from .peft import folded_factors
+from .peft import output_factors
 from .single_file import file_layout, read_single_file
 from .stores import save_safetensors
 
@@ -77,7 +77,7 @@ class KohyaFormat:
             names = canonical_to_kohya_sd(others, text_encoder_2=any(n.startswith("text_encoder_2.") for n in others),
                                           source="kohya output")
             for canonical, kohya in names.items():
-                a, b, _ = folded_factors(adapter, canonical)
+                a, b, _ = output_factors(adapter, canonical, fold_scale=True)
                 _put(tensors, kohya, a, b)
         for group in canonical_to_kohya_flux(flux, source="kohya output") if flux else []:
             down, up = _fused(adapter, group)
@@ -94,7 +94,7 @@ def _put(tensors: dict[str, torch.Tensor], kohya: str, down: torch.Tensor, up: t
 def _fused(adapter: LoraAdapter, group: FusedModule) -> tuple[torch.Tensor, torch.Tensor]:
     """down = [A_1; …; A_k], up = blockdiag(B_1, …, B_k), zero rows for absent parts: ΔW_fused = concat of the ΔW."""
     present = [name for name in group.parts if name is not None]
-    factors = {name: folded_factors(adapter, name)[:2] for name in present}
+    factors = {name: output_factors(adapter, name, fold_scale=True)[:2] for name in present}
     widths = {name: adapter.modules[name].out_features for name in present}
     attention = next((widths[n] for n, full in zip(group.parts, group.part_names)
                       if n is not None and not full.endswith("proj_mlp")), None)

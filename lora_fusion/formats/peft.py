@@ -2,7 +2,8 @@
 between state-dict keys (`base_model.model.<module>.lora_A.weight`, …) and module names, in both directions.
 
 Reading checks that a config and a weights file describe a plain LoRA that merges exactly, and refuses anything else
-with the reason; writing folds every scale into the factors (scale 1 everywhere, see `peft_config`). The reader serves
+with the reason; writing records each module's scale in the config (`alpha_pattern`, see `peft_config`), so a
+file's factors are written unchanged. The reader serves
 `load_adapter` and the writer's check of what it wrote alike.
 """
 
@@ -120,8 +121,8 @@ class PeftFormat:
         return AdapterContents(config=parsed, modules=modules, store=store, files=(config_path, weights_path))
 
     def write(self, adapter: LoraAdapter, folder: Path, *, metadata: Mapping[str, str]) -> None:
-        """Write `adapter_model.safetensors` (PEFT's keys, scales folded in, `metadata` in the header) and
-        `adapter_config.json` ([`peft_config`]) into `folder`."""
+        """Write `adapter_model.safetensors` (PEFT's keys, the factors as the source holds them, `metadata` in the
+        header) and `adapter_config.json` ([`peft_config`], each module's scale in it) into `folder`."""
         save_safetensors(_output_tensors(adapter), folder / SAFETENSORS_NAME, metadata=metadata)
         (folder / CONFIG_NAME).write_text(json.dumps(peft_config(adapter), indent=2, sort_keys=True) + "\n")
 
@@ -458,9 +459,22 @@ def check_scale_fits(module: str, scale: float, dtype: torch.dtype, source: str)
         )
 
 
-def folded_factors(adapter: LoraAdapter, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """One module's A and B in stored shapes and the module's dtype, with its scale folded in as √|s| on each factor
-    (so that every format can record scale 1), and its lora_B bias times s (or None). Shared by every writer.
+def records_scale(spec: ModuleSpec) -> bool:
+    """Whether a format with per-module alphas in its config (PEFT, diffusers) records `spec`'s scale there instead of
+    folding it into the factors: any positive scale (alpha = scale·rank, which PEFT's `alpha_pattern` holds); a
+    negative or zero one is folded."""
+    return spec.scale > 0
+
+
+def output_factors(
+    adapter: LoraAdapter, name: str, *, fold_scale: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One module's A and B in stored shapes and the module's dtype, and its lora_B bias (or None). Shared by every
+    writer.
+
+    With `fold_scale` the module's scale goes into the factors, √|s| on each (so that the format can record scale 1)
+    and s on the bias; without it they are written as the source holds them (the format records the scale): a
+    file's own factors then pass through with no arithmetic and no copy.
 
     Raises:
         NonFiniteError: a factor holds NaN or Inf (naming the source).
@@ -468,11 +482,12 @@ def folded_factors(adapter: LoraAdapter, name: str) -> tuple[torch.Tensor, torch
     """
     spec = adapter.modules[name]
     factors = adapter.factors(name, check_finite=False)  # one check, of what is written, below
-    a, b = factors.A, factors.B
-    if spec.scale != 1.0:  # merged adapters already have scale 1; loaded ones get √|s| on each factor
+    a, b, bias = factors.A, factors.B, factors.bias
+    if fold_scale and spec.scale != 1.0:  # merged adapters already have scale 1; loaded ones get √|s| on each factor
         root = math.sqrt(abs(spec.scale))
         a, b = a * root, b * math.copysign(root, spec.scale)
-    bias = None if factors.bias is None else (factors.bias * spec.scale).to(spec.dtype).contiguous()
+        bias = None if bias is None else bias * spec.scale
+    bias = None if bias is None else bias.to(spec.dtype).contiguous()
     a, b = a.reshape(spec.a_shape).to(spec.dtype).contiguous(), b.reshape(spec.b_shape).to(spec.dtype).contiguous()
     if not all(all_finite(t) for t in (a, b, bias) if t is not None):
         adapter.factors(name)  # a NaN or Inf in the source: its own error, naming the source
@@ -482,10 +497,11 @@ def folded_factors(adapter: LoraAdapter, name: str) -> tuple[torch.Tensor, torch
 
 
 def _output_tensors(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
-    """PEFT-keyed tensors in stored shapes, scales folded in ([`folded_factors`])."""
+    """PEFT-keyed tensors in stored shapes; scales recorded in the config where they can be ([`records_scale`]),
+    folded in otherwise ([`output_factors`])."""
     tensors: dict[str, torch.Tensor] = {}
     for name, spec in adapter.modules.items():
-        a, b, bias = folded_factors(adapter, name)
+        a, b, bias = output_factors(adapter, name, fold_scale=not records_scale(spec))
         a_key, b_key, bias_key = state_dict_keys(spec)
         tensors[a_key], tensors[b_key] = a, b
         if bias is not None and bias_key:
@@ -493,26 +509,40 @@ def _output_tensors(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def peft_config(adapter: LoraAdapter) -> dict[str, Any]:
-    """`adapter_config.json` for `adapter`: plain LoRA, scale 1 everywhere, per-module ranks in the patterns.
+def recorded_alpha(spec: ModuleSpec) -> float | int:
+    """The `lora_alpha` a config records for `spec`: scale·rank where the scale is recorded ([`records_scale`]), the
+    rank (scale 1) where it was folded; an int when it is one, as PEFT writes it."""
+    alpha = spec.scale * spec.rank if records_scale(spec) else float(spec.rank)
+    return int(alpha) if alpha.is_integer() else alpha
 
-    Every scale is already folded into the factors, so the config says `lora_alpha = r` (with `alpha_pattern` equal to
-    `rank_pattern`) and `use_rslora` false: s = 1 in every module. Patterns are keyed by the full module name,
-    regex-escaped, so `layers.1.` can never match `layers.11.`.
+
+def most_common(values: Mapping[str, float | int]) -> float | int:
+    """The value most modules share (the larger on a tie): a config's `r` or `lora_alpha`, the others in patterns."""
+    counts = Counter(values.values())
+    return max(counts, key=lambda value: (counts[value], value))
+
+
+def peft_config(adapter: LoraAdapter) -> dict[str, Any]:
+    """`adapter_config.json` for `adapter`: plain LoRA, each module's rank and alpha in the patterns.
+
+    A module's alpha is scale·rank where its scale is recorded rather than folded ([`records_scale`]), else its rank
+    (merged adapters have scale 1 everywhere, so `lora_alpha = r`); `use_rslora` is false, so PEFT's alpha/r gives
+    each module its scale. `r` and `lora_alpha` are the most common values; modules that differ are listed in
+    `rank_pattern` and `alpha_pattern`, keyed by the full module name, regex-escaped, which PEFT matches as
+    `(.*\\.)?(key)$`, so `layers.1.` can never match `layers.11.`.
     """
     ranks = {name: spec.rank for name, spec in adapter.modules.items()}
-    counts = Counter(ranks.values())
-    common = max(counts, key=lambda r: (counts[r], r))
-    pattern = {re.escape(name): rank for name, rank in sorted(ranks.items()) if rank != common}
+    alphas = {name: recorded_alpha(spec) for name, spec in adapter.modules.items()}
+    rank, alpha = most_common(ranks), most_common(alphas)
     return {
         "peft_type": "LORA",
         "task_type": adapter.config.task_type,
         "base_model_name_or_path": adapter.config.base_model,
         "revision": None,
-        "r": common,
-        "lora_alpha": common,
-        "rank_pattern": pattern,
-        "alpha_pattern": dict(pattern),
+        "r": rank,
+        "lora_alpha": alpha,
+        "rank_pattern": {re.escape(name): r for name, r in sorted(ranks.items()) if r != rank},
+        "alpha_pattern": {re.escape(name): a for name, a in sorted(alphas.items()) if a != alpha},
         "target_modules": sorted(ranks),
         "use_rslora": False,
         "use_dora": False,

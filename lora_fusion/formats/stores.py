@@ -1,23 +1,33 @@
-"""Adapter files opened safely and lazily, whatever the format: safetensors files (memory-mapped, one tensor per read),
-legacy pickles (unpickled with `weights_only=True`, so no code from a downloaded file ever runs), links that leave an
-adapter's folder refused; and safetensors files written deterministically.
+"""Adapter files opened safely and lazily, whatever the format: safetensors files (memory-mapped: a tensor is a view
+of the file's pages, read when used), legacy pickles (unpickled with `weights_only=True`, so no code from a
+downloaded file ever runs), links that leave an adapter's folder refused; and safetensors files written
+deterministically, straight from the tensors' memory.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import re
+import math
+import mmap
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
-from ..errors import CorruptAdapterError
+from ..errors import CorruptAdapterError, UnsupportedAdapterError
 
 # safetensors' names of the float dtypes a merge reads (a header says "F16"; torch says torch.float16).
 FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+# Every dtype a safetensors file can hold that torch has (alphas may be stored as integers; bake writes full models).
+SAFETENSORS_DTYPES = {
+    **FLOAT_DTYPES, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+_SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+# safetensors' own limit on a file's JSON header (100 MB).
+MAX_HEADER_BYTES = 100_000_000
 
 
 def refuse_outside_links(file: Path, folder: Path, source: str) -> None:
@@ -43,32 +53,62 @@ def refuse_outside_links(file: Path, folder: Path, source: str) -> None:
 
 
 class SafetensorsStore:
-    """A safetensors file opened lazily: headers on open, one tensor per read (memory-mapped)."""
+    """A safetensors file opened lazily: its header on open (validated by safetensors), a tensor per read as a
+    zero-copy view of a private memory map of the file.
+
+    The map is copy-on-write (`ACCESS_COPY`): a write into a returned tensor stays in this process and never reaches
+    the file. Callers treat what they read as read-only, as with the other stores (their tensors are shared too).
+    """
 
     def __init__(self, path: Path, source: str) -> None:
         from safetensors import SafetensorError, safe_open
 
         self.path, self.source = path, source
         try:
-            self._file = safe_open(str(path), framework="pt", device="cpu")
+            # safetensors checks the header (offsets in bounds, contiguous, sizes matching shapes and dtypes) ...
+            with safe_open(str(path), framework="pt", device="cpu") as checked:
+                self._keys, self._metadata = list(checked.keys()), dict(checked.metadata() or {})
+            # ... which is then read once more for the offsets safe_open does not expose.
+            with path.open("rb") as file:
+                size = int.from_bytes(file.read(8), "little")
+                header = json.loads(file.read(size))
+                self._map = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
         except (SafetensorError, OSError, ValueError) as err:
             raise CorruptAdapterError(
                 f"{source}: {path.name} is not a readable safetensors file ({err}); re-download the adapter."
             ) from None
+        start = 8 + size
+        self._entries = {
+            key: (tuple(entry["shape"]), entry["dtype"], start + entry["data_offsets"][0])
+            for key, entry in header.items() if key != "__metadata__"
+        }
 
     def keys(self) -> list[str]:
-        return list(self._file.keys())
+        return list(self._keys)
 
     def metadata(self) -> dict[str, str]:
         """The file header's `__metadata__` (strings; empty when there is none)."""
-        return dict(self._file.metadata() or {})
+        return dict(self._metadata)
 
     def header(self, key: str) -> tuple[tuple[int, ...], str]:
-        piece = self._file.get_slice(key)
-        return tuple(piece.get_shape()), piece.get_dtype()
+        shape, dtype, _ = self._entries[key]
+        return shape, dtype
 
     def read(self, key: str) -> torch.Tensor:
-        return self._file.get_tensor(key)
+        """The tensor `key`, a view of the file's pages (read-only by convention, see the class).
+
+        Raises:
+            UnsupportedAdapterError: its dtype is one torch does not have (named).
+        """
+        shape, name, offset = self._entries[key]
+        dtype = SAFETENSORS_DTYPES.get(name)
+        if dtype is None:
+            raise UnsupportedAdapterError(f"{self.source}: tensor {key} is stored as {name}, which lora-fusion does "
+                                          "not read.")
+        count = math.prod(shape)
+        if count == 0:  # frombuffer refuses empty views
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(self._map, dtype=dtype, count=count, offset=offset).reshape(shape)
 
 
 class PickleStore:
@@ -101,34 +141,36 @@ class PickleStore:
 
 
 def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, *, metadata: Mapping[str, str]) -> None:
-    """Write `tensors` to the safetensors file `path` (`"format": "pt"` plus `metadata` in its header), with the
-    header's keys sorted so that equal inputs give equal bytes.
+    """Write `tensors` to the safetensors file `path`, `"format": "pt"` plus `metadata` in its header, so that equal
+    inputs give equal bytes: the header's keys sorted, the data ordered by element size then name (each tensor
+    aligned to its element size), the header padded with spaces to 8 bytes.
+
+    Each tensor's bytes go to the file straight from its memory (a view of a source file's map is copied by the
+    kernel from the page cache; no serialised copy is built, unlike `safetensors.torch.save_file`). `metadata` is
+    read once the tensors are ready, when the header is made.
 
     Raises:
-        OSError: the disk refused the write (safetensors' own I/O errors are re-raised as OSError with their errno).
+        OSError: the disk refused the write (a full disk, ...).
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
+    order = sorted(tensors, key=lambda key: (-tensors[key].element_size(), key))
+    header: dict[str, object] = {"__metadata__": {"format": "pt", **metadata}}
+    offset = 0
+    for key in order:
+        tensor = tensors[key]
+        size = tensor.numel() * tensor.element_size()
+        header[key] = {"dtype": _SAFETENSORS_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                       "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    with path.open("wb") as file:
+        file.write(len(text).to_bytes(8, "little"))
+        file.write(text)
+        for key in order:
+            write_tensor_bytes(file, tensors[key])
 
-    try:
-        save_file(dict(tensors), str(path), metadata={"format": "pt", **metadata})
-    except SafetensorError as err:  # safetensors reports a full disk as "I/O error: ... (os error 28)", not OSError
-        code = re.search(r"\(os error (\d+)\)", str(err))
-        raise (OSError(int(code[1]), os.strerror(int(code[1]))) if code else OSError(str(err))) from None
-    _sort_header(path)
 
-
-def _sort_header(path: Path) -> None:
-    """Rewrite the safetensors JSON header with sorted keys, same length, so equal inputs give equal bytes.
-
-    safetensors keeps `__metadata__` in a hash map whose order changes from run to run; the data offsets are
-    relative to the end of the header, so re-serialising it in place (space-padded, as the format allows) is safe.
-    """
-    with path.open("r+b") as file:
-        size = int.from_bytes(file.read(8), "little")
-        header = json.loads(file.read(size))
-        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-        if len(text) > size:  # cannot happen for the same content; keep the file valid rather than deterministic
-            return
-        file.seek(8)
-        file.write(text.ljust(size, b" "))
+def write_tensor_bytes(file: BinaryIO, tensor: torch.Tensor) -> None:
+    """Append `tensor`'s bytes (C order, native little-endian) to the open `file`."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    file.write(flat.view(torch.uint8).numpy())
