@@ -3,7 +3,8 @@
 text encoders under `lora_te_` (SD 1.x/2.x) or `lora_te1_`/`lora_te2_` (SDXL, Flux's CLIP).
 
 Reading goes through [`lora_fusion.formats.single_file`] (diffusers' key maps, LyCORIS expanded exactly). Writing
-folds every scale into the factors and records `.alpha` = rank (scale 1, exact); Flux's attention q/k/v (and the
+folds every scale into the factors (`lora_fusion.formats.peft.scale_split`; nothing to fold where alpha = rank) and
+records `.alpha` = rank (scale 1, exact); Flux's attention q/k/v (and the
 single blocks' q/k/v/MLP input) are fused back exactly: down = [A_q; A_k; A_v], up = blockdiag(B_q, B_k, B_v), rank
 r_q + r_k + r_v. A part the adapter lacks is written as zero rows (its size taken from its siblings: q, k, v share
 one width, and Flux's MLP input is 4× that width).

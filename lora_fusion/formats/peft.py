@@ -466,15 +466,26 @@ def records_scale(spec: ModuleSpec) -> bool:
     return spec.scale > 0
 
 
+def scale_split(scale: float) -> tuple[float, float]:
+    """A LoRA scale s as p·q for folding it into the factors (A·p, B·q): p the power of two nearest √|s|, so that
+    A·p is exact and the factors keep balanced magnitudes (no underflow of half-precision values from a small s on
+    one factor), and q = s/p, the one rounding (none when s is a power of two, as kohya's alpha = rank/2 gives: p = 1
+    and B·½, both exact). Zero gives (1, 0)."""
+    if scale == 0.0:
+        return 1.0, 0.0
+    power = 2.0 ** round(math.log2(abs(scale)) / 2)
+    return power, scale / power
+
+
 def output_factors(
     adapter: LoraAdapter, name: str, *, fold_scale: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One module's A and B in stored shapes and the module's dtype, and its lora_B bias (or None). Shared by every
     writer.
 
-    With `fold_scale` the module's scale goes into the factors, √|s| on each (so that the format can record scale 1)
-    and s on the bias; without it they are written as the source holds them (the format records the scale): a
-    file's own factors then pass through with no arithmetic and no copy.
+    With `fold_scale` the module's scale s goes into the factors (so that the format can record scale 1), split as
+    [`scale_split`] says, and s into the bias; without it they are written as the source holds them (the format
+    records the scale): a file's own factors then pass through with no arithmetic and no copy.
 
     Raises:
         NonFiniteError: a factor holds NaN or Inf (naming the source).
@@ -483,9 +494,10 @@ def output_factors(
     spec = adapter.modules[name]
     factors = adapter.factors(name, check_finite=False)  # one check, of what is written, below
     a, b, bias = factors.A, factors.B, factors.bias
-    if fold_scale and spec.scale != 1.0:  # merged adapters already have scale 1; loaded ones get √|s| on each factor
-        root = math.sqrt(abs(spec.scale))
-        a, b = a * root, b * math.copysign(root, spec.scale)
+    if fold_scale and spec.scale != 1.0:  # merged adapters already have scale 1
+        on_a, on_b = scale_split(spec.scale)
+        a = a if on_a == 1.0 else a * on_a
+        b = b * on_b
         bias = None if bias is None else bias * spec.scale
     bias = None if bias is None else bias.to(spec.dtype).contiguous()
     a, b = a.reshape(spec.a_shape).to(spec.dtype).contiguous(), b.reshape(spec.b_shape).to(spec.dtype).contiguous()
