@@ -22,7 +22,7 @@ from ..spec import AdapterContents
 from .keymaps import COMPONENTS
 from .peft import most_common, output_factors, recorded_alpha, records_scale
 from .single_file import file_layout, read_single_file
-from .stores import MAX_HEADER_BYTES, save_safetensors
+from .stores import MAX_HEADER_BYTES, PendingTensor, save_safetensors
 
 if TYPE_CHECKING:
     from ..adapter import LoraAdapter
@@ -92,7 +92,7 @@ class DiffusersFormat:
         Raises:
             UnsupportedAdapterError: a module without a pipeline component in its name, or an embedding LoRA (named).
         """
-        tensors: dict[str, torch.Tensor] = {}
+        tensors: dict[str, torch.Tensor | PendingTensor] = {}
         for name, spec in adapter.modules.items():
             if component_of(name) is None or spec.kind == "embedding":
                 what = "an embedding LoRA" if spec.kind == "embedding" else "not under a pipeline component"

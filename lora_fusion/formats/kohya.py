@@ -24,7 +24,7 @@ from .diffusers import component_of, safetensors_keys
 from .keymaps import FusedModule, canonical_to_kohya_flux, canonical_to_kohya_sd
 from .peft import output_factors
 from .single_file import file_layout, read_single_file
-from .stores import save_safetensors
+from .stores import PendingTensor, materialized, save_safetensors
 
 if TYPE_CHECKING:
     from ..adapter import LoraAdapter
@@ -73,7 +73,7 @@ class KohyaFormat:
             raise UnsupportedAdapterError(
                 f"module {unsupported[0]} has no kohya key; write --format peft or diffusers instead."
             )
-        tensors: dict[str, torch.Tensor] = {}
+        tensors: dict[str, torch.Tensor | PendingTensor] = {}
         if others:
             names = canonical_to_kohya_sd(others, text_encoder_2=any(n.startswith("text_encoder_2.") for n in others),
                                           source="kohya output")
@@ -86,7 +86,8 @@ class KohyaFormat:
         save_safetensors(tensors, file, metadata=metadata)
 
 
-def _put(tensors: dict[str, torch.Tensor], kohya: str, down: torch.Tensor, up: torch.Tensor) -> None:
+def _put(tensors: dict[str, torch.Tensor | PendingTensor], kohya: str, down: torch.Tensor | PendingTensor,
+         up: torch.Tensor | PendingTensor) -> None:
     tensors[f"{kohya}.lora_down.weight"], tensors[f"{kohya}.lora_up.weight"] = down, up
     # The factors carry every scale, so alpha = rank gives kohya's alpha/rank = 1 exactly.
     tensors[f"{kohya}.alpha"] = torch.tensor(float(down.shape[0]), dtype=torch.float32)
@@ -95,7 +96,10 @@ def _put(tensors: dict[str, torch.Tensor], kohya: str, down: torch.Tensor, up: t
 def _fused(adapter: LoraAdapter, group: FusedModule) -> tuple[torch.Tensor, torch.Tensor]:
     """down = [A_1; …; A_k], up = blockdiag(B_1, …, B_k), zero rows for absent parts: ΔW_fused = concat of the ΔW."""
     present = [name for name in group.parts if name is not None]
-    factors = {name: output_factors(adapter, name, fold_scale=True)[:2] for name in present}
+    factors = {}
+    for name in present:
+        down, up, _ = output_factors(adapter, name, fold_scale=True)
+        factors[name] = materialized(down), materialized(up)
     widths = {name: adapter.modules[name].out_features for name in present}
     attention = next((widths[n] for n, full in zip(group.parts, group.part_names)
                       if n is not None and not full.endswith("proj_mlp")), None)

@@ -30,7 +30,14 @@ from ..errors import (
 )
 from ..hub import commit_of, download_file
 from ..spec import AdapterConfig, AdapterContents, ModuleSpec, all_finite, is_lora_pair
-from .stores import FLOAT_DTYPES, PickleStore, SafetensorsStore, refuse_outside_links, save_safetensors
+from .stores import (
+    FLOAT_DTYPES,
+    PendingTensor,
+    PickleStore,
+    SafetensorsStore,
+    refuse_outside_links,
+    save_safetensors,
+)
 
 if TYPE_CHECKING:
     from ..adapter import LoraAdapter
@@ -479,39 +486,47 @@ def scale_split(scale: float) -> tuple[float, float]:
 
 def output_factors(
     adapter: LoraAdapter, name: str, *, fold_scale: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor | PendingTensor, torch.Tensor | PendingTensor, torch.Tensor | PendingTensor | None]:
     """One module's A and B in stored shapes and the module's dtype, and its lora_B bias (or None). Shared by every
     writer.
 
     With `fold_scale` the module's scale s goes into the factors (so that the format can record scale 1), split as
     [`scale_split`] says, and s into the bias; without it they are written as the source holds them (the format
-    records the scale): a file's own factors then pass through with no arithmetic and no copy.
+    records the scale). A factor that needs no arithmetic and no cast is the source's own tensor (a view of its
+    file: no copy); one that does is a [`PendingTensor`], computed when the file is written.
 
     Raises:
-        NonFiniteError: a factor holds NaN or Inf (naming the source).
-        OutputOverflowError: a value overflows the module's dtype once scaled and cast.
+        NonFiniteError: a factor holds NaN or Inf (naming the source), checked here, before anything is written.
+        OutputOverflowError: when a pending factor is computed: a value overflows the module's dtype once scaled and
+            cast (the source was finite, so nothing else makes it so).
     """
     spec = adapter.modules[name]
-    factors = adapter.factors(name, check_finite=False)  # one check, of what is written, below
-    a, b, bias = factors.A, factors.B, factors.bias
-    if fold_scale and spec.scale != 1.0:  # merged adapters already have scale 1
-        on_a, on_b = scale_split(spec.scale)
-        a = a if on_a == 1.0 else a * on_a
-        b = b * on_b
-        bias = None if bias is None else bias * spec.scale
-    bias = None if bias is None else bias.to(spec.dtype).contiguous()
-    a, b = a.reshape(spec.a_shape).to(spec.dtype).contiguous(), b.reshape(spec.b_shape).to(spec.dtype).contiguous()
-    if not all(all_finite(t) for t in (a, b, bias) if t is not None):
-        adapter.factors(name)  # a NaN or Inf in the source: its own error, naming the source
-        raise OutputOverflowError(f"module {name} does not fit in {str(spec.dtype).removeprefix('torch.')} (a value "
-                             "overflows when written)")
-    return a, b, bias
+    factors = adapter.factors(name)
+    on_a, on_b = scale_split(spec.scale) if fold_scale and spec.scale != 1.0 else (1.0, 1.0)  # merges: scale 1
+    on_bias = spec.scale if fold_scale else 1.0
+    return (_output(factors.A.reshape(spec.a_shape), on_a, spec, name),
+            _output(factors.B.reshape(spec.b_shape), on_b, spec, name),
+            None if factors.bias is None else _output(factors.bias, on_bias, spec, name))
 
 
-def _output_tensors(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
+def _output(tensor: torch.Tensor, factor: float, spec: ModuleSpec, name: str) -> torch.Tensor | PendingTensor:
+    if factor == 1.0 and tensor.dtype == spec.dtype:
+        return tensor
+
+    def compute() -> torch.Tensor:
+        result = (tensor if factor == 1.0 else tensor * factor).to(spec.dtype).contiguous()
+        if not all_finite(result):
+            raise OutputOverflowError(f"module {name} does not fit in {str(spec.dtype).removeprefix('torch.')} "
+                                      "(a value overflows when written)")
+        return result
+
+    return PendingTensor(tuple(tensor.shape), spec.dtype, compute)
+
+
+def _output_tensors(adapter: LoraAdapter) -> dict[str, torch.Tensor | PendingTensor]:
     """PEFT-keyed tensors in stored shapes; scales recorded in the config where they can be ([`records_scale`]),
     folded in otherwise ([`output_factors`])."""
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, torch.Tensor | PendingTensor] = {}
     for name, spec in adapter.modules.items():
         a, b, bias = output_factors(adapter, name, fold_scale=not records_scale(spec))
         a_key, b_key, bias_key = state_dict_keys(spec)

@@ -10,7 +10,8 @@ import json
 import math
 import mmap
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -140,24 +141,43 @@ class PickleStore:
         return self._state[key]
 
 
-def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, *, metadata: Mapping[str, str]) -> None:
+@dataclass(frozen=True)
+class PendingTensor:
+    """A tensor that [`save_safetensors`] computes when it writes it, its shape and dtype known before: a derived
+    output (a folded factor) is made, written and freed one at a time instead of all waiting in fresh memory for the
+    file's header."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    compute: Callable[[], torch.Tensor]
+
+
+def materialized(value: torch.Tensor | PendingTensor) -> torch.Tensor:
+    """`value` as a tensor: a [`PendingTensor`] computed now."""
+    return value.compute() if isinstance(value, PendingTensor) else value
+
+
+def save_safetensors(
+    tensors: Mapping[str, torch.Tensor | PendingTensor], path: Path, *, metadata: Mapping[str, str]
+) -> None:
     """Write `tensors` to the safetensors file `path`, `"format": "pt"` plus `metadata` in its header, so that equal
     inputs give equal bytes: the header's keys sorted, the data ordered by element size then name (each tensor
     aligned to its element size), the header padded with spaces to 8 bytes.
 
     Each tensor's bytes go to the file straight from its memory (a view of a source file's map is copied by the
-    kernel from the page cache; no serialised copy is built, unlike `safetensors.torch.save_file`). `metadata` is
-    read once the tensors are ready, when the header is made.
+    kernel from the page cache; no serialised copy is built, unlike `safetensors.torch.save_file`); a
+    [`PendingTensor`] is computed just before its bytes are written. `metadata` is read when the header is made.
 
     Raises:
         OSError: the disk refused the write (a full disk, ...).
+        and what a [`PendingTensor`]'s computation raises (nothing is left but a partial file in the caller's stage).
     """
-    order = sorted(tensors, key=lambda key: (-tensors[key].element_size(), key))
+    order = sorted(tensors, key=lambda key: (-tensors[key].dtype.itemsize, key))
     header: dict[str, object] = {"__metadata__": {"format": "pt", **metadata}}
     offset = 0
     for key in order:
         tensor = tensors[key]
-        size = tensor.numel() * tensor.element_size()
+        size = math.prod(tensor.shape) * tensor.dtype.itemsize
         header[key] = {"dtype": _SAFETENSORS_NAMES[tensor.dtype], "shape": list(tensor.shape),
                        "data_offsets": [offset, offset + size]}
         offset += size
@@ -167,7 +187,9 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, *, metadat
         file.write(len(text).to_bytes(8, "little"))
         file.write(text)
         for key in order:
-            write_tensor_bytes(file, tensors[key])
+            tensor = materialized(tensors[key])
+            assert tensor.shape == tensors[key].shape and tensor.dtype == tensors[key].dtype, f"{key} as declared"
+            write_tensor_bytes(file, tensor)
 
 
 def write_tensor_bytes(file: BinaryIO, tensor: torch.Tensor) -> None:
