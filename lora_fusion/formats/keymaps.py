@@ -296,7 +296,7 @@ def scalar_alpha(value: Any, *, module: str, source: str) -> float:
         raise CorruptAdapterError(
             f"{source}: module {module} has an alpha of shape {list(tensor.shape)}; expected one number."
         )
-    alpha = float(tensor.reshape(()))
+    alpha = float(tensor.item())  # one element, whatever its shape
     if not math.isfinite(alpha):
         raise CorruptAdapterError(f"{source}: module {module} has alpha {alpha}; expected a finite number.")
     return alpha
