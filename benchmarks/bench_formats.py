@@ -209,7 +209,7 @@ def convert_timers() -> dict[str, list[tuple[Any, str]]]:
                                                                                   (fkohya, "output_factors")],
         "    factor read + finiteness (LoraAdapter.factors -> spec.read_factors)": [(adapter, "read_factors")],
         "  kohya names on a probe (keymaps.canonical_to_kohya_sd)": [(fkohya, "canonical_to_kohya_sd")],
-        "  safetensors save + header sort (stores.save_safetensors)": [(fpeft, "save_safetensors"),
+        "  safetensors write, pending factors computed (stores.save_safetensors)": [(fpeft, "save_safetensors"),
                                                                        (fdiff, "save_safetensors"),
                                                                        (fkohya, "save_safetensors")],
         "    tensor bytes to the file (stores.write_tensor_bytes)": [(fstores, "write_tensor_bytes")],

@@ -8,7 +8,6 @@ diffusers' own converters, [`lora_fusion.formats.keymaps`]); writing needs no di
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 from collections.abc import Mapping
@@ -22,7 +21,7 @@ from ..spec import AdapterContents
 from .keymaps import COMPONENTS
 from .peft import most_common, output_factors, recorded_alpha, records_scale
 from .single_file import file_layout, read_single_file
-from .stores import MAX_HEADER_BYTES, PendingTensor, save_safetensors
+from .stores import PendingTensor, safetensors_header, save_safetensors
 
 if TYPE_CHECKING:
     from ..adapter import LoraAdapter
@@ -32,25 +31,12 @@ WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 def safetensors_keys(path: Path) -> list[str]:
     """The tensor names of a safetensors file, sorted, from its header alone; [] when it is not one (detection never
-    raises). Each format's detection asks, so a header is parsed once per version of the file."""
+    raises)."""
     try:
-        stat = path.stat()
-    except (OSError, ValueError):
+        _, header = safetensors_header(path)
+    except (OSError, ValueError, RecursionError):  # unreadable, or no JSON header: simply "not this format"
         return []
-    return list(_header_keys(str(path), stat.st_size, stat.st_mtime_ns))
-
-
-@functools.lru_cache(maxsize=8)
-def _header_keys(path: str, size: int, mtime_ns: int) -> tuple[str, ...]:
-    try:
-        with open(path, "rb") as file:
-            length = int.from_bytes(file.read(8), "little")
-            if not 0 < length <= min(size - 8, MAX_HEADER_BYTES):
-                return ()
-            header = json.loads(file.read(length))
-    except (OSError, ValueError, RecursionError):  # unreadable, or not JSON: simply "not this format"
-        return ()
-    return tuple(sorted(key for key in header if key != "__metadata__")) if isinstance(header, dict) else ()
+    return sorted(key for key in header if key != "__metadata__")
 
 
 def component_of(module: str) -> str | None:

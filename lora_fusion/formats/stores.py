@@ -6,6 +6,7 @@ deterministically, straight from the tensors' memory.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import mmap
@@ -13,7 +14,7 @@ import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import torch
 
@@ -53,6 +54,30 @@ def refuse_outside_links(file: Path, folder: Path, source: str) -> None:
     )
 
 
+def safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
+    """A safetensors file's JSON header (shared: never modify it) and its length in bytes, parsed once per version of
+    the file: each format's detection and the store that then reads the file all ask.
+
+    Raises:
+        OSError: the file cannot be read.
+        ValueError: the first bytes are no safetensors header (a length out of range, not a JSON object).
+    """
+    stat = path.stat()
+    return _parsed_header(str(path), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed_header(path: str, device: int, inode: int, size: int, mtime_ns: int, ctime_ns: int) -> tuple[int, dict]:
+    with open(path, "rb") as file:
+        length = int.from_bytes(file.read(8), "little")
+        if not 0 < length <= min(size - 8, MAX_HEADER_BYTES):
+            raise ValueError(f"a header of {length} bytes in a file of {size}")
+        header = json.loads(file.read(length))
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    return length, header
+
+
 class SafetensorsStore:
     """A safetensors file opened lazily: its header on open (validated by safetensors), a tensor per read as a
     zero-copy view of a private memory map of the file.
@@ -69,10 +94,9 @@ class SafetensorsStore:
             # safetensors checks the header (offsets in bounds, contiguous, sizes matching shapes and dtypes) ...
             with safe_open(str(path), framework="pt", device="cpu") as checked:
                 self._keys, self._metadata = list(checked.keys()), dict(checked.metadata() or {})
-            # ... which is then read once more for the offsets safe_open does not expose.
+            # ... whose offsets, which safe_open does not expose, come from our own parse of it.
+            size, header = safetensors_header(path)
             with path.open("rb") as file:
-                size = int.from_bytes(file.read(8), "little")
-                header = json.loads(file.read(size))
                 self._map = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
         except (SafetensorError, OSError, ValueError) as err:
             raise CorruptAdapterError(
