@@ -545,3 +545,19 @@ def test_a_kohya_text_encoder_lora_without_out_proj_reads_every_module(tmp_path)
                                        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"]
     down, up = (tensors[f"lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_{p}.weight"] for p in ("down", "up"))
     assert torch.allclose(adapter.delta("text_encoder.text_model.encoder.layers.0.self_attn.q_proj"), up @ down)
+
+
+def test_convert_records_the_sha256_of_the_file_it_read(tmp_path) -> None:
+    """The single file is hashed in the background from the moment it is found (before its keys are mapped); the
+    provenance still names exactly its bytes."""
+    import hashlib
+
+    generator = torch.Generator().manual_seed(0)
+    prefix = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    save_file({f"{prefix}.lora_down.weight": torch.randn(2, 16, generator=generator),
+               f"{prefix}.lora_up.weight": torch.randn(16, 2, generator=generator),
+               f"{prefix}.alpha": torch.tensor(1.0)}, tmp_path / "k.safetensors")
+    out = convert(tmp_path / "k.safetensors", to="diffusers", out=tmp_path / "out")
+    with safe_open(str(out / "pytorch_lora_weights.safetensors"), "pt") as file:
+        record = json.loads(file.metadata()["lora_fusion"])
+    assert record["sources"][0]["sha256"] == hashlib.sha256((tmp_path / "k.safetensors").read_bytes()).hexdigest()
