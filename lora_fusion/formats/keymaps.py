@@ -68,17 +68,31 @@ class Piece:
     rows: tuple[tuple[int, int], ...] | None = None
 
 
-def _probe(
-    modules: Mapping[str, int], *, down: str, up: str
-) -> tuple[dict[str, torch.Tensor], list[str], tuple[torch.Tensor, ...]]:
-    """A state dict of stand-ins (down: the module's index; up: its row numbers), the module names in index order,
-    and the stand-ins in probe order (down of module i at 2·i, up at 2·i + 1), kept for [`_read_probe`]."""
+@dataclass(frozen=True)
+class _Probe:
+    """A state dict of stand-ins for diffusers' converters: each down matrix holds its module's index (in `names`),
+    each up matrix the row numbers 0…out−1 (one tensor shared by the modules of one width: the row numbers are all
+    it says). `downs` and `rows` keep every stand-in alive for [`_read_probe`], so no tensor diffusers makes can
+    reuse one's id."""
+
+    state: dict[str, torch.Tensor]
+    names: list[str]
+    downs: tuple[torch.Tensor, ...]
+    rows: dict[int, torch.Tensor]
+
+
+def _probe(modules: Mapping[str, int], *, down: str, up: str) -> _Probe:
     names = list(modules)
-    probe: dict[str, torch.Tensor] = {}
+    state: dict[str, torch.Tensor] = {}
+    rows: dict[int, torch.Tensor] = {}
+    downs = []
     for index, name in enumerate(names):
-        probe[f"{name}.{down}"] = torch.full((1, 1), float(index))
-        probe[f"{name}.{up}"] = torch.arange(modules[name], dtype=torch.float32).reshape(-1, 1)
-    return probe, names, tuple(probe.values())
+        width = modules[name]
+        if width not in rows:
+            rows[width] = torch.arange(width, dtype=torch.float32).reshape(-1, 1)
+        downs.append(torch.full((1, 1), float(index)))
+        state[f"{name}.{down}"], state[f"{name}.{up}"] = downs[-1], rows[width]
+    return _Probe(state, names, tuple(downs), rows)
 
 
 def _row_blocks(rows: torch.Tensor, out_features: int) -> tuple[tuple[int, int], ...] | None:
@@ -92,23 +106,20 @@ def _row_blocks(rows: torch.Tensor, out_features: int) -> tuple[tuple[int, int],
     return tuple((int(values[a]), int(values[b - 1]) + 1) for a, b in zip(edges, edges[1:]))
 
 
-def _read_probe(
-    converted: Mapping[str, torch.Tensor], names: list[str], out: Mapping[str, int], stand_ins: tuple[torch.Tensor, ...]
-) -> dict[str, Piece]:
-    # The SD maps only rename keys: a tensor that is still a stand-in itself needs no reading (its place gives its
-    # module; an up matrix in its own module's place keeps every row in order). `stand_ins` keeps every stand-in
-    # alive, so no tensor diffusers made can reuse one's id.
-    places = {id(tensor): place for place, tensor in enumerate(stand_ins)}
+def _read_probe(converted: Mapping[str, torch.Tensor], probe: _Probe, out: Mapping[str, int]) -> dict[str, Piece]:
+    # The SD maps only rename keys: a tensor that is still a stand-in itself needs no reading (a down gives its
+    # module by its place; an up of the module's width, every row in order).
+    indices = {id(tensor): index for index, tensor in enumerate(probe.downs)}
+    untouched_rows = {id(tensor) for tensor in probe.rows.values()}
     pieces: dict[str, Piece] = {}
     for key, tensor in converted.items():
         if not key.endswith(".lora_A.weight"):
             continue
         canonical = key[: -len(".lora_A.weight")]
-        place = places.get(id(tensor))
-        index = place // 2 if place is not None and place % 2 == 0 else int(tensor.flatten()[0])
-        module = names[index]
+        index = indices.get(id(tensor))
+        module = probe.names[int(tensor.flatten()[0]) if index is None else index]
         rows = converted[f"{canonical}.lora_B.weight"]
-        whole = places.get(id(rows)) == 2 * index + 1
+        whole = id(rows) in untouched_rows and rows.shape[0] == out[module]
         pieces[canonical] = Piece(module, None if whole else _row_blocks(rows, out[module]))
     return pieces
 
@@ -132,19 +143,19 @@ def kohya_to_canonical(modules: Mapping[str, int], *, source: str) -> dict[str, 
         UnsupportedAdapterError: diffusers is missing, or its map drops or rejects a module (named).
     """
     require_diffusers(source, "a kohya/A1111/ComfyUI LoRA file")
-    probe, names, stand_ins = _probe(modules, down="lora_down.weight", up="lora_up.weight")
-    flux = any(re.match(r"lora_unet_(double|single)_blocks_", name) for name in names)
+    probe = _probe(modules, down="lora_down.weight", up="lora_up.weight")
+    flux = any(re.match(r"lora_unet_(double|single)_blocks_", name) for name in modules)
     try:
-        converted = _convert_flux(probe) if flux else _convert_sd(probe)
+        converted = _convert_flux(probe.state) if flux else _convert_sd(probe.state)
     except (ValueError, KeyError, IndexError, AssertionError, RuntimeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         kind = "Flux" if flux else "SD/SDXL"
         raise UnsupportedAdapterError(
             f"{source}: diffusers' {kind} key map cannot read this file ({first[:200]}); example keys: "
-            f"{', '.join(names[:3])}."
+            f"{', '.join(probe.names[:3])}."
         ) from None
-    pieces = _read_probe(converted, names, modules, stand_ins)
-    _refuse_dropped(pieces, names, source)
+    pieces = _read_probe(converted, probe, modules)
+    _refuse_dropped(pieces, probe.names, source)
     return pieces
 
 
@@ -154,16 +165,16 @@ def diffusers_old_to_canonical(modules: Mapping[str, int], *, source: str) -> di
     require_diffusers(source, "an older diffusers LoRA file")
     from diffusers.utils.state_dict_utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
 
-    probe, names, stand_ins = _probe(modules, down="down.weight", up="up.weight")
+    probe = _probe(modules, down="down.weight", up="up.weight")
     try:
-        unet = {k: v for k, v in probe.items() if not k.startswith("text_encoder")}
-        text = {k: v for k, v in probe.items() if k.startswith("text_encoder")}
+        unet = {k: v for k, v in probe.state.items() if not k.startswith("text_encoder")}
+        text = {k: v for k, v in probe.state.items() if k.startswith("text_encoder")}
         converted = {**(convert_unet_state_dict_to_peft(unet) if unet else {}),
                      **(convert_state_dict_to_peft(text) if text else {})}
     except (ValueError, KeyError) as err:
         raise UnsupportedAdapterError(f"{source}: diffusers' key map cannot read this file ({err}).") from None
-    pieces = _read_probe(converted, names, modules, stand_ins)
-    _refuse_dropped(pieces, names, source)
+    pieces = _read_probe(converted, probe, modules)
+    _refuse_dropped(pieces, probe.names, source)
     return pieces
 
 
