@@ -200,7 +200,7 @@ def convert_timers() -> dict[str, list[tuple[Any, str]]]:
     import lora_fusion.writer as writer
 
     return {
-        "open_source (api._open: headers, alphas, key mapping)": [(api, "_open")],
+        "open_source (sources.load_adapter: headers, alphas, key mapping)": [(api, "load_adapter")],
         "  diffusers key map on the probe (keymaps.kohya_to_canonical)": [(fsingle, "kohya_to_canonical")],
         "  alpha reads and header shapes (single_file._lora_shapes)": [(fsingle, "_lora_shapes")],
         "write_format_files (writer._fill)": [(writer, "_fill")],
