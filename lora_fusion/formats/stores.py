@@ -22,7 +22,7 @@ from ..errors import CorruptAdapterError, UnsupportedAdapterError
 
 # safetensors' names of the float dtypes a merge reads (a header says "F16"; torch says torch.float16).
 FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-# Every dtype a safetensors file can hold that torch has (alphas may be stored as integers; bake writes full models).
+# The safetensors dtypes read and written (factors are floats; alphas may be integers; bake writes full models).
 SAFETENSORS_DTYPES = {
     **FLOAT_DTYPES, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
