@@ -351,10 +351,12 @@ def convert(
     from .writer import write_adapter
 
     target = format_named(to)
-    adapter = open_source(source, revision=revision, subfolder=subfolder, token=token, weight_name=weight_name,
-                    input_format=input_format)
+    # The provenance records a local source's sha256: the other core hashes it while this one converts.
+    adapter = source if isinstance(source, LoraAdapter) else load_adapter(
+        source, revision=revision, subfolder=subfolder, token=token, weight_name=weight_name,
+        input_format=input_format, hash_in_background=True)
     if adapter.source is not None:
-        adapter.source.start_hashing()  # the provenance records it; the other core hashes while this one converts
+        adapter.source.start_hashing()
     return write_adapter(adapter, Path(out), overwrite=overwrite, format=target)
 
 

@@ -29,6 +29,7 @@ def load_adapter(
     config: str | Path | None = None,
     weight_name: str | None = None,
     input_format: str | None = None,
+    hash_in_background: bool = False,
 ) -> LoraAdapter:
     """Open a LoRA adapter from a local directory or file, or a Hub repo; tensors stay on disk.
 
@@ -45,6 +46,8 @@ def load_adapter(
         weight_name: the LoRA file inside the folder or repo, when it holds several (`pytorch_lora_weights.
             safetensors` is preferred, and a single `.safetensors` file is taken, without it).
         input_format: `"peft"`, `"diffusers"` or `"kohya"` to skip detection.
+        hash_in_background: start the local source's sha256 ([`SourceInfo.start_hashing`]) as soon as its files
+            are known, for a command that records it (`convert`): a single LoRA file from before it is read.
 
     Returns:
         [`LoraAdapter`] whose modules are known from headers; factors are read when used.
@@ -85,17 +88,21 @@ def load_adapter(
         )
         text = repo_id
     known = forced or detect_format(target)
+    if hash_in_background and target.is_file() and known is not PEFT:
+        # Every format but PEFT (which reads a config beside the weights) reads just this file: hash it while the
+        # headers are read and the keys mapped.
+        info = replace(info, files=(str(target),))
+        info.start_hashing()
     if known is PEFT and target.suffix == ".safetensors" and target.name != PEFT_WEIGHTS and config is None:
         # A lone weights file no format recognises: say what its keys look like and which layouts were tried.
         contents = read_single_file(target, source=text)
     else:
         contents = known.read(target, source=text, config=Path(config) if config else None)
-    return LoraAdapter(
-        config=contents.config,
-        modules=contents.modules,
-        store=contents.store,
-        source=replace(info, files=tuple(str(file) for file in contents.files)),
-    )
+    files = tuple(str(file) for file in contents.files)
+    source_info = info if info.files == files else replace(info, files=files)  # `info` keeps its hash under way
+    if hash_in_background:
+        source_info.start_hashing()
+    return LoraAdapter(config=contents.config, modules=contents.modules, store=contents.store, source=source_info)
 
 
 def _local_file(target: Path, source: str, *, weight_name: str | None, forced: AdapterFormat | None) -> Path:

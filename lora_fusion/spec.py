@@ -35,7 +35,7 @@ def all_finite(tensor: torch.Tensor) -> bool:
     if not tensor.numel():
         return True
     low, high = torch.aminmax(tensor)
-    return bool(torch.isfinite(low) & torch.isfinite(high))
+    return math.isfinite(low.item()) and math.isfinite(high.item())  # two numbers: no more tensor ops
 
 
 def is_lora_pair(a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> bool:

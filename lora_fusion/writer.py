@@ -2,8 +2,9 @@
 model's shards, for bake), the model card and the provenance record, check what was written by reading it back, then
 rename into place; pushes go through the Hub module.
 
-Output conventions (docs/methods.md): every scale is folded into the factors (the format records scale 1 for every
-module); provenance names no local path. The format's own files come from [`lora_fusion.formats`] (PEFT and
+Output conventions (docs/methods.md): merged adapters have scale 1 in every module; a loaded adapter written again
+(`convert`) keeps its factors as they are, its scales recorded in the PEFT or diffusers config, folded into the
+factors for kohya (`.alpha` = rank); provenance names no local path. The format's own files come from [`lora_fusion.formats`] (PEFT and
 diffusers folders, or one kohya file).
 """
 
@@ -508,7 +509,7 @@ def _provenance_tables(record: Mapping[str, Any]) -> list[str]:
 def _check_written(adapter: LoraAdapter, target: Path, out: Path, known: AdapterFormat) -> None:
     """Reopen what was written (the staging `target`), as a user would, and compare its modules, ranks and shapes
     with what was meant to be written to `out`. The values were checked finite in memory after their cast
-    (`lora_fusion.formats.peft.folded_factors`), so the headers suffice. A kohya file may hold a module at a higher rank, and extra
+    (`lora_fusion.formats.peft.output_factors`), so the headers suffice. A kohya file may hold a module at a higher rank, and extra
     all-zero parts, where Flux's fused q/k/v hold several modules in one."""
     written = known.read(target, source=str(target))
     fused = known.single_file

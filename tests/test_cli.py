@@ -114,7 +114,7 @@ def test_a_failed_write_leaves_the_previous_output_intact(two_loras, tmp_path, m
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("safetensors.torch.save_file", disk_full)
+    monkeypatch.setattr("lora_fusion.formats.stores.write_tensor_bytes", disk_full)
     assert_user_error(invoke("merge", *two_loras, "--out", out, "--overwrite"), "No space left", "nothing was written")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -171,6 +171,51 @@ def test_round_trip_peft_kohya_diffusers_peft_keeps_every_delta(sd, tmp_path) ->
                for k in keys if k.endswith(".alpha"))  # alpha = rank: scales folded into the factors
 
 
+def test_convert_passes_the_factors_through_and_peft_and_diffusers_apply_each_modules_recorded_scale(sd, tmp_path):
+    """A kohya file whose modules have three different alpha/rank scales, converted to PEFT and diffusers: the
+    factors' bytes are written unchanged, each module's alpha goes into the config (`alpha_pattern`, keyed by the
+    regex-escaped module name; diffusers' `lora_adapter_metadata`), and PEFT's `PeftModel.from_pretrained` and
+    diffusers' `load_lora_weights` both give the forward of base + ΔW."""
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+    from peft import PeftModel, get_peft_model_state_dict
+
+    state = {f"unet.{k}": v for k, v in get_peft_model_state_dict(sd["lora_unet"]).items()}
+    state.update({f"text_encoder.{k}": v for k, v in get_peft_model_state_dict(sd["lora_text"]).items()})
+    kohya = convert_state_dict_to_kohya(state)
+    for index, key in enumerate(sorted(k for k in kohya if k.endswith(".alpha"))):
+        module = key.removesuffix(".alpha")
+        rank = kohya[f"{module}.lora_down.weight"].shape[0]
+        alpha = rank * (0.5, 1.25, 3.0)[index % 3]
+        trained = 8 / 4 if module.startswith("lora_unet_") else 3 / 2  # the fixture's alpha / r
+        kohya[key] = torch.tensor(alpha)
+        kohya[f"{module}.lora_up.weight"] = kohya[f"{module}.lora_up.weight"] * (trained * rank / alpha)
+    source = tmp_path / "alphas.safetensors"
+    save_file(kohya, source)
+    expected = forward(sd["lora_unet"], sd["lora_text"])
+
+    peft_dir = convert(source, to="peft", out=tmp_path / "peft")
+    config = json.loads((peft_dir / "adapter_config.json").read_text())
+    assert len({config["lora_alpha"], *config["alpha_pattern"].values()}) > 3  # several alphas, several ranks
+    assert all(re.escape(re.sub(r"\\(.)", r"\1", key)) == key for key in config["alpha_pattern"])
+    written = load_file(peft_dir / "adapter_model.safetensors")
+    for name, spec in load_adapter(source).modules.items():  # no arithmetic: the file's own bytes
+        assert torch.equal(written[f"base_model.model.{name}.lora_A.weight"], kohya[spec.a_key]), name
+        assert torch.equal(written[f"base_model.model.{name}.lora_B.weight"], kohya[spec.b_key]), name
+    container = torch.nn.Module()
+    container.unet, container.text_encoder = copy.deepcopy(sd["unet"]), copy.deepcopy(sd["text"])
+    model = PeftModel.from_pretrained(container, str(peft_dir))
+    by_peft = forward(model.base_model.model.unet, model.base_model.model.text_encoder)
+    by_diffusers = loaded_forward(sd, convert(source, to="diffusers", out=tmp_path / "diffusers"))
+    base = forward(sd["unet"], sd["text"])
+    for got_peft, got_diffusers, e, b in zip(by_peft, by_diffusers, expected, base):
+        assert (e - b).abs().max() > 1e-3
+        assert torch.allclose(got_peft, e, atol=1e-5, rtol=1e-5)
+        assert torch.allclose(got_diffusers, e, atol=1e-5, rtol=1e-5)
+    kohya_out = load_file(convert(source, to="kohya", out=tmp_path / "k.safetensors"))
+    assert all(float(kohya_out[k]) == kohya_out[k.replace(".alpha", ".lora_down.weight")].shape[0]
+               for k in kohya_out if k.endswith(".alpha"))  # kohya output: alpha = rank, scales folded
+
+
 def test_kohya_written_by_diffusers_reads_with_its_alphas(sd, tmp_path) -> None:
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
     from peft import get_peft_model_state_dict
@@ -500,3 +545,19 @@ def test_a_kohya_text_encoder_lora_without_out_proj_reads_every_module(tmp_path)
                                        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"]
     down, up = (tensors[f"lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_{p}.weight"] for p in ("down", "up"))
     assert torch.allclose(adapter.delta("text_encoder.text_model.encoder.layers.0.self_attn.q_proj"), up @ down)
+
+
+def test_convert_records_the_sha256_of_the_file_it_read(tmp_path) -> None:
+    """The single file is hashed in the background from the moment it is found (before its keys are mapped); the
+    provenance still names exactly its bytes."""
+    import hashlib
+
+    generator = torch.Generator().manual_seed(0)
+    prefix = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    save_file({f"{prefix}.lora_down.weight": torch.randn(2, 16, generator=generator),
+               f"{prefix}.lora_up.weight": torch.randn(16, 2, generator=generator),
+               f"{prefix}.alpha": torch.tensor(1.0)}, tmp_path / "k.safetensors")
+    out = convert(tmp_path / "k.safetensors", to="diffusers", out=tmp_path / "out")
+    with safe_open(str(out / "pytorch_lora_weights.safetensors"), "pt") as file:
+        record = json.loads(file.metadata()["lora_fusion"])
+    assert record["sources"][0]["sha256"] == hashlib.sha256((tmp_path / "k.safetensors").read_bytes()).hexdigest()

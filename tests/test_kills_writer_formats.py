@@ -238,7 +238,7 @@ def test_an_old_output_that_cannot_be_deleted_does_not_fail_the_completed_overwr
     assert writer.write_adapter(second, out, overwrite=True) == out
     expected = second.factors(Q)
     written = load_adapter(out).factors(Q)
-    assert torch.allclose(written.B @ written.A, expected.scale * expected.B @ expected.A, atol=1e-6)
+    assert torch.allclose(written.delta(), expected.delta(), atol=1e-6)
 
 
 # ============================================================================================== stores
@@ -249,6 +249,32 @@ def test_save_safetensors_reraises_an_io_error_with_its_errno(tmp_path: Path) ->
         save_safetensors({"x": torch.ones(2)}, tmp_path / "missing" / "x.safetensors", metadata={})
     assert caught.value.errno == errno.ENOENT
     assert caught.value.strerror == os.strerror(errno.ENOENT)
+
+
+def test_save_safetensors_aligns_each_tensor_and_computes_pending_ones_when_writing(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from lora_fusion.formats.stores import PendingTensor
+
+    computed = []
+    half = torch.arange(3, dtype=torch.float16)  # 6 bytes: a float32 after it would be misaligned
+    pending = PendingTensor((2, 2), torch.float32, lambda: computed.append(1) or torch.full((2, 2), 3.0))
+    tensors = {"a_half": half, "b_alpha": torch.tensor(4.0), "c_pending": pending, "d_double": torch.ones(1).double()}
+    path = tmp_path / "x.safetensors"
+    save_safetensors(tensors, path, metadata={"k": "v"})
+    assert computed == [1]
+    size = int.from_bytes(path.read_bytes()[:8], "little")
+    assert size % 8 == 0
+    header = json.loads(path.read_bytes()[8 : 8 + size])
+    for key, tensor in (("a_half", half), ("b_alpha", torch.tensor(4.0)), ("d_double", torch.ones(1).double())):
+        assert header[key]["data_offsets"][0] % tensor.element_size() == 0, key
+    assert header["c_pending"]["data_offsets"][0] % 4 == 0
+    loaded = load_file(path)
+    assert torch.equal(loaded["a_half"], half) and torch.equal(loaded["c_pending"], torch.full((2, 2), 3.0))
+    assert loaded["b_alpha"].item() == 4.0 and loaded["d_double"].dtype == torch.float64
+    again = tmp_path / "y.safetensors"
+    save_safetensors(tensors, again, metadata={"k": "v"})
+    assert again.read_bytes() == path.read_bytes()  # same inputs, same bytes
 
 
 def test_a_header_with_non_ascii_metadata_is_still_sorted(tmp_path: Path) -> None:

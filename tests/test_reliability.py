@@ -340,14 +340,15 @@ import lora_fusion.formats.stores as stores
 from lora_fusion import merge
 
 source, out, marker = sys.argv[1:4]
-sort_header = stores._sort_header
+write = stores.write_tensor_bytes
 
-def stall(path):  # the safetensors file is in the staging folder; config and card are not written yet
-    sort_header(path)
-    Path(marker).write_text(str(path.parent))
+def stall(file, tensor):  # the safetensors file is half written in the staging folder; config and card are not yet
+    write(file, tensor)
+    file.flush()
+    Path(marker).write_text(str(Path(file.name).parent))
     time.sleep(300)
 
-stores._sort_header = stall
+stores.write_tensor_bytes = stall
 merge([source], weights=[2.0]).save_pretrained(out, overwrite=True)
 """
 
@@ -394,9 +395,9 @@ def file_size_limit(nbytes: int) -> Iterator[None]:
 
 
 def test_a_size_capped_write_is_one_clear_error_and_leaves_nothing(tmp_path) -> None:
-    # tests/test_cli.py::test_a_failed_write_leaves_the_previous_output_intact patches save_file to raise OSError;
-    # the real safetensors raises SafetensorError ("I/O error: File too large (os error 27)"), which escaped as a
-    # traceback before the fix.
+    # tests/test_cli.py::test_a_failed_write_leaves_the_previous_output_intact patches the tensor write to raise
+    # OSError; here the kernel refuses a real write (EFBIG). (When safetensors' save_file wrote the file, this came as
+    # SafetensorError "I/O error: File too large (os error 27)", which escaped as a traceback before a fix.)
     big = {name: (256, 256) for name in SHAPES}
     out = merge([lora(tmp_path / "small")]).save_pretrained(tmp_path / "out")
     before = snapshot(out)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,9 +19,9 @@ import torch
 from ..errors import UnsupportedAdapterError
 from ..spec import AdapterContents
 from .keymaps import COMPONENTS
-from .peft import folded_factors
+from .peft import most_common, output_factors, recorded_alpha, records_scale
 from .single_file import file_layout, read_single_file
-from .stores import SafetensorsStore, save_safetensors
+from .stores import PendingTensor, safetensors_header, save_safetensors
 
 if TYPE_CHECKING:
     from ..adapter import LoraAdapter
@@ -31,11 +30,13 @@ WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
 def safetensors_keys(path: Path) -> list[str]:
-    """The tensor names of a safetensors file, or [] when it is not one (detection never raises)."""
+    """The tensor names of a safetensors file, sorted, from its header alone; [] when it is not one (detection never
+    raises)."""
     try:
-        return SafetensorsStore(path, str(path)).keys()
-    except Exception:  # noqa: BLE001 - any unreadable file is simply "not this format"
+        _, header = safetensors_header(path)
+    except (OSError, ValueError, RecursionError):  # unreadable, or no JSON header: simply "not this format"
         return []
+    return sorted(key for key in header if key != "__metadata__")
 
 
 def component_of(module: str) -> str | None:
@@ -70,13 +71,14 @@ class DiffusersFormat:
         return read_single_file(file, source=source)
 
     def write(self, adapter: LoraAdapter, folder: Path, *, metadata: Mapping[str, str]) -> None:
-        """Write `pytorch_lora_weights.safetensors` into `folder`: scales folded (scale 1, recorded per component in
-        `lora_adapter_metadata` as diffusers' `save_lora_weights` does), provenance in `metadata`.
+        """Write `pytorch_lora_weights.safetensors` into `folder`: the factors as the source holds them, each module's
+        scale recorded in the per-component LoraConfig of `lora_adapter_metadata` (as diffusers' `save_lora_weights`
+        stores it; folded into the factors where it cannot be, see `records_scale`), provenance in `metadata`.
 
         Raises:
             UnsupportedAdapterError: a module without a pipeline component in its name, or an embedding LoRA (named).
         """
-        tensors: dict[str, torch.Tensor] = {}
+        tensors: dict[str, torch.Tensor | PendingTensor] = {}
         for name, spec in adapter.modules.items():
             if component_of(name) is None or spec.kind == "embedding":
                 what = "an embedding LoRA" if spec.kind == "embedding" else "not under a pipeline component"
@@ -84,7 +86,7 @@ class DiffusersFormat:
                     f"module {name} is {what} ({', '.join(COMPONENTS)}), so the diffusers format has no key for it; "
                     "write --format peft instead."
                 )
-            a, b, bias = folded_factors(adapter, name)
+            a, b, bias = output_factors(adapter, name, fold_scale=not records_scale(spec))
             tensors[f"{name}.lora_A.weight"], tensors[f"{name}.lora_B.weight"] = a, b
             if bias is not None:
                 tensors[f"{name}.lora_B.bias"] = bias
@@ -93,21 +95,24 @@ class DiffusersFormat:
 
 
 def _lora_metadata(adapter: LoraAdapter) -> dict[str, Any]:
-    """diffusers' packed per-component LoraConfig (`unet.r`, `unet.lora_alpha`, …): scale 1 in every module, the
-    ranks that differ from the most common one in `rank_pattern` (and `alpha_pattern`), names regex-escaped."""
+    """diffusers' packed per-component LoraConfig (`unet.r`, `unet.lora_alpha`, …): each module's rank and alpha
+    (scale·rank, see `recorded_alpha`), the most common ones as `r` and `lora_alpha`, the others in `rank_pattern` and
+    `alpha_pattern`, names regex-escaped (PEFT, which diffusers loads through, matches them as `(.*\\.)?(key)$`)."""
     packed: dict[str, Any] = {}
-    by_component: dict[str, dict[str, int]] = {}
+    by_component: dict[str, dict[str, tuple[int, float | int]]] = {}
     for name, spec in adapter.modules.items():
         component = component_of(name)
         assert component is not None  # write() refused the others
-        by_component.setdefault(component, {})[name[len(component) + 1:]] = spec.rank
-    for component, ranks in sorted(by_component.items()):
-        counts = Counter(ranks.values())
-        common = max(counts, key=lambda r: (counts[r], r))
-        pattern = {re.escape(n): r for n, r in sorted(ranks.items()) if r != common}
-        config = {"r": common, "lora_alpha": common, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
-                  "target_modules": sorted(ranks), "use_dora": False, "use_rslora": False,
-                  "lora_bias": any(adapter.modules[f"{component}.{n}"].bias_key for n in ranks)}
+        by_component.setdefault(component, {})[name[len(component) + 1:]] = (spec.rank, recorded_alpha(spec))
+    for component, modules in sorted(by_component.items()):
+        ranks = {n: rank for n, (rank, _) in modules.items()}
+        alphas = {n: alpha for n, (_, alpha) in modules.items()}
+        rank, alpha = most_common(ranks), most_common(alphas)
+        config = {"r": rank, "lora_alpha": alpha,
+                  "rank_pattern": {re.escape(n): r for n, r in sorted(ranks.items()) if r != rank},
+                  "alpha_pattern": {re.escape(n): a for n, a in sorted(alphas.items()) if a != alpha},
+                  "target_modules": sorted(modules), "use_dora": False, "use_rslora": False,
+                  "lora_bias": any(adapter.modules[f"{component}.{n}"].bias_key for n in modules)}
         packed.update({f"{component}.{key}": value for key, value in config.items()})
     return packed
 

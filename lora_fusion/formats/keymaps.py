@@ -25,6 +25,7 @@ met: it imports transformers and peft, which costs seconds.
 
 from __future__ import annotations
 
+import math
 import re
 import types
 from collections.abc import Mapping
@@ -67,13 +68,31 @@ class Piece:
     rows: tuple[tuple[int, int], ...] | None = None
 
 
-def _probe(modules: Mapping[str, int], *, down: str, up: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+@dataclass(frozen=True)
+class _Probe:
+    """A state dict of stand-ins for diffusers' converters: each down matrix holds its module's index (in `names`),
+    each up matrix the row numbers 0…out−1 (one tensor shared by the modules of one width: the row numbers are all
+    it says). `downs` and `rows` keep every stand-in alive for [`_read_probe`], so no tensor diffusers makes can
+    reuse one's id."""
+
+    state: dict[str, torch.Tensor]
+    names: list[str]
+    downs: tuple[torch.Tensor, ...]
+    rows: dict[int, torch.Tensor]
+
+
+def _probe(modules: Mapping[str, int], *, down: str, up: str) -> _Probe:
     names = list(modules)
-    probe: dict[str, torch.Tensor] = {}
+    state: dict[str, torch.Tensor] = {}
+    rows: dict[int, torch.Tensor] = {}
+    downs = []
     for index, name in enumerate(names):
-        probe[f"{name}.{down}"] = torch.full((1, 1), float(index))
-        probe[f"{name}.{up}"] = torch.arange(modules[name], dtype=torch.float32).reshape(-1, 1)
-    return probe, names
+        width = modules[name]
+        if width not in rows:
+            rows[width] = torch.arange(width, dtype=torch.float32).reshape(-1, 1)
+        downs.append(torch.full((1, 1), float(index)))
+        state[f"{name}.{down}"], state[f"{name}.{up}"] = downs[-1], rows[width]
+    return _Probe(state, names, tuple(downs), rows)
 
 
 def _row_blocks(rows: torch.Tensor, out_features: int) -> tuple[tuple[int, int], ...] | None:
@@ -87,15 +106,21 @@ def _row_blocks(rows: torch.Tensor, out_features: int) -> tuple[tuple[int, int],
     return tuple((int(values[a]), int(values[b - 1]) + 1) for a, b in zip(edges, edges[1:]))
 
 
-def _read_probe(converted: Mapping[str, torch.Tensor], names: list[str], out: Mapping[str, int]) -> dict[str, Piece]:
+def _read_probe(converted: Mapping[str, torch.Tensor], probe: _Probe, out: Mapping[str, int]) -> dict[str, Piece]:
+    # The SD maps only rename keys: a tensor that is still a stand-in itself needs no reading (a down gives its
+    # module by its place; an up of the module's width, every row in order).
+    indices = {id(tensor): index for index, tensor in enumerate(probe.downs)}
+    untouched_rows = {id(tensor) for tensor in probe.rows.values()}
     pieces: dict[str, Piece] = {}
     for key, tensor in converted.items():
         if not key.endswith(".lora_A.weight"):
             continue
         canonical = key[: -len(".lora_A.weight")]
-        module = names[int(tensor.flatten()[0])]
+        index = indices.get(id(tensor))
+        module = probe.names[int(tensor.flatten()[0]) if index is None else index]
         rows = converted[f"{canonical}.lora_B.weight"]
-        pieces[canonical] = Piece(module, _row_blocks(rows, out[module]))
+        whole = id(rows) in untouched_rows and rows.shape[0] == out[module]
+        pieces[canonical] = Piece(module, None if whole else _row_blocks(rows, out[module]))
     return pieces
 
 
@@ -118,19 +143,19 @@ def kohya_to_canonical(modules: Mapping[str, int], *, source: str) -> dict[str, 
         UnsupportedAdapterError: diffusers is missing, or its map drops or rejects a module (named).
     """
     require_diffusers(source, "a kohya/A1111/ComfyUI LoRA file")
-    probe, names = _probe(modules, down="lora_down.weight", up="lora_up.weight")
-    flux = any(re.match(r"lora_unet_(double|single)_blocks_", name) for name in names)
+    probe = _probe(modules, down="lora_down.weight", up="lora_up.weight")
+    flux = any(re.match(r"lora_unet_(double|single)_blocks_", name) for name in modules)
     try:
-        converted = _convert_flux(probe) if flux else _convert_sd(probe)
+        converted = _convert_flux(probe.state) if flux else _convert_sd(probe.state)
     except (ValueError, KeyError, IndexError, AssertionError, RuntimeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         kind = "Flux" if flux else "SD/SDXL"
         raise UnsupportedAdapterError(
             f"{source}: diffusers' {kind} key map cannot read this file ({first[:200]}); example keys: "
-            f"{', '.join(names[:3])}."
+            f"{', '.join(probe.names[:3])}."
         ) from None
-    pieces = _read_probe(converted, names, modules)
-    _refuse_dropped(pieces, names, source)
+    pieces = _read_probe(converted, probe, modules)
+    _refuse_dropped(pieces, probe.names, source)
     return pieces
 
 
@@ -140,16 +165,16 @@ def diffusers_old_to_canonical(modules: Mapping[str, int], *, source: str) -> di
     require_diffusers(source, "an older diffusers LoRA file")
     from diffusers.utils.state_dict_utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
 
-    probe, names = _probe(modules, down="down.weight", up="up.weight")
+    probe = _probe(modules, down="down.weight", up="up.weight")
     try:
-        unet = {k: v for k, v in probe.items() if not k.startswith("text_encoder")}
-        text = {k: v for k, v in probe.items() if k.startswith("text_encoder")}
+        unet = {k: v for k, v in probe.state.items() if not k.startswith("text_encoder")}
+        text = {k: v for k, v in probe.state.items() if k.startswith("text_encoder")}
         converted = {**(convert_unet_state_dict_to_peft(unet) if unet else {}),
                      **(convert_state_dict_to_peft(text) if text else {})}
     except (ValueError, KeyError) as err:
         raise UnsupportedAdapterError(f"{source}: diffusers' key map cannot read this file ({err}).") from None
-    pieces = _read_probe(converted, names, modules)
-    _refuse_dropped(pieces, names, source)
+    pieces = _read_probe(converted, probe, modules)
+    _refuse_dropped(pieces, probe.names, source)
     return pieces
 
 
@@ -282,7 +307,7 @@ def scalar_alpha(value: Any, *, module: str, source: str) -> float:
         raise CorruptAdapterError(
             f"{source}: module {module} has an alpha of shape {list(tensor.shape)}; expected one number."
         )
-    alpha = float(tensor.reshape(()).float())
-    if not torch.isfinite(torch.tensor(alpha)):
+    alpha = float(tensor.item())  # one element, whatever its shape
+    if not math.isfinite(alpha):
         raise CorruptAdapterError(f"{source}: module {module} has alpha {alpha}; expected a finite number.")
     return alpha

@@ -3,7 +3,8 @@
 text encoders under `lora_te_` (SD 1.x/2.x) or `lora_te1_`/`lora_te2_` (SDXL, Flux's CLIP).
 
 Reading goes through [`lora_fusion.formats.single_file`] (diffusers' key maps, LyCORIS expanded exactly). Writing
-folds every scale into the factors and records `.alpha` = rank (scale 1, exact); Flux's attention q/k/v (and the
+folds every scale into the factors (`lora_fusion.formats.peft.scale_split`; nothing to fold where alpha = rank) and
+records `.alpha` = rank (scale 1, exact); Flux's attention q/k/v (and the
 single blocks' q/k/v/MLP input) are fused back exactly: down = [A_q; A_k; A_v], up = blockdiag(B_q, B_k, B_v), rank
 r_q + r_k + r_v. A part the adapter lacks is written as zero rows (its size taken from its siblings: q, k, v share
 one width, and Flux's MLP input is 4× that width).
@@ -21,9 +22,9 @@ from ..errors import UnsupportedAdapterError
 from ..spec import AdapterContents
 from .diffusers import component_of, safetensors_keys
 from .keymaps import FusedModule, canonical_to_kohya_flux, canonical_to_kohya_sd
-from .peft import folded_factors
+from .peft import output_factors
 from .single_file import file_layout, read_single_file
-from .stores import save_safetensors
+from .stores import PendingTensor, materialized, save_safetensors
 
 if TYPE_CHECKING:
     from ..adapter import LoraAdapter
@@ -72,12 +73,12 @@ class KohyaFormat:
             raise UnsupportedAdapterError(
                 f"module {unsupported[0]} has no kohya key; write --format peft or diffusers instead."
             )
-        tensors: dict[str, torch.Tensor] = {}
+        tensors: dict[str, torch.Tensor | PendingTensor] = {}
         if others:
             names = canonical_to_kohya_sd(others, text_encoder_2=any(n.startswith("text_encoder_2.") for n in others),
                                           source="kohya output")
             for canonical, kohya in names.items():
-                a, b, _ = folded_factors(adapter, canonical)
+                a, b, _ = output_factors(adapter, canonical, fold_scale=True)
                 _put(tensors, kohya, a, b)
         for group in canonical_to_kohya_flux(flux, source="kohya output") if flux else []:
             down, up = _fused(adapter, group)
@@ -85,7 +86,8 @@ class KohyaFormat:
         save_safetensors(tensors, file, metadata=metadata)
 
 
-def _put(tensors: dict[str, torch.Tensor], kohya: str, down: torch.Tensor, up: torch.Tensor) -> None:
+def _put(tensors: dict[str, torch.Tensor | PendingTensor], kohya: str, down: torch.Tensor | PendingTensor,
+         up: torch.Tensor | PendingTensor) -> None:
     tensors[f"{kohya}.lora_down.weight"], tensors[f"{kohya}.lora_up.weight"] = down, up
     # The factors carry every scale, so alpha = rank gives kohya's alpha/rank = 1 exactly.
     tensors[f"{kohya}.alpha"] = torch.tensor(float(down.shape[0]), dtype=torch.float32)
@@ -94,7 +96,10 @@ def _put(tensors: dict[str, torch.Tensor], kohya: str, down: torch.Tensor, up: t
 def _fused(adapter: LoraAdapter, group: FusedModule) -> tuple[torch.Tensor, torch.Tensor]:
     """down = [A_1; …; A_k], up = blockdiag(B_1, …, B_k), zero rows for absent parts: ΔW_fused = concat of the ΔW."""
     present = [name for name in group.parts if name is not None]
-    factors = {name: folded_factors(adapter, name)[:2] for name in present}
+    factors = {}
+    for name in present:
+        down, up, _ = output_factors(adapter, name, fold_scale=True)
+        factors[name] = materialized(down), materialized(up)
     widths = {name: adapter.modules[name].out_features for name in present}
     attention = next((widths[n] for n, full in zip(group.parts, group.part_names)
                       if n is not None and not full.endswith("proj_mlp")), None)

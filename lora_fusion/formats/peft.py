@@ -2,7 +2,8 @@
 between state-dict keys (`base_model.model.<module>.lora_A.weight`, …) and module names, in both directions.
 
 Reading checks that a config and a weights file describe a plain LoRA that merges exactly, and refuses anything else
-with the reason; writing folds every scale into the factors (scale 1 everywhere, see `peft_config`). The reader serves
+with the reason; writing records each module's scale in the config (`alpha_pattern`, see `peft_config`), so a
+file's factors are written unchanged. The reader serves
 `load_adapter` and the writer's check of what it wrote alike.
 """
 
@@ -29,7 +30,14 @@ from ..errors import (
 )
 from ..hub import commit_of, download_file
 from ..spec import AdapterConfig, AdapterContents, ModuleSpec, all_finite, is_lora_pair
-from .stores import FLOAT_DTYPES, PickleStore, SafetensorsStore, refuse_outside_links, save_safetensors
+from .stores import (
+    FLOAT_DTYPES,
+    PendingTensor,
+    PickleStore,
+    SafetensorsStore,
+    refuse_outside_links,
+    save_safetensors,
+)
 
 if TYPE_CHECKING:
     from ..adapter import LoraAdapter
@@ -120,8 +128,8 @@ class PeftFormat:
         return AdapterContents(config=parsed, modules=modules, store=store, files=(config_path, weights_path))
 
     def write(self, adapter: LoraAdapter, folder: Path, *, metadata: Mapping[str, str]) -> None:
-        """Write `adapter_model.safetensors` (PEFT's keys, scales folded in, `metadata` in the header) and
-        `adapter_config.json` ([`peft_config`]) into `folder`."""
+        """Write `adapter_model.safetensors` (PEFT's keys, the factors as the source holds them, `metadata` in the
+        header) and `adapter_config.json` ([`peft_config`], each module's scale in it) into `folder`."""
         save_safetensors(_output_tensors(adapter), folder / SAFETENSORS_NAME, metadata=metadata)
         (folder / CONFIG_NAME).write_text(json.dumps(peft_config(adapter), indent=2, sort_keys=True) + "\n")
 
@@ -458,34 +466,69 @@ def check_scale_fits(module: str, scale: float, dtype: torch.dtype, source: str)
         )
 
 
-def folded_factors(adapter: LoraAdapter, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """One module's A and B in stored shapes and the module's dtype, with its scale folded in as √|s| on each factor
-    (so that every format can record scale 1), and its lora_B bias times s (or None). Shared by every writer.
+def records_scale(spec: ModuleSpec) -> bool:
+    """Whether a format with per-module alphas in its config (PEFT, diffusers) records `spec`'s scale there instead of
+    folding it into the factors: any positive scale (alpha = scale·rank, which PEFT's `alpha_pattern` holds); a
+    negative or zero one is folded."""
+    return spec.scale > 0
+
+
+def scale_split(scale: float) -> tuple[float, float]:
+    """A LoRA scale s as p·q for folding it into the factors (A·p, B·q): p the power of two nearest √|s|, so that
+    A·p is exact and the factors keep balanced magnitudes (no underflow of half-precision values from a small s on
+    one factor), and q = s/p, the one rounding (none when s is a power of two, as kohya's alpha = rank/2 gives: p = 1
+    and B·½, both exact). Zero gives (1, 0)."""
+    if scale == 0.0:
+        return 1.0, 0.0
+    power = 2.0 ** round(math.log2(abs(scale)) / 2)
+    return power, scale / power
+
+
+def output_factors(
+    adapter: LoraAdapter, name: str, *, fold_scale: bool
+) -> tuple[torch.Tensor | PendingTensor, torch.Tensor | PendingTensor, torch.Tensor | PendingTensor | None]:
+    """One module's A and B in stored shapes and the module's dtype, and its lora_B bias (or None). Shared by every
+    writer.
+
+    With `fold_scale` the module's scale s goes into the factors (so that the format can record scale 1), split as
+    [`scale_split`] says, and s into the bias; without it they are written as the source holds them (the format
+    records the scale). A factor that needs no arithmetic and no cast is the source's own tensor (a view of its
+    file: no copy); one that does is a [`PendingTensor`], computed when the file is written.
 
     Raises:
-        NonFiniteError: a factor holds NaN or Inf (naming the source).
-        OutputOverflowError: a value overflows the module's dtype once scaled and cast.
+        NonFiniteError: a factor holds NaN or Inf (naming the source), checked here, before anything is written.
+        OutputOverflowError: when a pending factor is computed: a value overflows the module's dtype once scaled and
+            cast (the source was finite, so nothing else makes it so).
     """
     spec = adapter.modules[name]
-    factors = adapter.factors(name, check_finite=False)  # one check, of what is written, below
-    a, b = factors.A, factors.B
-    if spec.scale != 1.0:  # merged adapters already have scale 1; loaded ones get √|s| on each factor
-        root = math.sqrt(abs(spec.scale))
-        a, b = a * root, b * math.copysign(root, spec.scale)
-    bias = None if factors.bias is None else (factors.bias * spec.scale).to(spec.dtype).contiguous()
-    a, b = a.reshape(spec.a_shape).to(spec.dtype).contiguous(), b.reshape(spec.b_shape).to(spec.dtype).contiguous()
-    if not all(all_finite(t) for t in (a, b, bias) if t is not None):
-        adapter.factors(name)  # a NaN or Inf in the source: its own error, naming the source
-        raise OutputOverflowError(f"module {name} does not fit in {str(spec.dtype).removeprefix('torch.')} (a value "
-                             "overflows when written)")
-    return a, b, bias
+    factors = adapter.factors(name)
+    on_a, on_b = scale_split(spec.scale) if fold_scale and spec.scale != 1.0 else (1.0, 1.0)  # merges: scale 1
+    on_bias = spec.scale if fold_scale else 1.0
+    return (_output(factors.A.reshape(spec.a_shape), on_a, spec, name),
+            _output(factors.B.reshape(spec.b_shape), on_b, spec, name),
+            None if factors.bias is None else _output(factors.bias, on_bias, spec, name))
 
 
-def _output_tensors(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
-    """PEFT-keyed tensors in stored shapes, scales folded in ([`folded_factors`])."""
-    tensors: dict[str, torch.Tensor] = {}
+def _output(tensor: torch.Tensor, factor: float, spec: ModuleSpec, name: str) -> torch.Tensor | PendingTensor:
+    if factor == 1.0 and tensor.dtype == spec.dtype:
+        return tensor
+
+    def compute() -> torch.Tensor:
+        result = (tensor if factor == 1.0 else tensor * factor).to(spec.dtype).contiguous()
+        if not all_finite(result):
+            raise OutputOverflowError(f"module {name} does not fit in {str(spec.dtype).removeprefix('torch.')} "
+                                      "(a value overflows when written)")
+        return result
+
+    return PendingTensor(tuple(tensor.shape), spec.dtype, compute)
+
+
+def _output_tensors(adapter: LoraAdapter) -> dict[str, torch.Tensor | PendingTensor]:
+    """PEFT-keyed tensors in stored shapes; scales recorded in the config where they can be ([`records_scale`]),
+    folded in otherwise ([`output_factors`])."""
+    tensors: dict[str, torch.Tensor | PendingTensor] = {}
     for name, spec in adapter.modules.items():
-        a, b, bias = folded_factors(adapter, name)
+        a, b, bias = output_factors(adapter, name, fold_scale=not records_scale(spec))
         a_key, b_key, bias_key = state_dict_keys(spec)
         tensors[a_key], tensors[b_key] = a, b
         if bias is not None and bias_key:
@@ -493,26 +536,40 @@ def _output_tensors(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def peft_config(adapter: LoraAdapter) -> dict[str, Any]:
-    """`adapter_config.json` for `adapter`: plain LoRA, scale 1 everywhere, per-module ranks in the patterns.
+def recorded_alpha(spec: ModuleSpec) -> float | int:
+    """The `lora_alpha` a config records for `spec`: scale·rank where the scale is recorded ([`records_scale`]), the
+    rank (scale 1) where it was folded; an int when it is one, as PEFT writes it."""
+    alpha = spec.scale * spec.rank if records_scale(spec) else float(spec.rank)
+    return int(alpha) if alpha.is_integer() else alpha
 
-    Every scale is already folded into the factors, so the config says `lora_alpha = r` (with `alpha_pattern` equal to
-    `rank_pattern`) and `use_rslora` false: s = 1 in every module. Patterns are keyed by the full module name,
-    regex-escaped, so `layers.1.` can never match `layers.11.`.
+
+def most_common(values: Mapping[str, float | int]) -> float | int:
+    """The value most modules share (the larger on a tie): a config's `r` or `lora_alpha`, the others in patterns."""
+    counts = Counter(values.values())
+    return max(counts, key=lambda value: (counts[value], value))
+
+
+def peft_config(adapter: LoraAdapter) -> dict[str, Any]:
+    """`adapter_config.json` for `adapter`: plain LoRA, each module's rank and alpha in the patterns.
+
+    A module's alpha is scale·rank where its scale is recorded rather than folded ([`records_scale`]), else its rank
+    (merged adapters have scale 1 everywhere, so `lora_alpha = r`); `use_rslora` is false, so PEFT's alpha/r gives
+    each module its scale. `r` and `lora_alpha` are the most common values; modules that differ are listed in
+    `rank_pattern` and `alpha_pattern`, keyed by the full module name, regex-escaped, which PEFT matches as
+    `(.*\\.)?(key)$`, so `layers.1.` can never match `layers.11.`.
     """
     ranks = {name: spec.rank for name, spec in adapter.modules.items()}
-    counts = Counter(ranks.values())
-    common = max(counts, key=lambda r: (counts[r], r))
-    pattern = {re.escape(name): rank for name, rank in sorted(ranks.items()) if rank != common}
+    alphas = {name: recorded_alpha(spec) for name, spec in adapter.modules.items()}
+    rank, alpha = most_common(ranks), most_common(alphas)
     return {
         "peft_type": "LORA",
         "task_type": adapter.config.task_type,
         "base_model_name_or_path": adapter.config.base_model,
         "revision": None,
-        "r": common,
-        "lora_alpha": common,
-        "rank_pattern": pattern,
-        "alpha_pattern": dict(pattern),
+        "r": rank,
+        "lora_alpha": alpha,
+        "rank_pattern": {re.escape(name): r for name, r in sorted(ranks.items()) if r != rank},
+        "alpha_pattern": {re.escape(name): a for name, a in sorted(alphas.items()) if a != alpha},
         "target_modules": sorted(ranks),
         "use_rslora": False,
         "use_dora": False,

@@ -1,28 +1,35 @@
-"""Adapter files opened safely and lazily, whatever the format: safetensors files (memory-mapped, one tensor per read),
-legacy pickles (unpickled with `weights_only=True`, so no code from a downloaded file ever runs), links that leave an
-adapter's folder refused; and safetensors files written deterministically.
+"""Adapter files opened safely and lazily, whatever the format: safetensors files (memory-mapped: a tensor is a view
+of the file's pages, read when used), legacy pickles (unpickled with `weights_only=True`, so no code from a
+downloaded file ever runs), links that leave an adapter's folder refused; and safetensors files written
+deterministically, straight from the tensors' memory.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-import os
-import re
+import math
+import mmap
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import torch
 
-from ..errors import CorruptAdapterError
+from ..errors import CorruptAdapterError, UnsupportedAdapterError
 
 # safetensors' names of the float dtypes a merge reads (a header says "F16"; torch says torch.float16).
 FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-# Every dtype of a safetensors header that a base model's shard may hold (bake streams them without safetensors).
+# The safetensors dtypes read and written (factors are floats; alphas may be integers; bake writes full models).
 SAFETENSORS_DTYPES = {
     **FLOAT_DTYPES, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
+_SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+# safetensors' own limit on a file's JSON header (100 MB).
+MAX_HEADER_BYTES = 100_000_000
 
 
 def refuse_outside_links(file: Path, folder: Path, source: str) -> None:
@@ -47,33 +54,86 @@ def refuse_outside_links(file: Path, folder: Path, source: str) -> None:
     )
 
 
+def safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
+    """A safetensors file's JSON header (shared: never modify it) and its length in bytes, parsed once per version of
+    the file: each format's detection and the store that then reads the file all ask.
+
+    Raises:
+        OSError: the file cannot be read.
+        ValueError: the first bytes are no safetensors header (a length out of range, not a JSON object).
+    """
+    stat = path.stat()
+    return _parsed_header(str(path), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed_header(path: str, device: int, inode: int, size: int, mtime_ns: int, ctime_ns: int) -> tuple[int, dict]:
+    with open(path, "rb") as file:
+        length = int.from_bytes(file.read(8), "little")
+        if not 0 < length <= min(size - 8, MAX_HEADER_BYTES):
+            raise ValueError(f"a header of {length} bytes in a file of {size}")
+        header = json.loads(file.read(length))
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    return length, header
+
+
 class SafetensorsStore:
-    """A safetensors file opened lazily: headers on open, one tensor per read (memory-mapped)."""
+    """A safetensors file opened lazily: its header on open (validated by safetensors), a tensor per read as a
+    zero-copy view of a private memory map of the file.
+
+    The map is copy-on-write (`ACCESS_COPY`): a write into a returned tensor stays in this process and never reaches
+    the file. Callers treat what they read as read-only, as with the other stores (their tensors are shared too).
+    """
 
     def __init__(self, path: Path, source: str) -> None:
         from safetensors import SafetensorError, safe_open
 
         self.path, self.source = path, source
         try:
-            self._file = safe_open(str(path), framework="pt", device="cpu")
+            # safetensors checks the header (offsets in bounds, contiguous, sizes matching shapes and dtypes) ...
+            with safe_open(str(path), framework="pt", device="cpu") as checked:
+                self._keys, self._metadata = list(checked.keys()), dict(checked.metadata() or {})
+            # ... whose offsets, which safe_open does not expose, come from our own parse of it.
+            size, header = safetensors_header(path)
+            with path.open("rb") as file:
+                self._map = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
         except (SafetensorError, OSError, ValueError) as err:
             raise CorruptAdapterError(
                 f"{source}: {path.name} is not a readable safetensors file ({err}); re-download the adapter."
             ) from None
+        start = 8 + size
+        self._entries = {
+            key: (tuple(entry["shape"]), entry["dtype"], start + entry["data_offsets"][0])
+            for key, entry in header.items() if key != "__metadata__"
+        }
 
     def keys(self) -> list[str]:
-        return list(self._file.keys())
+        return list(self._keys)
 
     def metadata(self) -> dict[str, str]:
         """The file header's `__metadata__` (strings; empty when there is none)."""
-        return dict(self._file.metadata() or {})
+        return dict(self._metadata)
 
     def header(self, key: str) -> tuple[tuple[int, ...], str]:
-        piece = self._file.get_slice(key)
-        return tuple(piece.get_shape()), piece.get_dtype()
+        shape, dtype, _ = self._entries[key]
+        return shape, dtype
 
     def read(self, key: str) -> torch.Tensor:
-        return self._file.get_tensor(key)
+        """The tensor `key`, a view of the file's pages (read-only by convention, see the class).
+
+        Raises:
+            UnsupportedAdapterError: its dtype is one torch does not have (named).
+        """
+        shape, name, offset = self._entries[key]
+        dtype = SAFETENSORS_DTYPES.get(name)
+        if dtype is None:
+            raise UnsupportedAdapterError(f"{self.source}: tensor {key} is stored as {name}, which lora-fusion does "
+                                          "not read.")
+        count = math.prod(shape)
+        if count == 0:  # frombuffer refuses empty views
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(self._map, dtype=dtype, count=count, offset=offset).reshape(shape)
 
 
 class PickleStore:
@@ -105,35 +165,58 @@ class PickleStore:
         return self._state[key]
 
 
-def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, *, metadata: Mapping[str, str]) -> None:
-    """Write `tensors` to the safetensors file `path` (`"format": "pt"` plus `metadata` in its header), with the
-    header's keys sorted so that equal inputs give equal bytes.
+@dataclass(frozen=True)
+class PendingTensor:
+    """A tensor that [`save_safetensors`] computes when it writes it, its shape and dtype known before: a derived
+    output (a folded factor) is made, written and freed one at a time instead of all waiting in fresh memory for the
+    file's header."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    compute: Callable[[], torch.Tensor]
+
+
+def materialized(value: torch.Tensor | PendingTensor) -> torch.Tensor:
+    """`value` as a tensor: a [`PendingTensor`] computed now."""
+    return value.compute() if isinstance(value, PendingTensor) else value
+
+
+def save_safetensors(
+    tensors: Mapping[str, torch.Tensor | PendingTensor], path: Path, *, metadata: Mapping[str, str]
+) -> None:
+    """Write `tensors` to the safetensors file `path`, `"format": "pt"` plus `metadata` in its header, so that equal
+    inputs give equal bytes: the header's keys sorted, the data ordered by element size then name (each tensor
+    aligned to its element size), the header padded with spaces to 8 bytes.
+
+    Each tensor's bytes go to the file straight from its memory (a view of a source file's map is copied by the
+    kernel from the page cache; no serialised copy is built, unlike `safetensors.torch.save_file`); a
+    [`PendingTensor`] is computed just before its bytes are written. `metadata` is read when the header is made.
 
     Raises:
-        OSError: the disk refused the write (safetensors' own I/O errors are re-raised as OSError with their errno).
+        OSError: the disk refused the write (a full disk, ...).
+        and what a [`PendingTensor`]'s computation raises (nothing is left but a partial file in the caller's stage).
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
+    order = sorted(tensors, key=lambda key: (-tensors[key].dtype.itemsize, key))
+    header: dict[str, object] = {"__metadata__": {"format": "pt", **metadata}}
+    offset = 0
+    for key in order:
+        tensor = tensors[key]
+        size = math.prod(tensor.shape) * tensor.dtype.itemsize
+        header[key] = {"dtype": _SAFETENSORS_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                       "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    with path.open("wb") as file:
+        file.write(len(text).to_bytes(8, "little"))
+        file.write(text)
+        for key in order:
+            tensor = materialized(tensors[key])
+            assert tensor.shape == tensors[key].shape and tensor.dtype == tensors[key].dtype, f"{key} as declared"
+            write_tensor_bytes(file, tensor)
 
-    try:
-        save_file(dict(tensors), str(path), metadata={"format": "pt", **metadata})
-    except SafetensorError as err:  # safetensors reports a full disk as "I/O error: ... (os error 28)", not OSError
-        code = re.search(r"\(os error (\d+)\)", str(err))
-        raise (OSError(int(code[1]), os.strerror(int(code[1]))) if code else OSError(str(err))) from None
-    _sort_header(path)
 
-
-def _sort_header(path: Path) -> None:
-    """Rewrite the safetensors JSON header with sorted keys, same length, so equal inputs give equal bytes.
-
-    safetensors keeps `__metadata__` in a hash map whose order changes from run to run; the data offsets are
-    relative to the end of the header, so re-serialising it in place (space-padded, as the format allows) is safe.
-    """
-    with path.open("r+b") as file:
-        size = int.from_bytes(file.read(8), "little")
-        header = json.loads(file.read(size))
-        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-        if len(text) > size:  # cannot happen for the same content; keep the file valid rather than deterministic
-            return
-        file.seek(8)
-        file.write(text.ljust(size, b" "))
+def write_tensor_bytes(file: BinaryIO, tensor: torch.Tensor) -> None:
+    """Append `tensor`'s bytes (C order, native little-endian) to the open `file`."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    file.write(flat.view(torch.uint8).numpy())
