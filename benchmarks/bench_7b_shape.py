@@ -14,7 +14,7 @@ its own, it measures
 Runs are interleaved (floor, merge, floor, merge, ...) so a slow moment of the machine hits both alike.
 Targets: merge wall time < 2x the floor's, merge peak RSS < 2 GB.
 
-Usage: python benchmarks/bench_7b_shape.py [--workdir /tmp/lora-fusion-bench-7b] [--runs 3] [--profile]
+Usage: python benchmarks/bench_7b_shape.py [--workdir /tmp/lora-fusion-bench-7b] [--runs 3] [--profile] [--stages]
 """
 
 from __future__ import annotations
@@ -164,6 +164,42 @@ def profile_merge(sources: list[Path], out: Path, top: int = 25) -> list[dict[st
     return [{**r, "tottime_s": rounded(r["tottime_s"]), "cumtime_s": rounded(r["cumtime_s"])} for r in rows[:top]]
 
 
+def stage_shares(sources: list[Path], rank: int = RANK) -> dict[str, float]:
+    """Where the svd merge's per-module work goes: each stage of `linalg.factored_svd` + truncation timed on one
+    torch thread over every module (reading the factors, stacking them, the Householder QRs, the core SVD, forming the
+    kept singular vectors, casting the output), as shares of the total."""
+    import torch
+
+    from lora_fusion import load_adapter
+
+    torch.set_num_threads(1)
+    adapters = [load_adapter(s) for s in sources]
+    spent = dict.fromkeys(("read", "stack", "geqrf", "core_svd", "ormqr", "cast"), 0.0)
+
+    def timed(stage: str, work: Any) -> Any:
+        begun = time.perf_counter()
+        value = work()
+        spent[stage] += time.perf_counter() - begun
+        return value
+
+    def kept(packed: Any, tau: Any, rotation: Any) -> Any:
+        padded = packed.new_zeros(packed.shape[0], rank)
+        padded[: rotation.shape[0]] = rotation[:, :rank].float()
+        return torch.ormqr(packed, tau, padded)
+
+    for name in adapters[0].modules:
+        factors = timed("read", lambda: [a.factors(name) for a in adapters])
+        B, A = timed("stack", lambda: (torch.cat([f.scale * f.B.float() for f in factors], 1),
+                                       torch.cat([f.A.float() for f in factors], 0)))
+        (pb, tb), (pa, ta) = timed("geqrf", lambda: (torch.geqrf(B), torch.geqrf(A.mT.contiguous())))
+        k = B.shape[1]
+        U, _, Vh = timed("core_svd", lambda: torch.linalg.svd(pb[:k].triu().double() @ pa[:k].triu().double().mT))
+        left, right = timed("ormqr", lambda: (kept(pb, tb, U), kept(pa, ta, Vh.mT)))
+        timed("cast", lambda: (left.to(torch.bfloat16), right.mT.contiguous().to(torch.bfloat16)))
+    total = sum(spent.values())
+    return {"one_thread_total_s": rounded(total, 3), **{stage: rounded(t / total, 3) for stage, t in spent.items()}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/lora-fusion-bench-7b"))
@@ -172,10 +208,14 @@ def main() -> None:
                         "wall time is then a lower bound); a default-thread merge slower than a third of it is not "
                         "repeated")  # fmt: skip
     parser.add_argument("--profile", action="store_true", help="also cProfile the merge in-process (stderr)")
+    parser.add_argument("--stages", action="store_true", help="only time the per-module stages (shares of the work)")
     args = parser.parse_args()
     started = time.perf_counter()
     workdir = args.workdir.expanduser().resolve()
     sources = ensure_adapters(workdir)
+    if args.stages:
+        emit({"benchmark": "bench_7b_shape stages", "shares": stage_shares(sources), "machine": machine()})
+        return
     merged_dir, floor_file = workdir / "merged", workdir / "io_floor.safetensors"
     python = sys.executable
 
