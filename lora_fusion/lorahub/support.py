@@ -7,12 +7,12 @@ model's tokenizer, labels and context length, before the model's weights are rea
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from ..jsonl import json_objects
 from .errors import SupportDataError
 
 SupportKind = Literal["causal", "classification"]
@@ -49,43 +49,21 @@ def read_support(path: str | Path) -> SupportSet:
         SupportDataError: the file is missing or holds no example, a line is not a JSON object, lacks its kind's
             keys, has a value of the wrong type, or is of another kind than the first line (the line is named).
     """
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise SupportDataError(f"support file {file} does not exist; pass a JSONL file of examples (--support).")
-    try:
-        lines = file.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise SupportDataError(f"support file {file} cannot be read as UTF-8 text ({err}).") from None
     kind: SupportKind | None = None
     examples = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        record = _json_object(line, f"{file}:{number}")
-        line_kind = _kind(record, f"{file}:{number}")
+    for number, where, record in json_objects(path, SupportDataError, hint="a JSONL file of examples (--support)"):
+        line_kind = _kind(record, where)
         if kind is not None and line_kind != kind:
             raise SupportDataError(
-                f"{file}:{number}: a {line_kind} example ({'/'.join(KEYS[line_kind])}) in a file of {kind} examples "
+                f"{where}: a {line_kind} example ({'/'.join(KEYS[line_kind])}) in a file of {kind} examples "
                 f"({'/'.join(KEYS[kind])}); use one kind per file."
             )
         kind = line_kind
-        examples.append(_example(record, kind, number, f"{file}:{number}"))
+        examples.append(_example(record, kind, number, where))
     if kind is None:
-        raise SupportDataError(f"support file {file} holds no examples; write one JSON object per line, e.g. "
-                               '{"input": "…", "output": "…"} or {"text": "…", "label": "…"}.')
+        raise SupportDataError(f"support file {Path(path).expanduser()} holds no examples; write one JSON object per "
+                               'line, e.g. {"input": "…", "output": "…"} or {"text": "…", "label": "…"}.')
     return SupportSet(str(path), kind, tuple(examples))
-
-
-def _json_object(line: str, where: str) -> dict[str, Any]:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise SupportDataError(f"{where}: not JSON ({err.msg}); each line must be one object.") from None
-    except RecursionError:  # json's decoder recurses once per nesting level
-        raise SupportDataError(f"{where}: nested too deeply; each line must be one flat object.") from None
-    if not isinstance(record, dict):
-        raise SupportDataError(f"{where}: a JSON {type(record).__name__}, not an object; each line must be one object.")
-    return record
 
 
 def _kind(record: Mapping[str, Any], where: str) -> SupportKind:
