@@ -8,9 +8,10 @@ and head keeping its last checkpoints; train held-out LoRAs of each task (other 
 frozen) for the probe; then for every variant of the recipe (`variants:`, each a set of `meta:` overrides of
 `MetaTrainConfig` and an optional `diversity:` block of `DiversityConfig`) meta-train an F-VAE and compute the gates
 of `lora_fusion.icm.gates` (unit latent sensitivity at the task LoRAs' μ, least-squares probe of task identity from
-μ: fit on the variant's single-task training LoRAs, scored on the held-out ones). Every variant is then fused
-(latent fusion, `fusion_steps`) from the task LoRAs and scored on the test sets next to task arithmetic and TIES on
-the same LoRAs (λ chosen on the same support sets). Writes `<name>.json` and `<name>.md` (default `icm_latent`).
+μ: fit on the variant's single-task training LoRAs, scored on the held-out ones). The variants that pass both gates
+(and those listed in `always_fuse`, the baseline by default, for reference) are then fused (latent fusion,
+`fusion_steps`) from the task LoRAs and scored on the test sets next to task arithmetic and TIES on the same LoRAs
+(λ chosen on the same support sets). Writes `<name>.json` and `<name>.md` (default `icm_latent`).
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ BASELINES = ("task-arithmetic", "ties")
 
 
 def run_seed(recipe: ICMRecipe, variants: Mapping[str, Mapping[str, Any]], heldout: DiversityConfig, *,
-             fusion_steps: int, log: Callable[[str], None]) -> dict[str, Any]:
-    """One seed: LoRAs, baselines, and per variant an F-VAE, its gates and its fusion."""
+             fusion_steps: int, always_fuse: Sequence[str], log: Callable[[str], None]) -> dict[str, Any]:
+    """One seed: LoRAs, baselines, and per variant an F-VAE and its gates; the variants that pass both gates, and
+    those named in `always_fuse`, are fused and scored."""
     from lora_fusion.eval.catalog import get_task
 
     started = time.perf_counter()
@@ -103,8 +105,7 @@ def run_seed(recipe: ICMRecipe, variants: Mapping[str, Mapping[str, Any]], heldo
         test_mu, _ = posterior_means(trained, held_flats, held_supports)
         sensitivity = unit_latent_sensitivity(trained, raw_finals, [s.support for s in splits], seed=recipe.seed)
         probe = probe_accuracy(train_mu, [item.task for item in single for _ in item.flats], test_mu, held_labels)
-        tick = time.perf_counter()
-        fused = fuse(trained, raw_finals, supports, FusionConfig(steps=fusion_steps, seed=recipe.seed))
+        passes = statistics.fmean(sensitivity) >= SENSITIVITY_GATE and probe >= PROBE_GATE
         record = {
             "unit_sensitivity": sensitivity, "unit_sensitivity_mean": statistics.fmean(sensitivity),
             "mu_vs_zero_sensitivity": latent_sensitivity(trained, raw_finals, supports),
@@ -112,14 +113,19 @@ def run_seed(recipe: ICMRecipe, variants: Mapping[str, Mapping[str, Any]], heldo
             "training_loras": sum(len(item.flats) for item in data),
             "multitask_loras": sum(len(item.flats) for item in data if item.members),
             "gates": {"sensitivity": statistics.fmean(sensitivity) >= SENSITIVITY_GATE, "probe": probe >= PROBE_GATE},
-            "fusion": {**evaluate(world, unflatten(fused.flat, layout), splits), "weights": fused.weights},
             "final_loss": trained.history[-1]["loss"] if trained.history else None,
-            "timing": {"meta_train_s": meta_s, "fusion_s": round(time.perf_counter() - tick, 2)},
+            "timing": {"meta_train_s": meta_s},
         }
+        if passes or name in always_fuse:
+            tick = time.perf_counter()
+            fused = fuse(trained, raw_finals, supports, FusionConfig(steps=fusion_steps, seed=recipe.seed))
+            record["fusion"] = {**evaluate(world, unflatten(fused.flat, layout), splits), "weights": fused.weights}
+            record["timing"]["fusion_s"] = round(time.perf_counter() - tick, 2)
         record["gates"]["both"] = record["gates"]["sensitivity"] and record["gates"]["probe"]
         result["variants"][name] = record
-        log(f"[{name}] sensitivity {record['unit_sensitivity_mean']:.4f} probe {probe:.3f} fused loss "
-            f"{record['fusion']['loss']:.4f} acc {record['fusion']['acc']:.4f} ({meta_s} s)")
+        fusion = record.get("fusion")
+        log(f"[{name}] sensitivity {record['unit_sensitivity_mean']:.4f} probe {probe:.3f} ({meta_s} s)"
+            + (f"; fused loss {fusion['loss']:.4f} acc {fusion['acc']:.4f}" if fusion else ""))
     result["timing"]["total_s"] = round(time.perf_counter() - started, 2)
     return result
 
@@ -137,7 +143,7 @@ def summarise(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     table: dict[str, Any] = {}
     names = list(dict.fromkeys(n for run in runs for n in run["variants"]))
     for name in names:
-        rows = [(run, run["variants"][name]) for run in runs if "fusion" in run["variants"].get(name, {})]
+        rows = [(run, run["variants"][name]) for run in runs if "gates" in run["variants"].get(name, {})]
         if not rows:
             table[name] = {"n": 0}
             continue
@@ -151,12 +157,14 @@ def summarise(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             "passes_probe": [v["gates"]["probe"] for _, v in rows],
         }
         entry["passes_both_every_seed"] = all(v["gates"]["both"] for _, v in rows)
-        for metric in ("loss", "acc"):
-            fused = {run["seed"]: v["fusion"][metric] for run, v in rows}
+        fused_rows = [(run, v) for run, v in rows if "fusion" in v]
+        entry["fused_seeds"] = len(fused_rows)
+        for metric in ("loss", "acc") if fused_rows else ():
+            fused = {run["seed"]: v["fusion"][metric] for run, v in fused_rows}
             entry[f"icm_{metric}"] = list(fused.values())
             for baseline in BASELINES:
                 entry[f"{metric}_minus_{baseline}"] = paired(
-                    fused, {run["seed"]: run["methods"][baseline][metric] for run, _ in rows})
+                    fused, {run["seed"]: run["methods"][baseline][metric] for run, _ in fused_rows})
         table[name] = entry
     return table
 
@@ -185,15 +193,15 @@ def markdown(table: Mapping[str, Any], runs: Sequence[Mapping[str, Any]], scale:
                      f"{mean_sd(row['probe_accuracy'])} | {both}/{row['n']} |")
     lines += ["", "## Fusion against task arithmetic and TIES on the same LoRAs", "",
               "Paired per-seed differences ICM − baseline, mean [2-SE interval]; loss: mean test cross-entropy over "
-              "the 4 tasks (lower is better), acc: mean test accuracy (higher is better). Every variant was fused; "
-              "only those passing both gates in every seed answer the question the gates guard.", "",
-              "| variant | gates | ICM loss | ICM acc | loss − TA | loss − TIES | acc − TA | acc − TIES |",
-              "|---|---|---|---|---|---|---|---|"]
+              "the 4 tasks (lower is better), acc: mean test accuracy (higher is better). Fused: the variants that "
+              "passed both gates in a seed, and " + ", ".join(scale["always_fuse"]) + " for reference.", "",
+              "| variant | gates | fused seeds | ICM loss | ICM acc | loss − TA | loss − TIES | acc − TA | acc − TIES |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for name, row in table.items():
-        if not row["n"]:
+        if not row["n"] or not row["fused_seeds"]:
             continue
         gate = "pass" if row["passes_both_every_seed"] else "fail"
-        lines.append(f"| {name} | {gate} | {mean_sd(row['icm_loss'])} | {mean_sd(row['icm_acc'])} | "
+        lines.append(f"| {name} | {gate} | {row['fused_seeds']} | {mean_sd(row['icm_loss'])} | {mean_sd(row['icm_acc'])} | "
                      f"{interval(row['loss_minus_task-arithmetic'])} | {interval(row['loss_minus_ties'])} | "
                      f"{interval(row['acc_minus_task-arithmetic'])} | {interval(row['acc_minus_ties'])} |")
     lines += ["", "| reference | loss | acc |", "|---|---|---|"]
@@ -218,6 +226,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     variants = spec.pop("variants")
     heldout = DiversityConfig(**spec.pop("heldout", {"seeds": 2, "snapshots": 1}))
     fusion_steps = int(spec.pop("fusion_steps", 100))
+    always_fuse = list(spec.pop("always_fuse", ["baseline"]))
     spec["data_dirs"] = {**(spec.get("data_dirs") or {}), **{k: str(v) for k, v in args.data_dirs.dirs.items()}}
     runs_path = args.runs or args.out / f"{args.name}_runs.jsonl"
     done = [json.loads(line) for line in runs_path.read_text().splitlines()] if runs_path.is_file() else []
@@ -230,14 +239,15 @@ def main(argv: Sequence[str] | None = None) -> None:
             continue
         log(f"=== seed {seed}")
         run = run_seed(ICMRecipe.from_mapping({**spec, "seed": seed}), variants, heldout, fusion_steps=fusion_steps,
-                       log=log)
+                       always_fuse=always_fuse, log=log)
         done.append(run)
         runs_path.parent.mkdir(parents=True, exist_ok=True)
         with runs_path.open("a") as file:
             file.write(json.dumps(run) + "\n")
     runs = [run for run in done if run["seed"] in args.seeds]
     table = summarise(runs)
-    scale = {"seeds": [run["seed"] for run in runs], "fusion_steps": fusion_steps, "heldout": heldout.to_dict(),
+    scale = {"seeds": [run["seed"] for run in runs], "fusion_steps": fusion_steps, "always_fuse": always_fuse,
+             "heldout": heldout.to_dict(),
              "variants": variants, "recipe": {k: v for k, v in spec.items() if k != "data_dirs"}}
     args.out.mkdir(parents=True, exist_ok=True)
     record = {"scale": scale, "table": table, "runs": runs}

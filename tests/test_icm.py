@@ -719,3 +719,27 @@ def test_recipe_reads_the_diversity_block_and_refuses_unknown_keys():
         ICMRecipe.from_mapping({"diversity": {"sedes": 2}})
     with pytest.raises(InvalidParameterError, match="beta_warmup"):
         MetaTrainConfig(beta_warmup=1.5)
+
+
+def test_canonical_factors_keep_the_update_and_forget_the_factorisation(toy):
+    from lora_fusion.icm.lora_io import canonical_factors, canonical_flat
+
+    world, layout, data, _, _ = toy
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 30, generator=generator), torch.randn(20, 4, generator=generator)
+    mixing = torch.randn(4, 4, generator=generator) + 4 * torch.eye(4)
+    canonical = canonical_factors(a, b)
+    torch.testing.assert_close(canonical[1] @ canonical[0], b @ a, atol=1e-5, rtol=1e-5)
+    # B·A = (B·R)(R⁻¹·A): the canonical factors of both are the same
+    for mine, theirs in zip(canonical, canonical_factors(torch.linalg.solve(mixing, a), b @ mixing)):
+        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-4)
+    # an F-VAE trained on canonical factors sees a re-factorised LoRA exactly as the original
+    trained = meta_train(world, layout, data, MetaTrainConfig(steps=3, cpu=True, inner_steps=0, factor_form="canonical"),
+                         log=lambda line: None)
+    flat = data[0].flats[-1]
+    mixed = {name: (torch.linalg.solve(mixing, fa), fb @ mixing) for name, (fa, fb) in unflatten(flat, layout).items()}
+    original, condition, _ = trained.prepare(flat, data[0].support)
+    refactored, condition_again, _ = trained.prepare(flatten(mixed, layout), data[0].support)
+    torch.testing.assert_close(refactored, original, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(condition_again, condition, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(canonical_flat(flat, layout), flat)

@@ -16,7 +16,9 @@ a decoder without the condition and a narrower decoder (F-VAE options, `lora_fus
 latent dimension (Kingma et al. 2016) and β annealed linearly from 0 over the first `beta_warmup` fraction of the
 steps (Bowman et al. 2016), both in every KL term; decoupled weight decay on the decoder (AdamW, Loshchilov & Hutter,
 ICLR 2019); denoising (Vincent et al., ICML 2008): the first pass encodes l + σ·ε, ε ~ N(0, I) in normalised units,
-and still reconstructs the clean l (the second pass's input, l^K, is left as it is).
+and still reconstructs the clean l (the second pass's input, l^K, is left as it is); `factor_form="canonical"`
+(ours): every LoRA, in training and in fusion, enters as the balanced SVD factors of its updates
+(`lora_io.canonical_factors`), so that LoRAs of one update but different seeds look alike.
 
 K = 0 is the `no-meta` ablation: ICM-LoRA's plain CVAE training. Snapshots are drawn uniformly from the pooled set of
 all tasks' checkpoints (a data loader over the weight data set), so a task that contributes more checkpoints is seen
@@ -44,7 +46,7 @@ from lora_fusion.errors import InvalidParameterError
 
 from .errors import FVAECheckpointError, TrainingDivergedError
 from .fvae import FVAE, FVAEConfig, annealed_beta, vae_loss
-from .lora_io import LoraLayout, Normalisation, Normaliser, TensorStats, unflatten
+from .lora_io import LoraLayout, Normalisation, Normaliser, TensorStats, canonical_flat, unflatten
 from .task_vectors import TASK_VECTOR_MODES, TaskVectorMode, task_vector, weight_delta_projection
 from .worlds import Batch, TaskWorld, restore_world
 
@@ -105,6 +107,9 @@ class MetaTrainConfig:
     decoder_hidden_dim: int | None = field(default=None, metadata={"help": "Decoder width (None: hidden_dim)."})
     weight_decay: float = field(default=0.0, metadata={"help": "Decoupled (AdamW) weight decay of the decoder."})
     denoise_std: float = field(default=0.0, metadata={"help": "σ of the noise added to the first pass's input."})
+    factor_form: str = field(
+        default="raw", metadata={"help": "raw: the LoRA's own factors; canonical: balanced SVD factors of each ΔW."}
+    )
     architecture: str = field(default="auto", metadata={"help": "F-VAE body: auto, mlp or conv."})
     seed: int = field(default=0, metadata={"help": "Seeds the F-VAE's initialisation, sampling and noise."})
     checkpoint_every: int = field(default=0, metadata={"help": "Save a resumable checkpoint every N steps (0: off)."})
@@ -136,6 +141,8 @@ class MetaTrainConfig:
         for name in ("free_bits", "weight_decay", "denoise_std"):
             if getattr(self, name) < 0:
                 raise InvalidParameterError(name, getattr(self, name), expected="a number ≥ 0")
+        if self.factor_form not in ("raw", "canonical"):
+            raise InvalidParameterError("factor_form", self.factor_form, expected="'raw' or 'canonical'")
         if self.mixed_precision not in (None, "no", "fp16", "bf16"):
             raise InvalidParameterError("mixed_precision", self.mixed_precision, expected="'no', 'fp16' or 'bf16'")
 
@@ -163,7 +170,10 @@ class TrainedFVAE:
         return weight_delta_projection(self.layout.numel, self.world.condition_dim)
 
     def prepare(self, raw_flat: torch.Tensor, support: Batch) -> tuple[torch.Tensor, torch.Tensor, TensorStats]:
-        """(normalised l, task vector v, the statistics that de-normalise it) of one raw flat LoRA."""
+        """(normalised l, task vector v, the statistics that de-normalise it) of one raw flat LoRA (first put in
+        canonical factors when the F-VAE was trained on them)."""
+        if self.config.factor_form == "canonical":
+            raw_flat = canonical_flat(raw_flat, self.layout)
         stats = self.normaliser.stats_of(raw_flat)
         normalised = self.normaliser.normalise(raw_flat)
         vector = task_vector(self.config.task_vectors, self.world, factors=unflatten(raw_flat, self.layout),
@@ -281,6 +291,8 @@ def meta_train(
     world.to(device)
 
     flats = torch.cat([d.flats.float() for d in data])
+    if config.factor_form == "canonical":
+        flats = torch.stack([canonical_flat(f, layout) for f in flats])
     normaliser = Normaliser.fit(flats, layout, config.normalisation)
     snapshot_task = [i for i, d in enumerate(data) for _ in range(d.flats.shape[0])]
     stats = [normaliser.stats_of(f) for f in flats]

@@ -4,6 +4,8 @@ ICM-LoRA trains each task's LoRA for 200 epochs and keeps one checkpoint per epo
 (`train_lora/train_lora_arg.py`); ICM-Fusion's Algorithm 1 takes "the LoRA from ordinary fine-tuning". Here a LoRA
 (A ~ N(0, 1/n), B = 0, PEFT's default up to the init distribution) is trained with AdamW on the world's task loss,
 and the last `snapshots` checkpoints, `snapshot_every` steps apart, are returned as raw flat vectors.
+[`train_joint_lora`] trains one LoRA on the summed loss of several tasks (the multi-task LoRAs of
+`lora_fusion.icm.diversity`).
 """
 
 from __future__ import annotations
