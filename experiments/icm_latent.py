@@ -33,10 +33,11 @@ from lora_fusion.icm.diversity import DiversityConfig, train_diverse_loras
 from lora_fusion.icm.errors import TrainingDivergedError
 from lora_fusion.icm.fusion import FusionConfig, fuse, latent_sensitivity
 from lora_fusion.icm.gates import PROBE_GATE, SENSITIVITY_GATE, posterior_means, probe_accuracy, unit_latent_sensitivity
-from lora_fusion.icm.lora_io import to_adapter, unflatten
+from lora_fusion.icm.lora_io import canonical_flat, to_adapter, unflatten
 from lora_fusion.icm.meta import TaskSnapshots, meta_train
 from lora_fusion.icm.minilm import MiniLMTopLayerWorld
 from lora_fusion.icm.pipeline import ICMRecipe, load_splits, train_task_loras
+from lora_fusion.icm.task_vectors import in_context_task_vector
 
 BASELINES = ("task-arithmetic", "ties")
 
@@ -79,6 +80,21 @@ def run_seed(recipe: ICMRecipe, variants: Mapping[str, Mapping[str, Any]], heldo
     held_flats = [f for item in held for f in item.flats]
     held_supports = [item.support for item in held for _ in item.flats]
     held_labels = [item.task for item in held for _ in item.flats]
+    # What any latent could read: the same probe on the LoRA weights themselves (raw and canonical factors) and on
+    # the in-context task vectors, training LoRAs = each task's snapshots, test = the held-out LoRAs.
+    train_flats = torch.cat([item.flats for item in base_data])
+    train_labels = [item.task for item in base_data for _ in item.flats]
+    vectors = {name: torch.stack([in_context_task_vector(world, unflatten(f, layout), batch) for f, batch in pairs])
+               for name, pairs in (("train", [(f, item.support) for item in base_data for f in item.flats]),
+                                   ("test", list(zip(held_flats, held_supports))))}
+    result["probe_without_fvae"] = {
+        "raw_weights": probe_accuracy(train_flats, train_labels, torch.stack(held_flats), held_labels),
+        "canonical_weights": probe_accuracy(torch.stack([canonical_flat(f, layout) for f in train_flats]),
+                                            train_labels,
+                                            torch.stack([canonical_flat(f, layout) for f in held_flats]), held_labels),
+        "task_vectors": probe_accuracy(vectors["train"], train_labels, vectors["test"], held_labels),
+    }
+    log(f"probe without the F-VAE: {result['probe_without_fvae']}")
 
     extra_by_config: dict[DiversityConfig, list[TaskSnapshots]] = {}
     for name, spec in variants.items():
@@ -204,6 +220,13 @@ def markdown(table: Mapping[str, Any], runs: Sequence[Mapping[str, Any]], scale:
         lines.append(f"| {name} | {gate} | {row['fused_seeds']} | {mean_sd(row['icm_loss'])} | {mean_sd(row['icm_acc'])} | "
                      f"{interval(row['loss_minus_task-arithmetic'])} | {interval(row['loss_minus_ties'])} | "
                      f"{interval(row['acc_minus_task-arithmetic'])} | {interval(row['acc_minus_ties'])} |")
+    diagnostics = [run["probe_without_fvae"] for run in runs if "probe_without_fvae" in run]
+    if diagnostics:
+        lines += ["", "## The same probe without the F-VAE", "",
+                  f"Fitted on each task's training snapshots, scored on the held-out LoRAs ({len(diagnostics)} seeds):",
+                  "", "| features | probe acc |", "|---|---|"]
+        for key in diagnostics[0]:
+            lines.append(f"| {key.replace('_', ' ')} | {mean_sd([d[key] for d in diagnostics])} |")
     lines += ["", "| reference | loss | acc |", "|---|---|---|"]
     for method in ("own-lora", "base", *BASELINES):
         lines.append(f"| {method} | {mean_sd([r['methods'][method]['loss'] for r in runs])} | "

@@ -704,6 +704,10 @@ def test_probe_accuracy_is_one_for_separable_latents_and_chance_for_identical_on
     held_labels = [f"task{i}" for i in range(4) for _ in range(2)]
     assert probe_accuracy(mu, labels, held, held_labels) == 1.0
     assert probe_accuracy(torch.zeros(24, 16), labels, torch.zeros(8, 16), held_labels) == 0.25
+    # more features than rows (flat LoRAs): the dual form of the same ridge fit
+    wide = 5 * torch.randn(4, 500, generator=generator)
+    assert probe_accuracy(wide.repeat_interleave(6, 0) + torch.randn(24, 500, generator=generator), labels,
+                          wide.repeat_interleave(2, 0) + torch.randn(8, 500, generator=generator), held_labels) == 1.0
 
 
 def test_recipe_reads_the_diversity_block_and_refuses_unknown_keys():

@@ -50,21 +50,26 @@ def unit_latent_sensitivity(trained: TrainedFVAE, raw_flats: Sequence[torch.Tens
     return out
 
 
-def probe_accuracy(train_mu: torch.Tensor, train_labels: Sequence[int], test_mu: torch.Tensor,
-                   test_labels: Sequence[int], *, ridge: float = 1e-6) -> float:
-    """Accuracy of the least-squares linear probe [μ; 1]·W ≈ onehot(label) fitted on the training μ (N×k) and
-    applied to the test μ; `ridge` (relative to the mean diagonal of the Gram matrix) keeps a fit of fewer LoRAs
-    than latent dimensions well posed."""
+def probe_accuracy(train_mu: torch.Tensor, train_labels: Sequence[int | str], test_mu: torch.Tensor,
+                   test_labels: Sequence[int | str], *, ridge: float = 1e-6) -> float:
+    """Accuracy of the least-squares linear probe [μ; 1]·W ≈ onehot(label) fitted on the training rows (N×d) and
+    applied to the test rows; a ridge λ = `ridge`·tr(XᵀX)/(d + 1) keeps a fit of fewer rows than features well posed.
+    Any features work (μ, task vectors, flat LoRAs): with more features than rows the same ridge solution is computed
+    in its dual form, Xᵀ(XXᵀ + λI)⁻¹Y."""
     classes = sorted(set(train_labels))
 
-    def design(mu: torch.Tensor) -> torch.Tensor:
-        return torch.cat([mu.double(), torch.ones(len(mu), 1, dtype=torch.float64)], dim=1)
+    def design(rows: torch.Tensor) -> torch.Tensor:
+        return torch.cat([rows.double(), torch.ones(len(rows), 1, dtype=torch.float64)], dim=1)
 
     x = design(train_mu)
     targets = torch.zeros(len(train_labels), len(classes), dtype=torch.float64)
     targets[torch.arange(len(train_labels)), torch.tensor([classes.index(y) for y in train_labels])] = 1.0
-    gram = x.T @ x
-    gram = gram + ridge * float(gram.diagonal().mean()) * torch.eye(len(gram), dtype=torch.float64)
-    weights = torch.linalg.solve(gram, x.T @ targets)
-    predicted = (design(test_mu) @ weights).argmax(-1).tolist()
+    penalty = ridge * float(x.pow(2).sum()) / x.shape[1]
+    if x.shape[1] <= x.shape[0]:
+        gram = x.T @ x + penalty * torch.eye(x.shape[1], dtype=torch.float64)
+        scores = design(test_mu) @ torch.linalg.solve(gram, x.T @ targets)
+    else:
+        kernel = x @ x.T + penalty * torch.eye(x.shape[0], dtype=torch.float64)
+        scores = (design(test_mu) @ x.T) @ torch.linalg.solve(kernel, targets)
+    predicted = scores.argmax(-1).tolist()
     return sum(classes[p] == y for p, y in zip(predicted, test_labels)) / len(test_labels)
