@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import warnings
@@ -531,3 +532,218 @@ def test_a_checkpoint_of_other_settings_is_refused_not_resumed(toy, tmp_path):
     with pytest.raises(FVAECheckpointError, match="other settings"):
         meta_train(world, layout, data, MetaTrainConfig(steps=4, cpu=True, seed=5, hidden_dim=32, checkpoint_every=2),
                    checkpoint_dir=tmp_path, log=lambda line: None)
+
+
+# --- options against posterior collapse and the gates of a latent that matters (issue 17 §3, docs/icm.md) ---
+
+
+def test_annealed_beta_starts_at_zero_and_reaches_beta():
+    from lora_fusion.icm.fvae import annealed_beta
+
+    assert annealed_beta(0.5, 1, 10) == 0.0
+    assert annealed_beta(0.5, 6, 10) == pytest.approx(0.25)
+    assert annealed_beta(0.5, 11, 10) == annealed_beta(0.5, 300, 10) == 0.5
+    assert annealed_beta(0.5, 1, 0) == 0.5  # no warm-up: the constant β of ICM-LoRA
+
+
+def test_meta_training_with_warmup_has_no_kl_at_the_first_step(toy):
+    # β(1) = 0: one step with a warm-up is one step with β = 0, and differs from one step at the full β.
+    world, layout, data, _, _ = toy
+    common = dict(steps=1, cpu=True, seed=2, inner_steps=0, beta=5.0)
+    warm = meta_train(world, layout, data, MetaTrainConfig(beta_warmup=0.5, **common), log=lambda line: None)
+    zero = meta_train(world, layout, data, MetaTrainConfig(**{**common, "beta": 0.0}), log=lambda line: None)
+    full = meta_train(world, layout, data, MetaTrainConfig(**common), log=lambda line: None)
+    for (name, a), (_, b) in zip(warm.fvae.state_dict().items(), zero.fvae.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=name)
+    assert not torch.equal(warm.fvae.to_mu.weight, full.fvae.to_mu.weight)
+
+
+def test_free_bits_clamp_each_dimensions_kl():
+    from lora_fusion.icm.fvae import kl_divergence, kl_per_dimension
+
+    # per-dimension KL ½μ² (σ = 1): 0.125 and 2.0 nats
+    mu = torch.tensor([[0.5, 2.0]], requires_grad=True)
+    logvar = torch.zeros(1, 2)
+    assert kl_per_dimension(mu, logvar).tolist() == pytest.approx([0.125, 2.0])
+    assert float(kl_divergence(mu, logvar).detach()) == pytest.approx(2.125)
+    clamped = kl_divergence(mu, logvar, free_bits=0.5)
+    assert float(clamped.detach()) == pytest.approx(0.5 + 2.0)
+    (grad,) = torch.autograd.grad(clamped, mu)
+    assert grad[0].tolist() == pytest.approx([0.0, 2.0])  # below λ a dimension gets no KL gradient
+
+
+def test_condition_dropout_replaces_conditions_at_the_set_rate_under_a_seed():
+    from lora_fusion.icm.fvae import drop_conditions
+
+    condition, null = torch.randn(4000, 3), torch.tensor([7.0, 8.0, 9.0])
+    out, dropped = drop_conditions(condition, null, 0.3, torch.Generator().manual_seed(1))
+    again, dropped_again = drop_conditions(condition, null, 0.3, torch.Generator().manual_seed(1))
+    assert torch.equal(out, again) and torch.equal(dropped, dropped_again)
+    assert abs(float(dropped.float().mean()) - 0.3) < 0.03
+    assert torch.equal(out[dropped], null.expand(int(dropped.sum()), 3))
+    assert torch.equal(out[~dropped], condition[~dropped])
+    # the F-VAE drops in training only: in eval mode (fusion, gates) the condition is always used
+    model = FVAE(FVAEConfig(numel=20, condition_dim=3, latent_dim=2, hidden_dim=8, condition_dropout=0.5))
+    flat, conditions = torch.randn(64, 20), torch.randn(64, 3)
+    model.eval()
+    mu_eval, _ = model.encode(flat, conditions)
+    with torch.no_grad():
+        _, mu_forward, _ = model(flat, conditions, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(mu_forward, mu_eval)
+    model.train()
+    with torch.no_grad():
+        _, mu_train, _ = model(flat, conditions, generator=torch.Generator().manual_seed(0))
+        _, expected_dropped = drop_conditions(conditions, model.null_condition, 0.5, torch.Generator().manual_seed(0))
+    changed = (mu_train - mu_eval).abs().sum(-1) > 1e-6
+    assert torch.equal(changed, expected_dropped) and 0 < int(changed.sum()) < 64
+    assert "null_condition" not in FVAE(FVAEConfig(numel=20, condition_dim=3)).state_dict()  # default unchanged
+
+
+def test_a_decoder_without_the_condition_ignores_it_and_a_narrow_decoder_is_smaller():
+    from lora_fusion.icm.fvae import count_parameters
+
+    model = FVAE(FVAEConfig(numel=30, condition_dim=5, latent_dim=4, hidden_dim=32, decoder_condition=False))
+    z = torch.randn(3, 4)
+    torch.testing.assert_close(model.decode(z, torch.randn(3, 5)), model.decode(z, torch.randn(3, 5)))
+    wide = FVAE(FVAEConfig(numel=30, condition_dim=5, latent_dim=4, hidden_dim=32))
+    narrow = FVAE(FVAEConfig(numel=30, condition_dim=5, latent_dim=4, hidden_dim=32, decoder_hidden_dim=8))
+    assert count_parameters(narrow.decoder_body) < count_parameters(wide.decoder_body) / 3
+    assert count_parameters(narrow) - count_parameters(narrow.decoder_body) == \
+        count_parameters(wide) - count_parameters(wide.decoder_body)  # the encoder keeps its width
+    with pytest.raises(InvalidParameterError, match="decoder_hidden_dim"):
+        FVAEConfig(numel=30, condition_dim=5, architecture="conv", conv_stages=2, decoder_hidden_dim=8)
+
+
+def test_weight_decay_shrinks_the_decoder_only():
+    from lora_fusion.icm.meta import make_optimizer
+
+    model = FVAE(FVAEConfig(numel=30, condition_dim=5, latent_dim=4, hidden_dim=16))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = make_optimizer(model, MetaTrainConfig(weight_decay=0.5, lr=0.1))
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # no loss gradient: any change is the decay
+    optimizer.step()
+    for name, value in model.state_dict().items():
+        if name.startswith("decoder_body."):
+            torch.testing.assert_close(value, before[name] * (1 - 0.1 * 0.5), msg=name)
+        else:
+            assert torch.equal(value, before[name]), name
+    assert isinstance(make_optimizer(model, MetaTrainConfig()), torch.optim.Adam)  # default: ICM-LoRA's Adam
+
+
+def test_denoising_noises_the_encoder_input_only(toy, monkeypatch):
+    import lora_fusion.icm.meta as meta
+
+    world, layout, data, _, _ = toy
+    seen: dict[str, list[torch.Tensor]] = {"input": [], "target": []}
+    forward, loss = FVAE.forward, meta.vae_loss
+    monkeypatch.setattr(FVAE, "forward", lambda self, flat, condition, **kw: (
+        seen["input"].append(flat.detach().clone()) or forward(self, flat, condition, **kw)))
+    monkeypatch.setattr(meta, "vae_loss", lambda recon, target, *rest: (
+        seen["target"].append(target.detach().clone()) or loss(recon, target, *rest)))
+    trained = meta_train(world, layout, data, MetaTrainConfig(steps=20, cpu=True, inner_steps=0, meta_batch=8,
+                                                              denoise_std=0.5), log=lambda line: None)
+    clean = torch.stack([trained.normaliser.normalise(f) for d in data for f in d.flats])
+    for source, target in zip(seen["input"], seen["target"]):
+        # the target is a clean snapshot; the input is that snapshot plus N(0, 0.5²) noise
+        assert all(bool((clean == row).all(-1).any()) for row in target)
+        assert float((source - target).std()) == pytest.approx(0.5, rel=0.05)
+
+
+def test_diverse_loras_are_seeded_and_include_multitask_loras(toy):
+    from lora_fusion.icm.diversity import DiversityConfig, train_diverse_loras
+
+    world, layout, data, _, _ = toy
+    train = {d.task: d.support for d in data}  # small data sets keep the test fast; any batch would do
+    support = {d.task: d.support for d in data}
+    config = DiversityConfig(seeds=1, subsets=1, multitask=2, snapshots=3, subset_fraction=0.5)
+    extra = train_diverse_loras(world, layout, train, support, config, steps=9, lr=1e-2, seed=0, log=lambda l: None)
+    again = train_diverse_loras(world, layout, train, support, config, steps=9, lr=1e-2, seed=0, log=lambda l: None)
+    other = train_diverse_loras(world, layout, train, support, config, steps=9, lr=1e-2, seed=0, salt="heldout",
+                                log=lambda l: None)
+    assert len(extra) == 2 * N_TASKS + 2 and all(item.flats.shape == (3, layout.numel) for item in extra)
+    assert all(torch.equal(a.flats, b.flats) for a, b in zip(extra, again))
+    assert not any(torch.equal(a.flats, b.flats) for a, b in zip(extra, other))
+    multitask = [item for item in extra if item.members]
+    assert len(multitask) == 2 and all(len(item.members) >= 2 for item in multitask)
+    assert all(item.task == "+".join(t for t, _ in item.members) for item in multitask)
+    assert len(multitask[0].support) == sum(len(b) for _, b in multitask[0].members)
+    # a multi-task LoRA's inner-loop objective is the sum of its tasks' losses, and meta-training takes it
+    trained = meta_train(world, layout, list(data) + extra, MetaTrainConfig(steps=4, cpu=True, inner_steps=1),
+                         log=lambda line: None)
+    assert math.isfinite(trained.history[-1]["loss"])
+
+
+def test_unit_sensitivity_is_zero_for_a_decoder_that_ignores_z(toy):
+    from lora_fusion.icm.gates import unit_latent_sensitivity
+
+    _, _, data, _, trained = toy
+    flats, supports = [d.flats[-1] for d in data], [d.support for d in data]
+    sensitivity = unit_latent_sensitivity(trained, flats, supports)
+    assert min(sensitivity) > 1e-4 and sensitivity == unit_latent_sensitivity(trained, flats, supports)
+    first = trained.fvae.decoder_body[0]
+    saved = first.weight.detach().clone()
+    with torch.no_grad():
+        first.weight[:, : trained.fvae.config.latent_dim] = 0
+    try:
+        # 0 up to float rounding (a batch of moved latents and a single one take different kernels): measured 1.6e-7
+        assert max(unit_latent_sensitivity(trained, flats, supports)) < 1e-6
+    finally:
+        with torch.no_grad():
+            first.weight.copy_(saved)
+
+
+def test_probe_accuracy_is_one_for_separable_latents_and_chance_for_identical_ones():
+    from lora_fusion.icm.gates import probe_accuracy
+
+    generator = torch.Generator().manual_seed(0)
+    centres = 5 * torch.randn(4, 16, generator=generator)
+    labels = [f"task{i}" for i in range(4) for _ in range(6)]
+    mu = centres.repeat_interleave(6, 0) + 0.1 * torch.randn(24, 16, generator=generator)
+    held = centres.repeat_interleave(2, 0) + 0.1 * torch.randn(8, 16, generator=generator)
+    held_labels = [f"task{i}" for i in range(4) for _ in range(2)]
+    assert probe_accuracy(mu, labels, held, held_labels) == 1.0
+    assert probe_accuracy(torch.zeros(24, 16), labels, torch.zeros(8, 16), held_labels) == 0.25
+    # more features than rows (flat LoRAs): the dual form of the same ridge fit
+    wide = 5 * torch.randn(4, 500, generator=generator)
+    assert probe_accuracy(wide.repeat_interleave(6, 0) + torch.randn(24, 500, generator=generator), labels,
+                          wide.repeat_interleave(2, 0) + torch.randn(8, 500, generator=generator), held_labels) == 1.0
+
+
+def test_recipe_reads_the_diversity_block_and_refuses_unknown_keys():
+    from lora_fusion.errors import RecipeError
+    from lora_fusion.icm.diversity import DiversityConfig
+    from lora_fusion.icm.pipeline import ICMRecipe
+
+    recipe = ICMRecipe.from_mapping({"diversity": {"seeds": 2, "multitask": 3},
+                                     "meta": {"free_bits": 0.25, "beta_warmup": 0.3, "condition_dropout": 0.5}})
+    assert recipe.diversity == DiversityConfig(seeds=2, multitask=3) and recipe.diversity.enabled
+    assert recipe.meta.free_bits == 0.25 and not ICMRecipe().diversity.enabled
+    with pytest.raises(RecipeError, match="unknown diversity keys"):
+        ICMRecipe.from_mapping({"diversity": {"sedes": 2}})
+    with pytest.raises(InvalidParameterError, match="beta_warmup"):
+        MetaTrainConfig(beta_warmup=1.5)
+
+
+def test_canonical_factors_keep_the_update_and_forget_the_factorisation(toy):
+    from lora_fusion.icm.lora_io import canonical_factors, canonical_flat
+
+    world, layout, data, _, _ = toy
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 30, generator=generator), torch.randn(20, 4, generator=generator)
+    mixing = torch.randn(4, 4, generator=generator) + 4 * torch.eye(4)
+    canonical = canonical_factors(a, b)
+    torch.testing.assert_close(canonical[1] @ canonical[0], b @ a, atol=1e-5, rtol=1e-5)
+    # B·A = (B·R)(R⁻¹·A): the canonical factors of both are the same
+    for mine, theirs in zip(canonical, canonical_factors(torch.linalg.solve(mixing, a), b @ mixing)):
+        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-4)
+    # an F-VAE trained on canonical factors sees a re-factorised LoRA exactly as the original
+    trained = meta_train(world, layout, data, MetaTrainConfig(steps=3, cpu=True, inner_steps=0, factor_form="canonical"),
+                         log=lambda line: None)
+    flat = data[0].flats[-1]
+    mixed = {name: (torch.linalg.solve(mixing, fa), fb @ mixing) for name, (fa, fb) in unflatten(flat, layout).items()}
+    original, condition, _ = trained.prepare(flat, data[0].support)
+    refactored, condition_again, _ = trained.prepare(flatten(mixed, layout), data[0].support)
+    torch.testing.assert_close(refactored, original, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(condition_again, condition, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(canonical_flat(flat, layout), flat)

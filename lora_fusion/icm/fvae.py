@@ -13,6 +13,15 @@ Two bodies by size (docs/icm.md):
   `to_latent` layer, which is functionally close to the Algorithm 1 form). The decoder mirrors it with
   ConvTranspose1d. GroupNorm replaces ICM-LoRA's BatchNorm: F-VAE batches are one task at a time (and a single
   fused LoRA at inference), where batch statistics are meaningless.
+
+Options against posterior collapse (docs/icm.md, "A latent that matters"; defaults off, the form above unchanged):
+
+* ``condition_dropout`` p: in training, each sample's task vector is replaced by a learned null vector with
+  probability p (classifier-free guidance's condition dropout, Ho & Salimans 2022, arXiv:2207.12598), so the decoder
+  must be able to rebuild a LoRA from z alone. ``decoder_condition=False`` removes v from the decoder altogether.
+* ``decoder_hidden_dim``: a narrower decoder (ours; its weight decay is a meta-training option).
+* `kl_per_dimension` with free bits (Kingma et al., NeurIPS 2016, arXiv:1606.04934) and `annealed_beta`
+  (Bowman et al., CoNLL 2016, arXiv:1511.06349) are the loss-side options, used by meta-training.
 """
 
 from __future__ import annotations
@@ -47,6 +56,11 @@ class FVAEConfig:
     beta: float = field(default=0.005, metadata={"help": "KL weight β (ICM-LoRA's 0.005)."})
     architecture: Architecture = field(default="auto", metadata={"help": "mlp, conv, or auto (mlp if D ≤ 16,384)."})
     conv_stages: int = field(default=12, metadata={"help": "Stride-2 stages of the conv form (pads D to 2^S·k)."})
+    condition_dropout: float = field(
+        default=0.0, metadata={"help": "p: in training, replace a sample's task vector by a learned null vector."}
+    )
+    decoder_condition: bool = field(default=True, metadata={"help": "False: the decoder sees z only, D(z)."})
+    decoder_hidden_dim: int | None = field(default=None, metadata={"help": "Decoder width (None: hidden_dim)."})
 
     def __post_init__(self) -> None:
         for name in ("numel", "condition_dim", "latent_dim", "hidden_dim"):
@@ -56,6 +70,14 @@ class FVAEConfig:
             raise InvalidParameterError("beta", self.beta, expected="a KL weight ≥ 0, e.g. 0.005")
         if self.architecture not in ("auto", "mlp", "conv"):
             raise InvalidParameterError("architecture", self.architecture, expected="'auto', 'mlp' or 'conv'")
+        if not 0 <= self.condition_dropout < 1:
+            raise InvalidParameterError("condition_dropout", self.condition_dropout, expected="p in [0, 1), e.g. 0.5")
+        if self.decoder_hidden_dim is not None and self.decoder_hidden_dim < 1:
+            raise InvalidParameterError("decoder_hidden_dim", self.decoder_hidden_dim,
+                                        expected="a positive integer, or None for hidden_dim")
+        if self.decoder_hidden_dim is not None and self.body == "conv":
+            raise InvalidParameterError("decoder_hidden_dim", self.decoder_hidden_dim,
+                                        expected="None with the conv body (its decoder width is its channel stack)")
         if not 1 <= self.conv_stages <= len(ICM_LORA_CHANNELS):
             raise InvalidParameterError("conv_stages", self.conv_stages, expected=f"1 … {len(ICM_LORA_CHANNELS)}")
 
@@ -64,6 +86,15 @@ class FVAEConfig:
         if self.architecture != "auto":
             return self.architecture
         return "mlp" if self.numel <= MLP_MAX_NUMEL else "conv"
+
+    @property
+    def decoder_width(self) -> int:
+        return self.hidden_dim if self.decoder_hidden_dim is None else self.decoder_hidden_dim
+
+    @property
+    def decoder_input_dim(self) -> int:
+        """k + c with the condition in the decoder, else k."""
+        return self.latent_dim + (self.condition_dim if self.decoder_condition else 0)
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -80,14 +111,19 @@ class FVAE(nn.Module):
             self.encoder_body: nn.Module = nn.Sequential(
                 nn.Linear(config.numel + c, h), nn.LeakyReLU(), nn.Linear(h, h), nn.LeakyReLU()
             )
+            hd = config.decoder_width
             self.decoder_body: nn.Module = nn.Sequential(
-                nn.Linear(k + c, h), nn.LeakyReLU(), nn.Linear(h, h), nn.LeakyReLU(), nn.Linear(h, config.numel)
+                nn.Linear(config.decoder_input_dim, hd), nn.LeakyReLU(), nn.Linear(hd, hd), nn.LeakyReLU(),
+                nn.Linear(hd, config.numel)
             )
         else:
             self.encoder_body = _ConvEncoder(config)
             self.decoder_body = _ConvDecoder(config)
         self.to_mu = nn.Linear(h, k)
         self.to_logvar = nn.Linear(h, k)
+        if config.condition_dropout:
+            # the learned "no task" vector of condition dropout; only F-VAEs trained with it have the parameter
+            self.null_condition = nn.Parameter(torch.zeros(c))
 
     def encode(self, flat: torch.Tensor, condition: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(μ, log σ²) = E([l; v]) for a batch of flat LoRAs (B×D) and task vectors (B×c); log σ² is bounded softly
@@ -100,27 +136,56 @@ class FVAE(nn.Module):
         return self.to_mu(hidden), logvar
 
     def decode(self, z: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        """l = D([z; v]), B×D."""
-        return self.decoder_body(torch.cat([z, condition], dim=-1))
+        """l = D([z; v]), B×D (D(z) when the config has `decoder_condition=False`: v is then ignored)."""
+        return self.decoder_body(torch.cat([z, condition], dim=-1) if self.config.decoder_condition else z)
 
     def forward(self, flat: torch.Tensor, condition: torch.Tensor, *, generator: torch.Generator | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Encode, reparameterise z = μ + σ·ε (ε ~ N(0, I)), decode: returns (l̂, μ, log σ²)."""
+        """Encode, reparameterise z = μ + σ·ε (ε ~ N(0, I)), decode: returns (l̂, μ, log σ²). In training mode with
+        `condition_dropout` p > 0, each sample's condition is first replaced by the null vector with probability p
+        (`drop_conditions`, drawn from `generator`), for the encoder and the decoder alike."""
+        if self.training and self.config.condition_dropout:
+            condition, _ = drop_conditions(condition, self.null_condition, self.config.condition_dropout, generator)
         mu, logvar = self.encode(flat, condition)
         noise = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
         z = mu + torch.exp(0.5 * logvar) * noise
         return self.decode(z, condition), mu, logvar
 
 
-def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """KL(N(μ, σ²) ‖ N(0, I)) = −½·Σ(1 + log σ² − μ² − σ²), summed over the latent, averaged over the batch."""
-    return (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(-1)).mean()
+def drop_conditions(condition: torch.Tensor, null: torch.Tensor, p: float, generator: torch.Generator | None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Condition dropout (Ho & Salimans 2022, arXiv:2207.12598): each row of `condition` (B×c) becomes `null` with
+    probability p, one uniform draw per row from `generator`. Returns (conditions, the boolean mask of dropped rows)."""
+    dropped = torch.rand(condition.shape[0], generator=generator, device=condition.device) < p
+    return torch.where(dropped[:, None], null.to(condition.dtype).expand_as(condition), condition), dropped
 
 
-def vae_loss(recon: torch.Tensor, target: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, beta: float
-             ) -> torch.Tensor:
-    """MSE(l̂, l) + β·KL: ICM-LoRA's CVAE loss (Eq. 11–12 of ICM-Fusion's Algorithm 1)."""
-    return F.mse_loss(recon, target) + beta * kl_divergence(mu, logvar)
+def kl_per_dimension(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(μ_d, σ_d²) ‖ N(0, 1)) = −½(1 + log σ_d² − μ_d² − σ_d²) per latent dimension d, averaged over the batch."""
+    return (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp())).mean(0)
+
+
+def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor, free_bits: float = 0.0) -> torch.Tensor:
+    """KL(N(μ, σ²) ‖ N(0, I)) summed over the latent, averaged over the batch. With `free_bits` λ > 0, each
+    dimension's batch-mean KL counts as max(λ, KL_d): below λ nats a dimension costs nothing and gets no KL gradient
+    (free bits, Kingma et al., NeurIPS 2016, arXiv:1606.04934, here per dimension)."""
+    per_dimension = kl_per_dimension(mu, logvar)
+    if free_bits:
+        per_dimension = per_dimension.clamp(min=free_bits)
+    return per_dimension.sum()
+
+
+def annealed_beta(beta: float, step: int, warmup_steps: int) -> float:
+    """KL annealing (Bowman et al., CoNLL 2016, arXiv:1511.06349): β·min(1, (step − 1)/warmup_steps) for 1-based
+    steps, so step 1 has weight 0 and the full β is reached after `warmup_steps`; `warmup_steps` 0 gives β."""
+    return beta if warmup_steps <= 0 else beta * min(1.0, (step - 1) / warmup_steps)
+
+
+def vae_loss(recon: torch.Tensor, target: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, beta: float,
+             free_bits: float = 0.0) -> torch.Tensor:
+    """MSE(l̂, l) + β·KL: ICM-LoRA's CVAE loss (Eq. 11–12 of ICM-Fusion's Algorithm 1); `free_bits` as in
+    [`kl_divergence`]."""
+    return F.mse_loss(recon, target) + beta * kl_divergence(mu, logvar, free_bits)
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -166,7 +231,7 @@ class _ConvDecoder(nn.Module):
         channels = (*reversed(ICM_LORA_CHANNELS[: config.conv_stages]), 8)
         self.numel, self.padded = config.numel, _padded_length(config)
         self.start_channels, self.start_length = channels[0], self.padded // 2**config.conv_stages
-        self.from_latent = nn.Linear(config.latent_dim + config.condition_dim, channels[0] * self.start_length)
+        self.from_latent = nn.Linear(config.decoder_input_dim, channels[0] * self.start_length)
         self.blocks = nn.Sequential(*[
             nn.Sequential(nn.ConvTranspose1d(c_in, c_out, 7, stride=2, padding=3, output_padding=1), _norm(c_out),
                           nn.ELU())

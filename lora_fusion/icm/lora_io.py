@@ -121,6 +121,29 @@ def flatten(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], layout: Lo
     return torch.cat(parts)
 
 
+def canonical_factors(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The balanced SVD factors of ΔW = B·A (ours, docs/icm.md): A' = S^½Vᵀ, B' = US^½ with ΔW = USVᵀ truncated to
+    rank r, each singular pair's sign fixed so that the largest-magnitude entry of its column of U is positive.
+
+    B·A = (B·R)(R⁻¹·A) for any invertible R, so two LoRAs of the same update (another seed, another optimiser path)
+    can have unrelated factors; the canonical factors depend on ΔW alone (up to ties among singular values). Computed
+    from QR of B and Aᵀ and the SVD of an r×r matrix, in float64, never forming the m×n update.
+    """
+    q_b, r_b = torch.linalg.qr(b.double())
+    q_a, r_a = torch.linalg.qr(a.double().T)
+    u_small, singular, vh_small = torch.linalg.svd(r_b @ r_a.T)
+    u, v = q_b @ u_small, q_a @ vh_small.T
+    signs = torch.sign(u.gather(0, u.abs().argmax(0, keepdim=True)))[0]
+    signs[signs == 0] = 1.0
+    root = singular.sqrt() * signs
+    return (root[:, None] * v.T).to(a.dtype), (u * singular.sqrt()).to(b.dtype) * signs.to(b.dtype)
+
+
+def canonical_flat(flat: torch.Tensor, layout: LoraLayout) -> torch.Tensor:
+    """[`flatten`] of every module's [`canonical_factors`]: a flat LoRA that depends on its updates ΔW only."""
+    return flatten({name: canonical_factors(a, b) for name, (a, b) in unflatten(flat, layout).items()}, layout)
+
+
 def unflatten(flat: torch.Tensor, layout: LoraLayout) -> Factors:
     """The inverse of [`flatten`]: views into `flat` (differentiable), shaped A r×n and B m×r."""
     out: Factors = {}

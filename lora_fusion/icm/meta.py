@@ -11,6 +11,15 @@ paraphrased in docs/icm.md):
    `first_pass_weight` (an interpretation: under the first-order approximation step 1 gets no gradient otherwise).
 5. One Adam step on encoder and decoder over the mean of L_meta,i.
 
+Options against posterior collapse (docs/icm.md, "A latent that matters"; all off by default): condition dropout,
+a decoder without the condition and a narrower decoder (F-VAE options, `lora_fusion.icm.fvae`); `free_bits` λ per
+latent dimension (Kingma et al. 2016) and β annealed linearly from 0 over the first `beta_warmup` fraction of the
+steps (Bowman et al. 2016), both in every KL term; decoupled weight decay on the decoder (AdamW, Loshchilov & Hutter,
+ICLR 2019); denoising (Vincent et al., ICML 2008): the first pass encodes l + σ·ε, ε ~ N(0, I) in normalised units,
+and still reconstructs the clean l (the second pass's input, l^K, is left as it is); `factor_form="canonical"`
+(ours): every LoRA, in training and in fusion, enters as the balanced SVD factors of its updates
+(`lora_io.canonical_factors`), so that LoRAs of one update but different seeds look alike.
+
 K = 0 is the `no-meta` ablation: ICM-LoRA's plain CVAE training. Snapshots are drawn uniformly from the pooled set of
 all tasks' checkpoints (a data loader over the weight data set), so a task that contributes more checkpoints is seen
 more often: the long-tailed setting of the paper.
@@ -23,6 +32,7 @@ state, so an interrupted run resumes where it stopped and ends with the same wei
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -35,8 +45,8 @@ import torch
 from lora_fusion.errors import InvalidParameterError
 
 from .errors import FVAECheckpointError, TrainingDivergedError
-from .fvae import FVAE, FVAEConfig, vae_loss
-from .lora_io import LoraLayout, Normalisation, Normaliser, TensorStats, unflatten
+from .fvae import FVAE, FVAEConfig, annealed_beta, vae_loss
+from .lora_io import LoraLayout, Normalisation, Normaliser, TensorStats, canonical_flat, unflatten
 from .task_vectors import TASK_VECTOR_MODES, TaskVectorMode, task_vector, weight_delta_projection
 from .worlds import Batch, TaskWorld, restore_world
 
@@ -48,15 +58,25 @@ TENSORS_NAME = "icm_tensors.safetensors"
 
 @dataclass(frozen=True)
 class TaskSnapshots:
-    """One task's training data for the F-VAE: its LoRA checkpoints (raw flat vectors) and its support set."""
+    """One task's training data for the F-VAE: its LoRA checkpoints (raw flat vectors) and its support set.
+
+    A LoRA trained jointly on several tasks lists them in `members` ((task, support) pairs): its inner-loop loss is
+    the sum of theirs, and `support` (the union of their support sets) gives its task vector.
+    """
 
     task: str
     flats: torch.Tensor
     support: Batch
+    members: tuple[tuple[str, Batch], ...] = ()
 
     def __post_init__(self) -> None:
         if self.flats.ndim != 2 or self.flats.shape[0] < 1:
             raise InvalidParameterError("flats", tuple(self.flats.shape), expected="M×D with M ≥ 1 snapshots")
+
+    @property
+    def objective(self) -> tuple[tuple[str, Batch], ...]:
+        """The (task, support) terms of this LoRA's task loss: its members, or its own task."""
+        return self.members or ((self.task, self.support),)
 
 
 @dataclass(frozen=True)
@@ -78,6 +98,18 @@ class MetaTrainConfig:
     latent_dim: int = field(default=16, metadata={"help": "F-VAE latent size."})
     hidden_dim: int = field(default=256, metadata={"help": "F-VAE hidden width."})
     beta: float = field(default=0.005, metadata={"help": "KL weight λ_KL."})
+    beta_warmup: float = field(
+        default=0.0, metadata={"help": "Fraction of the steps over which β rises linearly from 0 (0: constant)."}
+    )
+    free_bits: float = field(default=0.0, metadata={"help": "λ nats per latent dimension that the KL leaves free."})
+    condition_dropout: float = field(default=0.0, metadata={"help": "p of replacing v by a learned null vector."})
+    decoder_condition: bool = field(default=True, metadata={"help": "False: a decoder D(z) without the task vector."})
+    decoder_hidden_dim: int | None = field(default=None, metadata={"help": "Decoder width (None: hidden_dim)."})
+    weight_decay: float = field(default=0.0, metadata={"help": "Decoupled (AdamW) weight decay of the decoder."})
+    denoise_std: float = field(default=0.0, metadata={"help": "σ of the noise added to the first pass's input."})
+    factor_form: str = field(
+        default="raw", metadata={"help": "raw: the LoRA's own factors; canonical: balanced SVD factors of each ΔW."}
+    )
     architecture: str = field(default="auto", metadata={"help": "F-VAE body: auto, mlp or conv."})
     seed: int = field(default=0, metadata={"help": "Seeds the F-VAE's initialisation, sampling and noise."})
     checkpoint_every: int = field(default=0, metadata={"help": "Save a resumable checkpoint every N steps (0: off)."})
@@ -104,6 +136,13 @@ class MetaTrainConfig:
             raise InvalidParameterError("task_vectors", self.task_vectors, expected=f"one of {TASK_VECTOR_MODES}")
         if self.normalisation not in ("pooled", "per_checkpoint"):
             raise InvalidParameterError("normalisation", self.normalisation, expected="'pooled' or 'per_checkpoint'")
+        if not 0 <= self.beta_warmup <= 1:
+            raise InvalidParameterError("beta_warmup", self.beta_warmup, expected="a fraction of the steps, 0 … 1")
+        for name in ("free_bits", "weight_decay", "denoise_std"):
+            if getattr(self, name) < 0:
+                raise InvalidParameterError(name, getattr(self, name), expected="a number ≥ 0")
+        if self.factor_form not in ("raw", "canonical"):
+            raise InvalidParameterError("factor_form", self.factor_form, expected="'raw' or 'canonical'")
         if self.mixed_precision not in (None, "no", "fp16", "bf16"):
             raise InvalidParameterError("mixed_precision", self.mixed_precision, expected="'no', 'fp16' or 'bf16'")
 
@@ -131,7 +170,10 @@ class TrainedFVAE:
         return weight_delta_projection(self.layout.numel, self.world.condition_dim)
 
     def prepare(self, raw_flat: torch.Tensor, support: Batch) -> tuple[torch.Tensor, torch.Tensor, TensorStats]:
-        """(normalised l, task vector v, the statistics that de-normalise it) of one raw flat LoRA."""
+        """(normalised l, task vector v, the statistics that de-normalise it) of one raw flat LoRA (first put in
+        canonical factors when the F-VAE was trained on them)."""
+        if self.config.factor_form == "canonical":
+            raw_flat = canonical_flat(raw_flat, self.layout)
         stats = self.normaliser.stats_of(raw_flat)
         normalised = self.normaliser.normalise(raw_flat)
         vector = task_vector(self.config.task_vectors, self.world, factors=unflatten(raw_flat, self.layout),
@@ -249,6 +291,8 @@ def meta_train(
     world.to(device)
 
     flats = torch.cat([d.flats.float() for d in data])
+    if config.factor_form == "canonical":
+        flats = torch.stack([canonical_flat(f, layout) for f in flats])
     normaliser = Normaliser.fit(flats, layout, config.normalisation)
     snapshot_task = [i for i, d in enumerate(data) for _ in range(d.flats.shape[0])]
     stats = [normaliser.stats_of(f) for f in flats]
@@ -256,6 +300,7 @@ def meta_train(
     projection = weight_delta_projection(layout.numel, world.condition_dim) if config.task_vectors == "weight_delta" \
         else None
     supports = [d.support.to(device) for d in data]
+    objectives = [tuple((task, batch.to(device)) for task, batch in d.objective) for d in data]
     conditions = torch.stack([
         task_vector(config.task_vectors, world, factors=unflatten(flats[j].to(device), layout),
                     normalised_flat=targets[j], support=supports[snapshot_task[j]], projection=projection).cpu()
@@ -263,8 +308,10 @@ def meta_train(
     ])
 
     fvae = FVAE(FVAEConfig(numel=layout.numel, condition_dim=world.condition_dim, latent_dim=config.latent_dim,
-                           hidden_dim=config.hidden_dim, beta=config.beta, architecture=config.architecture))
-    optimizer = torch.optim.Adam(fvae.parameters(), lr=config.lr)
+                           hidden_dim=config.hidden_dim, beta=config.beta, architecture=config.architecture,
+                           condition_dropout=config.condition_dropout, decoder_condition=config.decoder_condition,
+                           decoder_hidden_dim=config.decoder_hidden_dim))
+    optimizer = make_optimizer(fvae, config)
     model, optimizer = accelerator.prepare(fvae, optimizer)
     sampler = torch.Generator().manual_seed(config.seed)
     noise = torch.Generator(device=device).manual_seed(config.seed + 1)
@@ -284,7 +331,9 @@ def meta_train(
             "meta_batch", config.meta_batch,
             expected=f"at least the number of processes ({accelerator.num_processes}), or launch fewer processes",
         )
+    warmup_steps = math.ceil(config.beta_warmup * config.steps)  # a positive fraction warms up for ≥ 1 step
     for step in range(start_step + 1, config.steps + 1):
+        beta = annealed_beta(config.beta, step, warmup_steps)
         picked = torch.randint(len(targets), (config.meta_batch,), generator=sampler).tolist()
         # Data parallel: every process draws the same meta-batch and takes every N-th task of it. Its mean losses
         # are weighted by its share × N, so DDP's average of the gradients is the gradient of the meta-batch mean.
@@ -292,19 +341,20 @@ def meta_train(
         share = len(mine) / len(picked)
         with accelerator.accumulate(model):
             target, condition = targets[mine], conditions[mine]
+            source = target + config.denoise_std * torch.randn(target.shape, generator=noise, device=device) \
+                if config.denoise_std else target
             with accelerator.autocast():
-                recon, mu, logvar = model(target, condition, generator=noise)
-                first = vae_loss(recon.float(), target, mu.float(), logvar.float(), config.beta)
+                recon, mu, logvar = model(source, condition, generator=noise)
+                first = vae_loss(recon.float(), target, mu.float(), logvar.float(), beta, config.free_bits)
             if config.inner_steps:
                 adapted = torch.stack([
                     inner_loop(world, layout, normaliser, recon[i].detach().float(), stats[j],
-                               data[snapshot_task[j]].task, supports[snapshot_task[j]], config.inner_steps,
-                               config.inner_lr)
+                               objectives[snapshot_task[j]], config.inner_steps, config.inner_lr)
                     for i, j in enumerate(mine)
                 ])
                 with accelerator.autocast():
                     recon2, mu2, logvar2 = model(adapted, condition, generator=noise)
-                    meta = vae_loss(recon2.float(), target, mu2.float(), logvar2.float(), config.beta)
+                    meta = vae_loss(recon2.float(), target, mu2.float(), logvar2.float(), beta, config.free_bits)
                 loss = meta + config.first_pass_weight * first
             else:
                 meta, loss = first, first
@@ -313,7 +363,7 @@ def meta_train(
             if not torch.isfinite(losses[0]):
                 raise TrainingDivergedError(
                     f"F-VAE meta-training diverged at step {step} (loss {float(losses[0]):.3g}); lower `lr` or "
-                    f"`inner_lr`, or raise the KL weight `beta` (it is {config.beta})."
+                    f"`inner_lr`, or raise the KL weight `beta` (it is {beta} at this step)."
                 )
             # Under gradient accumulation Accelerate divides the loss, and the prepared optimizer only updates (and
             # zeroes) on every `gradient_accumulation`-th step; clipping applies to the summed gradient then.
@@ -338,30 +388,43 @@ def meta_train(
     return TrainedFVAE(fvae, layout, normaliser, world, config, history)
 
 
+def make_optimizer(fvae: FVAE, config: MetaTrainConfig) -> torch.optim.Optimizer:
+    """Adam over the F-VAE (ICM-LoRA's optimiser); with `weight_decay` > 0, AdamW whose decay (Loshchilov & Hutter,
+    ICLR 2019) acts on the decoder only: the option shrinks the decoder, the encoder stays as it was."""
+    if not config.weight_decay:
+        return torch.optim.Adam(fvae.parameters(), lr=config.lr)
+    decoder = list(fvae.decoder_body.parameters())
+    chosen = {id(p) for p in decoder}
+    rest = [p for p in fvae.parameters() if id(p) not in chosen]
+    return torch.optim.AdamW([{"params": rest, "weight_decay": 0.0},
+                              {"params": decoder, "weight_decay": config.weight_decay}], lr=config.lr)
+
+
 def inner_loop(
     world: TaskWorld,
     layout: LoraLayout,
     normaliser: Normaliser,
     start: torch.Tensor,
     stats: TensorStats,
-    task: str,
-    support: Batch,
+    objective: Sequence[tuple[str, Batch]],
     steps: int,
     lr: float,
 ) -> torch.Tensor:
-    """Eq. 8: K steps lᵏ⁺¹ = lᵏ − β·∇_l L_task(denormalise(lᵏ); D) on a normalised flat LoRA; returns l^K detached."""
+    """Eq. 8: K steps lᵏ⁺¹ = lᵏ − β·∇_l L_task(denormalise(lᵏ); D) on a normalised flat LoRA; returns l^K detached.
+    L_task is the sum over the (task, support) terms of `objective` (one term for a single-task LoRA)."""
     current = start.detach()
     for _ in range(steps):
         current = current.requires_grad_(True)
-        loss = world.loss(task, unflatten(normaliser.denormalise(current, stats), layout), support)
+        factors = unflatten(normaliser.denormalise(current, stats), layout)
+        loss = sum(world.loss(task, factors, support) for task, support in objective)
         (grad,) = torch.autograd.grad(loss, current)
         current = (current - lr * grad).detach()
     return current
 
 
 def evaluate_meta_loss(trained: TrainedFVAE, data: Sequence[TaskSnapshots], *, seed: int = 0) -> float:
-    """The mean Algorithm 1 loss (meta + first pass, as trained) over every snapshot, with fixed noise `seed`:
-    comparable between an untrained and a trained F-VAE of the same data."""
+    """The mean Algorithm 1 loss (meta + first pass, as trained, at the full β, without denoising noise) over every
+    snapshot, with fixed noise `seed`: comparable between an untrained and a trained F-VAE of the same data."""
     config, fvae = trained.config, trained.fvae.eval()
     noise = torch.Generator().manual_seed(seed)
     total, count = 0.0, 0
@@ -370,13 +433,14 @@ def evaluate_meta_loss(trained: TrainedFVAE, data: Sequence[TaskSnapshots], *, s
             target, condition, stats = trained.prepare(flat.float(), item.support)
             with torch.no_grad():
                 recon, mu, logvar = fvae(target[None], condition[None], generator=noise)
-                loss = vae_loss(recon, target[None], mu, logvar, config.beta)
+                first = loss = vae_loss(recon, target[None], mu, logvar, config.beta, config.free_bits)
             if config.inner_steps:
-                adapted = inner_loop(trained.world, trained.layout, trained.normaliser, recon[0], stats, item.task,
-                                     item.support, config.inner_steps, config.inner_lr)
+                adapted = inner_loop(trained.world, trained.layout, trained.normaliser, recon[0], stats,
+                                     item.objective, config.inner_steps, config.inner_lr)
                 with torch.no_grad():
                     recon2, mu2, logvar2 = fvae(adapted[None], condition[None], generator=noise)
-                    loss = vae_loss(recon2, target[None], mu2, logvar2, config.beta) + config.first_pass_weight * loss
+                    loss = vae_loss(recon2, target[None], mu2, logvar2, config.beta, config.free_bits)
+                    loss = loss + config.first_pass_weight * first
             total += float(loss)
             count += 1
     return total / count

@@ -22,6 +22,7 @@ from lora_fusion.distributed import is_main_process
 from lora_fusion.errors import InvalidParameterError, RecipeError
 from lora_fusion.recipe import read_recipe_file, recipe_path
 
+from .diversity import DiversityConfig, train_diverse_loras
 from .lora_io import LoraLayout, to_adapter
 from .meta import MetaTrainConfig, TaskSnapshots, TrainedFVAE, meta_train
 from .minilm import MiniLMTopLayerWorld, batch_of, cached_texts
@@ -45,6 +46,8 @@ class ICMRecipe:
     max_seq_len: int = 32
     seed: int = 0
     meta: MetaTrainConfig = field(default_factory=lambda: MetaTrainConfig(steps=300, log_every=50))
+    # extra LoRAs per task in the F-VAE's training set (`lora_fusion.icm.diversity`); none by default
+    diversity: DiversityConfig = field(default_factory=DiversityConfig)
     # data source ("wordnet", "fortunes") -> its directory (`lora_fusion.eval.catalog.DataDirs`; in a recipe file a
     # relative path is taken from the recipe's folder); a source left out is read where its Debian package installs
     # it. Tests point `wordnet` at tests/data/wordnet-sample so that they need no system package.
@@ -74,6 +77,11 @@ class ICMRecipe:
         if unknown:
             raise RecipeError(f"unknown ICM recipe keys {unknown}; known: {sorted(known)}.")
         data = dict(values)
+        diversity_values = data.pop("diversity", {}) or {}
+        diversity_unknown = sorted(set(diversity_values) - set(DiversityConfig.__dataclass_fields__))
+        if diversity_unknown:
+            known_diversity = sorted(DiversityConfig.__dataclass_fields__)
+            raise RecipeError(f"unknown diversity keys {diversity_unknown}; known: {known_diversity}.")
         meta_values = data.pop("meta", {}) or {}
         meta_unknown = sorted(set(meta_values) - set(MetaTrainConfig.__dataclass_fields__))
         if meta_unknown:
@@ -88,7 +96,8 @@ class ICMRecipe:
                 raise RecipeError(f"data_dirs must map a data source to its directory, got {data['data_dirs']!r}.")
             # a source given no directory (`wordnet:` or null) keeps its default
             data["data_dirs"] = {str(source): str(path) for source, path in data["data_dirs"].items() if path}
-        return cls(**data, meta=MetaTrainConfig(**{"steps": 300, **meta_values}))
+        return cls(**data, meta=MetaTrainConfig(**{"steps": 300, **meta_values}),
+                   diversity=DiversityConfig(**diversity_values))
 
     @classmethod
     def from_file(cls, path: str | Path, *, seed: int | None = None, steps: int | None = None) -> ICMRecipe:
@@ -178,6 +187,10 @@ def train_minilm_fvae(recipe: ICMRecipe, out: str | Path, *, log: Callable[[str]
     splits = load_splits(world, recipe, log=log)
     loras = train_task_loras(world, layout, splits, recipe, log=log)
     data = [TaskSnapshots(s.task, snaps, s.support) for s, (_, snaps) in zip(splits, loras)]
+    if recipe.diversity.enabled:
+        data += train_diverse_loras(world, layout, {s.task: s.train for s in splits},
+                                    {s.task: s.support for s in splits}, recipe.diversity, steps=recipe.lora_steps,
+                                    lr=recipe.lora_lr, seed=recipe.seed, log=log)
     trained = meta_train(world, layout, data, recipe.meta, checkpoint_dir=out / "checkpoints", log=log)
     if not is_main_process():
         return trained  # under `accelerate launch` every process holds the same result; the main one writes it

@@ -4,6 +4,8 @@ ICM-LoRA trains each task's LoRA for 200 epochs and keeps one checkpoint per epo
 (`train_lora/train_lora_arg.py`); ICM-Fusion's Algorithm 1 takes "the LoRA from ordinary fine-tuning". Here a LoRA
 (A ~ N(0, 1/n), B = 0, PEFT's default up to the init distribution) is trained with AdamW on the world's task loss,
 and the last `snapshots` checkpoints, `snapshot_every` steps apart, are returned as raw flat vectors.
+[`train_joint_lora`] trains one LoRA on the summed loss of several tasks (the multi-task LoRAs of
+`lora_fusion.icm.diversity`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,25 @@ def train_lora(
 
     `extra_parameters` train jointly with the LoRA (a task head the world owns). Same seed, same result.
     """
+    return train_joint_lora(world, [(task, data)], layout, steps=steps, seed=seed, lr=lr, batch_size=batch_size,
+                            snapshots=snapshots, snapshot_every=snapshot_every, extra_parameters=extra_parameters)
+
+
+def train_joint_lora(
+    world: TaskWorld,
+    objective: Sequence[tuple[str, Batch]],
+    layout: LoraLayout,
+    *,
+    steps: int,
+    seed: int,
+    lr: float = 1e-3,
+    batch_size: int = 32,
+    snapshots: int = 1,
+    snapshot_every: int = 5,
+    extra_parameters: Sequence[torch.nn.Parameter] = (),
+) -> tuple[Factors, torch.Tensor]:
+    """[`train_lora`] on the summed loss of several (task, data) terms, a batch of each per step: one LoRA shared by
+    several tasks (a multi-task LoRA; one term is the ordinary single-task LoRA)."""
     generator = torch.Generator().manual_seed(seed)
     factors: Factors = {}
     for module in layout.modules:
@@ -45,8 +66,11 @@ def train_lora(
     first_kept = steps - (snapshots - 1) * snapshot_every
     kept: list[torch.Tensor] = []
     for step in range(1, steps + 1):
-        index = torch.randint(len(data), (min(batch_size, len(data)),), generator=generator)
-        loss = world.loss(task, factors, data.take(index))
+        terms = []
+        for task, data in objective:
+            index = torch.randint(len(data), (min(batch_size, len(data)),), generator=generator)
+            terms.append(world.loss(task, factors, data.take(index)))
+        loss = sum(terms[1:], terms[0])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
