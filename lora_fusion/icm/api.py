@@ -6,13 +6,13 @@ writes the F-VAE directory it reads (see `lora_fusion.icm.minilm.train_minilm_fv
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from lora_fusion.adapter import LoraAdapter
 
+from ..jsonl import json_objects
 from .errors import BaseModelMismatchError, SupportFileError, UnknownSupportLabelError
 
 
@@ -23,24 +23,13 @@ def read_support(path: str | Path) -> list[dict[str, Any]]:
     Raises:
         SupportFileError: the file is missing, a line is not a JSON object, or a line lacks `task` or `label`.
     """
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise SupportFileError(f"support file {file} does not exist; pass a JSONL file of labelled examples.")
     records = []
-    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise SupportFileError(f"{file}:{number}: not JSON ({err.msg}); each line must be one object.") from None
-        except RecursionError:  # json's decoder recurses once per nesting level
-            raise SupportFileError(f"{file}:{number}: nested too deeply; each line must be one flat object.") from None
-        if not isinstance(record, dict) or "task" not in record or "label" not in record:
-            raise SupportFileError(f"{file}:{number}: each line needs \"task\" and \"label\" keys.")
+    for _, where, record in json_objects(path, SupportFileError, hint="a JSONL file of labelled examples"):
+        if "task" not in record or "label" not in record:
+            raise SupportFileError(f"{where}: each line needs \"task\" and \"label\" keys.")
         records.append(record)
     if not records:
-        raise SupportFileError(f"support file {file} holds no examples.")
+        raise SupportFileError(f"support file {Path(path).expanduser()} holds no examples.")
     return records
 
 
