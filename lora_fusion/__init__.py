@@ -27,6 +27,7 @@ _LAZY = {
     "load_adapter": "sources",
     "merge": "api",
     "convert": "api",
+    "extract": "extraction",
     "MergePlan": "plan",
     "LoraAdapter": "adapter",
     "ModuleFactors": "adapter",
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
     from .adapter import LoraAdapter, ModuleFactors
     from .diagnostics import interference_report
     from .api import convert, merge
+    from .extraction import extract
     from .methods import ModuleGroup, ModuleResult, ModuleStats, get_method, list_methods, register_method
     from .params import MethodParams, Param
     from .plan import MergePlan
