@@ -40,12 +40,14 @@ def extract(
         help="Write this module whole from the fine-tune (PEFT modules_to_save): a changed norm, a resized "
              "embedding (repeatable).")
     ] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="float32, float16 or bfloat16 (default: the fine-tune's).")] = None,
+    dtype: Annotated[Optional[str], typer.Option(
+        help="float32, float16 or bfloat16 (default: the fine-tune's).")] = None,
     svd: Annotated[str, typer.Option(help=SVD.help)] = "auto",
     seed: Annotated[int, typer.Option(help=SEED.help)] = 0,
     revision: Annotated[Optional[str], typer.Option(help="Hub revision of ids given without @revision.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an --out that lora-fusion wrote.")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would be extracted (headers and 1-D tensors only; no SVD).")] = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Print what would be extracted (headers and 1-D tensors only; no SVD).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary (or the plan) as JSON.")] = False,
 ) -> None:
     """Extract a LoRA from a full fine-tune: per module ΔW = W_ft − W₀, truncated SVD, written as a PEFT adapter."""
@@ -95,8 +97,8 @@ def _line(summary: dict[str, Any]) -> str:
     worst = summary["lowest_retained_energy"]
     unchanged = summary["unchanged_modules"]
     saved = summary["modules_to_save"]
-    return (f"extracted {summary['modules']} modules -> {summary['out']} (rank {low}" + (f"–{high}" if high != low
-            else "") + f"; lowest retained energy {worst['energy']:.4f} in {worst['module']}); "
-            f"unchanged, skipped: {len(unchanged)}" + (f" ({', '.join(unchanged[:5])}"
-                                                        f"{', …' if len(unchanged) > 5 else ''})" if unchanged else "")
+    ranks = f"{low}–{high}" if high != low else str(low)
+    listed = f" ({', '.join(unchanged[:5])}{', …' if len(unchanged) > 5 else ''})" if unchanged else ""
+    return (f"extracted {summary['modules']} modules -> {summary['out']} (rank {ranks}; lowest retained energy "
+            f"{worst['energy']:.4f} in {worst['module']}); unchanged, skipped: {len(unchanged)}{listed}"
             + (f"; written whole: {', '.join(saved)}" if saved else ""))

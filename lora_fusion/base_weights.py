@@ -89,7 +89,8 @@ class BaseWeights:
         return tuple(self._file(self._weight_map[key]).get_slice(key).get_shape())
 
     def commit(self) -> str | None:
-        """The resolved commit of a Hub model (its cache snapshot's name), once a file was read; None for a local one."""
+        """The resolved commit of a Hub model (its cache snapshot's name), once a file was read; None for a local
+        one."""
         if self._folder is not None or not self._files:
             return None
         path = self._download(next(iter(self._files)))

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from .base_weights import BaseWeights
     from .linalg import FactoredSVD, RankRule
 
-# The rank without a rule: mergekit-extract-lora's default `--max-rank` is 32; 16 is what PEFT examples and most
+# The rank without a rule: mergekit-extract-lora 0.1.5's default `--max-rank` is 128; 16 is what PEFT examples and most
 # published adapters use, and `--energy`/`--rank` say otherwise.
 DEFAULT_RANK = 16
 # With svd="auto", a randomized SVD (min(m, n) > 1024) is kept only where the excess-error bound, evaluated on the

@@ -313,3 +313,45 @@ def test_other_architectures_shapes_and_broken_checkpoints_are_refused(tmp_path)
         extract(base, other)
     with pytest.raises(InvalidParameterError, match="one rank rule"):
         extract(base, base, rank=4, energy=0.9)
+
+
+def test_gpt2_conv1d_layers_and_its_tied_head_reach_peft(tmp_path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=128, n_positions=32, n_embd=64, n_layer=2, n_head=4)
+    save(GPT2LMHeadModel(config).eval(), tmp_path / "base")
+    torch.manual_seed(0)
+    model = fine_tune(GPT2LMHeadModel(config).eval())
+    save(model, tmp_path / "tuned")
+    adapter = extract(tmp_path / "base", tmp_path / "tuned", energy=1.0)
+    assert adapter.config.fan_in_fan_out  # Conv1D stores ΔWᵀ
+    assert {"transformer.h.0.attn.c_attn", "transformer.wte", "lm_head"} <= set(adapter.modules)
+    adapter.save_pretrained(tmp_path / "out")
+    assert relative(peft_logits(tmp_path / "base", tmp_path / "out"), logits(model)) < 1e-4
+
+
+def test_convolutions_are_extracted_with_their_kernels(tmp_path) -> None:
+    from peft import PeftModel
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    config = ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)
+    torch.manual_seed(0)
+    save(ResNetForImageClassification(config).eval(), tmp_path / "base")
+    torch.manual_seed(0)
+    model = ResNetForImageClassification(config).eval()
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if weight.ndim == 4:
+                weight.add_(0.05 * torch.randn_like(weight))
+    save(model, tmp_path / "tuned")
+    adapter = extract(tmp_path / "base", tmp_path / "tuned", energy=1.0, modules="convolution")
+    spec = adapter.modules["resnet.embedder.embedder.convolution"]
+    assert spec.kind == "conv" and spec.a_shape[1:] == (3, 7, 7) and spec.b_shape[2:] == (1, 1)
+    adapter.save_pretrained(tmp_path / "out")
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = ResNetForImageClassification.from_pretrained(tmp_path / "base").eval()
+        got = PeftModel.from_pretrained(base, tmp_path / "out").eval()(pixel_values=images).logits
+        expected = model(pixel_values=images).logits
+    assert relative(got, expected) < 1e-4

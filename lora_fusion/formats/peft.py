@@ -117,7 +117,9 @@ class PeftFormat:
             raise SourceNotFoundError(f"{source}: {config_path} not found; a LoRA adapter needs its {CONFIG_NAME}.")
         raw = _read_json(config_path, source)
         saved = frozenset(raw.get("modules_to_save") or ()) if saved_modules else frozenset()
-        parsed = parse_config({k: v for k, v in raw.items() if k != "modules_to_save"} if saved_modules else raw, source)
+        if saved_modules:
+            raw = {k: v for k, v in raw.items() if k != "modules_to_save"}
+        parsed = parse_config(raw, source)
         legacy = weights_path.suffix == ".bin"
         store: PickleStore | SafetensorsStore
         store = PickleStore(weights_path, source) if legacy else SafetensorsStore(weights_path, source)
