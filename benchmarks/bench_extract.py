@@ -14,7 +14,7 @@ peak RSS per run. Both extract the linear layers only (mergekit writes embedding
 in float64, and the optimum √(Σ_{j>R} σⱼ²/Σσⱼ²) from float64 singular values.
 
 Usage: python benchmarks/bench_extract.py --mergekit /tmp/mk-venv/bin/mergekit-extract-lora [--runs 2] [--rank 16]
-                                          [--smollm /path/with/base+tuned]
+                                          [--smollm /path/with/base+tuned [--no-llama]]
 """
 
 from __future__ import annotations
@@ -64,8 +64,9 @@ def build_pair(folder: Path, *, seed: int = 0) -> tuple[Path, Path]:
     return base, tuned
 
 
-def errors(base: Path, tuned: Path, adapter: Path, rank: int) -> dict[str, Any]:
-    """Per module: the output's relative error and the optimum at `rank`, float64."""
+def errors(base: Path, tuned: Path, adapter: Path, rank: int, optima: dict[str, float]) -> dict[str, Any]:
+    """Per module: the output's relative error and the optimum at `rank` (float64; `optima` caches the optimum of
+    each module, computed once for both tools)."""
     import torch
     from safetensors import safe_open
 
@@ -82,11 +83,13 @@ def errors(base: Path, tuned: Path, adapter: Path, rank: int) -> dict[str, Any]:
             with safe_open(str(side / maps[side][key]), "pt") as handle:
                 weights.append(handle.get_tensor(key).double())
         delta = weights[0] - weights[1]
-        S = torch.linalg.svdvals(delta)
+        if module not in optima:
+            S = torch.linalg.svdvals(delta)
+            optima[module] = math.sqrt(float((S[rank:] ** 2).sum() / (S**2).sum()))
         rows[module] = {
             "rank": written.modules[module].rank,
             "error": float((delta - written.delta(module).double()).norm() / delta.norm()),
-            "optimum": math.sqrt(float((S[rank:] ** 2).sum() / (S**2).sum())),
+            "optimum": optima[module],
         }
     excess = [row["error"] - row["optimum"] for row in rows.values()]
     return {
@@ -116,13 +119,14 @@ def compare(base: Path, tuned: Path, *, mergekit: str, rank: int, runs: int, wor
         log(f"{label} lora-fusion run {attempt + 1}: {run.wall_s:.2f} s, {run.max_rss_mb:.0f} MB")
         ours.append(run)
     best_ours, best_theirs = min(r.wall_s for r in ours), min(r.wall_s for r in theirs)
+    optima: dict[str, float] = {}
     return {
         "model": label,
         "rank": rank,
         "lora_fusion": {"wall_s": [rounded(r.wall_s) for r in ours], "peak_rss_mb": rounded(max(r.max_rss_mb
-                        for r in ours)), "errors": errors(base, tuned, work / "ours", rank)},
+                        for r in ours)), "errors": errors(base, tuned, work / "ours", rank, optima)},
         "mergekit": {"wall_s": [rounded(r.wall_s) for r in theirs], "peak_rss_mb": rounded(max(r.max_rss_mb
-                     for r in theirs)), "errors": errors(base, tuned, work / "theirs", rank)},
+                     for r in theirs)), "errors": errors(base, tuned, work / "theirs", rank, optima)},
         "speedup_best": rounded(best_theirs / best_ours, 3),
     }
 
@@ -133,16 +137,18 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--smollm", type=Path, help="a folder with base/ and tuned/ (experiments/extract_smollm.py)")
+    parser.add_argument("--no-llama", action="store_true", help="skip the Llama-shaped pair (e.g. with --smollm)")
     args = parser.parse_args()
     import torch
 
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-extract-") as tmp:
         work = Path(tmp)
-        log("building the Llama-shaped pair")
-        base, tuned = build_pair(work)
-        results.append(compare(base, tuned, mergekit=args.mergekit, rank=args.rank, runs=args.runs, work=work,
-                               label="llama-2048x5504-2layers-bf16"))
+        if not args.no_llama:
+            log("building the Llama-shaped pair")
+            base, tuned = build_pair(work)
+            results.append(compare(base, tuned, mergekit=args.mergekit, rank=args.rank, runs=args.runs, work=work,
+                                   label="llama-2048x5504-2layers-bf16"))
         if args.smollm is not None:
             results.append(compare(args.smollm / "base", args.smollm / "tuned", mergekit=args.mergekit,
                                    rank=args.rank, runs=args.runs, work=work, label="smollm2-135m"))

@@ -444,7 +444,9 @@ def excess_estimate(found: FactoredSVD, rank: int) -> float:
     width = S.numel()
     last = float(S[-1])
     missed = max(0.0, found.total_energy - float((S**2).sum()))
-    if last == 0.0:
+    room = min(found.shape) - width  # singular values the sketch did not compute
+    if last == 0.0 or missed > room * last**2:
+        # the missed energy does not fit below σ̃_last: the sketch's values are far below the true ones
         return 0.0 if missed == 0.0 else math.inf
     count = int(missed / last**2)
     remainder = math.sqrt(max(0.0, missed - count * last**2))

@@ -355,3 +355,47 @@ def test_convolutions_are_extracted_with_their_kernels(tmp_path) -> None:
         got = PeftModel.from_pretrained(base, tmp_path / "out").eval()(pixel_values=images).logits
         expected = model(pixel_values=images).logits
     assert relative(got, expected) < 1e-4
+
+
+def test_extract_help_shows_the_declared_rank_rules_without_importing_torch() -> None:
+    import subprocess
+    import sys
+
+    from lora_fusion.params import ENERGY, SV_RATIO
+
+    code = ("import sys; from lora_fusion_cli.main import main; main(['extract', '--help']); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert run.returncode == 0, run.stderr
+    flat = " ".join(run.stdout.split())
+    for declaration in (ENERGY, SV_RATIO):
+        assert " ".join(declaration.help.split()) in flat
+
+
+@pytest.mark.parametrize("spectrum", ["decaying", "flat"])
+def test_auto_keeps_the_randomized_svd_only_where_its_excess_bound_is_tight(spectrum, monkeypatch) -> None:
+    from lora_fusion import extraction, linalg
+
+    generator = torch.Generator().manual_seed(0)
+    m = n = 1100  # above EXACT_SVD_LIMIT: "auto" starts with the randomized SVD
+    if spectrum == "decaying":
+        U = torch.linalg.qr(torch.randn(m, 80, generator=generator)).Q
+        V = torch.linalg.qr(torch.randn(n, 80, generator=generator)).Q
+        delta = (U * 0.7 ** torch.arange(80.0)) @ V.T
+    else:
+        delta = torch.randn(m, n, generator=generator)
+    exact_calls = []
+    original = linalg.exact_svd
+
+    def counting(dense: torch.Tensor) -> linalg.FactoredSVD:
+        exact_calls.append(dense.shape)
+        return original(dense)
+
+    monkeypatch.setattr(linalg, "exact_svd", counting)
+    B, A, stats = extraction.decompose(delta, RankRule(rank=8), svd="auto", seed=0, name="m")
+    S = torch.linalg.svdvals(delta.double())
+    optimum = math.sqrt(float((S[8:] ** 2).sum() / (S**2).sum()))
+    assert len(exact_calls) == (1 if spectrum == "flat" else 0)
+    assert relative((B @ A).double(), delta.double()) == pytest.approx(stats.relative_error, abs=1e-6)
+    assert stats.relative_error - optimum < extraction.EXCESS_TOLERANCE
