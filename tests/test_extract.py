@@ -397,5 +397,5 @@ def test_auto_keeps_the_randomized_svd_only_where_its_excess_bound_is_tight(spec
     S = torch.linalg.svdvals(delta.double())
     optimum = math.sqrt(float((S[8:] ** 2).sum() / (S**2).sum()))
     assert len(exact_calls) == (1 if spectrum == "flat" else 0)
-    assert relative((B @ A).double(), delta.double()) == pytest.approx(stats.relative_error, abs=1e-6)
+    assert relative((B @ A).double(), delta.double()) == pytest.approx(stats.relative_error, rel=1e-4)
     assert stats.relative_error - optimum < extraction.EXCESS_TOLERANCE
