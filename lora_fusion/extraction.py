@@ -14,17 +14,20 @@ whole as PEFT's `modules_to_save`: a changed norm or bias, a module of another t
 from __future__ import annotations
 
 import math
+import os
 import re
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._lazy import torch
 from .controls import ModuleControls, check_rule_values, rules_record, split_params, with_values
 from .errors import IncompatibleAdaptersError, InvalidParameterError, NonFiniteError, SourceNotFoundError
 from .params import SEED, SVD, RankedParams, declared
+from .runtime import thread_limit
 
 if TYPE_CHECKING:
     import torch  # noqa: F811
@@ -33,6 +36,7 @@ if TYPE_CHECKING:
     from .base_weights import BaseWeights
     from .linalg import FactoredSVD, RankRule
 
+T = TypeVar("T")
 # The rank without a rule: mergekit-extract-lora 0.1.5's default `--max-rank` is 128; 16 is what PEFT examples and most
 # published adapters use, and `--energy`/`--rank` say otherwise.
 DEFAULT_RANK = 16
@@ -346,20 +350,30 @@ def _run(
     stats: dict[str, ModuleStats] = {}
     unchanged: list[str] = []
     dtype = out_dtype
-    for candidate in _progress(plan.candidates, progress):
+    def one(candidate: Candidate) -> tuple[torch.dtype, Any]:
         before = base.tensor(candidate.key)
         after = finetuned.tensor(candidate.key)
         _check_finite(before, base, candidate.name)
         _check_finite(after, finetuned, candidate.name)
-        if dtype is None:
-            dtype = after.dtype if after.dtype in (torch.float16, torch.bfloat16) else torch.float32
+        stored = after.dtype
         delta = canonical(after.float() - before.float(), candidate.kind)
         del before, after
         if not bool(delta.any()):
+            return stored, None
+        rule = with_values(params, controls.params_for(candidate.name)).rank_rule()  # type: ignore[attr-defined]
+        return stored, decompose(delta, rule, svd=params.svd, seed=params.seed, name=candidate.name)
+
+    # As the merge engine: one torch thread per module, two modules at a time. MKL/OpenMP threads spin badly when
+    # the cores are shared (runtime.thread_limit), and one module's SVD gains little from a second thread.
+    with thread_limit(1), ThreadPoolExecutor(min(2, os.cpu_count() or 1)) as pool:
+        done = list(_progress(pool.map(one, plan.candidates), len(plan.candidates), progress))
+    for candidate, (stored, result) in zip(plan.candidates, done):
+        if dtype is None:
+            dtype = stored if stored in (torch.float16, torch.bfloat16) else torch.float32
+        if result is None:
             unchanged.append(candidate.name)
             continue
-        rule = with_values(params, controls.params_for(candidate.name)).rank_rule()  # type: ignore[attr-defined]
-        B, A, stats[candidate.name] = decompose(delta, rule, svd=params.svd, seed=params.seed, name=candidate.name)
+        B, A, stats[candidate.name] = result
         for name, kind, factors in _with_partners(candidate, B, A):
             spec = module_spec(name, kind, candidate.shape, factors[0].shape[1], dtype)
             specs[name] = spec
@@ -487,12 +501,12 @@ def _source_record(weights: BaseWeights, role: str) -> dict[str, Any]:
             weights.revision, "subfolder": None, "commit": weights.commit(), "weight": role}
 
 
-def _progress(items: Sequence[Candidate], enabled: bool | None) -> Iterator[Candidate]:
+def _progress(items: Iterable[T], total: int, enabled: bool | None) -> Iterator[T]:
     if not (sys.stderr.isatty() if enabled is None else enabled):
         yield from items
         return
     from tqdm.auto import tqdm
 
-    yield from tqdm(items, desc="extracting", unit="module", file=sys.stderr, leave=False)
+    yield from tqdm(items, total=total, desc="extracting", unit="module", file=sys.stderr, leave=False)
 
 

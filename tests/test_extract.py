@@ -15,7 +15,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lora_fusion import extract
-from lora_fusion.errors import IncompatibleAdaptersError, InvalidParameterError, NonFiniteError
+from lora_fusion.errors import (
+    IncompatibleAdaptersError,
+    InvalidParameterError,
+    NonFiniteError,
+    UnsupportedAdapterError,
+)
 from lora_fusion.linalg import RankRule, choose_rank
 from tests.test_cli import assert_user_error, invoke
 from tests.test_hub import files_of
@@ -229,6 +234,9 @@ def test_a_changed_norm_is_refused_unless_saved_whole(tmp_path) -> None:
     assert relative(peft_logits(base, tmp_path / "out"), logits(model)) < 1e-4
     with pytest.raises(InvalidParameterError, match="save_modules"):
         extract(base, tuned, save_modules=["model.nothing"])
+    with pytest.raises(UnsupportedAdapterError, match="whole modules"):  # only PEFT folders hold modules_to_save
+        extract(base, tuned, rank=2, save_modules=["model.norm"]).save_pretrained(tmp_path / "d", format="diffusers")
+    assert not (tmp_path / "d").exists()
 
 
 def test_hub_models_are_read_and_their_commits_recorded(hub, tmp_path) -> None:
