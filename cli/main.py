@@ -521,11 +521,13 @@ from .bake import BAKE_SKIPPED, bake as bake_command  # noqa: E402
 from .cil import cil_app  # noqa: E402
 from .icm import icm_app  # noqa: E402
 from .report import report as report_command  # noqa: E402
+from .extract import extract as extract_command  # noqa: E402
 
 app.add_typer(cil_app, name="cil")
 app.add_typer(icm_app, name="icm")
 app.command("report")(report_command)
 app.command("bake", cls=_declared_command(BAKE_SKIPPED))(bake_command)
+app.command("extract")(extract_command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -29,6 +29,7 @@ _LAZY = {
     "merge": "api",
     "bake": "baking",
     "convert": "api",
+    "extract": "extraction",
     "MergePlan": "plan",
     "LoraAdapter": "adapter",
     "ModuleFactors": "adapter",
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
     from .diagnostics import interference_report
     from .api import convert, merge
     from .baking import bake
+    from .extraction import extract
     from .methods import ModuleGroup, ModuleResult, ModuleStats, get_method, list_methods, register_method
     from .params import MethodParams, Param
     from .plan import MergePlan

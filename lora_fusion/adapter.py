@@ -161,6 +161,7 @@ class LoraAdapter:
         provenance: Mapping[str, Any] | None = None,
         stats: Mapping[str, ModuleStats] | None = None,
         inputs: Iterable[str | Path] = (),
+        saved_modules: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         self.config = config
         self.modules: dict[str, ModuleSpec] = dict(modules)
@@ -170,6 +171,9 @@ class LoraAdapter:
         # Local files this adapter was made from (a merge's sources): memory only, so that writing never replaces
         # them; the written provenance names sources without their paths.
         self.inputs: tuple[Path, ...] = tuple(Path(p) for p in inputs)
+        # Whole parameters written as PEFT's `modules_to_save` (an extraction's changed norms or resized embeddings),
+        # by parameter name (`model.norm.weight`): only the PEFT format writes them.
+        self.saved_modules: dict[str, torch.Tensor] = dict(saved_modules or {})
         self._store = store
 
     def __repr__(self) -> str:

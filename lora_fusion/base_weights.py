@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .errors import IncompatibleAdaptersError, NonFiniteError, SourceNotFoundError
-from .hub import download_file
+from .hub import commit_of, download_file
 from .spec import ModuleSpec, all_finite
 
 WEIGHTS_NAME = "model.safetensors"
@@ -70,6 +70,45 @@ class BaseWeights:
                 "re-download it or pass the checkpoint the adapters were trained on."
             )
         return tensor
+
+    @property
+    def revision(self) -> str | None:
+        """The Hub revision asked for (None: main, or a local model)."""
+        return self._revision
+
+    def tensor_names(self) -> list[str]:
+        """Every tensor the checkpoint stores, in its index's order (headers only)."""
+        return list(self._weight_map)
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """The stored tensor `key` as saved (dtype and orientation), memory-mapped from its shard."""
+        return self._file(self._weight_map[key]).get_tensor(key)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The shape of the stored tensor `key`, from its shard's header."""
+        return tuple(self._file(self._weight_map[key]).get_slice(key).get_shape())
+
+    def commit(self) -> str | None:
+        """The resolved commit of a Hub model (its cache snapshot's name), once a file was read; None for a local
+        one."""
+        if self._folder is not None or not self._files:
+            return None
+        path = self._download(next(iter(self._files)))
+        return commit_of(path) if path is not None else None
+
+    def config(self) -> dict[str, Any]:
+        """The model's `config.json` (empty when there is none: a bare `.safetensors` file)."""
+        name = "config.json"
+        path = self._folder / name if self._folder is not None else self._download(name, optional=True)
+        if path is None or not path.is_file():
+            return {}
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):
+            raise SourceNotFoundError(f"{self.source}: {name} is not valid JSON; re-download the model.") from None
+        if not isinstance(config, dict):
+            raise SourceNotFoundError(f"{self.source}: {name} must hold a JSON object; re-download the model.")
+        return config
 
     def _key(self, module: str) -> str:
         return module_key(module, self._modules, self.source)

@@ -34,6 +34,7 @@ from .errors import (
     OutputOverflowError,
     OutputProtectedError,
     OutputWriteError,
+    UnsupportedAdapterError,
 )
 from .formats import DEFAULT_FORMAT, FORMATS, AdapterFormat, format_named
 from .formats.peft import CONFIG_NAME, SAFETENSORS_NAME
@@ -85,6 +86,11 @@ def write_adapter(
         UnsupportedAdapterError: the format has no key for a module (named); nothing was written.
     """
     known = format_named(format) if isinstance(format, str) else format
+    if adapter.saved_modules and known.name != "peft":
+        raise UnsupportedAdapterError(
+            f"{known.name} files have no place for whole modules ({next(iter(adapter.saved_modules))}, …); write "
+            "the adapter as a PEFT folder (format 'peft')."
+        )
     out = Path(out).expanduser().absolute()
     keep = [*adapter.local_inputs(), *protected]
     check_output(out, overwrite=overwrite, protected=keep, format=known)
@@ -511,7 +517,8 @@ def _check_written(adapter: LoraAdapter, target: Path, out: Path, known: Adapter
     with what was meant to be written to `out`. The values were checked finite in memory after their cast
     (`lora_fusion.formats.peft.output_factors`), so the headers suffice. A kohya file may hold a module at a higher rank, and extra
     all-zero parts, where Flux's fused q/k/v hold several modules in one."""
-    written = known.read(target, source=str(target))
+    extra = {"saved_modules": True} if adapter.saved_modules else {}  # only PEFT writes them (write_adapter)
+    written = known.read(target, source=str(target), **extra)
     fused = known.single_file
     for name, spec in adapter.modules.items():
         got = written.modules.get(name)

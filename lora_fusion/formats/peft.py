@@ -95,7 +95,9 @@ class PeftFormat:
                 return weights.parent
         raise NotALoraAdapterError(f"{repo_id}: has {CONFIG_NAME} but no {SAFETENSORS_NAME} or {LEGACY_NAME}.")
 
-    def read(self, path: Path, *, source: str, config: Path | None = None) -> AdapterContents:
+    def read(
+        self, path: Path, *, source: str, config: Path | None = None, saved_modules: bool = False
+    ) -> AdapterContents:
         """Validate a PEFT adapter and open it (headers only).
 
         Args:
@@ -103,6 +105,8 @@ class PeftFormat:
             source: what the user called it, for messages.
             config (*optional*): the `adapter_config.json` to use (default: the one in the folder, or beside the
                 weights file).
+            saved_modules (*optional*): accept `modules_to_save` and skip their whole tensors (the writer's check
+                of an extracted adapter); merges refuse them.
 
         Raises:
             SourceNotFoundError, NotALoraAdapterError, UnsupportedAdapterError, CorruptAdapterError: as
@@ -120,11 +124,15 @@ class PeftFormat:
                     f"{source} has config.json but no {CONFIG_NAME}: it looks like a full model, not a LoRA adapter."
                 )
             raise SourceNotFoundError(f"{source}: {config_path} not found; a LoRA adapter needs its {CONFIG_NAME}.")
-        parsed = parse_config(_read_json(config_path, source), source)
+        raw = _read_json(config_path, source)
+        saved = frozenset(raw.get("modules_to_save") or ()) if saved_modules else frozenset()
+        if saved_modules:
+            raw = {k: v for k, v in raw.items() if k != "modules_to_save"}
+        parsed = parse_config(raw, source)
         legacy = weights_path.suffix == ".bin"
         store: PickleStore | SafetensorsStore
         store = PickleStore(weights_path, source) if legacy else SafetensorsStore(weights_path, source)
-        modules = _module_specs(store, parsed, source)
+        modules = _module_specs(store, parsed, source, saved=saved)
         return AdapterContents(config=parsed, modules=modules, store=store, files=(config_path, weights_path))
 
     def write(self, adapter: LoraAdapter, folder: Path, *, metadata: Mapping[str, str]) -> None:
@@ -285,7 +293,9 @@ def _pattern(raw: Mapping[str, Any], key: str, kind: Any, source: str) -> dict[s
     return dict(pattern)
 
 
-def _module_specs(store: SafetensorsStore | PickleStore, config: AdapterConfig, source: str) -> dict[str, ModuleSpec]:
+def _module_specs(
+    store: SafetensorsStore | PickleStore, config: AdapterConfig, source: str, *, saved: frozenset[str] = frozenset()
+) -> dict[str, ModuleSpec]:
     keys: dict[str, dict[str, str]] = {}
     base_copies = [key for key in store.keys() if _BASE_COPY_KEY.match(key)]
     if base_copies:
@@ -297,7 +307,7 @@ def _module_specs(store: SafetensorsStore | PickleStore, config: AdapterConfig, 
             stacklevel=3,
         )
     for key in store.keys():
-        if key in base_copies:
+        if key in base_copies or key.removeprefix("base_model.model.").rpartition(".")[0] in saved:
             continue
         match = _FACTOR_KEY.match(key) or _EMBEDDING_KEY.match(key) or _MAGNITUDE_KEY.match(key)
         if match is None:
@@ -533,6 +543,8 @@ def _output_tensors(adapter: LoraAdapter) -> dict[str, torch.Tensor | PendingTen
         tensors[a_key], tensors[b_key] = a, b
         if bias is not None and bias_key:
             tensors[bias_key] = bias
+    for key, tensor in adapter.saved_modules.items():  # PEFT's modules_to_save keys: the parameter's own name
+        tensors[f"base_model.model.{key}"] = tensor.contiguous()
     return tensors
 
 
@@ -579,7 +591,7 @@ def peft_config(adapter: LoraAdapter) -> dict[str, Any]:
         "bias": "none",
         "init_lora_weights": True,
         "inference_mode": True,
-        "modules_to_save": None,
+        "modules_to_save": sorted({key.rpartition(".")[0] for key in adapter.saved_modules}) or None,
         "layers_to_transform": None,
         "layers_pattern": None,
     }
