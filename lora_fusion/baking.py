@@ -42,6 +42,8 @@ OUTPUT_EMBEDDINGS = ("lm_head", "embed_out")
 LM_HEAD_CLASSES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 # bitsandbytes' NF4 settings of transformers' BitsAndBytesConfig defaults (blocksize 64, no double quantisation).
 NF4_BLOCKSIZE = 64
+# W₀ + ΔW is formed this many bytes of float32 rows at a time: small enough to stay in a core's cache.
+ROW_BLOCK_BYTES = 1 << 20
 T = TypeVar("T")
 
 
@@ -587,20 +589,28 @@ def _updated(
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """W₀ + ΔW in float32 in the stored orientation, rounded once to `dtype`: bit for bit
-    `(W₀.float() + s·(B·A)).to(dtype)`, with ΔW's scaling and the sum done in place (two passes over the matrix
-    fewer than the textbook form; float addition is commutative, so the bits are the same)."""
+    `(W₀.float() + s·(B·A)).to(dtype)`. Computed a block of stored rows at a time (ΔW's rows from B·A, scaled, added
+    to W₀'s, rounded into the output), so the float32 intermediate stays in cache instead of four passes over a
+    whole float32 matrix; the same float operations on every element, so the same bits."""
     factors = merged.factors(spec.name)
     if part == "bias":
         return (original.float() + factors.scale * factors.bias.float()).to(dtype)
     # bitsandbytes quantises the Linear layers, never embeddings or (in transformers' default) the output layer
     quantised = spec.kind == "linear" and spec.name.rsplit(".", 1)[-1] not in OUTPUT_EMBEDDINGS
     base = dequantizer(original) if dequantizer is not None and quantised else original
-    delta = (factors.B.float() @ factors.A.float()).mul_(factors.scale)  # ModuleFactors.delta, in place
-    if spec.kind == "embedding" or (spec.kind == "linear" and fan_in_fan_out):
-        delta = delta.T
-    elif spec.kind == "conv":
-        delta = delta.reshape(original.shape)
-    return delta.add_(base).to(dtype)  # a new tensor: the original may be the source of another (untied)
+    B, A = factors.B.float(), factors.A.float()
+    # embeddings and GPT-2's Conv1D store ΔWᵀ (their stored rows are ΔW's columns); a conv's kernel is in its row
+    transposed = spec.kind == "embedding" or (spec.kind == "linear" and fan_in_fan_out)
+    stored = base.reshape(base.shape[0], -1)
+    out = torch.empty(stored.shape, dtype=dtype)
+    step = max(1, ROW_BLOCK_BYTES // (4 * stored.shape[1]))
+    for start in range(0, stored.shape[0], step):
+        rows = slice(start, start + step)
+        block = (B @ A[:, rows]).T if transposed else B[rows] @ A
+        if factors.scale != 1.0:  # merged adapters fold their scales: s = 1, nothing to multiply
+            block.mul_(factors.scale)
+        out[rows] = block.add_(stored[rows])
+    return out.reshape(original.shape)
 
 
 def _output_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:

@@ -355,3 +355,32 @@ def test_bake_takes_merges_declared_options_less_those_of_adapter_outputs() -> N
     merge_only = {"recipe", "report"}  # a bake has no recipe key for its base, and no adapter report
     bake_only = {"revision", "untie_embeddings", "dequantize"}
     assert options("bake") == (options("merge") - BAKE_SKIPPED - merge_only) | bake_only
+
+
+@pytest.mark.parametrize(("kind", "fan_in_fan_out", "stored"), [
+    ("linear", False, (300, 70)), ("linear", True, (70, 300)), ("embedding", False, (70, 300)),
+    ("conv", False, (300, 7, 3, 3)),
+])
+@pytest.mark.parametrize("scale", [1.0, 0.37])
+def test_the_blocked_update_is_bit_for_bit_the_dense_one_in_every_orientation(
+    monkeypatch, kind, fan_in_fan_out, stored, scale
+) -> None:
+    from types import SimpleNamespace
+
+    from lora_fusion import baking
+    from lora_fusion.adapter import ModuleFactors
+
+    monkeypatch.setattr(baking, "ROW_BLOCK_BYTES", 4 * 64 * 70)  # several blocks, the last one short
+    generator = torch.Generator().manual_seed(0)
+    m, n = (300, 70) if kind != "conv" else (300, 63)
+    factors = ModuleFactors(A=torch.randn(5, n, generator=generator), B=torch.randn(m, 5, generator=generator),
+                            scale=scale)
+    merged = SimpleNamespace(factors=lambda name: factors)
+    original = torch.randn(stored, generator=generator).to(torch.bfloat16)
+    delta = scale * (factors.B @ factors.A)
+    if kind == "embedding" or fan_in_fan_out:
+        delta = delta.T
+    expected = (original.float() + delta.reshape(stored)).to(torch.bfloat16)
+    written = baking._updated(original, merged, SimpleNamespace(kind=kind, name="m.x"), "weight", fan_in_fan_out,
+                              None, torch.bfloat16)
+    assert written.shape == original.shape and torch.equal(written.view(torch.int16), expected.view(torch.int16))
