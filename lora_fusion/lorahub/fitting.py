@@ -219,8 +219,8 @@ def _tokenizer_and_config(base_model: str) -> tuple[Any, Any, dict[str, Any]]:
                                       "(owner/name[@revision]); lorahub loads the model with transformers.")
         source = {"pretrained_model_name_or_path": repo_id, "revision": revision or None}
     try:
-        config = AutoConfig.from_pretrained(**source, trust_remote_code=False)
-        tokenizer = AutoTokenizer.from_pretrained(**source, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(**source)
+        tokenizer = AutoTokenizer.from_pretrained(**source)
     except (OSError, ValueError) as err:
         raise SourceNotFoundError(f"--base-model {text}: transformers cannot load its config and tokenizer "
                                   f"({str(err).splitlines()[0]}).") from None
@@ -239,7 +239,7 @@ def _load_model(source: dict[str, Any], support: SupportSet) -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # transformers warns of newly initialised heads: checked below instead
         try:
-            model, info = auto.from_pretrained(**source, trust_remote_code=False, output_loading_info=True)
+            model, info = auto.from_pretrained(**source, output_loading_info=True)
         except (OSError, ValueError) as err:
             raise IncompatibleAdaptersError(
                 f"{source['pretrained_model_name_or_path']}: transformers cannot load it as "
