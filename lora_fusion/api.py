@@ -143,7 +143,7 @@ def merge(
                   f"(e.g. {controls.unindexed[0]}).")
         layout = {name: layout[name] for name in controls.selected(layout)}
         _check_base_use(spec, adapters, layout, base_model)
-        out_dtype = _dtype(dtype) if dtype is not None else _common_dtype(adapters)
+        out_dtype = parse_dtype(dtype) if dtype is not None else _common_dtype(adapters)
         for adapter in adapters:
             for name, module in adapter.modules.items():
                 check_scale_fits(name, module.scale, out_dtype, _origin(adapter))
@@ -376,7 +376,12 @@ def _weights(weights: Sequence[float | Sequence[Any]] | None, count: int) -> lis
     return [parse_rules(v, what=f"weights[{i}]") for i, v in enumerate(values)]
 
 
-def _dtype(dtype: torch.dtype | str) -> torch.dtype:
+def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """An output dtype given as a torch dtype or its name (`"bfloat16"`, `"torch.float16"`).
+
+    Raises:
+        InvalidParameterError: not float32, float16 or bfloat16.
+    """
     names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if isinstance(dtype, torch.dtype) and dtype in names.values():
         return dtype

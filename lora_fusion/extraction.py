@@ -167,7 +167,9 @@ def extract(
     params = ExtractParams(**scalars, svd=svd, seed=seed)
     check_rule_values(params, rules)
     selector = _compile(modules)
-    out_dtype = _dtype(dtype) if dtype is not None else None
+    from .api import parse_dtype
+
+    out_dtype = parse_dtype(dtype) if dtype is not None else None
     base_weights, ft_weights = _open(base, revision, token), _open(finetuned, revision, token)
     plan = _plan(base_weights, ft_weights, selector=selector, save_modules=tuple(save_modules))
     if dry_run:
@@ -184,15 +186,6 @@ def _compile(pattern: str | None) -> re.Pattern[str] | None:
         return re.compile(pattern)
     except re.error as err:
         raise InvalidParameterError("modules", pattern, expected=f"a regular expression ({err})") from None
-
-
-def _dtype(dtype: torch.dtype | str) -> torch.dtype:
-    names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    if isinstance(dtype, torch.dtype) and dtype in names.values():
-        return dtype
-    if isinstance(dtype, str) and dtype.removeprefix("torch.") in names:
-        return names[dtype.removeprefix("torch.")]
-    raise InvalidParameterError("dtype", dtype, expected="float32, float16 or bfloat16")
 
 
 def _open(source: str | Path, revision: str | None, token: str | None) -> BaseWeights:
