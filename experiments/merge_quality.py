@@ -428,6 +428,23 @@ def write_plot(path: Path, rows: Sequence[ResultRow], reference: Mapping[str, fl
     return True
 
 
+def open_testbed(
+    parser: Any, tasks: Sequence[str], dirs: Any, started: float
+) -> tuple[list[TaskData], Evaluator, Callable[[str], None]]:
+    """A study's start on the testbed: libraries quietened, each task's data (a missing data set is a usage error,
+    through `parser`), the shared evaluator, and a log stamping each line with the seconds since `started`."""
+    quiet()
+
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - started:7.1f} s] {message}", flush=True)
+
+    try:
+        data: list[TaskData] = [load_task_data(task, dirs=dirs) for task in tasks]
+    except (FileNotFoundError, KeyError) as error:
+        parser.error(str(error))
+    return data, Evaluator(data), log
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Command-line entry point."""
     parser = study_parser(
@@ -456,17 +473,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         write_report(args.out, json.loads(args.render.read_text(encoding="utf-8")))
         return
 
-    quiet()
     started = time.perf_counter()
-
-    def log(message: str) -> None:
-        print(f"[{time.perf_counter() - started:7.1f} s] {message}", flush=True)
-
-    try:
-        data: list[TaskData] = [load_task_data(task, dirs=args.data_dirs) for task in args.tasks]
-    except (FileNotFoundError, KeyError) as error:
-        parser.error(str(error))
-    evaluator = Evaluator(data)
+    data, evaluator, log = open_testbed(parser, args.tasks, args.data_dirs, started)
     chosen = variants(args.methods)
     cache = args.cache or default_cache_dir()
     per_seed: list[dict[str, Any]] = []

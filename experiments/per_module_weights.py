@@ -34,13 +34,12 @@ from typing import Any
 import torch
 
 from experiments._args import parse_study_args, study_parser
-from experiments.merge_quality import SCALE_GRID, SEARCH_DTYPES, SeedRun, Variant, versions
+from experiments.merge_quality import SCALE_GRID, SEARCH_DTYPES, SeedRun, Variant, open_testbed, versions
 from lora_fusion.adapter import LoraAdapter
 from lora_fusion.controls import interpolate
 from lora_fusion.eval.catalog import TESTBED_TASKS
 from lora_fusion.eval.scores import format_mean_std, markdown_table, mean, mean_std
-from lora_fusion.eval.testbed import STEPS, Evaluator, default_cache_dir, load_task_data, train_or_load
-from lora_fusion.eval.textcls import quiet
+from lora_fusion.eval.testbed import STEPS, Evaluator, default_cache_dir, train_or_load
 
 STEM = "per_module_weights"
 DEFAULT_OUT = Path("docs/results")
@@ -437,17 +436,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         (args.out / f"{STEM}.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
         write_report(args.out, report)
         return
-    quiet()
     started = time.perf_counter()
-
-    def log(message: str) -> None:
-        print(f"[{time.perf_counter() - started:7.1f} s] {message}", flush=True)
-
-    try:
-        data = [load_task_data(task, dirs=args.data_dirs) for task in TESTBED_TASKS]
-    except (FileNotFoundError, KeyError) as error:
-        parser.error(str(error))
-    evaluator = Evaluator(data)
+    data, evaluator, log = open_testbed(parser, TESTBED_TASKS, args.data_dirs, started)
     command = " ".join(["python -m experiments.per_module_weights", *(argv or sys.argv[1:])])
     config = {"tasks": list(TESTBED_TASKS), "seeds": [], "steps": args.steps, "methods": args.methods,
               "families": {f: FAMILY_LABELS[f] for f in FAMILIES}, "scale_grid": list(SCALE_GRID),

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-from .base_weights import INDEX_NAME, WEIGHTS_NAME, module_key, read_index
+from .base_weights import INDEX_NAME, WEIGHTS_NAME, module_key, read_config, read_index
 from .errors import IncompatibleAdaptersError, InvalidParameterError, NonFiniteError, SourceNotFoundError
 from .hub import commit_of, download_file, is_repo_id, list_files
 from .formats.stores import SAFETENSORS_DTYPES
@@ -262,15 +262,7 @@ class BaseCheckpoint:
     def config(self) -> dict[str, Any] | None:
         """`config.json` as a mapping, or None if the model has none."""
         path = self._small_file("config.json")
-        if path is None:
-            return None
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError, RecursionError):
-            raise SourceNotFoundError(f"{self.source}: config.json is not valid JSON.") from None
-        if not isinstance(config, dict):
-            raise SourceNotFoundError(f"{self.source}: config.json is not a JSON object.")
-        return config
+        return read_config(path, self.source) if path is not None else None
 
     def support_files(self) -> dict[str, bytes]:
         """The config, generation config and tokenizer files ([`is_model_support_file`]), by name; never code."""

@@ -102,13 +102,7 @@ class BaseWeights:
         path = self._folder / name if self._folder is not None else self._download(name, optional=True)
         if path is None or not path.is_file():
             return {}
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError, RecursionError):
-            raise SourceNotFoundError(f"{self.source}: {name} is not valid JSON; re-download the model.") from None
-        if not isinstance(config, dict):
-            raise SourceNotFoundError(f"{self.source}: {name} must hold a JSON object; re-download the model.")
-        return config
+        return read_config(path, self.source)
 
     def _key(self, module: str) -> str:
         return module_key(module, self._modules, self.source)
@@ -171,6 +165,21 @@ def module_key(module: str, weights: dict[str, str], source: str) -> str:
             f"{source}: {found} for the adapters' module {module}; pass the base model the adapters were trained on."
         )
     return matches[0]
+
+
+def read_config(path: Path, source: str) -> dict[str, Any]:
+    """A model's `config.json` as a mapping.
+
+    Raises:
+        SourceNotFoundError: the file is not valid JSON or not a JSON object.
+    """
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested ~1000 deep
+        raise SourceNotFoundError(f"{source}: {path.name} is not valid JSON; re-download the model.") from None
+    if not isinstance(config, dict):
+        raise SourceNotFoundError(f"{source}: {path.name} must hold a JSON object; re-download the model.")
+    return config
 
 
 def read_index(path: Path, source: str) -> dict[str, str]:
