@@ -8,6 +8,8 @@ module reaches only inside `save_pretrained` and `push_to_hub`: the writer never
 from __future__ import annotations
 
 import hashlib
+import mmap
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
@@ -107,18 +109,23 @@ class SourceInfo:
         try:
             for file in self.files:
                 with open(file, "rb") as handle:
-                    while block := handle.read(1 << 20):
-                        digest.update(block)
-        except OSError:
+                    if os.fstat(handle.fileno()).st_size == 0:
+                        continue  # nothing to hash, and an empty file cannot be mapped
+                    # One update over the whole map: hashlib holds no GIL for its length, where block-wise reads
+                    # took the GIL back after every block and queued behind the writing thread each time.
+                    with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                        digest.update(mapped)
+        except (OSError, ValueError):
             return None
         return digest.hexdigest()
 
-    def to_dict(self) -> dict[str, str | None]:
+    def to_dict(self, *, hash_placeholder: str | None = None) -> dict[str, str | None]:
         """The record of this source in model cards and safetensors metadata, which may be published.
 
         A Hub source: repo id, revision, subfolder and resolved commit. A local one: its folder's name and the
         [`sha256`](SourceInfo.sha256) of its files, never its path (absolute paths show user names and the machine's
-        layout; the name and hash still identify the adapter).
+        layout; the name and hash still identify the adapter), or `hash_placeholder` instead of a hash that is still
+        being computed (a provisional record, not waiting for it).
         """
         local = self.local_path
         if local is None:
@@ -126,7 +133,11 @@ class SourceInfo:
                 "source": self.source, "revision": self.revision, "subfolder": self.subfolder, "commit": self.commit
             }
         name = local.name if local.is_dir() or not local.parent.name else f"{local.parent.name}/{local.name}"
-        return {"source": name, "revision": None, "subfolder": self.subfolder, "commit": None, "sha256": self.sha256}
+        pending = self.__dict__.get("_hashing")
+        unfinished = hash_placeholder is not None and "sha256" not in self.__dict__ and (
+            pending is None or not pending.done())
+        sha256 = hash_placeholder if unfinished else self.sha256
+        return {"source": name, "revision": None, "subfolder": self.subfolder, "commit": None, "sha256": sha256}
 
 
 def _exists(path: Path) -> bool:

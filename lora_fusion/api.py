@@ -31,6 +31,7 @@ from .provenance import merge_provenance
 from .recipe import SourceEntry
 from .formats.peft import check_scale_fits
 from .hub import is_repo_id
+from .runtime import collection_paused
 from .sources import load_adapter
 from .spec import AdapterConfig, MemoryStore, ModuleSpec
 
@@ -45,6 +46,7 @@ def merge(sources: Sequence[Source], *, dry_run: Literal[False] = ..., **kwargs:
 def merge(sources: Sequence[Source], *, dry_run: Literal[True], **kwargs: Any) -> MergePlan: ...
 
 
+@collection_paused()
 def merge(
     sources: Sequence[Source],
     *,
@@ -351,13 +353,14 @@ def convert(
     from .writer import write_adapter
 
     target = format_named(to)
-    # The provenance records a local source's sha256: the other core hashes it while this one converts.
-    adapter = source if isinstance(source, LoraAdapter) else load_adapter(
-        source, revision=revision, subfolder=subfolder, token=token, weight_name=weight_name,
-        input_format=input_format, hash_in_background=True)
-    if adapter.source is not None:
-        adapter.source.start_hashing()
-    return write_adapter(adapter, Path(out), overwrite=overwrite, format=target)
+    with collection_paused():
+        # The provenance records a local source's sha256: the other core hashes it while this one converts.
+        adapter = source if isinstance(source, LoraAdapter) else load_adapter(
+            source, revision=revision, subfolder=subfolder, token=token, weight_name=weight_name,
+            input_format=input_format, hash_in_background=True)
+        if adapter.source is not None:
+            adapter.source.start_hashing()
+        return write_adapter(adapter, Path(out), overwrite=overwrite, format=target)
 
 
 def _weights(weights: Sequence[float | Sequence[Any]] | None, count: int) -> list[float | Rules]:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import gc
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+
+_collector = {"pauses": 0, "was_enabled": False}
+_collector_lock = threading.Lock()
 
 
 @contextmanager
@@ -25,3 +30,28 @@ def thread_limit(threads: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+@contextmanager
+def collection_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector inside the block, then restore it (reference counting still frees
+    every tensor and object as usual; only cycles wait for the end of the block).
+
+    Reading and writing a diffusion LoRA makes tens of thousands of small objects (header entries, key-map probes),
+    which set off full collections, and with torch and diffusers imported a full collection walks some 440,000
+    objects: 0.28 s each on the 2-core machine, 1.06 s (seven of them) in a first kohya convert of a 225 MB file,
+    whose own work takes about 0.4 s. Blocks may nest or run in several threads: the collector is restored when
+    the last one ends.
+    """
+    with _collector_lock:
+        if _collector["pauses"] == 0:
+            _collector["was_enabled"] = gc.isenabled()
+            gc.disable()
+        _collector["pauses"] += 1
+    try:
+        yield
+    finally:
+        with _collector_lock:
+            _collector["pauses"] -= 1
+            if _collector["pauses"] == 0 and _collector["was_enabled"]:
+                gc.enable()

@@ -146,7 +146,9 @@ def _pattern_value(pattern: Mapping[str, Any], module: str, default: Any) -> Any
 
 
 class TensorStore(Protocol):
-    """Where an adapter's tensors live: a file opened lazily, or memory."""
+    """Where an adapter's tensors live: a file opened lazily, or memory. A store may also offer
+    `known_finite(key) -> bool` (True: that tensor holds no NaN or Inf; False: unknown), which spares
+    [`read_factors`] a pass over each factor."""
 
     def read(self, key: str) -> torch.Tensor: ...
 
@@ -188,8 +190,10 @@ def read_factors(
     a = store.read(spec.a_key).reshape(spec.rank, spec.in_features)
     b = store.read(spec.b_key).reshape(spec.out_features, spec.rank)
     bias = store.read(spec.bias_key) if spec.bias_key else None
-    for tensor in ((a, b) if bias is None else (a, b, bias)) if check_finite else ():
-        if not all_finite(tensor):
+    keys = (spec.a_key, spec.b_key, spec.bias_key)
+    known = getattr(store, "known_finite", None)  # a file store checks its tensors a run at a time
+    for tensor, key in zip((a, b) if bias is None else (a, b, bias), keys) if check_finite else ():
+        if not ((known is not None and known(key)) or all_finite(tensor)):
             raise NonFiniteError(
                 f"{where}: module {spec.name} holds NaN or Inf values; the adapter is corrupted or diverged in "
                 "training. Re-download it, or leave it out of the merge."

@@ -22,7 +22,6 @@ import tempfile
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from functools import cached_property
 from pathlib import Path, PureWindowsPath
 from typing import TYPE_CHECKING, Any
 
@@ -38,8 +37,9 @@ from .errors import (
 )
 from .formats import DEFAULT_FORMAT, FORMATS, AdapterFormat, format_named
 from .formats.peft import CONFIG_NAME, SAFETENSORS_NAME
+from .formats.stores import LateMetadata
 from .hub import check_push_allowed, is_repo_id, push_folder
-from .runtime import thread_limit
+from .runtime import collection_paused, thread_limit
 
 if TYPE_CHECKING:
     from .adapter import LoraAdapter
@@ -94,7 +94,7 @@ def write_adapter(
     out = Path(out).expanduser().absolute()
     keep = [*adapter.local_inputs(), *protected]
     check_output(out, overwrite=overwrite, protected=keep, format=known)
-    with staged(out) as stage:
+    with staged(out) as stage, collection_paused():
         target = stage / out.name if known.single_file else stage
         with thread_limit(1):
             try:
@@ -336,43 +336,28 @@ def _alive(pid: int) -> bool:
     return True
 
 
-class _Provenance(Mapping[str, str]):
-    """The weights file's metadata, `{"lora_fusion": <provenance JSON>}`, made when the format saves the file: after
-    it has read the factors, so that a local source's sha256 (hashed in the background) is ready by then."""
-
-    def __init__(self, adapter: LoraAdapter) -> None:
-        self._adapter = adapter
-
-    @cached_property
-    def _items(self) -> dict[str, str]:
-        return {"lora_fusion": json.dumps(_provenance_record(self._adapter), sort_keys=True)}
-
-    def __getitem__(self, key: str) -> str:
-        return self._items[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._items)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-
 def _fill(adapter: LoraAdapter, target: Path, known: AdapterFormat) -> None:
-    known.write(adapter, target, metadata=_Provenance(adapter))
+    # The weights file's header is written last: a local source's sha256, hashed by the other core, is not waited
+    # for before the data (the placeholder is as long as the hash).
+    metadata = LateMetadata(
+        {"lora_fusion": json.dumps(_provenance_record(adapter, hash_placeholder="0" * 64), sort_keys=True)},
+        lambda: {"lora_fusion": json.dumps(_provenance_record(adapter), sort_keys=True)},
+    )
+    known.write(adapter, target, metadata=metadata)
     if not known.single_file:  # one file has no place for a card; its header holds the provenance
         (target / CARD_NAME).write_text(model_card(adapter, known))
 
 
-def _provenance_record(adapter: LoraAdapter) -> dict[str, Any]:
+def _provenance_record(adapter: LoraAdapter, *, hash_placeholder: str | None = None) -> dict[str, Any]:
     """What the safetensors metadata and the card say about the adapter's origin: no local path, ever.
 
-    Sources come from `SourceInfo.to_dict` (a local one as its folder's name and content hash); the base model and
-    path-valued parameters (F-VAE, support file) are cut to their last component if they name local paths, as is
-    any source recorded by other means.
+    Sources come from `SourceInfo.to_dict` (a local one as its folder's name and content hash, or
+    `hash_placeholder` while that is being computed); the base model and path-valued parameters (F-VAE, support
+    file) are cut to their last component if they name local paths, as is any source recorded by other means.
     """
     record = dict(adapter.provenance) or {
         "method": "copy",
-        "sources": [adapter.source.to_dict()] if adapter.source else [],
+        "sources": [adapter.source.to_dict(hash_placeholder=hash_placeholder)] if adapter.source else [],
     }
     if "sources" in record:
         record["sources"] = [

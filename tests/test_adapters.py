@@ -281,6 +281,36 @@ def test_nan_weights_are_refused_when_read(make_llama_lora) -> None:
         merge([source])
 
 
+def test_finiteness_is_known_a_run_of_one_dtype_at_a_time_and_a_bad_run_checks_each_tensor(tmp_path) -> None:
+    from lora_fusion.formats.stores import SafetensorsStore
+
+    path = tmp_path / "mixed.safetensors"
+    # safetensors orders the data by element size, then name: I64 (n), an F32 run (a, b, c, e), an F16 run (h, i)
+    save_file({"a": torch.ones(2, 3), "b": torch.tensor([1.0, float("inf")]), "c": torch.zeros(4),
+               "h": torch.ones(3, dtype=torch.float16), "i": torch.ones(5, dtype=torch.float16),
+               "n": torch.arange(3), "e": torch.empty(0)}, str(path))
+    store = SafetensorsStore(path, "mixed")
+    assert store.known_finite("h") and store.known_finite("i")  # the F16 run holds no NaN or Inf
+    # the F32 run holds an infinity (in b): unknown for every tensor of it, finite or not; integers are no floats
+    assert not any(store.known_finite(key) for key in ("a", "b", "c", "n", "e"))
+    assert sorted(store._run_finite.values()) == [False, True]  # one pass per float run, remembered
+
+
+def test_a_nan_among_finite_factors_names_its_own_module_and_spares_the_others(make_llama_lora) -> None:
+    source = make_llama_lora()
+    tensors = load_file(source / "adapter_model.safetensors")
+    bad = sorted(k for k in tensors if "lora_B" in k)[1]
+    tensors[bad][0, 0] = float("nan")
+    save_file(tensors, source / "adapter_model.safetensors")
+    adapter = load_adapter(source)
+    bad_module = next(name for name, spec in adapter.modules.items() if spec.b_key == bad)
+    for name in adapter.modules:  # every other factor in the same run reads, checked one by one
+        if name != bad_module:
+            adapter.factors(name)
+    with pytest.raises(NonFiniteError, match=f"module {re.escape(bad_module)} holds NaN"):
+        adapter.factors(bad_module)
+
+
 def test_config_rank_must_match_the_weights(make_llama_lora) -> None:
     with pytest.raises(CorruptAdapterError, match="rank 8 in the weights but 4"):
         load_adapter(rewrite_config(make_llama_lora(r=8), r=4))

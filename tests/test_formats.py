@@ -561,3 +561,28 @@ def test_convert_records_the_sha256_of_the_file_it_read(tmp_path) -> None:
     with safe_open(str(out / "pytorch_lora_weights.safetensors"), "pt") as file:
         record = json.loads(file.metadata()["lora_fusion"])
     assert record["sources"][0]["sha256"] == hashlib.sha256((tmp_path / "k.safetensors").read_bytes()).hexdigest()
+
+
+def test_the_kohya_key_map_is_made_once_per_set_of_names_and_its_refusals_name_each_source(monkeypatch) -> None:
+    from lora_fusion.formats import keymaps
+
+    calls = []
+    real = keymaps._convert_sd
+    monkeypatch.setattr(keymaps, "_convert_sd", lambda probe: calls.append(len(probe)) or real(probe))
+    keymaps._kohya_pieces.cache_clear()
+    names = {"lora_te1_text_model_encoder_layers_0_mlp_fc1": 37,
+             "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q": 64}
+    first = keymaps.kohya_to_canonical(names, source="a")
+    assert first["unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"].module == \
+        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
+    first.clear()  # each caller gets its own dict
+    assert keymaps.kohya_to_canonical(dict(reversed(names.items())), source="b") == \
+        keymaps.kohya_to_canonical(names, source="c") != {}
+    assert len(calls) == 1  # the same names in any order: diffusers' converters ran once
+    keymaps.kohya_to_canonical({**names, "lora_te1_text_model_encoder_layers_0_mlp_fc1": 38}, source="d")
+    assert len(calls) == 2  # other row counts: another map
+    for source in ("one", "two"):
+        with pytest.raises(UnsupportedAdapterError, match=f"^{source}: diffusers' key map has no place for lora_te1_x;"):
+            keymaps.kohya_to_canonical({**names, "lora_te1_x": 8}, source=source)
+    assert len(calls) == 3
+    keymaps._kohya_pieces.cache_clear()

@@ -277,6 +277,36 @@ def test_save_safetensors_aligns_each_tensor_and_computes_pending_ones_when_writ
     assert again.read_bytes() == path.read_bytes()  # same inputs, same bytes
 
 
+def test_late_metadata_is_asked_for_after_the_data_and_written_over_its_provisional_header(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    from lora_fusion.formats.stores import LateMetadata, PendingTensor, with_items
+
+    events = []
+    last = PendingTensor((5,), torch.float16, lambda: events.append("data") or torch.ones(5, dtype=torch.float16))
+    tensors = {"b": torch.arange(6.0).reshape(2, 3), "z": last}  # "z" is written last
+    direct = tmp_path / "direct.safetensors"
+    save_safetensors(tensors, direct, metadata={"k": "f" * 64, "x": "y"})
+
+    def final(value: str):
+        return lambda: events.append("final") or {"k": value}
+
+    for name, value in (("same", "f" * 64), ("shorter", "none"), ("longer", "f" * 200)):
+        events.clear()
+        path = tmp_path / f"{name}.safetensors"
+        save_safetensors(tensors, path, metadata=with_items(LateMetadata({"k": "0" * 64}, final(value)), {"x": "y"}))
+        with safe_open(str(path), framework="pt") as file:
+            assert file.metadata() == {"format": "pt", "k": value, "x": "y"}
+            assert torch.equal(file.get_tensor("b"), tensors["b"]) and torch.equal(file.get_tensor("z"), torch.ones(5).half())
+        # the final values are asked for once, after the data; the longer one made the file be written again
+        assert events == (["data", "final", "data"] if name == "longer" else ["data", "final"])
+    # a final header as long as the provisional one: the bytes of writing it directly
+    assert (tmp_path / "same.safetensors").read_bytes() == direct.read_bytes()
+    raw = (tmp_path / "shorter.safetensors").read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    assert raw[8:8 + size].endswith(b" " * 60) and size % 8 == 0  # padded to the provisional length
+
+
 def test_a_header_with_non_ascii_metadata_is_still_sorted(tmp_path: Path) -> None:
     metadata = {f"key{i}": "café ü " * 8 for i in (7, 3, 9, 0, 5, 1, 8, 2, 6, 4)}
     path = tmp_path / "x.safetensors"

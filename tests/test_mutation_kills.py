@@ -159,6 +159,18 @@ def test_a_single_weights_file_is_recorded_with_its_folder_and_the_hash_of_confi
     assert record["sha256"] == sha256_of(source / "adapter_config.json", weights)
 
 
+def test_a_provisional_record_holds_the_placeholder_only_while_the_hash_is_unfinished(tmp_path: Path) -> None:
+    source = small_lora(tmp_path / "run-8")
+    expected = sha256_of(source / "adapter_config.json", source / "adapter_model.safetensors")
+    info = load_adapter(source).source
+    assert info.to_dict(hash_placeholder="0" * 64)["sha256"] == "0" * 64  # not hashed yet: not waited for
+    assert info.to_dict()["sha256"] == expected  # the final record waits for it
+    assert info.to_dict(hash_placeholder="0" * 64)["sha256"] == expected  # known: the placeholder is not used
+    hashing = load_adapter(source, hash_in_background=True).source
+    assert hashing.to_dict()["sha256"] == expected  # hashed in the background, waited for
+    assert hashing.to_dict(hash_placeholder="0" * 64)["sha256"] == expected
+
+
 def test_a_subfolder_source_is_hashed_from_the_subfolders_files(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     small_lora(repo, seed=1)  # decoy files at the top
@@ -1727,3 +1739,54 @@ def test_a_weights_file_beside_a_full_models_config_is_not_an_adapter(tmp_path: 
     (folder / "config.json").unlink()
     with pytest.raises(SourceNotFoundError, match="adapter_config.json not found"):
         load_adapter(folder / "adapter_model.safetensors")
+
+
+def test_the_collector_is_paused_inside_nested_and_threaded_blocks_and_restored_after_the_last(tmp_path: Path) -> None:
+    import gc
+    import threading
+
+    from lora_fusion.runtime import collection_paused
+
+    assert gc.isenabled()
+    inside, release = threading.Event(), threading.Event()
+
+    def other() -> None:
+        with collection_paused():
+            inside.set()
+            release.wait(5)
+
+    with collection_paused():
+        assert not gc.isenabled()
+        thread = threading.Thread(target=other)
+        thread.start()
+        inside.wait(5)
+        with collection_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # the inner block ended, the outer one has not
+    assert not gc.isenabled()  # the other thread's block still runs
+    release.set()
+    thread.join()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with collection_paused():
+            pass
+        assert not gc.isenabled()  # a collector the caller had turned off stays off
+    finally:
+        gc.enable()
+    seen = []
+    import lora_fusion
+
+    convert_source = small_lora(tmp_path / "a")
+    thresholds = gc.get_threshold()
+    gc.set_threshold(1)  # a collection at every allocation of a container, were the collector on
+    gc.callbacks.append(lambda phase, info: seen.append(phase))
+    try:
+        lora_fusion.merge([convert_source, convert_source], method="linear")
+        during_merge = seen.count("start")  # only as the call enters its block and after it leaves
+        seen.clear()
+        lora_fusion.load_adapter(convert_source)  # outside a pause: far more, for a fraction of the work
+        assert during_merge <= 10 < 100 < seen.count("start"), (during_merge, seen.count("start"))
+    finally:
+        gc.callbacks.pop()
+        gc.set_threshold(*thresholds)

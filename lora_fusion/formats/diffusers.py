@@ -21,7 +21,7 @@ from ..spec import AdapterContents
 from .keymaps import COMPONENTS
 from .peft import most_common, output_factors, recorded_alpha, records_scale
 from .single_file import file_layout, read_single_file
-from .stores import PendingTensor, safetensors_header, save_safetensors
+from .stores import PendingTensor, safetensors_header, save_safetensors, with_items
 
 if TYPE_CHECKING:
     from ..adapter import LoraAdapter
@@ -90,7 +90,7 @@ class DiffusersFormat:
             tensors[f"{name}.lora_A.weight"], tensors[f"{name}.lora_B.weight"] = a, b
             if bias is not None:
                 tensors[f"{name}.lora_B.bias"] = bias
-        record = {**metadata, "lora_adapter_metadata": json.dumps(_lora_metadata(adapter), sort_keys=True)}
+        record = with_items(metadata, {"lora_adapter_metadata": json.dumps(_lora_metadata(adapter), sort_keys=True)})
         save_safetensors(tensors, folder / WEIGHT_NAME, metadata=record)
 
 

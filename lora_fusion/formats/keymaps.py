@@ -25,6 +25,7 @@ met: it imports transformers and peft, which costs seconds.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import types
@@ -124,39 +125,50 @@ def _read_probe(converted: Mapping[str, torch.Tensor], probe: _Probe, out: Mappi
     return pieces
 
 
-def _refuse_dropped(pieces: Mapping[str, Piece], names: list[str], source: str) -> None:
+def _dropped(pieces: Mapping[str, Piece], names: list[str]) -> str | None:
+    """What to say (after the source's name) of file modules the converters dropped; None when they placed all."""
     placed = {piece.module for piece in pieces.values()}
     dropped = [name for name in names if name not in placed]
-    if dropped:
-        shown = ", ".join(dropped[:3]) + (f" and {len(dropped) - 3} more" if len(dropped) > 3 else "")
-        raise UnsupportedAdapterError(
-            f"{source}: diffusers' key map has no place for {shown}; lora-fusion drops no module silently. Remove "
-            "those modules from the file, or convert it with the tool that made it."
-        )
+    if not dropped:
+        return None
+    shown = ", ".join(dropped[:3]) + (f" and {len(dropped) - 3} more" if len(dropped) > 3 else "")
+    return (f"diffusers' key map has no place for {shown}; lora-fusion drops no module silently. Remove those "
+            "modules from the file, or convert it with the tool that made it.")
 
 
 def kohya_to_canonical(modules: Mapping[str, int], *, source: str) -> dict[str, Piece]:
     """Canonical name → [`Piece`] for kohya module names (`lora_unet_…`, `lora_te1_…`, `lora_unet_double_blocks_…`,
     with their up matrix's row count), through diffusers' converters.
 
+    The map depends on the names and row counts alone, and the last few are kept: a kohya file written from a kohya
+    source is read back (the writer's check) with the names the source was read with, and diffusers' converters
+    cost about a tenth of a second per thousand modules.
+
     Raises:
         UnsupportedAdapterError: diffusers is missing, or its map drops or rejects a module (named).
     """
     require_diffusers(source, "a kohya/A1111/ComfyUI LoRA file")
-    probe = _probe(modules, down="lora_down.weight", up="lora_up.weight")
-    flux = any(re.match(r"lora_unet_(double|single)_blocks_", name) for name in modules)
+    pieces, problem = _kohya_pieces(tuple(sorted(modules.items())))
+    if problem is not None:
+        raise UnsupportedAdapterError(f"{source}: {problem}")
+    return dict(pieces)
+
+
+@functools.lru_cache(maxsize=4)
+def _kohya_pieces(modules: tuple[tuple[str, int], ...]) -> tuple[Mapping[str, Piece], str | None]:
+    """[`kohya_to_canonical`]'s map, or what is wrong (the message after the source's name)."""
+    widths = dict(modules)
+    probe = _probe(widths, down="lora_down.weight", up="lora_up.weight")
+    flux = any(re.match(r"lora_unet_(double|single)_blocks_", name) for name in widths)
     try:
         converted = _convert_flux(probe.state) if flux else _convert_sd(probe.state)
     except (ValueError, KeyError, IndexError, AssertionError, RuntimeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         kind = "Flux" if flux else "SD/SDXL"
-        raise UnsupportedAdapterError(
-            f"{source}: diffusers' {kind} key map cannot read this file ({first[:200]}); example keys: "
-            f"{', '.join(probe.names[:3])}."
-        ) from None
-    pieces = _read_probe(converted, probe, modules)
-    _refuse_dropped(pieces, probe.names, source)
-    return pieces
+        return {}, (f"diffusers' {kind} key map cannot read this file ({first[:200]}); example keys: "
+                    f"{', '.join(probe.names[:3])}.")
+    pieces = _read_probe(converted, probe, widths)
+    return types.MappingProxyType(pieces), _dropped(pieces, probe.names)
 
 
 def diffusers_old_to_canonical(modules: Mapping[str, int], *, source: str) -> dict[str, Piece]:
@@ -174,7 +186,9 @@ def diffusers_old_to_canonical(modules: Mapping[str, int], *, source: str) -> di
     except (ValueError, KeyError) as err:
         raise UnsupportedAdapterError(f"{source}: diffusers' key map cannot read this file ({err}).") from None
     pieces = _read_probe(converted, probe, modules)
-    _refuse_dropped(pieces, probe.names, source)
+    problem = _dropped(pieces, probe.names)
+    if problem is not None:
+        raise UnsupportedAdapterError(f"{source}: {problem}")
     return pieces
 
 

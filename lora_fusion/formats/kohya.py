@@ -12,6 +12,7 @@ one width, and Flux's MLP input is 4× that width).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -90,7 +91,14 @@ def _put(tensors: dict[str, torch.Tensor | PendingTensor], kohya: str, down: tor
          up: torch.Tensor | PendingTensor) -> None:
     tensors[f"{kohya}.lora_down.weight"], tensors[f"{kohya}.lora_up.weight"] = down, up
     # The factors carry every scale, so alpha = rank gives kohya's alpha/rank = 1 exactly.
-    tensors[f"{kohya}.alpha"] = torch.tensor(float(down.shape[0]), dtype=torch.float32)
+    tensors[f"{kohya}.alpha"] = _alpha(down.shape[0])
+
+
+@functools.lru_cache(maxsize=64)
+def _alpha(rank: int) -> torch.Tensor:
+    """The scalar alpha tensor of one rank, shared by the modules of that rank (a file holds one per module, and
+    they are only read)."""
+    return torch.tensor(float(rank), dtype=torch.float32)
 
 
 def _fused(adapter: LoraAdapter, group: FusedModule) -> tuple[torch.Tensor, torch.Tensor]:

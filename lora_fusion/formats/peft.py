@@ -523,9 +523,12 @@ def _output(tensor: torch.Tensor, factor: float, spec: ModuleSpec, name: str) ->
     if factor == 1.0 and tensor.dtype == spec.dtype:
         return tensor
 
+    # A finite factor (checked when read) scaled by at most 1 in its own dtype stays finite: no second pass.
+    may_overflow = abs(factor) > 1.0 or tensor.dtype != spec.dtype
+
     def compute() -> torch.Tensor:
         result = (tensor if factor == 1.0 else tensor * factor).to(spec.dtype).contiguous()
-        if not all_finite(result):
+        if may_overflow and not all_finite(result):
             raise OutputOverflowError(f"module {name} does not fit in {str(spec.dtype).removeprefix('torch.')} "
                                       "(a value overflows when written)")
         return result

@@ -123,6 +123,10 @@ class DerivedStore:
         recipe = self._recipes.get(key)
         return recipe() if recipe is not None else self.file.read(key)
 
+    def known_finite(self, key: str) -> bool:
+        """A file key as the file knows it ([`SafetensorsStore.known_finite`]); a derived one: unknown."""
+        return key not in self._recipes and self.file.known_finite(key)
+
 
 def _rows(tensor: torch.Tensor, rows: tuple[tuple[int, int], ...] | None) -> torch.Tensor:
     if rows is None:

@@ -11,7 +11,7 @@ import json
 import math
 import mmap
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -19,6 +19,7 @@ from typing import Any, BinaryIO
 import torch
 
 from ..errors import CorruptAdapterError, UnsupportedAdapterError
+from ..spec import all_finite
 
 # safetensors' names of the float dtypes a merge reads (a header says "F16"; torch says torch.float16).
 FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
@@ -107,6 +108,8 @@ class SafetensorsStore:
             key: (tuple(entry["shape"]), entry["dtype"], start + entry["data_offsets"][0])
             for key, entry in header.items() if key != "__metadata__"
         }
+        self._runs = _float_runs(header, start)
+        self._run_finite: dict[int, bool] = {}
 
     def keys(self) -> list[str]:
         return list(self._keys)
@@ -134,6 +137,39 @@ class SafetensorsStore:
         if count == 0:  # frombuffer refuses empty views
             return torch.empty(shape, dtype=dtype)
         return torch.frombuffer(self._map, dtype=dtype, count=count, offset=offset).reshape(shape)
+
+    def known_finite(self, key: str) -> bool:
+        """Whether tensor `key` is known to hold no NaN or Inf. The file's float tensors are checked a run at a time
+        (consecutive tensors of one dtype; one min-max pass over a run, on its first ask): LoRA files hold thousands
+        of small factors, and a pass per factor costs several times more in fixed costs than in reading. False means
+        unknown (its run holds a non-finite value somewhere, or it is no float tensor): check the tensor itself."""
+        run = self._runs.get(key)
+        if run is None:
+            return False
+        index, dtype, begin, end = run
+        if index not in self._run_finite:
+            values = torch.frombuffer(self._map, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=begin)
+            self._run_finite[index] = all_finite(values)
+        return self._run_finite[index]
+
+
+def _float_runs(header: Mapping[str, Any], start: int) -> dict[str, tuple[int, torch.dtype, int, int]]:
+    """Each float tensor's run in a safetensors file: (run number, dtype, first and end byte of the run), a run being
+    a longest stretch of consecutive non-empty tensors of one float dtype (safetensors packs the data contiguously)."""
+    entries = sorted((entry["data_offsets"], entry["dtype"], key) for key, entry in header.items()
+                     if key != "__metadata__" and entry["data_offsets"][1] > entry["data_offsets"][0])
+    bounds: list[tuple[str, int, int]] = []  # each run's dtype name, first byte and end byte
+    members: list[list[str]] = []  # each run's keys
+    for (begin, end), name, key in entries:
+        if bounds and bounds[-1][0] == name and bounds[-1][2] == begin:
+            bounds[-1] = (name, bounds[-1][1], end)
+            members[-1].append(key)
+        else:
+            bounds.append((name, begin, end))
+            members.append([key])
+    return {key: (index, FLOAT_DTYPES[name], start + begin, start + end)
+            for index, ((name, begin, end), keys) in enumerate(zip(bounds, members)) if name in FLOAT_DTYPES
+            for key in keys}
 
 
 class PickleStore:
@@ -181,6 +217,37 @@ def materialized(value: torch.Tensor | PendingTensor) -> torch.Tensor:
     return value.compute() if isinstance(value, PendingTensor) else value
 
 
+class LateMetadata(Mapping[str, str]):
+    """Header metadata whose final values are known only once the data is written: a provenance record with a local
+    source's sha256, which the other core is still hashing. `provisional` holds values that serialise at least as
+    long as the final ones (the same record with a placeholder of the hash's length); [`save_safetensors`] sizes the
+    header with it, writes the data, then writes the `final()` header over it. As a mapping it is the final one.
+    """
+
+    def __init__(self, provisional: Mapping[str, str], final: Callable[[], Mapping[str, str]]) -> None:
+        self.provisional, self._final = dict(provisional), final
+
+    @functools.cached_property
+    def _items(self) -> dict[str, str]:
+        return dict(self._final())
+
+    def __getitem__(self, key: str) -> str:
+        return self._items[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def with_items(metadata: Mapping[str, str], extra: Mapping[str, str]) -> Mapping[str, str]:
+    """`metadata` plus `extra` (which wins), still late if `metadata` is a [`LateMetadata`]."""
+    if isinstance(metadata, LateMetadata):
+        return LateMetadata({**metadata.provisional, **extra}, lambda: {**metadata, **extra})
+    return {**metadata, **extra}
+
+
 def save_safetensors(
     tensors: Mapping[str, torch.Tensor | PendingTensor], path: Path, *, metadata: Mapping[str, str]
 ) -> None:
@@ -190,23 +257,25 @@ def save_safetensors(
 
     Each tensor's bytes go to the file straight from its memory (a view of a source file's map is copied by the
     kernel from the page cache; no serialised copy is built, unlike `safetensors.torch.save_file`); a
-    [`PendingTensor`] is computed just before its bytes are written. `metadata` is read when the header is made.
+    [`PendingTensor`] is computed just before its bytes are written. A [`LateMetadata`] is asked for its final values
+    after the data is written (and padded with spaces to its provisional header's length); other metadata is read
+    when the header is made.
 
     Raises:
         OSError: the disk refused the write (a full disk, ...).
         and what a [`PendingTensor`]'s computation raises (nothing is left but a partial file in the caller's stage).
     """
     order = sorted(tensors, key=lambda key: (-tensors[key].dtype.itemsize, key))
-    header: dict[str, object] = {"__metadata__": {"format": "pt", **metadata}}
+    entries: dict[str, object] = {}
     offset = 0
     for key in order:
         tensor = tensors[key]
         size = math.prod(tensor.shape) * tensor.dtype.itemsize
-        header[key] = {"dtype": _SAFETENSORS_NAMES[tensor.dtype], "shape": list(tensor.shape),
-                       "data_offsets": [offset, offset + size]}
+        entries[key] = {"dtype": _SAFETENSORS_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}
         offset += size
-    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-    text += b" " * (-len(text) % 8)
+    late = isinstance(metadata, LateMetadata)
+    text = _header_text(entries, metadata.provisional if late else metadata)
     with path.open("wb") as file:
         file.write(len(text).to_bytes(8, "little"))
         file.write(text)
@@ -214,6 +283,21 @@ def save_safetensors(
             tensor = materialized(tensors[key])
             assert tensor.shape == tensors[key].shape and tensor.dtype == tensors[key].dtype, f"{key} as declared"
             write_tensor_bytes(file, tensor)
+        if not late:
+            return
+        final = _header_text(entries, metadata)
+        if len(final) <= len(text):
+            file.seek(8)
+            file.write(final.ljust(len(text)))
+            return
+    # The final values outgrew their placeholders (not with a hash of the placeholder's length): write it again.
+    save_safetensors(tensors, path, metadata=dict(metadata))
+
+
+def _header_text(entries: Mapping[str, object], metadata: Mapping[str, str]) -> bytes:
+    header = {"__metadata__": {"format": "pt", **metadata}, **entries}
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return text + b" " * (-len(text) % 8)
 
 
 def write_tensor_bytes(file: BinaryIO, tensor: torch.Tensor) -> None:
