@@ -46,7 +46,6 @@ def merge(sources: Sequence[Source], *, dry_run: Literal[False] = ..., **kwargs:
 def merge(sources: Sequence[Source], *, dry_run: Literal[True], **kwargs: Any) -> MergePlan: ...
 
 
-@collection_paused()
 def merge(
     sources: Sequence[Source],
     *,
@@ -131,8 +130,9 @@ def merge(
     shard = current_shard(device) if distributed and not dry_run and spec.kind == "module" else None
 
     def open_inputs(on: torch.device) -> engine.MergeInputs:
-        adapters = [open_source(s, revision=revision, subfolder=subfolder, token=token, weight_name=weight_name,
-                                input_format=input_format) for s in sources]
+        with collection_paused():  # reading headers and key maps makes many small objects; see collection_paused
+            adapters = [open_source(s, revision=revision, subfolder=subfolder, token=token, weight_name=weight_name,
+                                    input_format=input_format) for s in sources]
         if not dry_run:  # the result's provenance records each local source's sha256: hashed while merging
             for adapter in adapters:
                 if adapter.source is not None:
