@@ -108,7 +108,7 @@ class SafetensorsStore:
             key: (tuple(entry["shape"]), entry["dtype"], start + entry["data_offsets"][0])
             for key, entry in header.items() if key != "__metadata__"
         }
-        self._runs = _float_runs(header, start)
+        self._header, self._data_start = header, start
         self._run_finite: dict[int, bool] = {}
 
     def keys(self) -> list[str]:
@@ -137,6 +137,11 @@ class SafetensorsStore:
         if count == 0:  # frombuffer refuses empty views
             return torch.empty(shape, dtype=dtype)
         return torch.frombuffer(self._map, dtype=dtype, count=count, offset=offset).reshape(shape)
+
+    @functools.cached_property
+    def _runs(self) -> dict[str, tuple[int, torch.dtype, int, int]]:
+        # Made on the first finiteness question: a store opened only to check what was written never asks.
+        return _float_runs(self._header, self._data_start)
 
     def known_finite(self, key: str) -> bool:
         """Whether tensor `key` is known to hold no NaN or Inf. The file's float tensors are checked a run at a time
