@@ -56,7 +56,8 @@ def tiny_data(task: str) -> TaskData:
 
 
 def tiny_testbed() -> causal_lm.Testbed:
-    return causal_lm.Testbed(tiny_model(), WordTokenizer(), [tiny_data(t) for t in TASKS], base_model="tiny-llama")
+    return causal_lm.Testbed(tiny_model(), WordTokenizer(), [tiny_data(t) for t in TASKS], base_model="tiny-llama",
+                              note="a random 3-layer LlamaForCausalLM built in code")
 
 
 def random_factors(world: causal_lm.TopLayersWorld, seed: int) -> causal_lm.Factors:
