@@ -43,7 +43,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -53,7 +53,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import lora_fusion
 from experiments._args import parse_study_args, study_parser
 from experiments.icm_evidence import weighted_sum
 from experiments.merge_quality import SCALE_GRID, SeedRun, Variant
@@ -176,7 +175,9 @@ class TopLayersWorld(TaskWorld):
                  rank: int = 8, targets: Sequence[str] = TARGETS, base_model: str = MODEL_ID) -> None:
         if model.config._attn_implementation != "sdpa":
             # only SDPA applies the causal mask by itself when no attention mask is given
-            raise ValueError(f"load the model with attn_implementation='sdpa', not {model.config._attn_implementation!r}")
+            raise ValueError(
+                f"load the model with attn_implementation='sdpa', not {model.config._attn_implementation!r}"
+            )
         layers = model.config.num_hidden_layers
         if not 1 <= top_layers <= layers:
             raise ValueError(f"top_layers must be 1 … {layers}, got {top_layers}")
@@ -202,7 +203,7 @@ class TopLayersWorld(TaskWorld):
         return LoraLayout(tuple(modules))
 
     def run_layers(self, hidden: torch.Tensor, layers: range, factors: Factors | None) -> torch.Tensor:
-        """`hidden` through decoder layers `layers`, each target weight W replaced by W + B·A where `factors` has it."""
+        """`hidden` through the decoder layers `layers`, with W + B·A for each target weight W `factors` names."""
         positions = torch.arange(hidden.shape[1], device=hidden.device)[None]
         rotary = self.model.model.rotary_emb(hidden, positions)
         for index in layers:
@@ -546,8 +547,8 @@ def train_or_load(world: TopLayersWorld, name: str, objective: Sequence[tuple[st
 def lorahub(world: TopLayersWorld, loras: Sequence[Factors], supports: Sequence[tuple[str, Batch]], *,
             budget: int, seed: int) -> tuple[Factors, dict[str, Any]]:
     """LoRAHub (Huang et al., COLM 2024, arXiv:2307.13269): one weight per LoRA, w ∈ [−1.5, 1.5]^T from w = 0,
-    minimising the mean cross-entropy of the pooled support set's answer tokens under Σᵢ wᵢΔWᵢ plus 0.05·mean|w|,
-    gradient-free (CMA-ES, `lora_fusion.lorahub.search.gradient_free`)."""
+    minimising the mean cross-entropy of the pooled support set's answer tokens under Σᵢ wᵢΔWᵢ plus
+    0.05·mean|w|, gradient-free (CMA-ES, `lora_fusion.lorahub.search.gradient_free`)."""
 
     @torch.no_grad()
     def objective(weights: torch.Tensor) -> float:
@@ -686,13 +687,19 @@ def write_markdown(path: Path, report: Mapping[str, Any]) -> None:
     icm = [seed["variants"]["icm"]["details"] for seed in per_seed]
     hub = [seed["variants"]["lorahub"]["details"] for seed in per_seed]
     timing = report["timings"]
-    data_lines = "\n".join(f"| {t} | `{QUESTIONS[t]}` | {', '.join(answer_word(c) for c in report['data'][t]['classes'])} "
-                           f"| {report['data'][t]['train']} | {report['data'][t]['support']} | "
-                           f"{report['data'][t]['validation']} | {report['data'][t]['test']} |" for t in tasks)
+    answers = {t: ", ".join(answer_word(c) for c in report["data"][t]["classes"]) for t in tasks}
+    sizes = {t: " | ".join(str(report["data"][t][split]) for split in ("train", "support", "validation", "test"))
+             for t in tasks}
+    data_lines = "\n".join(f"| {t} | `{QUESTIONS[t]}` | {answers[t]} | {sizes[t]} |" for t in tasks)
     gap_line = "; ".join(f"{g['setting']} λ: {g['mean']:+.3f} ± {2 * g['se']:.3f} (2 SE), "
                          f"{'≥' if g['at_least_5_points'] else '<'} 5 points" for g in gaps)
     holds = {g["at_least_5_points"] for g in gaps}
     verdict = "Yes" if holds == {True} else "No" if holds == {False} else "At one setting only"
+    grid = ", ".join(f"{v:g}" for v in cfg["scale_grid"])
+
+    def weights(details: Sequence[Mapping[str, Any]]) -> str:
+        return "; ".join("[" + ", ".join(f"{w:.2f}" for w in d["weights"]) + "]" for d in details)
+
     per_100 = 100 * timing["lorahub_seconds"] / max(1, sum(h["evaluations"] for h in hub))
     text = f"""# Merge quality on a causal LM ({cfg['base_model']} LoRAs, {len(tasks)} tasks as generation)
 
@@ -724,7 +731,8 @@ Same LoRAs, same support data, same seed; mean of the per-seed differences and i
 ## Setup
 
 * **Model:** `{cfg['base_model']}` ({cfg['model_note']}), {cfg['layers']} layers, hidden {cfg['hidden_size']}. LoRA
-  r = {s['rank']} on `{'`/`'.join(cfg['targets'])}` of the top {s['top_layers']} layers ({cfg['first_lora_layer']}–{cfg['layers'] - 1});
+  r = {s['rank']} on `{'`/`'.join(cfg['targets'])}` of the top {s['top_layers']} layers
+  ({cfg['first_lora_layer']}–{cfg['layers'] - 1});
   scale folded into the factors (ΔW = B·A), {cfg['lora_numel']:,} parameters per LoRA.
 * **Tasks as generation:** prompt = the text (whitespace collapsed, at most {s['max_text_tokens']} tokens), a newline
   and the question; answer = ` <word>` + EOS. No chat template, no list of choices in the prompt.
@@ -746,20 +754,20 @@ Same LoRAs, same support data, same seed; mean of the per-seed differences and i
   {s['batch_size']} (`lora_fusion.icm.training.train_joint_lora`: A ~ N(0, 1/n), B = 0). The seed sets each LoRA's
   initialisation and data order (derived from the seed and the task name, `lora_fusion.eval.testbed.task_seed`);
   data splits are fixed.
-* **Merges:** `lora_fusion.merge` of the {len(tasks)} task LoRAs: task_arithmetic, ties (full space), dare_linear (full space,
-  seed 0) and tsv (core space). *default*: the registered defaults (λ = 1; rank back to 8 for the element-wise and
-  subspace methods). *tuned*: `experiments.merge_quality`'s coordinate search, λ ∈ {{{', '.join(f'{v:g}' for v in cfg['scale_grid'])}}} then
+* **Merges:** `lora_fusion.merge` of the {len(tasks)} task LoRAs: task_arithmetic, ties (full space), dare_linear
+  (full space, seed 0) and tsv (core space). *default*: the registered defaults (λ = 1; rank back to
+  {s['rank']} for the element-wise and subspace methods). *tuned*: `experiments.merge_quality`'s coordinate search, λ ∈ {{{grid}}} then
   density, maximising mean normalised exact match on the tuning set.
 * **LoRAHub:** one weight per LoRA in [−1.5, 1.5], from w = 0, CMA-ES (`lora_fusion.lorahub.search.gradient_free`,
   {s['lorahub_budget']} evaluations) on the support set's mean answer-token cross-entropy under Σ wᵢΔWᵢ plus
-  0.05·mean|w| (LoRAHub's objective). Found weights per seed: {'; '.join('[' + ', '.join(f'{w:.2f}' for w in h['weights']) + ']' for h in hub)}. Wall time: {per_100:.1f} s per 100
+  0.05·mean|w| (LoRAHub's objective). Found weights per seed: {weights(hub)}. Wall time: {per_100:.1f} s per 100
   evaluations of the objective.
 * **ICM-Fusion:** `lora_fusion.icm` as `experiments.icm_evidence` runs it, scaled down: an F-VAE meta-trained with
   Algorithm 1 ({s['icm_meta_steps']} steps, meta-batch {s['icm_meta_batch']}, K = {s['icm_inner_steps']} inner
   step(s) on the support loss) on each task LoRA's last {s['icm_snapshots']} checkpoints ({s['icm_snapshot_every']}
   steps apart), task vector = final hidden state at the last prompt position averaged over the support set; latent
   fusion with conflict projection, {s['icm_fusion_steps']} Adam steps on the weights and offset over the union of the
-  support sets. Fusion weights per seed: {'; '.join('[' + ', '.join(f'{w:.2f}' for w in d['weights']) + ']' for d in icm)};
+  support sets. Fusion weights per seed: {weights(icm)};
   latent sensitivity (‖D(μ, v) − D(0, v)‖/‖D(μ, v)‖, issue 17 §3's gate is ≥ 0.1): mean
   {statistics.fmean(x for d in icm for x in d['latent_sensitivity']):.3f}.
 * For LoRAHub and ICM-Fusion, *tuned* multiplies the found update by the λ of the same grid chosen on the tuning set.
@@ -873,7 +881,8 @@ def run(args: Any, testbed: Testbed, log: Callable[[str], None], started: float)
         "command": " ".join(["python -m experiments.causal_lm", *args.argv]),
         "config": {"tasks": tasks, "seeds": list(args.seeds), "settings": asdict(settings), "targets": list(TARGETS),
                    "first_lora_layer": world.first, "lora_numel": layout.numel,
-                   "layers": testbed.model.config.num_hidden_layers, "hidden_size": world.condition_dim, "scale_grid": list(SCALE_GRID),
+                   "layers": testbed.model.config.num_hidden_layers, "hidden_size": world.condition_dim,
+                   "scale_grid": list(SCALE_GRID),
                    "base_model": testbed.base_model, "model_note": testbed.note, "threads": torch.get_num_threads(),
                    "merges": [v.label for v in MERGES]},
         "versions": versions(),
