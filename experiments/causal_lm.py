@@ -787,12 +787,15 @@ Same LoRAs, same support data, same seed; mean of the per-seed differences and i
 
 ## Timings
 
-{report['timings']['total_seconds'] / 60:.1f} min in all on a 2-core CPU shared with other jobs
-({cfg['threads']} torch threads): model load {timing['load_seconds']:.0f} s, cached prefixes
-{timing['prefix_seconds']:.0f} s, LoRA training {timing['train_seconds_this_run']:.0f} s this run
-({timing['train_seconds_all']:.0f} s when all {len(cfg['seeds']) * (len(tasks) + 1)} LoRAs were trained; they are
-cached), {timing['evaluation_passes']} evaluation passes {timing['evaluation_seconds']:.0f} s, merging
-{timing['merge_seconds']:.0f} s, LoRAHub {timing['lorahub_seconds']:.0f} s, ICM-Fusion {timing['icm_seconds']:.0f} s.
+On a 2-core CPU shared with other jobs, {cfg['threads']} torch threads. Summed over the seeds, as measured when
+each seed was scored: training the {len(cfg['seeds']) * (len(tasks) + 1)} LoRAs {timing['train_seconds']:.0f} s
+(one LoRA {statistics.fmean(t for seed in per_seed for k, t in seed['train_seconds'].items() if k != 'multi-task'):.0f} s
+on average, the multi-task one {statistics.fmean(seed['train_seconds']['multi-task'] for seed in per_seed):.0f} s),
+{timing['evaluation_passes']} evaluation passes {timing['evaluation_seconds']:.0f} s, merging
+{timing['merge_seconds']:.0f} s, LoRAHub {timing['lorahub_seconds']:.0f} s, ICM-Fusion {timing['icm_seconds']:.0f} s
+(meta-training {sum(d['meta_train_seconds'] for d in icm):.0f} s). This run: model load {timing['load_seconds']:.0f} s,
+cached prefix states {timing['prefix_seconds']:.0f} s (computed once, then read from the cache), exactness checks
+{check['seconds']:.0f} s, {timing['total_seconds_this_run'] / 60:.1f} min in all.
 
 ## Reproduce
 
@@ -808,8 +811,61 @@ The converted base model, the cached prefix states and the trained LoRAs stay in
     path.write_text(text, encoding="utf-8")
 
 
+def score_seed(seed: int, world: TopLayersWorld, testbed: Testbed, by_task: Mapping[str, TaskBatches],
+               scorer: Scorer, settings: Settings, cache: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """One seed: train (or load) its LoRAs, then score the references, the merges, LoRAHub and ICM-Fusion."""
+    tasks, layout = list(by_task), world.layout()
+    passes, seconds = scorer.passes, scorer.seconds
+    trained = []
+    for task in tasks:
+        lora = train_or_load(world, task, [(task, by_task[task].train)], seed=task_seed(seed, task),
+                             batch_size=settings.batch_size, settings=settings, cache=cache,
+                             base_model=testbed.base_model, log=log)
+        trained.append((task, lora))
+    oracle = train_or_load(world, "multi-task", [(t, by_task[t].train) for t in tasks],
+                           seed=task_seed(seed, "multi-task"), batch_size=settings.oracle_batch_size,
+                           settings=settings, cache=cache, base_model=testbed.base_model, log=log)
+    everything = [lora for _, lora in trained] + [oracle]
+    timings = {"train_seconds": sum(lora.seconds for lora in everything),
+               "train_seconds_this_run": sum(lora.seconds for lora in everything if not lora.cached)}
+    loras = {task: lora.final for task, lora in trained}
+    adapters = {task: to_adapter(flatten(f, layout), layout, base_model=testbed.base_model)
+                for task, f in loras.items()}
+    seed_run = LMSeedRun(seed, adapters, scorer)
+    result: dict[str, Any] = {"seed": seed, "references": seed_run.references(loras, oracle.final), "variants": {},
+                              "train_seconds": {**{t: l.seconds for t, l in trained}, "multi-task": oracle.seconds}}
+    ref = result["references"]
+    log(f"seed {seed}: individual {mean(list(ref['individual']['test']['accuracy'].values())):.3f}, base "
+        f"{mean(list(ref['base']['test']['accuracy'].values())):.3f}, oracle "
+        f"{mean(list(ref['oracle']['test']['accuracy'].values())):.3f} (mean test exact match)")
+    for variant in MERGES:
+        outcome = seed_run.run_variant(variant)
+        result["variants"][variant.method] = outcome
+        log(f"seed {seed}: {variant.label:<18} default {outcome['default']['test']['mean_normalised']:.3f} "
+            f"tuned {outcome['tuned']['test']['mean_normalised']:.3f} {outcome['tuned']['params']}")
+    timings["merge_seconds"] = seed_run.merge_seconds
+    supports = [(task, by_task[task].support) for task in tasks]
+    tick = time.perf_counter()
+    found, details = lorahub(world, [loras[t] for t in tasks], supports, budget=settings.lorahub_budget, seed=seed)
+    timings["lorahub_seconds"] = details["seconds"] = round(time.perf_counter() - tick, 2)
+    result["variants"]["lorahub"] = seed_run.scale_search(found, settings.rank * len(tasks)) | {"details": details}
+    tick = time.perf_counter()
+    fused, details = icm_fusion(world, trained, dict(supports), settings=settings, seed=seed, log=log)
+    timings["icm_seconds"] = details["seconds"] = round(time.perf_counter() - tick, 2)
+    result["variants"]["icm"] = seed_run.scale_search(fused, settings.rank) | {"details": details}
+    for name in ("lorahub", "icm"):
+        outcome = result["variants"][name]
+        log(f"seed {seed}: {name:<18} default {outcome['default']['test']['mean_normalised']:.3f} "
+            f"tuned {outcome['tuned']['test']['mean_normalised']:.3f} {outcome['tuned']['params']}")
+    timings["evaluation_passes"] = scorer.passes - passes
+    timings["evaluation_seconds"] = round(scorer.seconds - seconds, 2)
+    result["timings"] = timings
+    return result
+
+
 def run(args: Any, testbed: Testbed, log: Callable[[str], None], started: float) -> dict[str, Any]:
-    """Train (or load) the LoRAs, score every row for every seed, and return the report."""
+    """Every seed's scores (from `--cache`/results when this seed was scored with the same settings before), the
+    exactness checks and the paired comparisons: the report."""
     settings = Settings(**{k: getattr(args, k) for k in Settings.__dataclass_fields__})
     cache: Path = args.cache
     tasks = [d.name for d in testbed.data]
@@ -822,60 +878,26 @@ def run(args: Any, testbed: Testbed, log: Callable[[str], None], started: float)
     log(f"prefix states ready ({prefix_seconds:.0f} s); LoRA layout {len(layout.modules)} modules, D = {layout.numel}")
     scorer = Scorer(world, batches)
     by_task = {b.task: b for b in batches}
+    key = hashlib.sha256(json.dumps([CACHE_FORMAT, testbed.base_model, tasks, asdict(settings)]).encode()).hexdigest()
     per_seed: list[dict[str, Any]] = []
-    exactness: dict[str, Any] | None = None
-    timings = {"train_seconds_this_run": 0.0, "train_seconds_all": 0.0, "lorahub_seconds": 0.0, "icm_seconds": 0.0,
-               "merge_seconds": 0.0}
     for seed in args.seeds:
-        trained = []
-        for task in tasks:
-            lora = train_or_load(world, task, [(task, by_task[task].train)], seed=task_seed(seed, task),
-                                 batch_size=settings.batch_size, settings=settings, cache=cache,
-                                 base_model=testbed.base_model, log=log)
-            trained.append((task, lora))
-        oracle = train_or_load(world, "multi-task", [(t, by_task[t].train) for t in tasks],
-                               seed=task_seed(seed, "multi-task"), batch_size=settings.oracle_batch_size,
-                               settings=settings, cache=cache, base_model=testbed.base_model, log=log)
-        for lora in [l for _, l in trained] + [oracle]:
-            timings["train_seconds_all"] += lora.seconds
-            timings["train_seconds_this_run"] += 0.0 if lora.cached else lora.seconds
-        loras = {task: lora.final for task, lora in trained}
-        adapters = {task: to_adapter(flatten(f, layout), layout, base_model=testbed.base_model)
-                    for task, f in loras.items()}
-        seed_run = LMSeedRun(seed, adapters, scorer)
-        result: dict[str, Any] = {"seed": seed, "references": seed_run.references(loras, oracle.final),
-                                  "variants": {},
-                                  "train_seconds": {**{t: l.seconds for t, l in trained}, "multi-task": oracle.seconds}}
-        ref = result["references"]
-        log(f"seed {seed}: individual {mean(list(ref['individual']['test']['accuracy'].values())):.3f}, base "
-            f"{mean(list(ref['base']['test']['accuracy'].values())):.3f}, oracle "
-            f"{mean(list(ref['oracle']['test']['accuracy'].values())):.3f} (mean test exact match)")
-        for variant in MERGES:
-            outcome = seed_run.run_variant(variant)
-            result["variants"][variant.method] = outcome
-            log(f"seed {seed}: {variant.label:<18} default {outcome['default']['test']['mean_normalised']:.3f} "
-                f"tuned {outcome['tuned']['test']['mean_normalised']:.3f} {outcome['tuned']['params']}")
-        timings["merge_seconds"] += seed_run.merge_seconds
-        supports = [(task, by_task[task].support) for task in tasks]
-        tick = time.perf_counter()
-        found, details = lorahub(world, [loras[t] for t in tasks], supports, budget=settings.lorahub_budget, seed=seed)
-        details["seconds"] = round(time.perf_counter() - tick, 2)
-        timings["lorahub_seconds"] += details["seconds"]
-        result["variants"]["lorahub"] = seed_run.scale_search(found, settings.rank * len(tasks)) | {"details": details}
-        tick = time.perf_counter()
-        fused, details = icm_fusion(world, trained, dict(supports), settings=settings, seed=seed, log=log)
-        details["seconds"] = round(time.perf_counter() - tick, 2)
-        timings["icm_seconds"] += details["seconds"]
-        result["variants"]["icm"] = seed_run.scale_search(fused, settings.rank) | {"details": details}
-        for name in ("lorahub", "icm"):
-            outcome = result["variants"][name]
-            log(f"seed {seed}: {name:<18} default {outcome['default']['test']['mean_normalised']:.3f} "
-                f"tuned {outcome['tuned']['test']['mean_normalised']:.3f} {outcome['tuned']['params']}")
-        if exactness is None:
-            exactness = check_exactness(world, testbed, loras[tasks[0]], settings)
-            log(f"exactness: {exactness}")
+        path = cache / "results" / f"seed{seed}-{key[:16]}.json"
+        if path.is_file():
+            result = json.loads(path.read_text())
+            log(f"seed {seed}: scores from {path}")
+        else:
+            result = score_seed(seed, world, testbed, by_task, scorer, settings, cache, log)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(result, ensure_ascii=False))
         per_seed.append(result)
-    assert exactness is not None
+    tick = time.perf_counter()
+    first = train_or_load(world, tasks[0], [(tasks[0], by_task[tasks[0]].train)], seed=task_seed(args.seeds[0], tasks[0]),
+                          batch_size=settings.batch_size, settings=settings, cache=cache, base_model=testbed.base_model,
+                          log=log)
+    exactness = check_exactness(world, testbed, first.final, settings) | {"seconds": time.perf_counter() - tick}
+    log(f"exactness: {exactness}")
+    timed = ("train_seconds", "train_seconds_this_run", "merge_seconds", "lorahub_seconds", "icm_seconds",
+             "evaluation_passes", "evaluation_seconds")
     return {
         "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": " ".join(["python -m experiments.causal_lm", *args.argv]),
@@ -892,9 +914,10 @@ def run(args: Any, testbed: Testbed, log: Callable[[str], None], started: float)
         "seeds": per_seed,
         "ta_gap": [ta_gap(per_seed, setting) for setting in ("default", "tuned")],
         "paired": [paired(per_seed, a, b, setting) for a, b in PAIRS for setting in ("default", "tuned")],
-        "timings": {**timings, "load_seconds": testbed.load_seconds, "prefix_seconds": prefix_seconds,
-                    "evaluation_passes": scorer.passes, "evaluation_seconds": scorer.seconds,
-                    "total_seconds": time.perf_counter() - started},
+        # each seed's figures as measured when it was scored (an earlier run's, for seeds read from the cache)
+        "timings": {**{name: sum(s["timings"][name] for s in per_seed) for name in timed},
+                    "load_seconds": testbed.load_seconds, "prefix_seconds": prefix_seconds,
+                    "total_seconds_this_run": time.perf_counter() - started},
     }
 
 
@@ -910,8 +933,15 @@ def main(argv: Sequence[str] | None = None, *, testbed: Testbed | None = None) -
     for name, setting in Settings.__dataclass_fields__.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(setting.default), default=setting.default,
                             help="(default: %(default)s)")
+    parser.add_argument("--render", type=Path, default=None, metavar="JSON",
+                        help=f"only rewrite {STEM}.md in --out from a {STEM}.json written before")
     args = parse_study_args(parser, argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.render is not None:
+        report = json.loads(args.render.read_text(encoding="utf-8"))
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_markdown(args.out / f"{STEM}.md", report)
+        return report
 
     def log(message: str) -> None:
         print(f"[{time.perf_counter() - started:7.1f} s] {message}", flush=True)

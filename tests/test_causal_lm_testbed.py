@@ -139,7 +139,13 @@ def test_main_runs_end_to_end_on_the_tiny_setup_and_writes_its_report(tmp_path: 
     assert ("icm − task_arithmetic", "tuned") in pairs and ("lorahub − ties", "default") in pairs
     markdown = (tmp_path / "out" / "causal_lm.md").read_text()
     assert "oracle: multi-task LoRA" in markdown and "Paired differences" in markdown
-    # a second run reuses the trained LoRAs from the cache
-    again = causal_lm.main(argv, testbed=tiny_testbed())
-    assert again["timings"]["train_seconds_this_run"] == 0.0
-    assert again["seeds"][0]["references"] == report["seeds"][0]["references"]
+    # a second run reuses the trained LoRAs from the cache, and a new seed is scored next to the cached ones
+    again = causal_lm.main([*argv, "--seeds", "0", "2"], testbed=tiny_testbed())
+    assert again["seeds"][0] == written["seeds"][0]
+    assert again["seeds"][1]["seed"] == 2 and again["seeds"][1]["timings"]["train_seconds_this_run"] > 0
+    # --render rewrites the page from the JSON alone
+    page = tmp_path / "out" / "causal_lm.md"
+    written_page = page.read_text()
+    page.unlink()
+    causal_lm.main(["--render", str(tmp_path / "out" / "causal_lm.json"), "--out", str(tmp_path / "out")])
+    assert page.read_text() == written_page
