@@ -408,22 +408,22 @@ class Settings:
 
     top_layers: int = 4
     rank: int = 8
-    steps: int = 60
+    steps: int = 80
     batch_size: int = 16
-    learning_rate: float = 2e-3
+    learning_rate: float = 3e-3
     oracle_batch_size: int = 8
     train_per_class: int = 64
     support_per_class: int = 3
     tune_per_class: int = 6
     test_per_class: int = 12
-    max_text_tokens: int = 24
+    max_text_tokens: int = 32
     lorahub_budget: int = 40
     icm_snapshots: int = 4
     icm_snapshot_every: int = 5
-    icm_meta_steps: int = 60
+    icm_meta_steps: int = 40
     icm_inner_steps: int = 1
     icm_meta_batch: int = 2
-    icm_fusion_steps: int = 30
+    icm_fusion_steps: int = 20
     generate_checks: int = 4
 
     def training(self) -> dict[str, Any]:
