@@ -748,7 +748,8 @@ Same LoRAs, same support data, same seed; mean of the per-seed differences and i
 * **Cached prefix (exact):** the hidden states entering layer {cfg['first_lora_layer']} depend only on the frozen
   lower layers, so they are computed once per example and shared by every LoRA and merge; training and evaluation run
   the top {s['top_layers']} layers and the LM head at the answer positions only. Largest logit difference against the
-  full model on the same examples (with and without a LoRA): {check['max_abs_logit_difference']:.1e}.
+  full model on the same examples (with and without a LoRA): {check['max_abs_logit_difference']:.1e}, float32
+  rounding (padded batches of the cache against one sequence at a time).
 * **LoRAs:** per seed, one per task and one jointly trained on all {len(tasks)} (the oracle; each step a batch of
   {s['oracle_batch_size']} from every task), {s['steps']} AdamW steps, lr {s['learning_rate']:g}, batch
   {s['batch_size']} (`lora_fusion.icm.training.train_joint_lora`: A ~ N(0, 1/n), B = 0). The seed sets each LoRA's
