@@ -9,7 +9,9 @@ root as `python -m experiments.<study>` (the package is not installed; the libra
 * `rapf_alignment_sweep`: RAPF's ablation ladder in a controlled image-text space (alignment ρ) and on ConSE
   features of real images (docs/rapf.md §6);
 * `per_module_weights`: per-module weights against one global λ on the MiniLM testbed
-  (docs/results/per_module_weights.md).
+  (docs/results/per_module_weights.md);
+* `causal_lm`: the merges, LoRAHub and ICM-Fusion on SmolLM2-135M-Instruct LoRAs with the 4 testbed tasks posed as
+  generation (docs/results/causal_lm.md).
 
 Every study declares and parses its shared options (seeds, output folder, data folders, torch threads, device) with
 `experiments._args`.
