@@ -665,6 +665,9 @@ def table_rows(per_seed: Sequence[Mapping[str, Any]], tasks: Sequence[str]) -> l
     """`collect_rows`' rows with the oracle (the jointly trained multi-task LoRA) after the references."""
     rows = collect_rows(per_seed, tasks)
     rows[0].setting = "no LoRA"  # collect_rows names the encoder testbed's setting (its heads)
+    spaces = {variant.method: variant.space for variant in MERGES if variant.space}
+    for row in rows:  # results are kept by method name; the table says which space each method ran in
+        row.space = spaces.get(row.method, row.space)
     oracle = [s["references"]["oracle"]["test"] for s in per_seed]
     rows.insert(3, ResultRow("oracle: multi-task LoRA", "–", f"jointly trained on the {len(tasks)} tasks",
                              {t: [o["accuracy"][t] for o in oracle] for t in tasks},
