@@ -40,7 +40,7 @@ def collection_paused() -> Iterator[None]:
     Reading and writing a diffusion LoRA makes tens of thousands of small objects (header entries, key-map probes),
     which set off full collections, and with torch and diffusers imported a full collection walks some 440,000
     objects: 0.28 s each on the 2-core machine, 1.06 s (seven of them) in a first kohya convert of a 225 MB file,
-    whose own work takes about 0.4 s. Blocks may nest or run in several threads: the collector is restored when
+    whose own work takes about 0.4 s (measured once with `gc.callbacks` timers; benchmarks/README.md). Blocks may nest or run in several threads: the collector is restored when
     the last one ends.
     """
     with _collector_lock:

@@ -27,7 +27,7 @@ from lora_fusion.icm.fvae import FVAE, FVAEConfig, vae_loss
 from lora_fusion.icm.lora_io import LoraLayout, Normaliser, adapter_factors, flatten, to_adapter, unflatten
 from lora_fusion.icm.meta import MetaTrainConfig, TaskSnapshots, evaluate_meta_loss, load_fvae, meta_train
 from lora_fusion.icm.toy import make_toy_world, toy_layout
-from lora_fusion.icm.training import train_lora
+from lora_fusion.icm.training import train_joint_lora
 from lora_fusion_cli.icm import icm_app
 
 N_TASKS = 4
@@ -45,8 +45,8 @@ def toy():
     data, queries = [], []
     for index, task in enumerate(tasks):
         train, support, query = (task.sample(n, generator) for n in (400, 10, 300))
-        _, snapshots = train_lora(world, task.name, train, layout, steps=120, seed=index, lr=1e-2,
-                                  snapshots=(6, 4, 2, 1)[index])
+        _, snapshots = train_joint_lora(world, [(task.name, train)], layout, steps=120, seed=index, lr=1e-2,
+                                        snapshots=(6, 4, 2, 1)[index])
         data.append(TaskSnapshots(task.name, snapshots, support))
         queries.append(query)
     config = MetaTrainConfig(steps=150, cpu=True, log_every=50, seed=0)  # logging does not change the training
@@ -472,7 +472,8 @@ def toy_data():
     data = []
     for index, task in enumerate(tasks):
         train, support = task.sample(200, generator), task.sample(10, generator)
-        _, snapshots = train_lora(world, task.name, train, layout, steps=60, seed=index, lr=1e-2, snapshots=3)
+        _, snapshots = train_joint_lora(world, [(task.name, train)], layout, steps=60, seed=index, lr=1e-2,
+                                        snapshots=3)
         data.append(TaskSnapshots(task.name, snapshots, support))
     return world, layout, data
 

@@ -26,7 +26,7 @@ from .diversity import DiversityConfig, train_diverse_loras
 from .lora_io import LoraLayout, to_adapter
 from .meta import MetaTrainConfig, TaskSnapshots, TrainedFVAE, meta_train
 from .minilm import MiniLMTopLayerWorld, batch_of, cached_texts
-from .training import train_lora
+from .training import train_joint_lora
 from .worlds import Batch
 
 
@@ -166,9 +166,9 @@ def train_task_loras(world: MiniLMTopLayerWorld, layout: LoraLayout, splits: Seq
         seed = task_seed(recipe.seed, split.task)
         torch.manual_seed(seed)
         head = world.heads[split.task].requires_grad_(True)
-        factors, snaps = train_lora(world, split.task, split.train, layout, steps=recipe.lora_steps, seed=seed,
-                                    lr=recipe.lora_lr, snapshots=count, snapshot_every=recipe.snapshot_every,
-                                    extra_parameters=list(head.parameters()))
+        factors, snaps = train_joint_lora(world, [(split.task, split.train)], layout, steps=recipe.lora_steps,
+                                          seed=seed, lr=recipe.lora_lr, snapshots=count,
+                                          snapshot_every=recipe.snapshot_every, extra_parameters=list(head.parameters()))
         head.requires_grad_(False)
         loss, acc = world.evaluate(split.task, factors, split.test)
         log(f"{split.task}: LoRA trained on {len(split.train)} examples, {len(snaps)} snapshots; test CE {loss:.3f} "

@@ -4,8 +4,8 @@ ICM-LoRA trains each task's LoRA for 200 epochs and keeps one checkpoint per epo
 (`train_lora/train_lora_arg.py`); ICM-Fusion's Algorithm 1 takes "the LoRA from ordinary fine-tuning". Here a LoRA
 (A ~ N(0, 1/n), B = 0, PEFT's default up to the init distribution) is trained with AdamW on the world's task loss,
 and the last `snapshots` checkpoints, `snapshot_every` steps apart, are returned as raw flat vectors.
-[`train_joint_lora`] trains one LoRA on the summed loss of several tasks (the multi-task LoRAs of
-`lora_fusion.icm.diversity`).
+[`train_joint_lora`] trains one LoRA on the summed loss of one or more tasks: a single term is an ordinary task LoRA,
+several make the multi-task LoRAs of `lora_fusion.icm.diversity`.
 """
 
 from __future__ import annotations
@@ -16,28 +16,6 @@ import torch
 
 from .lora_io import Factors, LoraLayout, flatten
 from .worlds import Batch, TaskWorld
-
-
-def train_lora(
-    world: TaskWorld,
-    task: str,
-    data: Batch,
-    layout: LoraLayout,
-    *,
-    steps: int,
-    seed: int,
-    lr: float = 1e-3,
-    batch_size: int = 32,
-    snapshots: int = 1,
-    snapshot_every: int = 5,
-    extra_parameters: Sequence[torch.nn.Parameter] = (),
-) -> tuple[Factors, torch.Tensor]:
-    """Train one task's LoRA; returns its final factors and its last `snapshots` checkpoints (M×D, oldest first).
-
-    `extra_parameters` train jointly with the LoRA (a task head the world owns). Same seed, same result.
-    """
-    return train_joint_lora(world, [(task, data)], layout, steps=steps, seed=seed, lr=lr, batch_size=batch_size,
-                            snapshots=snapshots, snapshot_every=snapshot_every, extra_parameters=extra_parameters)
 
 
 def train_joint_lora(
@@ -53,8 +31,10 @@ def train_joint_lora(
     snapshot_every: int = 5,
     extra_parameters: Sequence[torch.nn.Parameter] = (),
 ) -> tuple[Factors, torch.Tensor]:
-    """[`train_lora`] on the summed loss of several (task, data) terms, a batch of each per step: one LoRA shared by
-    several tasks (a multi-task LoRA; one term is the ordinary single-task LoRA)."""
+    """Train one LoRA on the summed loss of the (task, data) terms of `objective`, a batch of each per step (one term:
+    the task's ordinary LoRA; several: a multi-task LoRA). Returns its final factors and its last `snapshots`
+    checkpoints (M×D, oldest first). `extra_parameters` train jointly with the LoRA (a task head the world owns).
+    Same seed, same result."""
     generator = torch.Generator().manual_seed(seed)
     factors: Factors = {}
     for module in layout.modules:
