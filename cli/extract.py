@@ -43,6 +43,7 @@ def extract(
     dtype: Annotated[Optional[str], typer.Option(
         help="float32, float16 or bfloat16 (default: the fine-tune's).")] = None,
     svd: Annotated[str, typer.Option(help=SVD.help)] = "auto",
+    device: Annotated[str, typer.Option(help="Where ΔW and its SVD are computed: cpu, cuda or auto.")] = "cpu",
     seed: Annotated[int, typer.Option(help=SEED.help)] = 0,
     revision: Annotated[Optional[str], typer.Option(help="Hub revision of ids given without @revision.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an --out that lora-fusion wrote.")] = False,
@@ -68,7 +69,8 @@ def extract(
             check_output(out, overwrite=overwrite, protected=[base, finetuned])
             on_interrupt(f"interrupted; nothing written; {out} {'untouched' if out.exists() else 'not created'}.")
         result: Any = run_extract(base, finetuned, **rules, modules=modules, save_modules=save_module or (),
-                                  svd=svd, seed=seed, revision=revision, dtype=dtype, dry_run=dry_run)
+                                  svd=svd, seed=seed, revision=revision, dtype=dtype, device=device,
+                                  dry_run=dry_run)
         if dry_run:
             typer.echo(json.dumps(result.to_dict(), indent=2) if as_json else str(result))
             return

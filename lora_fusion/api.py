@@ -121,7 +121,7 @@ def merge(
     resolved = spec.resolve(scalars)
     check_rule_values(resolved, rule_params)
     weight_list = _weights(weights, len(sources))
-    target = _device(device)
+    target = resolve_device(device)
     if spec.kind == "adapters":
         _refuse_per_module_options(spec, weights=weights, dry_run=dry_run, dtype=dtype, device=device)
         if include or exclude or rule_params:
@@ -393,7 +393,12 @@ def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
     raise InvalidParameterError("dtype", dtype, expected="float32, float16 or bfloat16")
 
 
-def _device(device: str) -> torch.device:
+def resolve_device(device: str) -> torch.device:
+    """The torch device for a user's `device` option: `"cpu"`, `"cuda"`, `"cuda:N"` or `"auto"` (CUDA if visible).
+
+    Raises:
+        InvalidParameterError: another name, or CUDA asked for where no CUDA GPU is visible.
+    """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):

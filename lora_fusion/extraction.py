@@ -115,6 +115,7 @@ def extract(
     revision: str | None = None,
     token: str | None = None,
     dtype: torch.dtype | str | None = None,
+    device: str = "cpu",
     dry_run: bool = False,
     progress: bool | None = None,
 ) -> LoraAdapter | ExtractionPlan:
@@ -140,6 +141,9 @@ def extract(
         revision: the Hub revision of ids given without `@revision`.
         token: Hub token (default: `HF_TOKEN` or the stored login); never written.
         dtype: the adapter's dtype, "float32", "float16" or "bfloat16" (default: the fine-tuned weights' dtype).
+        device: where ΔW and its SVD are computed: `"cpu"`, `"cuda"` or `"auto"`. The weights are read on the CPU
+            and each ΔW moved over; the randomized SVD's test matrices are drawn on the CPU, so the adapter does not
+            depend on the device beyond float rounding.
         dry_run: return the [`ExtractionPlan`] (headers and 1-D tensors read, no SVD).
         progress: a progress bar on stderr (default: when stderr is a terminal).
 
@@ -167,15 +171,16 @@ def extract(
     params = ExtractParams(**scalars, svd=svd, seed=seed)
     check_rule_values(params, rules)
     selector = _compile(modules)
-    from .api import parse_dtype
+    from .api import parse_dtype, resolve_device
 
     out_dtype = parse_dtype(dtype) if dtype is not None else None
+    target = resolve_device(device)
     base_weights, ft_weights = _open(base, revision, token), _open(finetuned, revision, token)
     plan = _plan(base_weights, ft_weights, selector=selector, save_modules=tuple(save_modules))
     if dry_run:
         return plan
     controls = ModuleControls.build([c.name for c in plan.candidates], weights=[1.0], params=rules)
-    return _run(plan, base_weights, ft_weights, params, controls, out_dtype=out_dtype, progress=progress,
+    return _run(plan, base_weights, ft_weights, params, controls, device=target, out_dtype=out_dtype, progress=progress,
                 rule_given=any(v is not None for v in given.values()), rule_lists=rules, modules=modules)
 
 
@@ -327,6 +332,7 @@ def _run(
     params: ExtractParams,
     controls: ModuleControls,
     *,
+    device: torch.device,
     out_dtype: torch.dtype | None,
     progress: bool | None,
     rule_given: bool,
@@ -349,12 +355,13 @@ def _run(
         _check_finite(before, base, candidate.name)
         _check_finite(after, finetuned, candidate.name)
         stored = after.dtype
-        delta = canonical(after.float() - before.float(), candidate.kind)
+        delta = canonical(after.to(device).float() - before.to(device).float(), candidate.kind)
         del before, after
         if not bool(delta.any()):
             return stored, None
         rule = with_values(params, controls.params_for(candidate.name)).rank_rule()  # type: ignore[attr-defined]
-        return stored, decompose(delta, rule, svd=params.svd, seed=params.seed, name=candidate.name)
+        B, A, stats = decompose(delta, rule, svd=params.svd, seed=params.seed, name=candidate.name)
+        return stored, (B.cpu(), A.cpu(), stats)
 
     # As the merge engine: one torch thread per module, two modules at a time. MKL/OpenMP threads spin badly when
     # the cores are shared (runtime.thread_limit), and one module's SVD gains little from a second thread.

@@ -407,3 +407,22 @@ def test_auto_keeps_the_randomized_svd_only_where_its_excess_bound_is_tight(spec
     assert len(exact_calls) == (1 if spectrum == "flat" else 0)
     assert relative((B @ A).double(), delta.double()) == pytest.approx(stats.relative_error, rel=1e-4)
     assert stats.relative_error - optimum < extraction.EXCESS_TOLERANCE
+
+
+def test_device_auto_without_a_gpu_is_the_cpu_result_and_cuda_is_refused(pair, tmp_path) -> None:
+    # Where a GPU is visible, auto runs there: benchmarks/gpu_check.py compares that path with the CPU one.
+    base, tuned, _ = pair
+    on_cpu, auto = extract(base, tuned, rank=4), extract(base, tuned, rank=4, device="auto")
+    for name in on_cpu.modules:
+        if torch.cuda.is_available():
+            assert relative(auto.delta(name), on_cpu.delta(name)) < 1e-5
+        else:
+            assert torch.equal(auto.factors(name).B, on_cpu.factors(name).B)
+            assert torch.equal(auto.factors(name).A, on_cpu.factors(name).A)
+    assert_user_error(invoke("extract", base, tuned, "--device", "tpu", "--out", tmp_path / "o"), "device")
+    if not torch.cuda.is_available():
+        with pytest.raises(InvalidParameterError, match="no CUDA GPU"):
+            extract(base, tuned, device="cuda")
+        assert_user_error(invoke("extract", base, tuned, "--device", "cuda", "--out", tmp_path / "o"), "device",
+                          "no CUDA GPU")
+    assert not (tmp_path / "o").exists()
