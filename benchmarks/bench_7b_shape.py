@@ -27,6 +27,7 @@ import shutil
 import statistics
 import sys
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,17 +52,33 @@ BASE_MODEL = "meta-llama/Llama-2-7b-hf"
 FORMAT_VERSION = 1  # bump when the synthesised files change, so stale caches are rebuilt
 
 
-def adapter_config() -> dict[str, Any]:
+@dataclass(frozen=True)
+class AdapterShape:
+    """What `synthesise` writes: LoRAs of one rank on every projection of every layer (default: Llama-2-7B, bf16).
+    `benchmarks/gpu_check.py` uses smaller ones, of different alphas, in float32."""
+
+    projections: dict[str, tuple[int, int]] = field(default_factory=lambda: dict(PROJECTIONS))
+    layers: int = LAYERS
+    rank: int = RANK
+    alpha: int = ALPHA
+    dtype: str = "bfloat16"
+    base_model: str = BASE_MODEL
+
+
+LLAMA_7B = AdapterShape()
+
+
+def adapter_config(shape: AdapterShape = LLAMA_7B) -> dict[str, Any]:
     """An adapter_config.json as PEFT writes it for a plain LoRA on the seven projections."""
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": BASE_MODEL,
-        "r": RANK,
-        "lora_alpha": ALPHA,
+        "base_model_name_or_path": shape.base_model,
+        "r": shape.rank,
+        "lora_alpha": shape.alpha,
         "lora_dropout": 0.0,
         "bias": "none",
-        "target_modules": sorted(name.split(".")[-1] for name in PROJECTIONS),
+        "target_modules": sorted(name.split(".")[-1] for name in shape.projections),
         "use_rslora": False,
         "use_dora": False,
         "init_lora_weights": True,
@@ -73,43 +90,50 @@ def adapter_config() -> dict[str, Any]:
     }
 
 
-def synthesise(folder: Path, seed: int) -> None:
-    """Write one random PEFT adapter: A ~ U(±1/√in) as PEFT's default init, B ~ N(0, 0.01²) (non-zero), bf16."""
+def _marker(shape: AdapterShape, seed: int) -> dict[str, Any]:
+    """bench.json of a synthesised adapter: what it was made from (the 7B shape's marker predates the shape)."""
+    return {"format_version": FORMAT_VERSION, "seed": seed, **({} if shape == LLAMA_7B else {"shape": asdict(shape)})}
+
+
+def synthesise(folder: Path, seed: int, shape: AdapterShape = LLAMA_7B) -> None:
+    """Write one random PEFT adapter: A ~ U(±1/√in) as PEFT's default init, B ~ N(0, 0.01²) (non-zero)."""
     import torch
     from safetensors.torch import save_file
 
     generator = torch.Generator().manual_seed(seed)
+    dtype = getattr(torch, shape.dtype)
     tensors: dict[str, torch.Tensor] = {}
-    for layer in range(LAYERS):
-        for projection, (out_features, in_features) in PROJECTIONS.items():
+    for layer in range(shape.layers):
+        for projection, (out_features, in_features) in shape.projections.items():
             prefix = f"base_model.model.model.layers.{layer}.{projection}"
             bound = in_features**-0.5
-            a = (torch.rand(RANK, in_features, generator=generator) * 2 - 1) * bound
-            b = torch.randn(out_features, RANK, generator=generator) * 0.01
-            tensors[f"{prefix}.lora_A.weight"] = a.to(torch.bfloat16)
-            tensors[f"{prefix}.lora_B.weight"] = b.to(torch.bfloat16)
+            a = (torch.rand(shape.rank, in_features, generator=generator) * 2 - 1) * bound
+            b = torch.randn(out_features, shape.rank, generator=generator) * 0.01
+            tensors[f"{prefix}.lora_A.weight"] = a.to(dtype)
+            tensors[f"{prefix}.lora_B.weight"] = b.to(dtype)
     stage = folder.with_name(folder.name + ".incomplete")
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
     save_file(tensors, str(stage / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (stage / "adapter_config.json").write_text(json.dumps(adapter_config(), indent=2) + "\n")
-    (stage / "bench.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "seed": seed}) + "\n")
+    (stage / "adapter_config.json").write_text(json.dumps(adapter_config(shape), indent=2) + "\n")
+    (stage / "bench.json").write_text(json.dumps(_marker(shape, seed)) + "\n")
     shutil.rmtree(folder, ignore_errors=True)
     stage.rename(folder)
 
 
-def ensure_adapters(workdir: Path) -> list[Path]:
-    """The four adapter folders in `workdir`, synthesised unless a complete copy of this format is already there."""
+def ensure_adapters(workdir: Path, shapes: list[AdapterShape] | None = None) -> list[Path]:
+    """One adapter folder per shape in `workdir` (default: four of the 7B shape), synthesised unless a complete copy
+    of the same shape and format is already there."""
     folders = []
-    for index in range(ADAPTERS):
+    for index, shape in enumerate(shapes or [LLAMA_7B] * ADAPTERS):
         folder = workdir / f"adapter_{index}"
         marker = folder / "bench.json"
-        current = marker.is_file() and json.loads(marker.read_text()).get("format_version") == FORMAT_VERSION
+        current = marker.is_file() and json.loads(marker.read_text()) == _marker(shape, index)
         if current:
             log(f"reusing {folder}")
         else:
-            log(f"synthesising {folder} (~80 MB, bf16)")
-            synthesise(folder, seed=index)
+            log(f"synthesising {folder} ({shape.layers} layers, rank {shape.rank}, {shape.dtype})")
+            synthesise(folder, seed=index, shape=shape)
         folders.append(folder)
     return folders
 

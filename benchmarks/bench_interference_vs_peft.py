@@ -24,6 +24,7 @@ same method before truncation:
 * Core space is a different merge, not an approximation of the full-space one: its distance to D is information.
 
 Usage: python benchmarks/bench_interference_vs_peft.py [--layers 1 --runs 3 --peft-runs 1 --wait-load 1.3]
+                                                        [--device cuda]
 """
 
 from __future__ import annotations
@@ -158,6 +159,8 @@ def time_peft_merge(model: Any, adapters: list[str], weights: list[float], *, na
         def call() -> None:
             model.add_weighted_adapter(adapters, weights, name, combination_type=combination, density=density,
                                        svd_rank=svd_rank, **extra)
+            if torch.cuda.is_available():  # CUDA runs asynchronously: time the work, not its launch
+                torch.cuda.synchronize()
 
         with torch.no_grad(), CpuShare() as cpu:
             if capture:
@@ -180,12 +183,12 @@ def _share(cpu: CpuShare) -> float | None:
 
 
 def time_lora_fusion(sources: list[str], weights: list[float], *, method: str, space: str, density: float,
-                     rank: int, seed: int, runs: int) -> tuple[Timings, Any]:
+                     rank: int, seed: int, runs: int, device: str = "cpu") -> tuple[Timings, Any]:
     import lora_fusion
 
-    def call() -> Any:
+    def call() -> Any:  # the merged adapter's tensors are on the CPU: the call has waited for the GPU
         return lora_fusion.merge(sources, method=method, weights=weights, rank=rank, density=density, seed=seed,
-                                 space=space)
+                                 space=space, device=device)
 
     log(f"lora-fusion merge {method} space={space}, {runs} runs")
     return repeat(call, runs)
@@ -231,6 +234,7 @@ def main() -> None:
     parser.add_argument("--peft-runs", type=int, default=1, help="PEFT add_weighted_adapter runs (slow)")
     parser.add_argument("--no-peft-thin", action="store_true", help="skip the svd_full_matrices=False diagnostic")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: both PEFT's model and lora-fusion's merges")
     parser.add_argument("--wait-load", type=float, default=1.3, help="wait until the 1-min load average is below")
     parser.add_argument("--wait-max", type=float, default=600, help="longest wait for it, seconds (0: no wait)")
     args = parser.parse_args()
@@ -268,6 +272,7 @@ def main() -> None:
 
         setup_s = time.perf_counter() - measuring
         peft_load_s, model = timed(load)
+        model.to(args.device)
         densities = {"ties": args.ties_density, "dare_ties": args.dare_density}
         peft_runs: dict[str, PeftMerge] = {}
         with CpuShare() as peft_cpu:
@@ -293,7 +298,7 @@ def main() -> None:
                     with CpuShare() as cpu:
                         ours[method, space] = time_lora_fusion(
                             sources, args.weights, method=method, space=space, density=densities[method],
-                            rank=args.svd_rank, seed=args.seed, runs=args.runs,
+                            rank=args.svd_rank, seed=args.seed, runs=args.runs, device=args.device,
                         )
                     ours_shares[method, space] = _share(cpu)
         log("lora-fusion full-space merges once more, untimed, capturing the dense merges their SVDs receive")
@@ -303,7 +308,8 @@ def main() -> None:
             ours_dense[method] = {}
             with capture_lora_fusion_dense(ours_dense[method]):
                 again = lora_fusion.merge(sources, method=method, weights=args.weights, rank=args.svd_rank,
-                                          density=densities[method], seed=args.seed, space="full")
+                                          density=densities[method], seed=args.seed, space="full",
+                                          device=args.device)
             merged = ours[method, "full"][1]
             repeat_differs[method] = max(float((again.delta(n) - merged.delta(n)).abs().max()) for n in merged.modules)
 
@@ -326,7 +332,10 @@ def main() -> None:
                 return {n: merge.delta(n).double() for n in names}
 
             def peft_result(adapter: str) -> dict[str, Any]:
-                return {n: peft_delta(model, n, adapter) for n in names}
+                return {n: peft_delta(model, n, adapter).cpu() for n in names}
+
+            def on_cpu(dense: dict[str, Any]) -> dict[str, Any]:  # what a --device cuda run captured on the GPU
+                return {n: d.cpu() for n, d in dense.items()}
 
             ties_errors = {
                 "peft_ties_svd": relative_errors(reference, peft_result(peft_runs["ties"].adapter)),
@@ -336,14 +345,14 @@ def main() -> None:
                 thin = peft_result(peft_runs["ties_thin"].adapter)
                 ties_errors["peft_ties_svd_thin"] = relative_errors(reference, thin)
             dense_checks = {
-                "peft_dense_vs_reference": relative_errors(reference, peft_runs["ties"].dense).total,
-                "lora_fusion_dense_vs_reference": relative_errors(reference, ours_dense["ties"]).total,
+                "peft_dense_vs_reference": relative_errors(reference, on_cpu(peft_runs["ties"].dense)).total,
+                "lora_fusion_dense_vs_reference": relative_errors(reference, on_cpu(ours_dense["ties"])).total,
             }
             core_ties_vs_full = relative_errors(reference, result(ours["ties", "core"][1]))
 
             log("DARE-TIES: each result against its own dense merge, and the optimum of each")
-            peft_dare_dense = {n: d.double() for n, d in peft_runs["dare_ties"].dense.items()}
-            ours_dare_dense = {n: d.double() for n, d in ours_dense["dare_ties"].items()}
+            peft_dare_dense = {n: d.double().cpu() for n, d in peft_runs["dare_ties"].dense.items()}
+            ours_dare_dense = {n: d.double().cpu() for n, d in ours_dense["dare_ties"].items()}
             peft_dare_optimal, peft_dare_optimal_worst = optimal_error(peft_dare_dense, args.svd_rank)
             ours_dare_optimal, ours_dare_optimal_worst = optimal_error(ours_dare_dense, args.svd_rank)
             peft_dare_error = relative_errors(peft_dare_dense, peft_result(peft_runs["dare_ties"].adapter))
@@ -364,6 +373,7 @@ def main() -> None:
     ties_peft, ties_ours = ties_errors["peft_ties_svd"].total, ties_errors["lora_fusion_full"].total
     figures: dict[str, Any] = {
         "benchmark": "bench_interference_vs_peft",
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "peft_load_s": rounded(peft_load_s),
         "ties": {
             "peft_ties_svd_s": rounded(peft_s["ties"]),
