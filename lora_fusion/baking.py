@@ -495,6 +495,7 @@ def _prefetched(items: Iterator[T], depth: int = 1) -> Iterator[T]:
         return False
 
     def produce() -> None:
+        torch.set_num_threads(1)  # this thread's own count: thread_limit below sets the consumer's (torch_thread_pool)
         try:
             for item in items:
                 if not offer(("item", item)):

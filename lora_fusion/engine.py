@@ -11,7 +11,6 @@ import math
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
@@ -21,7 +20,7 @@ from .adapter import ModuleFactors
 from .distributed import gather_shards, is_main_process
 from .dora import dora_factors
 from .errors import NonFiniteError
-from .runtime import thread_limit
+from .runtime import thread_limit, torch_thread_pool
 from .spec import all_finite
 
 if TYPE_CHECKING:
@@ -121,7 +120,7 @@ def merge_modules(inputs: MergeInputs, names: Sequence[str], progress: bool | No
 
     on_cpu = target.type == "cpu"
     workers = CPU_WORKERS if on_cpu else 1
-    with thread_limit(1 if on_cpu else None), ThreadPoolExecutor(workers) as pool:
+    with thread_limit(1 if on_cpu else None), torch_thread_pool(workers, 1 if on_cpu else None) as pool:
         results = pool.map(merge_one, names) if workers > 1 else map(merge_one, names)
         return dict(zip(names, _progress(results, len(names), progress, inputs.spec.name)))
 

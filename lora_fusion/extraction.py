@@ -18,7 +18,6 @@ import os
 import re
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -27,7 +26,7 @@ from ._lazy import torch
 from .controls import ModuleControls, check_rule_values, rules_record, split_params, with_values
 from .errors import IncompatibleAdaptersError, InvalidParameterError, NonFiniteError, SourceNotFoundError
 from .params import SEED, SVD, RankedParams, declared
-from .runtime import thread_limit
+from .runtime import thread_limit, torch_thread_pool
 
 if TYPE_CHECKING:
     import torch  # noqa: F811
@@ -365,7 +364,7 @@ def _run(
 
     # As the merge engine: one torch thread per module, two modules at a time. MKL/OpenMP threads spin badly when
     # the cores are shared (runtime.thread_limit), and one module's SVD gains little from a second thread.
-    with thread_limit(1), ThreadPoolExecutor(min(2, os.cpu_count() or 1)) as pool:
+    with thread_limit(1), torch_thread_pool(min(2, os.cpu_count() or 1)) as pool:
         done = list(_progress(pool.map(one, plan.candidates), len(plan.candidates), progress))
     for candidate, (stored, result) in zip(plan.candidates, done):
         if dtype is None:

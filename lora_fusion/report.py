@@ -23,7 +23,6 @@ import os
 import re
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from itertools import combinations
 from pathlib import Path
 from statistics import fmean
@@ -35,7 +34,7 @@ from .diagnostics import overall_interference, sign_conflicts
 from .errors import OutputProtectedError
 from .writer import existing_output, special_folder, staged, swap_into_place
 from .linalg import factored_svd
-from .runtime import thread_limit
+from .runtime import thread_limit, torch_thread_pool
 
 if TYPE_CHECKING:
     from .adapter import LoraAdapter, ModuleFactors
@@ -231,8 +230,7 @@ def _each(items: Sequence[str], work: Callable[[str], T]) -> list[T]:
     with thread_limit(1):
         if workers == 1 or len(items) < 2:
             return [work(item) for item in items]
-        # set in each worker too: OpenMP keeps a thread count per calling thread
-        with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        with torch_thread_pool(workers) as pool:
             return list(pool.map(work, items))
 
 

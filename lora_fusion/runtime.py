@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import torch
@@ -20,6 +21,9 @@ def thread_limit(threads: int | None) -> Iterator[None]:
     Factored merges and file checks are made of many small operations (a 4096×64 QR, a k×k SVD, a finiteness check)
     that gain nothing from more threads, while MKL/OpenMP threads spin badly when the cores are shared: a 4096×64
     QR measured 6 ms on one thread and 420 ms on two with a busy neighbour, on the 2-core machine.
+
+    It sets the calling thread's count only: OpenMP and MKL keep one per thread, so threads that do the work need
+    their own ([`torch_thread_pool`]).
     """
     if threads is None:
         yield
@@ -30,6 +34,20 @@ def thread_limit(threads: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def torch_thread_pool(workers: int, threads: int | None = 1) -> ThreadPoolExecutor:
+    """A pool of `workers` threads, each running torch on `threads` threads (None: OpenMP's default, every core).
+
+    `torch.set_num_threads` in one thread does not reach threads started later: OpenMP and MKL keep their thread
+    count per thread, and a new one starts at the default. Before this pool, a CPU merge's two workers each ran MKL
+    on every core, under a `thread_limit(1)` that only the main thread obeyed: the workers' threads spun against
+    each other, and since MKL's multi-threaded reductions round differently from run to run, one svd merge gave 3
+    different outputs in 6 runs here (max difference 6e-7; with each worker on one thread, the same bytes every run).
+    """
+    if threads is None:
+        return ThreadPoolExecutor(workers)
+    return ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(threads,))
 
 
 @contextmanager

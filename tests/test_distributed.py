@@ -153,6 +153,37 @@ def test_dense_merges_do_not_depend_on_the_thread_count(tmp_path) -> None:
     assert torch.equal(*results)
 
 
+def openmp_threads() -> int:
+    """OpenMP's thread count for the calling thread, from torch's own runtime: `torch.get_num_threads()` reports torch's
+    setting, which a thread started after it was set does not get."""
+    import ctypes
+
+    return ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so")).omp_get_max_threads()
+
+
+def test_the_engines_workers_run_torch_on_one_thread(adapters, monkeypatch) -> None:
+    # Before runtime.torch_thread_pool, thread_limit(1) reached the main thread only and each worker ran MKL on every
+    # core: spinning on shared cores, and bytes that changed from run to run (MKL's threaded reductions).
+    from lora_fusion import engine
+    from lora_fusion.runtime import torch_thread_pool
+
+    if (os.cpu_count() or 1) < 2:
+        assert openmp_threads() == 1  # one core: no worker can run more; nothing else to check
+        return
+    with torch_thread_pool(2) as pool:
+        assert list(pool.map(lambda _: openmp_threads(), range(4))) == [1] * 4
+    seen, moved = [], engine._to
+
+    def probe(factors, device):
+        seen.append(openmp_threads())
+        return moved(factors, device)
+
+    monkeypatch.setattr(engine, "_to", probe)
+    merge(adapters, method="svd")
+    assert seen and set(seen) == {1}
+    assert openmp_threads() == torch.get_num_threads()  # the caller's own count is restored
+
+
 def test_a_process_killed_outright_stops_the_launch_and_writes_nothing(adapters, tmp_path) -> None:
     # Process 1 dies by SIGKILL in the middle of its share (injected through sitecustomize, test code only): the
     # launcher stops process 0, which has not written anything yet, and nothing is left behind.
