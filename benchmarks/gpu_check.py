@@ -4,7 +4,7 @@ Written before any GPU was seen, to make a short loan of one count. Each part co
 work on the CPU, in float32 with TF32 off, against a tolerance stated below (`TOLERANCES`) and recorded in the JSON:
 
 * `merges`: svd, ties (full and core space), dare_ties, knots, tsv and rapf (with a base-weights file) on three
-  synthetic Llama-shaped float32 adapters ("small": hidden 1024, 4 layers, rank 16), `device="cuda"` against
+  synthetic Llama-shaped float32 adapters ("small": hidden 1024, 2 layers, rank 16), `device="cuda"` against
   `device="cpu"`: the distance between the merged updates ΔW = B·A (factors are defined up to sign and rotation, their
   products are not), the wall time of each, and the peak GPU memory (`torch.cuda.max_memory_allocated`) beside the
   `--dry-run` plan's estimate for one module at a time (the GPU merges one module at a time);
@@ -57,7 +57,7 @@ ROOT = HERE.parent
 PARTS = ("merges", "bake_extract", "training", "svd_7b", "sharded", "ties_vs_peft")
 GPU_ONLY_PARTS = ("svd_7b", "sharded", "ties_vs_peft")  # nothing on the CPU to compare them with that others lack
 SCALES = {  # hidden, intermediate, layers, rank of the merge and bake/extract inputs
-    "small": (1024, 2816, 4, 16),
+    "small": (1024, 2816, 2, 16),
     "tiny": (128, 352, 2, 8),
 }
 ALPHAS = (32, 16, 8)
