@@ -379,10 +379,13 @@ def check_svd_7b(workdir: Path, target: str | None, *, runs: int) -> dict[str, A
     merge = [python, "-m", "lora_fusion_cli", "merge", *map(str, sources), "--method", "svd", "--overwrite",
              "--quiet"]
     floor_cmd = [python, str(HERE / "io_floor.py"), "--out", str(floor_file), *map(str, sources)]
-    floors, merges = [], []
+    # what the GPU merge pays before any work: importing torch and starting CUDA (the floor starts no CUDA)
+    startup_cmd = [python, "-c", f"import torch; torch.zeros(1, device={target!r}).sum().item()"]
+    floors, merges, startups = [], [], []
     for run in range(runs):  # interleaved: a slow moment of the machine hits both alike
         floors.append(run_process(floor_cmd))
         merges.append(run_process([*merge, "--device", target, "--out", str(device_out)], env=cli_env()))
+        startups.append(run_process(startup_cmd))
         log(f"svd_7b: run {run + 1}: floor {floors[-1].wall_s:.2f} s, merge on {target} {merges[-1].wall_s:.2f} s")
     on_cpu = run_process([*merge, "--device", "cpu", "--out", str(cpu_out)], env=cli_env())
     names = None
@@ -404,6 +407,7 @@ def check_svd_7b(workdir: Path, target: str | None, *, runs: int) -> dict[str, A
         "merge_device": device_s,
         "floor": floor_s,
         "merge_cpu_s": rounded(on_cpu.wall_s),
+        "torch_import_and_device_start_best_s": rounded(min(r.wall_s for r in startups)),
         "ratio_device_merge_over_floor": rounded(ratio, 3),
         "ratio_device_merge_over_floor_median": rounded(device_s["wall_median_s"] / floor_s["wall_median_s"], 3),
         "target_within_1_2x_floor": ratio <= 1.2,
