@@ -541,7 +541,10 @@ def compare_training(runs: dict[str, Any], *, reference: str) -> dict[str, Any]:
         allowed = [TRAINING_TOLERANCES["accuracy_images"] / n for n in seen_test_images]
         weight_gap = float((weight[precision] - weight[reference]).norm() / weight[reference].norm())
         rapf = {
-            "finite": bool(torch.isfinite(weight[precision]).all()),
+            "finite": bool(torch.isfinite(weight[precision]).all())
+            and all(math.isfinite(x) for epochs in run["rapf"]["epoch_losses"] for x in epochs),
+            "last_epoch_losses": [epochs[-1] for epochs in run["rapf"]["epoch_losses"]],
+            "reference_last_epoch_losses": [epochs[-1] for epochs in runs[reference]["rapf"]["epoch_losses"]],
             "accuracy_abs_differences": [rounded(g) for g in gaps],
             "accuracy_tolerances": [rounded(a) for a in allowed],
             "weight_relative_distance": rounded(weight_gap),
@@ -582,6 +585,7 @@ def training_worker(precision: str, device: str, workdir: Path) -> dict[str, Any
     per_class = int((dataset.test.labels == 0).sum())
     rapf = {
         "accuracies": result.accuracies,
+        "epoch_losses": result.losses,
         "seen_test_images": [per_class * len(sum(result.tasks[: t + 1], [])) for t in range(len(result.tasks))],
         "adapter_file": str(sorted(Path(result.out).glob("task_*/adapter.safetensors"))[-1]),
         "seconds": rounded(seconds),

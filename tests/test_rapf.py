@@ -4,6 +4,7 @@ adapter-only), and the class-incremental trainer on a tiny random CLIPModel with
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -212,6 +213,10 @@ def test_whole_run_writes_metrics_plot_and_adapters(tmp_path: Path, tiny_clip) -
     assert len(result.accuracies) == 3 and [len(row) for row in result.matrix] == [1, 2, 3]
     assert result.tasks == [["apple", "bus"], ["cat", "dog"], ["eel", "fox"]]
     assert result.accuracies[0] > 0.75  # two well-separated classes, a few epochs
+    assert [len(epochs) for epochs in result.losses] == [4, 4, 4]  # each task's mean loss per epoch
+    assert all(math.isfinite(x) for epochs in result.losses for x in epochs)
+    assert result.losses[0][-1] < result.losses[0][0]  # the first task is learnt
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["losses"] == result.losses
     assert result.hard_pairs[1]  # α = 2 pairs every old class with every new one, so the hinge runs
     out = tmp_path / "run"
     metrics = json.loads((out / "metrics.json").read_text())
@@ -235,6 +240,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path: Path, tiny_clip) -> None
     assert len(partial.accuracies) == 1
     resumed = run_cil(recipe, encoders=tiny_clip, dataset=dataset, progress=False)
     assert resumed.accuracies == whole.accuracies and resumed.matrix == whole.matrix
+    assert resumed.losses == whole.losses  # the finished task's losses come back from metrics.json
     final = [load_file(str(tmp_path / d / "task_02" / "adapter.safetensors"))["weight"] for d in ("whole", "resumed")]
     assert torch.equal(final[0], final[1])
     with pytest.raises(OutputExistsError):

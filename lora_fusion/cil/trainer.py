@@ -57,6 +57,7 @@ class CILResult:
     tasks: list[list[str]] = field(default_factory=list)
     hard_pairs: list[list[list[str]]] = field(default_factory=list)
     task_seconds: list[float] = field(default_factory=list)
+    losses: list[list[float]] = field(default_factory=list)  # per task, the mean training loss of each epoch
     feature_seconds: dict[str, float] = field(default_factory=dict)
     recipe_digest: str = ""
     out: str = ""
@@ -242,6 +243,7 @@ def run_cil(recipe: CILRecipe, *, encoders: FrozenEncoders | None = None, datase
         generator.set_state(load_file(str(_task_dir(out, done) / "rng.safetensors"))["rng_state"])
         for key in ("accuracies", "matrix", "tasks", "hard_pairs", "task_seconds"):
             setattr(result, key, saved[key])
+        result.losses = saved.get("losses", [])  # absent from runs saved before losses were recorded
         # Class statistics are a deterministic function of the cached features: recomputing them is exact.
         train_x, train_y = features["train"]
         for task in split.tasks[: done + 1]:
@@ -259,9 +261,11 @@ def run_cil(recipe: CILRecipe, *, encoders: FrozenEncoders | None = None, datase
         # A step is a few small matrix products: on the CPU, intra-op threads only add synchronisation (measured
         # 13x slower with 2 threads than with 1 on the shared 2-core machine).
         with thread_limit(1 if accelerator.device.type == "cpu" else None):
-            trained = _train_task(recipe, weight, features["train"], text_unit[:seen], new_classes, old_classes,
-                                  gaussians, pairs, generator, accelerator,
-                                  progress=progress and accelerator.is_local_main_process, desc=f"task {t}", tqdm=tqdm)
+            trained, losses = _train_task(recipe, weight, features["train"], text_unit[:seen], new_classes,
+                                          old_classes, gaussians, pairs, generator, accelerator,
+                                          progress=progress and accelerator.is_local_main_process, desc=f"task {t}",
+                                          tqdm=tqdm)
+        result.losses.append(losses)
         train_x, train_y = features["train"]
         for c in new_classes:
             gaussians[c] = ClassGaussian.fit(train_x[train_y == c], ridge=recipe.rapf.ridge,
@@ -293,8 +297,9 @@ def run_cil(recipe: CILRecipe, *, encoders: FrozenEncoders | None = None, datase
 def _train_task(recipe: CILRecipe, weight: torch.Tensor, train: tuple[torch.Tensor, torch.Tensor],
                 text_unit: torch.Tensor, new_classes: list[int], old_classes: list[int],
                 gaussians: dict[int, ClassGaussian], pairs: list[tuple[int, int]], generator: torch.Generator,
-                accelerator: Any, *, progress: bool, desc: str, tqdm: Any) -> torch.Tensor:
-    """Train the adapter on one task, starting from `weight`; returns W_n (float32, CPU) before fusion."""
+                accelerator: Any, *, progress: bool, desc: str, tqdm: Any) -> tuple[torch.Tensor, list[float]]:
+    """Train the adapter on one task, starting from `weight`; returns W_n (float32, CPU) before fusion and the mean
+    loss of each epoch (this process's; summed on the device and read once per epoch, so no step waits for it)."""
     spec, opt = recipe.rapf, recipe.train
     x_all, y_all = train
     mine = (y_all >= new_classes[0]) & (y_all <= new_classes[-1])
@@ -315,7 +320,9 @@ def _train_task(recipe: CILRecipe, weight: torch.Tensor, train: tuple[torch.Tens
     batches = math.ceil(x_task.shape[0] / opt.batch_size)
     accumulation = opt.gradient_accumulation
     bar = tqdm(total=opt.epochs * batches, desc=desc, disable=not progress, leave=False)
+    epoch_losses = []
     for _ in range(opt.epochs):
+        summed = torch.zeros((), device=device)
         order = torch.randperm(x_task.shape[0], generator=generator)
         # Replayed classes walk a per-epoch shuffled list of the old classes cyclically (official main.py).
         replay_list = [old_classes[i] for i in torch.randperm(len(old_classes), generator=generator)]
@@ -357,13 +364,15 @@ def _train_task(recipe: CILRecipe, weight: torch.Tensor, train: tuple[torch.Tens
             last_of_group = b == group_start + group_size - 1
             with contextlib.nullcontext() if last_of_group else accelerator.no_sync(adapter):
                 accelerator.backward(loss / group_size)
+            summed += loss.detach()
             if last_of_group:
                 optimizer.step()
                 optimizer.zero_grad()
             bar.update(1)
         scheduler.step()
+        epoch_losses.append(float(summed) / batches)
     bar.close()
-    return accelerator.unwrap_model(adapter).weight.detach().float().cpu().clone()
+    return accelerator.unwrap_model(adapter).weight.detach().float().cpu().clone(), epoch_losses
 
 
 __all__ = [
