@@ -91,8 +91,10 @@ def adapter_config(shape: AdapterShape = LLAMA_7B) -> dict[str, Any]:
 
 
 def _marker(shape: AdapterShape, seed: int) -> dict[str, Any]:
-    """bench.json of a synthesised adapter: what it was made from (the 7B shape's marker predates the shape)."""
-    return {"format_version": FORMAT_VERSION, "seed": seed, **({} if shape == LLAMA_7B else {"shape": asdict(shape)})}
+    """bench.json of a synthesised adapter: what it was made from (the 7B shape's marker predates the shape), as
+    JSON reads it back (lists, not tuples), so a stored marker compares equal."""
+    shaped = {} if shape == LLAMA_7B else {"shape": asdict(shape)}
+    return json.loads(json.dumps({"format_version": FORMAT_VERSION, "seed": seed, **shaped}))
 
 
 def synthesise(folder: Path, seed: int, shape: AdapterShape = LLAMA_7B) -> None:

@@ -315,27 +315,29 @@ def main() -> None:
 
         # --- references and errors ------------------------------------------------------------------------------
         # Untimed: on one thread, which is barely slower on an idle machine and keeps a neighbour job from
-        # stretching the float64 SVDs below by 10× or more (README, "Timing on a busy machine").
+        # stretching the float64 SVDs below by 10× or more (README, "Timing on a busy machine"). With --device cuda
+        # on the GPU, where the float64 SVDs take a fraction of the 4–5 s each of one CPU thread.
         references_started = time.perf_counter()
+        on = torch.device(args.device)
         with single_thread():
             log("dense TIES reference (merge_utils.ties on lora_fusion.load_adapter's ΔWᵢ) and singular values")
             adapters = [lora_fusion.load_adapter(d) for d in dirs]
             names = sorted(adapters[0].modules)
-            weights = torch.tensor(args.weights)
+            weights = torch.tensor(args.weights, device=on)
             reference = {
-                n: merge_utils.ties([a.delta(n) for a in adapters], weights, args.ties_density, "total").double()
+                n: merge_utils.ties([a.delta(n).to(on) for a in adapters], weights, args.ties_density, "total").double()
                 for n in names
             }
             ties_optimal, ties_optimal_worst = optimal_error(reference, args.svd_rank)
 
             def result(merge: Any) -> dict[str, Any]:
-                return {n: merge.delta(n).double() for n in names}
+                return {n: merge.delta(n).double().to(on) for n in names}
 
             def peft_result(adapter: str) -> dict[str, Any]:
-                return {n: peft_delta(model, n, adapter).cpu() for n in names}
+                return {n: peft_delta(model, n, adapter).to(on) for n in names}
 
-            def on_cpu(dense: dict[str, Any]) -> dict[str, Any]:  # what a --device cuda run captured on the GPU
-                return {n: d.cpu() for n, d in dense.items()}
+            def moved(dense: dict[str, Any]) -> dict[str, Any]:
+                return {n: d.to(on) for n, d in dense.items()}
 
             ties_errors = {
                 "peft_ties_svd": relative_errors(reference, peft_result(peft_runs["ties"].adapter)),
@@ -345,14 +347,14 @@ def main() -> None:
                 thin = peft_result(peft_runs["ties_thin"].adapter)
                 ties_errors["peft_ties_svd_thin"] = relative_errors(reference, thin)
             dense_checks = {
-                "peft_dense_vs_reference": relative_errors(reference, on_cpu(peft_runs["ties"].dense)).total,
-                "lora_fusion_dense_vs_reference": relative_errors(reference, on_cpu(ours_dense["ties"])).total,
+                "peft_dense_vs_reference": relative_errors(reference, moved(peft_runs["ties"].dense)).total,
+                "lora_fusion_dense_vs_reference": relative_errors(reference, moved(ours_dense["ties"])).total,
             }
             core_ties_vs_full = relative_errors(reference, result(ours["ties", "core"][1]))
 
             log("DARE-TIES: each result against its own dense merge, and the optimum of each")
-            peft_dare_dense = {n: d.double().cpu() for n, d in peft_runs["dare_ties"].dense.items()}
-            ours_dare_dense = {n: d.double().cpu() for n, d in ours_dense["dare_ties"].items()}
+            peft_dare_dense = {n: d.double().to(on) for n, d in peft_runs["dare_ties"].dense.items()}
+            ours_dare_dense = {n: d.double().to(on) for n, d in ours_dense["dare_ties"].items()}
             peft_dare_optimal, peft_dare_optimal_worst = optimal_error(peft_dare_dense, args.svd_rank)
             ours_dare_optimal, ours_dare_optimal_worst = optimal_error(ours_dare_dense, args.svd_rank)
             peft_dare_error = relative_errors(peft_dare_dense, peft_result(peft_runs["dare_ties"].adapter))

@@ -14,7 +14,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 ln -sfn cli lora_fusion_cli
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >&2
-python3 benchmarks/gpu_check.py "$@" >"${OUT:-.}/gpu_check.json" 2>"${OUT:-.}/gpu_check.log"
+python3 benchmarks/gpu_check.py --partial "${OUT:-.}/gpu_check.partial.json" "$@" >"${OUT:-.}/gpu_check.json" \
+    2>"${OUT:-.}/gpu_check.log"
 status=$?
 tail -n 40 "${OUT:-.}/gpu_check.log"
 exit $status

@@ -453,7 +453,7 @@ def excess_estimate(found: FactoredSVD, rank: int) -> float:
     values lie below the true ones (docs/methods.md)."""
     from .linalg import randomized_excess_bound
 
-    S = found.S.double()
+    S = found.S.double().cpu()  # a few dozen values; the tail below is built on the CPU (S is on the GPU with cuda)
     width = S.numel()
     last = float(S[-1])
     missed = max(0.0, found.total_energy - float((S**2).sum()))
