@@ -55,7 +55,8 @@ FORMAT_VERSION = 1  # bump when the synthesised files change, so stale caches ar
 @dataclass(frozen=True)
 class AdapterShape:
     """What `synthesise` writes: LoRAs of one rank on every projection of every layer (default: Llama-2-7B, bf16).
-    `benchmarks/gpu_check.py` uses smaller ones, of different alphas, in float32."""
+    `benchmarks/gpu_check.py` uses smaller ones, of different alphas, in float32, and a DoRA one (`dora`: PEFT's
+    `lora_magnitude_vector` per module, `use_dora` in the config)."""
 
     projections: dict[str, tuple[int, int]] = field(default_factory=lambda: dict(PROJECTIONS))
     layers: int = LAYERS
@@ -63,6 +64,7 @@ class AdapterShape:
     alpha: int = ALPHA
     dtype: str = "bfloat16"
     base_model: str = BASE_MODEL
+    dora: bool = False
 
 
 LLAMA_7B = AdapterShape()
@@ -80,7 +82,7 @@ def adapter_config(shape: AdapterShape = LLAMA_7B) -> dict[str, Any]:
         "bias": "none",
         "target_modules": sorted(name.split(".")[-1] for name in shape.projections),
         "use_rslora": False,
-        "use_dora": False,
+        "use_dora": shape.dora,
         "init_lora_weights": True,
         "fan_in_fan_out": False,
         "inference_mode": True,
@@ -113,6 +115,9 @@ def synthesise(folder: Path, seed: int, shape: AdapterShape = LLAMA_7B) -> None:
             b = torch.randn(out_features, shape.rank, generator=generator) * 0.01
             tensors[f"{prefix}.lora_A.weight"] = a.to(dtype)
             tensors[f"{prefix}.lora_B.weight"] = b.to(dtype)
+            if shape.dora:  # trained row magnitudes μ: positive, of the order of a random W₀'s row norms
+                tensors[f"{prefix}.lora_magnitude_vector"] = (0.5 + 0.3 * torch.rand(out_features, generator=generator)
+                                                               ).to(dtype)
     stage = folder.with_name(folder.name + ".incomplete")
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)

@@ -325,7 +325,9 @@ def merge_cases(rank: int, base: Path) -> dict[str, tuple[dict[str, Any], str]]:
 
 
 def check_merges(workdir: Path, scale: tuple[int, int, int, int], target: str | None) -> dict[str, Any]:
-    import lora_fusion
+    """The main cases at the scale's size; a DoRA source (its update formed from W₀ on the device); and every other
+    registered per-module method at the tiny size, where each costs a fraction of a second."""
+    from lora_fusion.methods import list_methods
 
     sources, base = small_inputs(workdir, scale)
     paths = [str(s) for s in sources]
@@ -333,26 +335,58 @@ def check_merges(workdir: Path, scale: tuple[int, int, int, int], target: str | 
                                           "rank": scale[3], "adapters": len(paths), "dtype": "float32"}}
     for name, (kwargs, tolerance) in merge_cases(scale[3], base).items():
         log(f"merges: {name}")
-        plan = lora_fusion.merge(paths, weights=list(WEIGHTS), dry_run=True, progress=False, **kwargs)
-        entry: dict[str, Any] = {
-            "plan_peak_bytes": plan.peak_bytes,  # what `--dry-run` prints: CPU workers' modules + the output
-            "plan_one_module_bytes": max(m.working_bytes for m in plan.modules),
-        }
-        begun = time.perf_counter()
-        on_cpu = lora_fusion.merge(paths, weights=list(WEIGHTS), progress=False, **kwargs)
-        entry["cpu_s"] = rounded(time.perf_counter() - begun)
-        if target is not None:
-            lora_fusion.merge(paths, weights=list(WEIGHTS), progress=False, device=target, **kwargs)  # warm-up
-            with GpuMemory(target) as memory:
-                begun = time.perf_counter()
-                on_device = lora_fusion.merge(paths, weights=list(WEIGHTS), progress=False, device=target, **kwargs)
-                entry["device_s"] = rounded(time.perf_counter() - begun)  # its tensors are on the CPU: synchronised
-            entry["device_peak_bytes"] = memory.peak_bytes
-            entry["cpu_over_device"] = rounded(entry["cpu_s"] / entry["device_s"], 3)
-            entry["device_vs_cpu"] = judged(distance(on_cpu, on_device, list(on_cpu.modules)),
-                                            TOLERANCES[tolerance], tolerance)
-        results[name] = entry
+        results[name] = merge_case(paths, list(WEIGHTS), kwargs, tolerance, target)
+    hidden, intermediate, layers, rank = scale
+    dora_shape = AdapterShape(projections=llama_projections(hidden, intermediate), layers=layers, rank=rank,
+                              alpha=16, dtype="float32", base_model="gpu-check/llama", dora=True)
+    dora = str(ensure_adapters(workdir / "dora", [dora_shape])[0])
+    log("merges: ties_with_dora")
+    results["ties_with_dora"] = merge_case(
+        [dora, paths[1]], [0.6, 0.4], {"method": "ties", "density": 0.2, "space": "full", "rank": rank,
+                                       "base_model": str(base), "include": [r"layers\.0\."]}, "elementwise", target)
+    tiny, tiny_base = small_inputs(workdir / "tiny", SCALES["tiny"])
+    covered = {kwargs["method"] for kwargs, _ in merge_cases(rank, base).values()}
+    others: dict[str, Any] = {}
+    for spec in list_methods():
+        if spec.kind != "module" or spec.name in covered:
+            continue
+        log(f"merges: {spec.name} (tiny)")
+        exact = spec.name in ("linear", "task_arithmetic", "iso_c", "iso_cts")
+        others[spec.name] = merge_case([str(s) for s in tiny], list(WEIGHTS), {"method": spec.name},
+                                       "factored" if exact else "elementwise", target)
+    log("merges: rapf without base weights (tiny)")
+    others["rapf_adapter_only"] = merge_case([str(s) for s in tiny], list(WEIGHTS), {"method": "rapf"}, "factored",
+                                             target)
+    results["other_methods_tiny"] = others
     return results
+
+
+def merge_case(paths: list[str], weights: list[float], kwargs: dict[str, Any], tolerance: str,
+               target: str | None) -> dict[str, Any]:
+    """One merge on the CPU and (when `target`) on the device: timings, peak device memory beside the plan's
+    estimate, and the distance between the two merged updates."""
+    import lora_fusion
+
+    plan = lora_fusion.merge(paths, weights=weights, dry_run=True, progress=False, **kwargs)
+    entry: dict[str, Any] = {
+        "plan_peak_bytes": plan.peak_bytes,  # what `--dry-run` prints: CPU workers' modules + the output
+        "plan_one_module_bytes": max(m.working_bytes for m in plan.modules),
+    }
+    begun = time.perf_counter()
+    on_cpu = lora_fusion.merge(paths, weights=weights, progress=False, **kwargs)
+    entry["cpu_s"] = rounded(time.perf_counter() - begun)
+    if target is None:
+        return entry
+    lora_fusion.merge(paths, weights=weights, progress=False, device=target, **kwargs)  # warm-up: kernels, handles
+    with GpuMemory(target) as memory:
+        begun = time.perf_counter()
+        on_device = lora_fusion.merge(paths, weights=weights, progress=False, device=target, **kwargs)
+        entry["device_s"] = rounded(time.perf_counter() - begun)  # its tensors are on the CPU: synchronised
+    entry["device_peak_bytes"] = memory.peak_bytes
+    entry["cpu_over_device"] = rounded(entry["cpu_s"] / entry["device_s"], 3)
+    entry["device_vs_cpu"] = judged(distance(on_cpu, on_device, list(on_cpu.modules)), TOLERANCES[tolerance],
+                                    tolerance)
+    return entry
 
 
 def check_sharded(workdir: Path, scale: tuple[int, int, int, int], target: str | None) -> dict[str, Any]:

@@ -18,7 +18,7 @@ sys.path.insert(0, str(BENCHMARKS))
 
 import gpu_check  # noqa: E402
 
-CASES = ("svd", "ties_full", "ties_core", "dare_ties", "knots", "tsv", "rapf")
+CASES = ("svd", "ties_full", "ties_core", "dare_ties", "knots", "tsv", "rapf", "ties_with_dora")
 
 
 def run_check(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], dict]:
@@ -62,6 +62,13 @@ def test_the_gpu_half_rehearsed_on_the_cpu_compares_every_path(tmp_path: Path) -
     for case in CASES:
         compared = parts["merges"][case]["device_vs_cpu"]
         assert compared["within_tolerance"] and compared["relative"] <= compared["tolerance"]
+    others = parts["merges"]["other_methods_tiny"]  # every other per-module method, and rapf without W₀
+    from lora_fusion.methods import list_methods
+
+    expected = {s.name for s in list_methods() if s.kind == "module"} - {"svd", "ties", "dare_ties", "knots", "tsv",
+                                                                         "rapf"}
+    assert set(others) == expected | {"rapf_adapter_only"}
+    assert all(entry["device_vs_cpu"]["within_tolerance"] for entry in others.values())
     assert parts["bake_extract"]["bake_device_vs_cpu"]["unchanged_tensors_identical"]
     assert parts["bake_extract"]["bake_device_vs_cpu"]["changed_tensors"] == 14  # 7 projections × 2 layers
     assert parts["bake_extract"]["extract_device_vs_cpu"]["within_tolerance"]
