@@ -52,7 +52,8 @@ def test_the_cpu_half_runs_says_no_gpu_and_exits_0(tmp_path: Path) -> None:
 
 def test_the_gpu_half_rehearsed_on_the_cpu_compares_every_path(tmp_path: Path) -> None:
     partial = tmp_path / "partial.json"
-    done, figures = run_check(tmp_path, "--rehearse", "--parts", "merges,bake_extract,sharded", "--partial", str(partial))
+    done, figures = run_check(tmp_path, "--rehearse", "--parts", "merges,bake_extract,sharded",
+                              "--partial", str(partial))
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(partial.read_text())["parts"] == figures["parts"]  # written after the last part too
     if torch.cuda.is_available():
