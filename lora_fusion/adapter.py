@@ -31,7 +31,8 @@ class ModuleFactors:
 
     A DoRA module carries its magnitude vector μ (`magnitude`, one value per output row) until the base weights turn
     it into its update ([`lora_fusion.dora.dora_factors`]); that update is full-rank, and `source_rank` keeps the rank
-    the adapter was trained with (what a merge defaults to).
+    the adapter was trained with (what a merge defaults to). Its factors are then an identity and ΔW, and `update`
+    holds that ΔW, so that methods working on dense updates take it as is instead of multiplying it by the identity.
     """
 
     A: torch.Tensor
@@ -40,6 +41,7 @@ class ModuleFactors:
     bias: torch.Tensor | None = None
     magnitude: torch.Tensor | None = None
     source_rank: int | None = None
+    update: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:
@@ -52,6 +54,8 @@ class ModuleFactors:
 
     def delta(self) -> torch.Tensor:
         """Dense ΔW = scale·B·A in float32, m×n: for tests, `inspect` and dense methods only."""
+        if self.update is not None:
+            return self.scale * self.update.float()
         return self.scale * (self.B.float() @ self.A.float())
 
 

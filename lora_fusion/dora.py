@@ -32,9 +32,10 @@ def dora_delta(base: torch.Tensor, factors: ModuleFactors) -> torch.Tensor:
 
 def dora_factors(base: torch.Tensor, factors: ModuleFactors) -> ModuleFactors:
     """A DoRA module's update as exact factors B·A with scale 1: (I_m, ΔW) or (ΔW, I_n), whichever identity is
-    smaller, so every method reads it as it reads a LoRA; `source_rank` keeps the adapter's own rank."""
+    smaller, so every method reads it as it reads a LoRA; `source_rank` keeps the adapter's own rank, and `update`
+    the ΔW itself for the methods that work on dense updates (a product with the identity would cost m·m·n)."""
     delta = dora_delta(base, factors)
     m, n = delta.shape
     eye = torch.eye(min(m, n), dtype=delta.dtype, device=delta.device)
     B, A = (eye, delta) if m <= n else (delta, eye)
-    return ModuleFactors(A=A, B=B, scale=1.0, source_rank=factors.rank)
+    return ModuleFactors(A=A, B=B, scale=1.0, source_rank=factors.rank, update=delta)

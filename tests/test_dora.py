@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lora_fusion import load_adapter, merge
+from lora_fusion.dora import dora_factors
 from lora_fusion.errors import InvalidParameterError, UnsupportedAdapterError
 from lora_fusion.linalg import exact_svd
 from tests.test_cli import assert_user_error, invoke
@@ -97,9 +98,29 @@ def test_an_exact_sum_with_a_dora_source_is_limited_to_the_trained_ranks(load_ll
         assert stats.retained_energy < 1  # a DoRA update is full-rank: the stats say what the sum kept
 
 
-def test_element_wise_methods_take_dora_updates(llama_dir, doras) -> None:
+def test_element_wise_methods_take_dora_updates(llama_dir, doras, monkeypatch) -> None:
     merged = merge(doras, method="ties", density=0.5, rank=8, base_model=llama_dir)
     assert {stats.rank for stats in merged.stats.values()} == {8}
+    # The dense update is taken as given, not multiplied by the identity: the same bits (a product with I is exact),
+    # without the m·m·n multiply-adds.
+    import dataclasses
+
+    from lora_fusion import engine
+    from lora_fusion.methods import elementwise
+
+    given = dataclasses.replace
+    products = []
+    product = elementwise.DenseTask.product.__func__
+    monkeypatch.setattr(elementwise.DenseTask, "product",
+                        classmethod(lambda cls, left, right: products.append(left.shape) or product(cls, left, right)))
+    again = merge(doras, method="ties", density=0.5, rank=8, base_model=llama_dir)
+    assert not products  # every source is DoRA: no task was formed as a product
+    monkeypatch.setattr(engine, "dora_factors", lambda base, f: given(dora_factors(base, f), update=None))
+    through_identity = merge(doras, method="ties", density=0.5, rank=8, base_model=llama_dir)
+    assert products  # now each is the product of the identity and ΔW
+    for name in merged.modules:
+        assert torch.equal(again.delta(name), merged.delta(name))
+        assert torch.equal(through_identity.delta(name), merged.delta(name))
 
 
 def test_dora_without_the_base_model_is_refused_naming_the_module(doras, tmp_path) -> None:

@@ -125,8 +125,10 @@ def elementwise_merge(
     if params.space == "core":
         U_B, V_A = core_bases(*stacked(group))
         tasks = [DenseTask.product(U_B.mT @ (f.scale * f.B.float()), f.A.float() @ V_A) for f in group.factors]
-    else:
-        tasks = [DenseTask.product(f.scale * f.B.float(), f.A.float()) for f in group.factors]
+    else:  # a DoRA update is given dense (`update`): its own copy, since sparsifying a given task changes it
+        tasks = [DenseTask.of(f.delta()) if f.update is not None else DenseTask.product(f.scale * f.B.float(),
+                                                                                        f.A.float())
+                 for f in group.factors]
     sparsifiers = [sparsifier(task, params, seeded(params.seed, group.name, i)) for i, task in enumerate(tasks)]
     merged = combine(tasks, sparsifiers, group.weights, majority=majority, scale=params.scale)
     if params.space == "core":
