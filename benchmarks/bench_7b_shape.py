@@ -34,16 +34,18 @@ from typing import Any
 from _common import ProcessRun, console_script, emit, log, machine, rounded, run_process
 
 HERE = Path(__file__).resolve().parent
-# (out_features, in_features) of each projection of Llama-2-7B (hidden 4096, intermediate 11008).
-PROJECTIONS = {
-    "self_attn.q_proj": (4096, 4096),
-    "self_attn.k_proj": (4096, 4096),
-    "self_attn.v_proj": (4096, 4096),
-    "self_attn.o_proj": (4096, 4096),
-    "mlp.gate_proj": (11008, 4096),
-    "mlp.up_proj": (11008, 4096),
-    "mlp.down_proj": (4096, 11008),
-}
+
+
+def llama_projections(hidden: int, intermediate: int) -> dict[str, tuple[int, int]]:
+    """(out_features, in_features) of each of a Llama layer's seven projections (multi-head attention: q, k, v, o
+    all hidden × hidden)."""
+    square = (hidden, hidden)
+    return {"self_attn.q_proj": square, "self_attn.k_proj": square, "self_attn.v_proj": square,
+            "self_attn.o_proj": square, "mlp.gate_proj": (intermediate, hidden), "mlp.up_proj": (intermediate, hidden),
+            "mlp.down_proj": (hidden, intermediate)}
+
+
+PROJECTIONS = llama_projections(4096, 11008)  # Llama-2-7B
 LAYERS = 32
 RANK = 16
 ALPHA = 32

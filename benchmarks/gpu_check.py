@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import emit, log, machine, rounded, run_process
-from bench_7b_shape import AdapterShape, ensure_adapters, summary
+from bench_7b_shape import AdapterShape, ensure_adapters, llama_projections, summary
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -75,7 +75,8 @@ WEIGHTS = (0.5, 0.3, 0.2)
 #   sums tie within rounding; each flip moves ΔW by one small entry: 1e-3;
 # * "trimmed_core": KnOTS trims and sign-elects the aligned tasks' coefficients in its shared basis, so an entry that
 #   ties within rounding moves a whole basis direction's coefficient: perturbing the inputs by 4–8 ulp on the CPU
-#   moved one seed's KnOTS merge by 2.2e-3 (worst module 6e-3), the others by ≤ 2.5e-5: 1e-2;
+#   moved one seed's KnOTS merge by 2.2e-3 (worst module 6e-3), the others by ≤ 2.5e-5 (a reviewer's one-off runs,
+#   not kept): 1e-2;
 # * "bf16_output": the 7B merge writes bfloat16 factors: rounding one factor differently moves ΔW by up to 2⁻⁸
 #   relative, so the products differ by up to ~1e-2.
 TOLERANCES = {"factored": 1e-4, "elementwise": 1e-3, "trimmed_core": 1e-2, "bf16_output": 1e-2}
@@ -87,10 +88,11 @@ TOLERANCES = {"factored": 1e-4, "elementwise": 1e-3, "trimmed_core": 1e-2, "bf16
 # * the F-VAE's meta loss after training (evaluated in float32 on the same snapshots): relative difference ≤ 0.05,
 #   between precisions on one device only: its reparameterisation noise comes from a generator on the device, and a
 #   CUDA generator draws other numbers than a CPU one for the same seed (changing only that noise moved the CPU's
-#   meta loss by 0.03–0.13), so the GPU's float32 run is compared with the CPU's on RAPF alone;
+#   meta loss by 0.03–0.13 in a reviewer's one-off runs, not kept), so the GPU's float32 run is compared with the
+#   CPU's on RAPF alone;
 # * fp16 runs a GradScaler from 2¹⁰, not Accelerate's default 2¹⁶: at 2¹⁶ this recipe's gradients overflow fp16 in
-#   the first ~5 of the first task's 12 steps, which the scaler skips (measured in float32 by the reviewer of this
-#   script): a different training, where a real run of thousands of steps skips the same few and loses nothing.
+#   the first ~5 of the first task's 12 steps, which the scaler skips (the gradients' size measured in float32 by
+#   the reviewer of this script, a one-off run, not kept): a different training, where a real run of thousands of steps skips the same few and loses nothing.
 FP16_INITIAL_SCALE = 2.0**10
 TRAINING_TOLERANCES = {"accuracy_images": 2, "rapf_weight": 0.05, "meta_loss": 0.05}
 
@@ -277,14 +279,6 @@ def judged(measured: dict[str, float], tolerance: float, kind: str) -> dict[str,
 
 
 # --- merges ---------------------------------------------------------------------------------------------------------
-
-
-def llama_projections(hidden: int, intermediate: int) -> dict[str, tuple[int, int]]:
-    """(out, in) of each of a Llama layer's seven projections (multi-head attention: q, k, v, o all hidden²)."""
-    square = (hidden, hidden)
-    return {"self_attn.q_proj": square, "self_attn.k_proj": square, "self_attn.v_proj": square,
-            "self_attn.o_proj": square, "mlp.gate_proj": (intermediate, hidden), "mlp.up_proj": (intermediate, hidden),
-            "mlp.down_proj": (hidden, intermediate)}
 
 
 def small_inputs(workdir: Path, scale: tuple[int, int, int, int]) -> tuple[list[Path], Path]:
