@@ -43,7 +43,8 @@ def torch_thread_pool(workers: int, threads: int | None = 1) -> ThreadPoolExecut
     count per thread, and a new one starts at the default. Before this pool, a CPU merge's two workers each ran MKL
     on every core, under a `thread_limit(1)` that only the main thread obeyed: the workers' threads spun against
     each other, and since MKL's multi-threaded reductions round differently from run to run, one svd merge gave 3
-    different outputs in 6 runs here (max difference 6e-7; with each worker on one thread, the same bytes every run).
+    different outputs in 6 runs here (max difference 6e-7; with each worker on one thread, the same bytes every run;
+    a one-off shell loop, not kept: `tests/test_distributed.py` checks the workers' thread count instead).
     """
     if threads is None:
         return ThreadPoolExecutor(workers)
@@ -58,8 +59,8 @@ def collection_paused() -> Iterator[None]:
     Reading and writing a diffusion LoRA makes tens of thousands of small objects (header entries, key-map probes),
     which set off full collections, and with torch and diffusers imported a full collection walks some 440,000
     objects: 0.28 s each on the 2-core machine, 1.06 s (seven of them) in a first kohya convert of a 225 MB file,
-    whose own work takes about 0.4 s (measured once with `gc.callbacks` timers; benchmarks/README.md). Blocks may nest or run in several threads: the collector is restored when
-    the last one ends.
+    whose own work takes about 0.4 s (measured once with `gc.callbacks` timers; benchmarks/README.md). Blocks may
+    nest or run in several threads: the collector is restored when the last one ends.
     """
     with _collector_lock:
         if _collector["pauses"] == 0:
