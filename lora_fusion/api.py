@@ -29,6 +29,7 @@ from .plan import MergePlan, make_plan
 from .params import RANK_RULES
 from .provenance import merge_provenance
 from .recipe import SourceEntry
+from .formats.kohya import kohya_names
 from .formats.peft import check_scale_fits
 from .hub import is_repo_id
 from .runtime import collection_paused
@@ -189,6 +190,7 @@ def _assemble(inputs: engine.MergeInputs, merged: Mapping[str, engine.ModuleOutp
         r=max(s.rank for s in stats.values()),
         lora_alpha=1.0,
         fan_in_fan_out=any(a.config.fan_in_fan_out for a in adapters),
+        kohya_names=kohya_names(adapters, modules),
     )
     controls = inputs.controls
     recorded, per_module = inputs.params.recorded(), {}

@@ -115,7 +115,9 @@ class ModuleSpec:
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    """The parts of an adapter's config that decide what the tensors mean; `raw` keeps the file's content."""
+    """The parts of an adapter's config that decide what the tensors mean; `raw` keeps the file's content (a single
+    LoRA file's: its `layout`). `kohya_names`: the name each module had in the kohya file(s) it was read or merged
+    from, by canonical name, which kohya output writes again."""
 
     base_model: str | None
     task_type: str | None
@@ -126,6 +128,7 @@ class AdapterConfig:
     alpha_pattern: Mapping[str, float] = field(default_factory=dict)
     fan_in_fan_out: bool = False
     raw: Mapping[str, Any] = field(default_factory=dict)
+    kohya_names: Mapping[str, str] = field(default_factory=dict)
 
     def expected_rank(self, module: str) -> int:
         """The rank PEFT would give `module`: the first matching `rank_pattern` key, else `r`."""
@@ -176,6 +179,12 @@ class AdapterContents:
     files: tuple[Path, ...] = ()
 
 
+def shaped(tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """`tensor` reshaped to `shape`, itself when it has that shape already (the usual case for a linear module's
+    factors: a LoRA file holds thousands of them, and a reshape costs a couple of microseconds each)."""
+    return tensor if tensor.shape == shape else tensor.reshape(shape)
+
+
 def read_factors(
     spec: ModuleSpec, store: TensorStore, *, where: str, check_finite: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -187,8 +196,8 @@ def read_factors(
     Raises:
         NonFiniteError: a factor holds NaN or Inf; the message names `where` (the adapter) and the module.
     """
-    a = store.read(spec.a_key).reshape(spec.rank, spec.in_features)
-    b = store.read(spec.b_key).reshape(spec.out_features, spec.rank)
+    a = shaped(store.read(spec.a_key), (spec.rank, spec.in_features))
+    b = shaped(store.read(spec.b_key), (spec.out_features, spec.rank))
     bias = store.read(spec.bias_key) if spec.bias_key else None
     keys = (spec.a_key, spec.b_key, spec.bias_key)
     known = getattr(store, "known_finite", None)  # a file store checks its tensors a run at a time

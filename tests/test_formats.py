@@ -248,29 +248,37 @@ def sgm_name(canonical: str) -> str | None:
     return f"lora_unet_{block}_{rest.replace('.', '_')}"
 
 
-def test_sdxl_kohya_with_sgm_block_names_and_two_text_encoders(sd, tmp_path) -> None:
-    """kohya SDXL files name the UNet in SGM blocks and the text encoders `lora_te1_`/`lora_te2_`."""
-    text2 = tiny_text_encoder(seed=5)
-    lora_text2, _ = with_lora(text2, TEXT_TARGETS, r=3, alpha=3, seed=6)
-    # proj_in is a 1×1 conv in this SD-style UNet (a linear layer in SDXL's): left out of the hand-made file.
-    deltas = {**{k: v for k, v in sd["deltas"].items()
-                 if (sgm_name(k) and not k.endswith("proj_in")) or k.startswith("text_encoder.")},
-              **peft_deltas(lora_text2, "text_encoder_2")}
+def sgm_kohya_file(deltas: dict[str, torch.Tensor], path: Path) -> Path:
+    """A kohya SDXL-style file of `deltas`: the UNet in SGM block names, the text encoders `lora_te1_`/`lora_te2_`;
+    each module an exact rank-r factorisation of its ΔW with alpha = 2r (the reader must apply alpha / r = 2)."""
     tensors: dict[str, torch.Tensor] = {}
     for name, delta in deltas.items():
         if name.startswith("unet."):
             kohya = sgm_name(name)
         else:
-            component, _, path = name.partition(".")
-            kohya = ("lora_te1_" if component == "text_encoder" else "lora_te2_") + path.replace(".", "_")
-        # An exact rank-r factorisation of the known ΔW with alpha = 2r: the reader must apply alpha / r = 2.
+            component, _, inner = name.partition(".")
+            kohya = ("lora_te1_" if component == "text_encoder" else "lora_te2_") + inner.replace(".", "_")
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
         r = int((s > 1e-6 * s[0]).sum())
         tensors[f"{kohya}.lora_up.weight"] = (u[:, :r] * s[:r]).contiguous() / 2
         tensors[f"{kohya}.lora_down.weight"] = vh[:r].contiguous()
         tensors[f"{kohya}.alpha"] = torch.tensor(2.0 * r)
-    save_file(tensors, tmp_path / "sdxl.safetensors")
-    adapter = load_adapter(tmp_path / "sdxl.safetensors")
+    save_file(tensors, path)
+    return path
+
+
+def sgm_deltas(sd) -> dict[str, torch.Tensor]:
+    # proj_in is a 1×1 conv in this SD-style UNet (a linear layer in SDXL's): left out of the SGM-named files.
+    return {k: v for k, v in sd["deltas"].items()
+            if (sgm_name(k) and not k.endswith("proj_in")) or k.startswith("text_encoder.")}
+
+
+def test_sdxl_kohya_with_sgm_block_names_and_two_text_encoders(sd, tmp_path) -> None:
+    """kohya SDXL files name the UNet in SGM blocks and the text encoders `lora_te1_`/`lora_te2_`."""
+    text2 = tiny_text_encoder(seed=5)
+    lora_text2, _ = with_lora(text2, TEXT_TARGETS, r=3, alpha=3, seed=6)
+    deltas = {**sgm_deltas(sd), **peft_deltas(lora_text2, "text_encoder_2")}
+    adapter = load_adapter(sgm_kohya_file(deltas, tmp_path / "sdxl.safetensors"))
     assert_same_deltas(adapter, deltas, tol=1e-5)
     written = convert(adapter, to="kohya", out=tmp_path / "out.safetensors")
     assert {k.split("_")[1] for k in load_file(written)} >= {"unet", "te1", "te2"}
@@ -278,6 +286,65 @@ def test_sdxl_kohya_with_sgm_block_names_and_two_text_encoders(sd, tmp_path) -> 
     # diffusers' SDXL loader (with the UNet's own config) puts the SGM file and ours on the same weights.
     for file in (tmp_path / "sdxl.safetensors", written):
         assert_same_deltas_in_diffusers(sd, text2, file, deltas)
+
+
+def kohya_modules(file: Path) -> set[str]:
+    return {key.split(".", 1)[0] for key in load_file(file)}
+
+
+def test_kohya_output_keeps_the_kohya_names_its_sources_agree_on(sd, tmp_path) -> None:
+    """kohya → kohya keeps the SGM block names kohya's SDXL trainer writes; a merge keeps its sources' names where
+    they agree, and where they do not every module takes diffusers' names (diffusers' reader drops the SGM-named
+    modules of a file that mixes the two)."""
+    deltas = sgm_deltas(sd)
+    source = sgm_kohya_file(deltas, tmp_path / "sgm.safetensors")
+    assert any("input_blocks" in name for name in kohya_modules(source))
+    written = convert(source, to="kohya", out=tmp_path / "same.safetensors")
+    assert kohya_modules(written) == kohya_modules(source)
+    assert_same_deltas(load_adapter(written), deltas, tol=1e-5)
+    agreeing = merge([source, written], method="linear", weights=[0.5, 0.5])
+    kept = agreeing.save_pretrained(tmp_path / "agreeing.safetensors", format="kohya")
+    assert kohya_modules(kept) == kohya_modules(source)
+    assert_same_deltas(load_adapter(kept), deltas, tol=1e-5)
+
+    diffusers_named = convert(sd["folder"], to="kohya", out=tmp_path / "diffusers_named.safetensors")
+    assert not any(block in name for name in kohya_modules(diffusers_named)
+                   for block in ("input_blocks", "middle_block", "output_blocks"))
+    mixed = merge([source, diffusers_named], method="linear", weights=[1.0, 1.0])
+    out = mixed.save_pretrained(tmp_path / "mixed.safetensors", format="kohya")
+    assert kohya_modules(out) == kohya_modules(diffusers_named)
+    expected = {name: delta + deltas.get(name, torch.zeros_like(delta)) for name, delta in sd["deltas"].items()}
+    assert_same_deltas(load_adapter(out), expected, tol=1e-5)
+
+
+def test_kohya_output_folds_a_scale_of_one_half_into_the_smaller_factor(tmp_path) -> None:
+    """alpha = rank/2 (scale ½) is exact on either factor: the one with fewer values takes it, the other is written
+    as the file holds it."""
+    tensors, rank = {}, 4
+    generator = torch.Generator().manual_seed(0)
+    for part, (out, into) in {"fc1": (64, 16), "fc2": (16, 64)}.items():
+        name = f"lora_te_text_model_encoder_layers_0_mlp_{part}"
+        tensors[f"{name}.lora_down.weight"] = torch.randn(rank, into, generator=generator).half()
+        tensors[f"{name}.lora_up.weight"] = torch.randn(out, rank, generator=generator).half()
+        tensors[f"{name}.alpha"] = torch.tensor(rank / 2)
+    save_file(tensors, tmp_path / "half.safetensors")
+    written = load_file(convert(tmp_path / "half.safetensors", to="kohya", out=tmp_path / "out.safetensors"))
+    fc1, fc2 = "lora_te_text_model_encoder_layers_0_mlp_fc1", "lora_te_text_model_encoder_layers_0_mlp_fc2"
+    for smaller, larger in ((f"{fc1}.lora_down.weight", f"{fc1}.lora_up.weight"),
+                            (f"{fc2}.lora_up.weight", f"{fc2}.lora_down.weight")):
+        assert torch.equal(written[larger], tensors[larger]), larger
+        assert torch.equal(written[smaller], tensors[smaller] * 0.5), smaller
+    assert float(written[f"{fc1}.alpha"]) == float(written[f"{fc2}.alpha"]) == rank
+
+
+@pytest.mark.parametrize("shape", [(), (1,)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_a_kohya_alpha_of_any_float_dtype_and_one_element_gives_its_scale(tmp_path, dtype, shape) -> None:
+    name = "lora_te_text_model_encoder_layers_0_mlp_fc1"
+    path = tmp_path / "alpha.safetensors"
+    save_file({f"{name}.lora_down.weight": torch.ones(4, 16), f"{name}.lora_up.weight": torch.ones(64, 4),
+               f"{name}.alpha": torch.full(shape, 3.0, dtype=dtype)}, path)
+    assert load_adapter(path).modules["text_encoder.text_model.encoder.layers.0.mlp.fc1"].scale == 0.75
 
 
 def assert_same_deltas_in_diffusers(sd, text2, file: Path, deltas: dict[str, torch.Tensor]) -> None:

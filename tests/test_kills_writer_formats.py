@@ -320,6 +320,20 @@ def test_a_header_with_non_ascii_metadata_is_still_sorted(tmp_path: Path) -> Non
     assert "café ü".encode() in header  # kept as UTF-8, not \\u-escaped
 
 
+def test_the_header_is_json_dumps_with_sorted_keys_wherever_the_metadata_key_sorts(tmp_path: Path) -> None:
+    """The entries are serialised once and the metadata member put where "__metadata__" sorts: keys before it
+    (capitals, digits, "_A") and after it ("_z", lower case) give json.dumps(sort_keys=True)'s bytes."""
+    tensors = {key: torch.full((2,), float(i)) for i, key in enumerate(["b", "A", "0x", "_A", "__a", "_z", "é", "a"])}
+    path = tmp_path / "x.safetensors"
+    save_safetensors(tensors, path, metadata={"z": "1", "a": "é"})
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    parsed = json.loads(raw[8 : 8 + size])
+    expected = json.dumps(parsed, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    assert raw[8 : 8 + size] == expected + b" " * (-len(expected) % 8)
+    assert list(parsed) == ["0x", "A", "_A", "__a", "__metadata__", "_z", "a", "b", "é"]
+
+
 # ============================================================================================== peft
 
 

@@ -315,13 +315,16 @@ def canonical_to_kohya_flux(modules: list[str], *, source: str) -> list[FusedMod
 
 
 def scalar_alpha(value: Any, *, module: str, source: str) -> float:
-    """A kohya `.alpha` tensor as a finite number, or a one-line error naming the module."""
-    tensor = torch.as_tensor(value)
-    if tensor.numel() != 1:
-        raise CorruptAdapterError(
-            f"{source}: module {module} has an alpha of shape {list(tensor.shape)}; expected one number."
-        )
-    alpha = float(tensor.item())  # one element, whatever its shape
+    """A kohya `.alpha` tensor (or the float it holds) as a finite number, or a one-line error naming the module."""
+    if isinstance(value, float):
+        alpha = value
+    else:
+        tensor = torch.as_tensor(value)
+        if tensor.numel() != 1:
+            raise CorruptAdapterError(
+                f"{source}: module {module} has an alpha of shape {list(tensor.shape)}; expected one number."
+            )
+        alpha = float(tensor.item())  # one element, whatever its shape
     if not math.isfinite(alpha):
         raise CorruptAdapterError(f"{source}: module {module} has alpha {alpha}; expected a finite number.")
     return alpha

@@ -3,17 +3,18 @@
 text encoders under `lora_te_` (SD 1.x/2.x) or `lora_te1_`/`lora_te2_` (SDXL, Flux's CLIP).
 
 Reading goes through [`lora_fusion.formats.single_file`] (diffusers' key maps, LyCORIS expanded exactly). Writing
-folds every scale into the factors (`lora_fusion.formats.peft.scale_split`; nothing to fold where alpha = rank) and
-records `.alpha` = rank (scale 1, exact); Flux's attention q/k/v (and the
-single blocks' q/k/v/MLP input) are fused back exactly: down = [A_q; A_k; A_v], up = blockdiag(B_q, B_k, B_v), rank
-r_q + r_k + r_v. A part the adapter lacks is written as zero rows (its size taken from its siblings: q, k, v share
-one width, and Flux's MLP input is 4× that width).
+names the SD/SDXL modules as the kohya file(s) they came from named them (SGM or diffusers block names), else as
+diffusers' `convert_state_dict_to_kohya` does; it folds every scale into the factors
+(`lora_fusion.formats.peft.scale_split`; nothing to fold where alpha = rank) and records `.alpha` = rank (scale 1,
+exact). Flux's attention q/k/v (and the single blocks' q/k/v/MLP input) are fused back exactly: down = [A_q; A_k;
+A_v], up = blockdiag(B_q, B_k, B_v), rank r_q + r_k + r_v. A part the adapter lacks is written as zero rows (its
+size taken from its siblings: q, k, v share one width, and Flux's MLP input is 4× that width).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -76,15 +77,36 @@ class KohyaFormat:
             )
         tensors: dict[str, torch.Tensor | PendingTensor] = {}
         if others:
-            names = canonical_to_kohya_sd(others, text_encoder_2=any(n.startswith("text_encoder_2.") for n in others),
-                                          source="kohya output")
-            for canonical, kohya in names.items():
+            for canonical, kohya in _sd_names(adapter, others).items():
                 a, b, _ = output_factors(adapter, canonical, fold_scale=True)
                 _put(tensors, kohya, a, b)
         for group in canonical_to_kohya_flux(flux, source="kohya output") if flux else []:
             down, up = _fused(adapter, group)
             _put(tensors, group.kohya, down, up)
         save_safetensors(tensors, file, metadata=metadata)
+
+
+def _sd_names(adapter: LoraAdapter, modules: list[str]) -> dict[str, str]:
+    """The kohya name of each SD/SDXL module: the names they had in the kohya file(s) they came from where every
+    module has one (kohya → kohya keeps the SGM block names kohya's SDXL trainer writes), else diffusers' names
+    for all of them (one file never mixes SGM and diffusers block names: diffusers' reader drops the SGM-named
+    modules of a file that does)."""
+    kept = adapter.config.kohya_names
+    if all(name in kept for name in modules):
+        return {name: kept[name] for name in modules}
+    return canonical_to_kohya_sd(modules, text_encoder_2=any(n.startswith("text_encoder_2.") for n in modules),
+                                 source="kohya output")
+
+
+def kohya_names(adapters: Sequence[LoraAdapter], modules: Iterable[str]) -> dict[str, str]:
+    """A merge's kohya names: each module's name in its sources, where every source that holds the module read it
+    from a kohya file under one and the same name (see `KohyaFormat.write`)."""
+    names: dict[str, str] = {}
+    for module in modules:
+        given = {a.config.kohya_names.get(module) for a in adapters if module in a.modules}
+        if len(given) == 1 and None not in given:
+            names[module] = given.pop()
+    return names
 
 
 def _put(tensors: dict[str, torch.Tensor | PendingTensor], kohya: str, down: torch.Tensor | PendingTensor,

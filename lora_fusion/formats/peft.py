@@ -29,7 +29,7 @@ from ..errors import (
     UnsupportedAdapterError,
 )
 from ..hub import commit_of, download_file
-from ..spec import AdapterConfig, AdapterContents, ModuleSpec, all_finite, is_lora_pair
+from ..spec import AdapterConfig, AdapterContents, ModuleSpec, all_finite, is_lora_pair, shaped
 from .stores import (
     FLOAT_DTYPES,
     PendingTensor,
@@ -483,14 +483,23 @@ def records_scale(spec: ModuleSpec) -> bool:
     return spec.scale > 0
 
 
-def scale_split(scale: float) -> tuple[float, float]:
+def scale_split(scale: float, *, a_is_smaller: bool = False) -> tuple[float, float]:
     """A LoRA scale s as p·q for folding it into the factors (A·p, B·q): p the power of two nearest √|s|, so that
     A·p is exact and the factors keep balanced magnitudes (no underflow of half-precision values from a small s on
-    one factor), and q = s/p, the one rounding (none when s is a power of two, as kohya's alpha = rank/2 gives: p = 1
-    and B·½, both exact). Zero gives (1, 0)."""
+    one factor), and q = s/p, the one rounding (none when s is a power of two). Zero gives (1, 0).
+
+    Where √|s| lies midway between two powers of two (s an odd power of two, as kohya's alpha = rank/2 gives: ½),
+    both are as near, and the larger share goes on the factor with fewer values (`a_is_smaller`: A), so that for
+    s = ½ or 2 the larger factor is written as stored, with no arithmetic: p = 1 and B·½, or A·½ and q = 1."""
     if scale == 0.0:
         return 1.0, 0.0
-    power = 2.0 ** round(math.log2(abs(scale)) / 2)
+    half = math.log2(abs(scale)) / 2
+    if half - math.floor(half) == 0.5:
+        nearer_one, farther = sorted((math.floor(half), math.ceil(half)), key=abs)
+        exponent = farther if a_is_smaller else nearer_one
+    else:
+        exponent = round(half)
+    power = 2.0 ** exponent
     return power, scale / power
 
 
@@ -512,10 +521,11 @@ def output_factors(
     """
     spec = adapter.modules[name]
     factors = adapter.factors(name)
-    on_a, on_b = scale_split(spec.scale) if fold_scale and spec.scale != 1.0 else (1.0, 1.0)  # merges: scale 1
+    on_a, on_b = (scale_split(spec.scale, a_is_smaller=math.prod(spec.a_shape) < math.prod(spec.b_shape))
+                  if fold_scale and spec.scale != 1.0 else (1.0, 1.0))  # merges: scale 1
     on_bias = spec.scale if fold_scale else 1.0
-    return (_output(factors.A.reshape(spec.a_shape), on_a, spec, name),
-            _output(factors.B.reshape(spec.b_shape), on_b, spec, name),
+    return (_output(shaped(factors.A, spec.a_shape), on_a, spec, name),
+            _output(shaped(factors.B, spec.b_shape), on_b, spec, name),
             None if factors.bias is None else _output(factors.bias, on_bias, spec, name))
 
 

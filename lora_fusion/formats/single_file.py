@@ -42,11 +42,9 @@ UNSUPPORTED_PARTS = {
     "on_input": "an IA3 vector",
     "weight": "a full weight, not a LoRA factor",
 }
-_KEY = re.compile(
-    r"^(?P<module>.+?)\.(?P<part>"
-    + "|".join(re.escape(p) for p in sorted({*LORA_PARTS, *LYCORIS_SUFFIXES, *UNSUPPORTED_PARTS}, key=len, reverse=True))
-    + r")$"
-)
+_PARTS = frozenset({*LORA_PARTS, *LYCORIS_SUFFIXES, *UNSUPPORTED_PARTS})
+_KEY = re.compile(r"^(?P<module>.+?)\.(?P<part>" + "|".join(re.escape(p) for p in sorted(_PARTS, key=len, reverse=True))
+                  + r")$")
 LAYOUTS = ("diffusers", "kohya")
 
 
@@ -86,19 +84,22 @@ def _group(keys: list[str], source: str, *, kohya: bool) -> dict[str, _FileModul
     modules: dict[str, _FileModule] = {}
     renames = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"} if kohya else {}
     for key in keys:
-        match = _KEY.match(key)
-        if match is None:
-            raise UnsupportedAdapterError(
-                f"{source}: tensor {key[:120]} is not a LoRA factor lora-fusion knows (lora_down/up, lora_A/B, alpha, "
-                "LyCORIS hada_/lokr_); only those can be merged."
-            )
-        part = match["part"]
+        # kohya's module names hold no dot: the part follows the first one (what _KEY finds too, at ~3× the cost).
+        module, _, part = key.partition(".")
+        if not module or part not in _PARTS:
+            match = _KEY.match(key)
+            if match is None:
+                raise UnsupportedAdapterError(
+                    f"{source}: tensor {key[:120]} is not a LoRA factor lora-fusion knows (lora_down/up, lora_A/B, "
+                    "alpha, LyCORIS hada_/lokr_); only those can be merged."
+                )
+            module, part = match["module"], match["part"]
         if part in UNSUPPORTED_PARTS:
             raise UnsupportedAdapterError(
-                f"{source}: module {match['module']} has {UNSUPPORTED_PARTS[part]} ({key[:120]}), which lora-fusion "
+                f"{source}: module {module} has {UNSUPPORTED_PARTS[part]} ({key[:120]}), which lora-fusion "
                 "cannot merge exactly; convert it to a plain LoRA first."
             )
-        name = _comfy_to_kohya(match["module"]) if kohya else match["module"]
+        name = _comfy_to_kohya(module) if kohya else module
         part = renames.get(part, part)
         entry = modules.setdefault(name, _FileModule(name))
         if part in entry.keys:
@@ -181,19 +182,23 @@ def read_single_file(path: Path, *, source: str, layout: str | None = None) -> A
         )
     modules = _group(keys, source, kohya=found == "kohya")
     store = DerivedStore(file)
+    names: dict[str, str] = {}
     if found == "kohya":
-        specs = _kohya_specs(modules, file, store, source)
+        specs, names = _kohya_specs(modules, file, store, source)
     else:
         specs = _diffusers_specs(modules, file, store, source)
     ranks = [spec.rank for spec in specs.values()] or [1]
     config = AdapterConfig(base_model=None, task_type=None, r=max(ranks), lora_alpha=float(max(ranks)),
-                           raw={"layout": found})
+                           raw={"layout": found}, kohya_names=names)
     return AdapterContents(config=config, modules=specs, store=store, files=(path,))
 
 
 def _kohya_specs(
     modules: dict[str, _FileModule], file: SafetensorsStore, store: DerivedStore, source: str
-) -> dict[str, ModuleSpec]:
+) -> tuple[dict[str, ModuleSpec], dict[str, str]]:
+    """The canonical modules of a kohya-family file, and the kohya name each SD/SDXL module had in it (kohya output
+    writes them again: `lora_fusion.formats.kohya`); Flux's fused modules, split into parts, have none of their own.
+    """
     lycoris = _LycorisCache(file, source)
     shapes: dict[str, _LoraShape | LycorisShape] = {}
     for module in modules.values():
@@ -211,13 +216,16 @@ def _kohya_specs(
             )
     pieces = kohya_to_canonical({name: shape.out_features for name, shape in shapes.items()}, source=source)
     specs: dict[str, ModuleSpec] = {}
+    names: dict[str, str] = {}
     for canonical, piece in sorted(pieces.items()):
         module, shape = modules[piece.module], shapes[piece.module]
         if isinstance(shape, _LoraShape):
             specs[canonical] = _lora_spec(canonical, piece, module, shape, file, store)
         else:
             specs[canonical] = _lycoris_spec(canonical, piece, module, shape, lycoris, file, store)
-    return specs
+        if piece.rows is None and not canonical.startswith("transformer."):
+            names[canonical] = piece.module
+    return specs, names
 
 
 @dataclass(frozen=True)
@@ -251,9 +259,14 @@ def _lora_shapes(module: _FileModule, file: SafetensorsStore, source: str) -> _L
         )
     if dtype not in FLOAT_DTYPES:
         raise UnsupportedAdapterError(f"{source}: module {module.name} is stored as {dtype}; only float tensors merge.")
-    alpha = scalar_alpha(file.read(module.keys["alpha"]), module=module.name, source=source) \
+    alpha = _file_alpha(file, module.keys["alpha"], module=module.name, source=source) \
         if "alpha" in module.keys else float(rank)
     return _LoraShape(up[0], tuple(a_shape), tuple(up), rank, FLOAT_DTYPES[dtype], alpha / rank, mid is not None)
+
+
+def _file_alpha(file: SafetensorsStore, key: str, *, module: str, source: str) -> float:
+    value = file.scalar(key)  # a kohya file holds an alpha per module: most are read as a number, not as a tensor
+    return scalar_alpha(file.read(key) if value is None else value, module=module, source=source)
 
 
 def _lora_spec(
@@ -383,7 +396,7 @@ def _diffusers_spec(
         raise UnsupportedAdapterError(f"{source}: module {name} is stored as {dtype}; only float tensors merge.")
     component, _, inner = name.partition(".")
     if "alpha" in keys:
-        scale = scalar_alpha(file.read(keys["alpha"]), module=name, source=source) / rank
+        scale = _file_alpha(file, keys["alpha"], module=name, source=source) / rank
     elif component in configs:
         scale = configs[component].scale_for(inner, rank)
     else:

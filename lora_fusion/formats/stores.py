@@ -6,10 +6,12 @@ deterministically, straight from the tensors' memory.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import json
 import math
 import mmap
+import struct
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ SAFETENSORS_DTYPES = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 _SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+_SCALAR_CODES = {"F32": "<f", "F64": "<d", "F16": "<e"}  # struct's codes, little-endian as safetensors stores
 # safetensors' own limit on a file's JSON header (100 MB).
 MAX_HEADER_BYTES = 100_000_000
 
@@ -137,6 +140,15 @@ class SafetensorsStore:
         if count == 0:  # frombuffer refuses empty views
             return torch.empty(shape, dtype=dtype)
         return torch.frombuffer(self._map, dtype=dtype, count=count, offset=offset).reshape(shape)
+
+    def scalar(self, key: str) -> float | None:
+        """The value of `key` when it is one float32, float64 or float16 number (as a kohya `.alpha` is), read from
+        the map without making a tensor (a file holds one per module); None for any other tensor: read it."""
+        shape, name, offset = self._entries[key]
+        code = _SCALAR_CODES.get(name)
+        if code is None or math.prod(shape) != 1:
+            return None
+        return struct.unpack_from(code, self._map, offset)[0]
 
     @functools.cached_property
     def _runs(self) -> dict[str, tuple[int, torch.dtype, int, int]]:
@@ -280,17 +292,26 @@ def save_safetensors(
                         "data_offsets": [offset, offset + size]}
         offset += size
     late = isinstance(metadata, LateMetadata)
-    text = _header_text(entries, metadata.provisional if late else metadata)
+    header = _Header(entries)
+    text = header.text(metadata.provisional if late else metadata)
     with path.open("wb") as file:
         file.write(len(text).to_bytes(8, "little"))
         file.write(text)
+        scalars: dict[int, bytes] = {}  # a kohya file's alphas: one shared tensor per rank, its bytes made once
         for key in order:
-            tensor = materialized(tensors[key])
-            assert tensor.shape == tensors[key].shape and tensor.dtype == tensors[key].dtype, f"{key} as declared"
+            value = tensors[key]
+            if isinstance(value, torch.Tensor) and value.numel() == 1:  # alive until the end: its id stays its own
+                data = scalars.get(id(value))
+                if data is None:
+                    data = scalars[id(value)] = bytes(tensor_bytes(value))
+                file.write(data)
+                continue
+            tensor = materialized(value)
+            assert tensor.shape == value.shape and tensor.dtype == value.dtype, f"{key} as declared"
             write_tensor_bytes(file, tensor)
         if not late:
             return
-        final = _header_text(entries, metadata)
+        final = header.text(metadata)
         if len(final) <= len(text):
             file.seek(8)
             file.write(final.ljust(len(text)))
@@ -299,13 +320,38 @@ def save_safetensors(
     save_safetensors(tensors, path, metadata=dict(metadata))
 
 
-def _header_text(entries: Mapping[str, object], metadata: Mapping[str, str]) -> bytes:
-    header = {"__metadata__": {"format": "pt", **metadata}, **entries}
-    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-    return text + b" " * (-len(text) % 8)
+class _Header:
+    """A safetensors header: `{"__metadata__": {"format": "pt", ...}, ...entries}` as JSON with sorted keys, padded
+    with spaces to 8 bytes. The entries are serialised once for every metadata asked for (a late header is made
+    twice, and the thousands of entries of a LoRA file cost milliseconds); the bytes are `json.dumps(header,
+    sort_keys=True)`'s: the metadata member goes where its key sorts among the entries' keys."""
+
+    def __init__(self, entries: Mapping[str, object]) -> None:
+        keys = sorted(entries)
+        cut = bisect.bisect(keys, _METADATA)
+        self._before, self._after = (_members({key: entries[key] for key in part}) for part in (keys[:cut], keys[cut:]))
+
+    def text(self, metadata: Mapping[str, str]) -> bytes:
+        middle = _members({_METADATA: {"format": "pt", **metadata}})
+        text = ("{" + ",".join(part for part in (self._before, middle, self._after) if part) + "}").encode()
+        return text + b" " * (-len(text) % 8)
+
+
+_METADATA = "__metadata__"
+
+
+def _members(mapping: Mapping[str, object]) -> str:
+    """`mapping`'s members as compact JSON with sorted keys, without the enclosing braces."""
+    return json.dumps(mapping, sort_keys=True, separators=(",", ":"), ensure_ascii=False)[1:-1]
 
 
 def write_tensor_bytes(file: BinaryIO, tensor: torch.Tensor) -> None:
-    """Append `tensor`'s bytes (C order, native little-endian) to the open `file`."""
+    """Append `tensor`'s bytes to the open `file` ([`tensor_bytes`])."""
+    file.write(tensor_bytes(tensor))
+
+
+def tensor_bytes(tensor: torch.Tensor) -> Any:
+    """`tensor`'s bytes (C order, native little-endian) as a buffer `file.write` takes, without a copy where the
+    tensor is contiguous on the CPU (a view of a source file's map stays one)."""
     flat = tensor.detach().cpu().contiguous().reshape(-1)
-    file.write(flat.view(torch.uint8).numpy())
+    return flat.view(torch.uint8).numpy()
