@@ -319,19 +319,20 @@ def test_kohya_output_keeps_the_kohya_names_its_sources_agree_on(sd, tmp_path) -
 
 def test_kohya_output_folds_a_scale_of_one_half_into_the_smaller_factor(tmp_path) -> None:
     """alpha = rank/2 (scale ½) is exact on either factor: the one with fewer values takes it, the other is written
-    as the file holds it."""
+    as the file holds it; B when they are as large."""
     tensors, rank = {}, 4
     generator = torch.Generator().manual_seed(0)
-    for part, (out, into) in {"fc1": (64, 16), "fc2": (16, 64)}.items():
-        name = f"lora_te_text_model_encoder_layers_0_mlp_{part}"
+    for part, (out, into) in {"mlp_fc1": (64, 16), "mlp_fc2": (16, 64), "self_attn_q_proj": (16, 16)}.items():
+        name = f"lora_te_text_model_encoder_layers_0_{part}"
         tensors[f"{name}.lora_down.weight"] = torch.randn(rank, into, generator=generator).half()
         tensors[f"{name}.lora_up.weight"] = torch.randn(out, rank, generator=generator).half()
         tensors[f"{name}.alpha"] = torch.tensor(rank / 2)
     save_file(tensors, tmp_path / "half.safetensors")
     written = load_file(convert(tmp_path / "half.safetensors", to="kohya", out=tmp_path / "out.safetensors"))
-    fc1, fc2 = "lora_te_text_model_encoder_layers_0_mlp_fc1", "lora_te_text_model_encoder_layers_0_mlp_fc2"
+    fc1, fc2, q = (f"lora_te_text_model_encoder_layers_0_{part}" for part in ("mlp_fc1", "mlp_fc2", "self_attn_q_proj"))
     for smaller, larger in ((f"{fc1}.lora_down.weight", f"{fc1}.lora_up.weight"),
-                            (f"{fc2}.lora_up.weight", f"{fc2}.lora_down.weight")):
+                            (f"{fc2}.lora_up.weight", f"{fc2}.lora_down.weight"),
+                            (f"{q}.lora_up.weight", f"{q}.lora_down.weight")):
         assert torch.equal(written[larger], tensors[larger]), larger
         assert torch.equal(written[smaller], tensors[smaller] * 0.5), smaller
     assert float(written[f"{fc1}.alpha"]) == float(written[f"{fc2}.alpha"]) == rank
@@ -453,6 +454,18 @@ def test_comfyui_prefix_reads_like_kohya(tmp_path) -> None:
     expected = 0.5 * tensors["diffusion_model.double_blocks.0.img_attn.proj.lora_B.weight"] @ \
         tensors["diffusion_model.double_blocks.0.img_attn.proj.lora_A.weight"]
     assert list(adapter.modules) == [name]
+    assert torch.allclose(adapter.delta(name), expected, atol=1e-6)
+
+
+def test_a_comfyui_text_encoder_lora_reads_like_kohya(tmp_path) -> None:
+    """ComfyUI names CLIP-L's modules `text_encoders.clip_l.transformer.…` (kohya's `lora_te1_…`)."""
+    prefix = "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj"
+    tensors = {f"{prefix}.lora_A.weight": torch.randn(2, 16), f"{prefix}.lora_B.weight": torch.randn(16, 2)}
+    save_file(tensors, tmp_path / "comfy_te.safetensors")
+    adapter = load_adapter(tmp_path / "comfy_te.safetensors")
+    name = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
+    assert list(adapter.modules) == [name]
+    expected = tensors[f"{prefix}.lora_B.weight"] @ tensors[f"{prefix}.lora_A.weight"]
     assert torch.allclose(adapter.delta(name), expected, atol=1e-6)
 
 

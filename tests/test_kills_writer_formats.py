@@ -334,6 +334,58 @@ def test_the_header_is_json_dumps_with_sorted_keys_wherever_the_metadata_key_sor
     assert list(parsed) == ["0x", "A", "_A", "__a", "__metadata__", "_z", "a", "b", "é"]
 
 
+def test_a_store_reads_an_empty_tensor_and_checks_a_run_up_to_its_own_end(tmp_path: Path) -> None:
+    """A float32 run followed by one float16 value: the run's finiteness pass stops at its own last byte (reading
+    on would take 2 bytes that make no float32). An empty tensor reads in its shape and dtype."""
+    from lora_fusion.formats.stores import SafetensorsStore
+
+    path = tmp_path / "x.safetensors"
+    save_safetensors({"a": torch.ones(3), "b": torch.ones(1, dtype=torch.float16),
+                      "empty": torch.ones(0, 4, dtype=torch.bfloat16)}, path, metadata={})
+    store = SafetensorsStore(path, "x")
+    assert store.known_finite("a") and store.known_finite("b")
+    empty = store.read("empty")
+    assert empty.shape == (0, 4) and empty.dtype == torch.bfloat16
+
+
+def test_a_folded_scale_reaches_the_bias_and_an_overflow_names_its_module() -> None:
+    """A negative scale is folded (no config can record it): s = -4 as A·2 and B·(-2), the bias times -4; a value
+    that overflows float16 once folded is refused naming the module, be it in B or in the bias."""
+    from lora_fusion.errors import OutputOverflowError
+    from lora_fusion.formats.peft import output_factors
+    from lora_fusion.formats.stores import materialized
+    from lora_fusion.spec import ModuleSpec
+
+    def adapter(b: float, bias: float) -> LoraAdapter:
+        spec = ModuleSpec(name="m.proj", kind="linear", out_features=3, in_features=2, rank=1, scale=-4.0,
+                          dtype=torch.float16, a_shape=(1, 2), b_shape=(3, 1), a_key="a", b_key="b", bias_key="bias")
+        tensors = {"a": torch.ones(1, 2, dtype=torch.float16), "b": torch.full((3, 1), b, dtype=torch.float16),
+                   "bias": torch.full((3,), bias, dtype=torch.float16)}
+        config = AdapterConfig(base_model=None, task_type=None, r=1, lora_alpha=-4.0)
+        return LoraAdapter(config=config, modules={"m.proj": spec}, store=MemoryStore(tensors))
+
+    a, b, bias = (materialized(t) for t in output_factors(adapter(1.0, 1.0), "m.proj", fold_scale=True))
+    assert torch.equal(a, torch.full((1, 2), 2.0, dtype=torch.float16))
+    assert torch.equal(b, torch.full((3, 1), -2.0, dtype=torch.float16))
+    assert torch.equal(bias, torch.full((3,), -4.0, dtype=torch.float16))
+    for big_b, big_bias in ((40000.0, 1.0), (1.0, 20000.0)):
+        with pytest.raises(OutputOverflowError, match="module m.proj does not fit in float16"):
+            for tensor in output_factors(adapter(big_b, big_bias), "m.proj", fold_scale=True):
+                materialized(tensor)
+
+
+def test_a_kohya_file_is_detected_as_kohya(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from lora_fusion.formats import detect_format
+    from lora_fusion.formats.kohya import KOHYA
+
+    name = "lora_te_text_model_encoder_layers_0_mlp_fc1"
+    save_file({f"{name}.lora_down.weight": torch.ones(2, 8), f"{name}.lora_up.weight": torch.ones(8, 2)},
+              tmp_path / "k.safetensors")
+    assert detect_format(tmp_path / "k.safetensors") is KOHYA
+
+
 # ============================================================================================== peft
 
 

@@ -49,15 +49,15 @@ LAYOUTS = ("diffusers", "kohya")
 
 
 def file_layout(keys: list[str]) -> str | None:
-    """`"diffusers"`, `"kohya"` (kohya/A1111, ComfyUI, LyCORIS) or None, from a safetensors file's key names."""
-    names = [k for k in keys if k != "__metadata__"]
-    if not names:
+    """`"diffusers"`, `"kohya"` (kohya/A1111, ComfyUI, LyCORIS) or None, from a safetensors file's tensor names
+    (without `__metadata__`)."""
+    if not keys:
         return None
     if all(k.startswith(KOHYA_PREFIXES) or k.startswith(COMFY_PREFIX) or k.startswith("text_encoders.")
-           for k in names):
+           for k in keys):
         return "kohya"
-    if all(k.split(".", 1)[0] in COMPONENTS for k in names) and any(
-        k.endswith(("lora_A.weight", "down.weight")) for k in names
+    if all(k.split(".", 1)[0] in COMPONENTS for k in keys) and any(
+        k.endswith(("lora_A.weight", "down.weight")) for k in keys
     ):
         return "diffusers"
     return None
