@@ -322,8 +322,11 @@ def test_a_header_with_non_ascii_metadata_is_still_sorted(tmp_path: Path) -> Non
 
 def test_the_header_is_json_dumps_with_sorted_keys_wherever_the_metadata_key_sorts(tmp_path: Path) -> None:
     """The entries are serialised once and the metadata member put where "__metadata__" sorts: keys before it
-    (capitals, digits, "_A") and after it ("_z", lower case) give json.dumps(sort_keys=True)'s bytes."""
-    tensors = {key: torch.full((2,), float(i)) for i, key in enumerate(["b", "A", "0x", "_A", "__a", "_z", "é", "a"])}
+    (capitals, digits, "_A") and after it ("_z", lower case), keys JSON must escape, and a scalar's empty shape give
+    json.dumps(sort_keys=True)'s bytes."""
+    keys = ["b", "A", "0x", "_A", "__a", "_z", "é", "a", 'q"uote', "back\\slash", "tab\t"]
+    tensors = {key: torch.full((2,), float(i)) for i, key in enumerate(keys)}
+    tensors["scalar"] = torch.tensor(1.0)
     path = tmp_path / "x.safetensors"
     save_safetensors(tensors, path, metadata={"z": "1", "a": "é"})
     raw = path.read_bytes()
@@ -331,7 +334,8 @@ def test_the_header_is_json_dumps_with_sorted_keys_wherever_the_metadata_key_sor
     parsed = json.loads(raw[8 : 8 + size])
     expected = json.dumps(parsed, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
     assert raw[8 : 8 + size] == expected + b" " * (-len(expected) % 8)
-    assert list(parsed) == ["0x", "A", "_A", "__a", "__metadata__", "_z", "a", "b", "é"]
+    assert list(parsed) == ["0x", "A", "_A", "__a", "__metadata__", "_z", "a", "b", "back\\slash", 'q"uote', "scalar",
+                            "tab\t", "é"]
 
 
 def test_a_store_reads_an_empty_tensor_and_checks_a_run_up_to_its_own_end(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import math
 import mmap
 import struct
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -283,13 +283,12 @@ def save_safetensors(
         and what a [`PendingTensor`]'s computation raises (nothing is left but a partial file in the caller's stage).
     """
     order = sorted(tensors, key=lambda key: (-tensors[key].dtype.itemsize, key))
-    entries: dict[str, object] = {}
+    entries: dict[str, str] = {}
     offset = 0
     for key in order:
         tensor = tensors[key]
         size = math.prod(tensor.shape) * tensor.dtype.itemsize
-        entries[key] = {"dtype": _SAFETENSORS_NAMES[tensor.dtype], "shape": list(tensor.shape),
-                        "data_offsets": [offset, offset + size]}
+        entries[key] = _entry(key, _SAFETENSORS_NAMES[tensor.dtype], tensor.shape, offset, offset + size)
         offset += size
     late = isinstance(metadata, LateMetadata)
     header = _Header(entries)
@@ -320,29 +319,33 @@ def save_safetensors(
     save_safetensors(tensors, path, metadata=dict(metadata))
 
 
+def _entry(key: str, dtype: str, shape: Iterable[int], begin: int, end: int) -> str:
+    """One tensor's header member, as `json.dumps({key: {"data_offsets": …, "dtype": …, "shape": …}}, sort_keys=True,
+    separators=(",", ":"), ensure_ascii=False)` writes it (made directly: a LoRA file has thousands)."""
+    plain = key.isascii() and key.isprintable() and '"' not in key and "\\" not in key
+    name = f'"{key}"' if plain else json.dumps(key, ensure_ascii=False)
+    return f'{name}:{{"data_offsets":[{begin},{end}],"dtype":"{dtype}","shape":[{",".join(map(str, shape))}]}}'
+
+
 class _Header:
     """A safetensors header: `{"__metadata__": {"format": "pt", ...}, ...entries}` as JSON with sorted keys, padded
-    with spaces to 8 bytes. The entries are serialised once for every metadata asked for (a late header is made
-    twice, and the thousands of entries of a LoRA file cost milliseconds); the bytes are `json.dumps(header,
-    sort_keys=True)`'s: the metadata member goes where its key sorts among the entries' keys."""
+    with spaces to 8 bytes, from each entry's member text ([`_entry`]), joined once for every metadata asked for (a
+    late header is made twice); the bytes are `json.dumps(header, sort_keys=True)`'s: the metadata member goes where
+    its key sorts among the entries' keys."""
 
-    def __init__(self, entries: Mapping[str, object]) -> None:
+    def __init__(self, entries: Mapping[str, str]) -> None:
         keys = sorted(entries)
         cut = bisect.bisect(keys, _METADATA)
-        self._before, self._after = (_members({key: entries[key] for key in part}) for part in (keys[:cut], keys[cut:]))
+        self._before, self._after = (",".join(entries[key] for key in part) for part in (keys[:cut], keys[cut:]))
 
     def text(self, metadata: Mapping[str, str]) -> bytes:
-        middle = _members({_METADATA: {"format": "pt", **metadata}})
+        middle = json.dumps({_METADATA: {"format": "pt", **metadata}}, sort_keys=True, separators=(",", ":"),
+                            ensure_ascii=False)[1:-1]
         text = ("{" + ",".join(part for part in (self._before, middle, self._after) if part) + "}").encode()
         return text + b" " * (-len(text) % 8)
 
 
 _METADATA = "__metadata__"
-
-
-def _members(mapping: Mapping[str, object]) -> str:
-    """`mapping`'s members as compact JSON with sorted keys, without the enclosing braces."""
-    return json.dumps(mapping, sort_keys=True, separators=(",", ":"), ensure_ascii=False)[1:-1]
 
 
 def write_tensor_bytes(file: BinaryIO, tensor: torch.Tensor) -> None:
