@@ -442,6 +442,36 @@ def test_flux_kohya_fuses_qkv_exactly_and_diffusers_reads_it_back(tmp_path) -> N
     assert back.delta("transformer.transformer_blocks.0.attn.to_k").abs().max() == 0
 
 
+def test_a_kohya_flux_file_with_clip_l_reads_and_writes_its_text_encoder(tmp_path) -> None:
+    """kohya's Flux trainer names CLIP-L's modules `lora_te1_…`: read beside the transformer's, written back under
+    that name (from the kohya file, and from a PEFT folder that has no kohya names), and read by diffusers' Flux
+    loader."""
+    from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
+
+    generator = torch.Generator().manual_seed(0)
+    te, proj = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj", "lora_unet_double_blocks_0_img_attn_proj"
+    tensors = {}
+    for name, width in ((proj, 16), (te, 32)):
+        tensors[f"{name}.lora_down.weight"] = torch.randn(2, width, generator=generator)
+        tensors[f"{name}.lora_up.weight"] = torch.randn(width, 2, generator=generator)
+        tensors[f"{name}.alpha"] = torch.tensor(1.0)
+    source = tmp_path / "flux_clip.safetensors"
+    save_file(tensors, source)
+    adapter = load_adapter(source)
+    clip = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
+    assert set(adapter.modules) == {clip, "transformer.transformer_blocks.0.attn.to_out.0"}
+    expected = 0.5 * tensors[f"{te}.lora_up.weight"] @ tensors[f"{te}.lora_down.weight"]
+    assert torch.allclose(adapter.delta(clip), expected, atol=1e-6)
+    peft_dir = convert(adapter, to="peft", out=tmp_path / "peft")
+    for origin in (source, peft_dir):
+        out = convert(origin, to="kohya", out=tmp_path / f"{origin.stem}_out.safetensors")
+        assert kohya_modules(out) == {te, proj}
+        assert any(k.startswith("text_encoder.") for k in FluxLoraLoaderMixin.lora_state_dict(str(out)))
+        back = load_adapter(out)
+        for name in adapter.modules:
+            assert torch.allclose(back.delta(name), adapter.delta(name), atol=1e-5), name
+
+
 def test_comfyui_prefix_reads_like_kohya(tmp_path) -> None:
     tensors = {
         "diffusion_model.double_blocks.0.img_attn.proj.lora_A.weight": torch.randn(2, 16),

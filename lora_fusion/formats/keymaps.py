@@ -194,31 +194,41 @@ def diffusers_old_to_canonical(modules: Mapping[str, int], *, source: str) -> di
 
 def _convert_sd(probe: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     from diffusers.loaders.lora_pipeline import StableDiffusionXLLoraLoaderMixin
-    from diffusers.utils.state_dict_utils import (
-        StateDictType,
-        convert_state_dict_to_diffusers,
-        convert_state_dict_to_peft,
-        convert_unet_state_dict_to_peft,
-    )
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
 
     # layers_per_block is what diffusers needs from the UNet config to renumber SGM blocks; SD and SDXL share it.
     config = types.SimpleNamespace(layers_per_block=SGM_LAYERS_PER_BLOCK)
     converted, _ = StableDiffusionXLLoraLoaderMixin.lora_state_dict(probe, unet_config=config)
     unet = {k: v for k, v in converted.items() if k.startswith("unet.")}
-    text = {k: v for k, v in converted.items() if not k.startswith("unet.")}
     result = dict(convert_unet_state_dict_to_peft(unet)) if unet else {}
-    if text:
-        # The text-encoder keys mix the old style (attention: `to_q_lora`) and the new one (MLP:
-        # `lora_linear_layer`); diffusers infers one style per dict from `to_out_lora`, so say both explicitly.
-        text = convert_state_dict_to_diffusers(text, original_type=StateDictType.DIFFUSERS_OLD)
-        result.update(convert_state_dict_to_peft(text, original_type=StateDictType.DIFFUSERS))
+    result.update(_text_encoders_to_peft({k: v for k, v in converted.items() if not k.startswith("unet.")}))
     return result
 
 
 def _convert_flux(probe: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
 
-    return dict(FluxLoraLoaderMixin.lora_state_dict(probe))
+    converted = FluxLoraLoaderMixin.lora_state_dict(probe)
+    # kohya Flux files may train CLIP-L too (`lora_te1_…`): diffusers gives those keys in its old text-encoder style.
+    result = {k: v for k, v in converted.items() if not k.startswith("text_encoder")}
+    result.update(_text_encoders_to_peft({k: v for k, v in converted.items() if k.startswith("text_encoder")}))
+    return result
+
+
+def _text_encoders_to_peft(text: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Text-encoder keys as diffusers' kohya converters give them, in PEFT's style (`….lora_A.weight`)."""
+    if not text:
+        return {}
+    from diffusers.utils.state_dict_utils import (
+        StateDictType,
+        convert_state_dict_to_diffusers,
+        convert_state_dict_to_peft,
+    )
+
+    # The keys mix the old style (attention: `to_q_lora`) and the new one (MLP: `lora_linear_layer`); diffusers
+    # infers one style per dict from `to_out_lora`, so say both explicitly.
+    text = convert_state_dict_to_diffusers(text, original_type=StateDictType.DIFFUSERS_OLD)
+    return dict(convert_state_dict_to_peft(text, original_type=StateDictType.DIFFUSERS))
 
 
 def canonical_to_kohya_sd(modules: list[str], *, text_encoder_2: bool, source: str) -> dict[str, str]:

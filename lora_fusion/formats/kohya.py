@@ -77,7 +77,7 @@ class KohyaFormat:
             )
         tensors: dict[str, torch.Tensor | PendingTensor] = {}
         if others:
-            for canonical, kohya in _sd_names(adapter, others).items():
+            for canonical, kohya in _sd_names(adapter, others, flux=bool(flux)).items():
                 a, b, _ = output_factors(adapter, canonical, fold_scale=True)
                 _put(tensors, kohya, a, b)
         for group in canonical_to_kohya_flux(flux, source="kohya output") if flux else []:
@@ -86,16 +86,17 @@ class KohyaFormat:
         save_safetensors(tensors, file, metadata=metadata)
 
 
-def _sd_names(adapter: LoraAdapter, modules: list[str]) -> dict[str, str]:
-    """The kohya name of each SD/SDXL module: the names they had in the kohya file(s) they came from where every
-    module has one (kohya → kohya keeps the SGM block names kohya's SDXL trainer writes), else diffusers' names
-    for all of them (one file never mixes SGM and diffusers block names: diffusers' reader drops the SGM-named
-    modules of a file that does)."""
+def _sd_names(adapter: LoraAdapter, modules: list[str], *, flux: bool) -> dict[str, str]:
+    """The kohya name of each SD/SDXL module (and of a Flux LoRA's CLIP-L): the names they had in the kohya file(s)
+    they came from where every module has one (kohya → kohya keeps the SGM block names kohya's SDXL trainer writes),
+    else diffusers' names for all of them (one file never mixes SGM and diffusers block names: diffusers' reader
+    drops the SGM-named modules of a file that does), the text encoder as `lora_te1_` beside a second one or a Flux
+    transformer (as kohya's SDXL and Flux trainers name it), else `lora_te_`."""
     kept = adapter.config.kohya_names
     if all(name in kept for name in modules):
         return {name: kept[name] for name in modules}
-    return canonical_to_kohya_sd(modules, text_encoder_2=any(n.startswith("text_encoder_2.") for n in modules),
-                                 source="kohya output")
+    te1 = flux or any(n.startswith("text_encoder_2.") for n in modules)
+    return canonical_to_kohya_sd(modules, text_encoder_2=te1, source="kohya output")
 
 
 def kohya_names(adapters: Sequence[LoraAdapter], modules: Iterable[str]) -> dict[str, str]:
