@@ -196,9 +196,9 @@ def read_single_file(path: Path, *, source: str, layout: str | None = None) -> A
 def _kohya_specs(
     modules: dict[str, _FileModule], file: SafetensorsStore, store: DerivedStore, source: str
 ) -> tuple[dict[str, ModuleSpec], dict[str, str]]:
-    """The canonical modules of a kohya-family file, and the kohya name each SD/SDXL module had in it (kohya output
-    writes them again: `lora_fusion.formats.kohya`); Flux's fused modules, split into parts, have none of their own.
-    """
+    """The canonical modules of a kohya-family file, and the kohya name each module outside a Flux transformer had
+    in it (kohya output writes them again: `lora_fusion.formats.kohya`); a Flux transformer's modules are split from
+    fused ones and written by kohya's Flux table."""
     lycoris = _LycorisCache(file, source)
     shapes: dict[str, _LoraShape | LycorisShape] = {}
     for module in modules.values():
