@@ -92,7 +92,8 @@ TOLERANCES = {"factored": 1e-4, "elementwise": 1e-3, "trimmed_core": 1e-2, "bf16
 #   CPU's on RAPF alone;
 # * fp16 runs a GradScaler from 2¹⁰, not Accelerate's default 2¹⁶: at 2¹⁶ this recipe's gradients overflow fp16 in
 #   the first ~5 of the first task's 12 steps, which the scaler skips (the gradients' size measured in float32 by
-#   the reviewer of this script, a one-off run, not kept): a different training, where a real run of thousands of steps skips the same few and loses nothing.
+#   the reviewer of this script, a one-off run, not kept): a different training, where a real run of thousands of
+#   steps skips the same few and loses nothing.
 FP16_INITIAL_SCALE = 2.0**10
 TRAINING_TOLERANCES = {"accuracy_images": 2, "rapf_weight": 0.05, "meta_loss": 0.05}
 

@@ -32,6 +32,7 @@ SAFETENSORS_DTYPES = {
 }
 _SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 _SCALAR_CODES = {"F32": "<f", "F64": "<d", "F16": "<e"}  # struct's codes, little-endian as safetensors stores
+_METADATA = "__metadata__"  # the header's metadata key
 # safetensors' own limit on a file's JSON header (100 MB).
 MAX_HEADER_BYTES = 100_000_000
 
@@ -343,9 +344,6 @@ class _Header:
                             ensure_ascii=False)[1:-1]
         text = ("{" + ",".join(part for part in (self._before, middle, self._after) if part) + "}").encode()
         return text + b" " * (-len(text) % 8)
-
-
-_METADATA = "__metadata__"
 
 
 def write_tensor_bytes(file: BinaryIO, tensor: torch.Tensor) -> None:
