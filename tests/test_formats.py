@@ -338,6 +338,31 @@ def test_kohya_output_folds_a_scale_of_one_half_into_the_smaller_factor(tmp_path
     assert float(written[f"{fc1}.alpha"]) == float(written[f"{fc2}.alpha"]) == rank
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_a_folded_factor_has_the_bits_torch_gives_for_the_number(dtype) -> None:
+    """The fold multiplies by a 0-dim tensor of the factor's dtype where that dtype holds the factor exactly (twice as
+    fast for float16), else by the number; either way every product has the bits of `tensor * factor`: checked
+    over every finite float16 and bfloat16 value (a float32 sample spanning its exponents), for exact and inexact,
+    negative and zero factors."""
+    import math
+
+    from lora_fusion.formats.peft import _multiplier
+
+    if dtype == torch.float32:
+        generator = torch.Generator().manual_seed(0)
+        values = torch.randn(200_000, generator=generator) * torch.exp2(torch.randint(-140, 120, (200_000,),
+                                                                                      generator=generator).float())
+    else:
+        values = torch.arange(-(2 ** 15), 2 ** 15, dtype=torch.int32).to(torch.int16).view(dtype)
+    values = values[torch.isfinite(values)]
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    for factor in (0.5, 2.0, -0.25, 2.0 ** -20, 0.75, 0.3, -1 / 3, 1e-30, 0.0, -0.0):
+        multiplier = _multiplier(factor, dtype)
+        assert torch.equal((values * multiplier).view(bits), (values * factor).view(bits)), factor
+    assert isinstance(_multiplier(0.5, dtype), torch.Tensor) and _multiplier(0.5, dtype).dtype == dtype
+    assert _multiplier(0.3, torch.float16) == 0.3 and math.copysign(1.0, _multiplier(-0.0, dtype)) == -1.0
+
+
 @pytest.mark.parametrize("shape", [(), (1,)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 def test_a_kohya_alpha_of_any_float_dtype_and_one_element_gives_its_scale(tmp_path, dtype, shape) -> None:
