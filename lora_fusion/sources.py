@@ -115,8 +115,8 @@ def _local_file(target: Path, source: str, *, weight_name: str | None, forced: A
         if not file.is_file():
             raise SourceNotFoundError(f"{source}: no file {weight_name} in {target}.")
         return file
-    if forced is not None or not target.is_dir() or PEFT.detect(target) or DIFFUSERS.detect(target):
-        return target
+    if not target.is_dir() or any(known.detect(target) for known in ([forced] if forced else [PEFT, DIFFUSERS])):
+        return target  # a file, or a folder the format reads as a whole (PEFT's, diffusers')
     candidates = sorted(p.name for p in target.glob("*.safetensors") if not _FULL_MODEL_FILE.match(p.name))
     return target / _one_candidate(candidates, source) if candidates else target
 
@@ -154,7 +154,8 @@ def _hub_file(
                 raise  # PEFT's message: no adapter config, a full model?
         weight_name = _one_candidate(names, repo_id)
     elif weight_name is None:
-        names = list_safetensors(repo_id, revision=revision, subfolder=subfolder, token=token)
+        names = [n for n in list_safetensors(repo_id, revision=revision, subfolder=subfolder, token=token)
+                 if not _FULL_MODEL_FILE.match(n)]
         weight_name = _one_candidate(names, repo_id) if names else DIFFUSERS_WEIGHT_NAME
     file = download_file(repo_id, weight_name, revision=revision, subfolder=subfolder, token=token)
     if file is None:

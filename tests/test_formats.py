@@ -566,6 +566,43 @@ def test_hub_repo_with_a_kohya_file_and_weight_name(hub, tmp_path, sd) -> None:
     with pytest.raises(AmbiguousSourceError, match="--weight-name"):
         load_adapter("org/two")
     assert_same_deltas(load_adapter("org/two", weight_name="b.safetensors"), sd["deltas"])
+    # A full model's weights file beside the LoRA is no candidate, with or without --input-format.
+    hub.add_repo("org/with-model", {"style.safetensors": kohya.read_bytes(), "model.safetensors": kohya.read_bytes()})
+    for input_format in (None, "kohya"):
+        assert_same_deltas(load_adapter("org/with-model", input_format=input_format), sd["deltas"])
+
+
+def test_input_format_reads_the_format_named_where_detection_would_read_another(sd, tmp_path) -> None:
+    """A folder holding a PEFT adapter and a diffusers file reads as PEFT, and as the diffusers file with
+    --input-format diffusers; --input-format kohya takes a folder's one kohya file, and names a stray tensor that
+    keeps detection from recognising the file; an unknown format is refused with the choices (exit 2)."""
+    from peft import get_peft_model_state_dict
+
+    both = convert(sd["folder"], to="peft", out=tmp_path / "both")
+    other = with_lora(sd["unet"], ["to_q", "conv1"], r=2, alpha=2, seed=9)[0]
+    _pipeline_class().save_lora_weights(tmp_path / "other", unet_lora_layers=get_peft_model_state_dict(other))
+    (both / "pytorch_lora_weights.safetensors").write_bytes(
+        (tmp_path / "other" / "pytorch_lora_weights.safetensors").read_bytes())
+    assert_same_deltas(load_adapter(both), sd["deltas"])
+    assert_same_deltas(load_adapter(both, input_format="diffusers"), peft_deltas(other, "unet"))
+    out = tmp_path / "other.safetensors"
+    result = invoke("convert", str(both), "--input-format", "diffusers", "--to", "kohya", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert_same_deltas(load_adapter(out), peft_deltas(other, "unet"), tol=1e-5)
+
+    folder = tmp_path / "kohya_folder"
+    folder.mkdir()
+    kohya = convert(sd["folder"], to="kohya", out=folder / "style.safetensors")
+    assert_same_deltas(load_adapter(folder, input_format="kohya"), sd["deltas"])
+    save_file({**load_file(kohya), "stray.weight": torch.ones(2)}, tmp_path / "stray.safetensors")
+    with pytest.raises(NotALoraAdapterError, match="--input-format"):
+        load_adapter(tmp_path / "stray.safetensors")
+    result = invoke("convert", str(tmp_path / "stray.safetensors"), "--input-format", "kohya", "--to", "peft",
+                    "--out", str(tmp_path / "never"))
+    assert_user_error(result, "module stray")
+    assert_user_error(invoke("convert", str(kohya), "--input-format", "onnx", "--to", "peft", "--out",
+                             str(tmp_path / "never")), "peft, diffusers, kohya")
+    assert not (tmp_path / "never").exists()
 
 
 def test_cli_convert_and_merge_format(sd, tmp_path) -> None:
