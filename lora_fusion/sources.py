@@ -102,7 +102,8 @@ def load_adapter(
     source_info = info if info.files == files else replace(info, files=files)  # `info` keeps its hash under way
     if hash_in_background:
         source_info.start_hashing()
-    return LoraAdapter(config=contents.config, modules=contents.modules, store=contents.store, source=source_info)
+    return LoraAdapter(config=contents.config, modules=contents.modules, store=contents.store, source=source_info,
+                       stats=contents.stats)
 
 
 def _local_file(target: Path, source: str, *, weight_name: str | None, forced: AdapterFormat | None) -> Path:

@@ -20,11 +20,14 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
 
 from .errors import NonFiniteError
+
+if TYPE_CHECKING:
+    from .methods.base import ModuleStats
 
 ModuleKind = Literal["linear", "embedding", "conv"]
 
@@ -170,13 +173,15 @@ class MemoryStore:
 class AdapterContents:
     """What a format reads from an adapter's files: the config, the modules (from headers) and the open store.
 
-    `files` are the files read, config first: a local source is identified by their hash.
+    `files` are the files read, config first: a local source is identified by their hash. `stats`: what reading
+    made of a module where it is not the file's own factors (a LyCORIS module written as its dense update).
     """
 
     config: AdapterConfig
     modules: Mapping[str, ModuleSpec]
     store: TensorStore
     files: tuple[Path, ...] = ()
+    stats: Mapping[str, ModuleStats] = field(default_factory=dict)
 
 
 def shaped(tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

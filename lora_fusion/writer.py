@@ -373,6 +373,7 @@ def _provenance_record(adapter: LoraAdapter, *, hash_placeholder: str | None = N
             "rank": s.rank,
             "retained_energy": round(s.retained_energy, 8),
             "relative_error": round(s.relative_error, 8),
+            **({"exact_rank": s.exact_rank} if s.exact_rank is not None else {}),
         }
         for name, s in adapter.stats.items()
     }
@@ -420,8 +421,9 @@ def _card_base_model(name: str | None) -> str | None:
 
 def model_card(adapter: LoraAdapter, known: AdapterFormat = DEFAULT_FORMAT) -> str:
     """A Hub model card (YAML metadata from huggingface_hub's `ModelCardData`, then markdown) with the merge's
-    provenance: sources, commits, method, parameters, version, and per-module retained energy where the merge
-    truncated. Every value from a source is escaped ([`_md`]); no local path is written."""
+    provenance: sources, commits, method, parameters, version, per-module retained energy where the merge
+    truncated, and the modules held at full rank as their dense update (a LyCORIS module whose exact factored rank
+    exceeds min(out, in)). Every value from a source is escaped ([`_md`]); no local path is written."""
     # repocard_data, not the package's ModelCard: that import pulls the HTTP client (~0.08 s of every local merge)
     from huggingface_hub.repocard_data import ModelCardData
 
@@ -456,6 +458,18 @@ def model_card(adapter: LoraAdapter, known: AdapterFormat = DEFAULT_FORMAT) -> s
             f"| {_code(n)} | {s.rank} | {s.retained_energy:.6f} | {s.relative_error:.2e} |"
             for n, s in truncated.items()
         ]
+    dense = {n: s for n, s in adapter.stats.items() if s.exact_rank is not None}
+    if dense:
+        lines += [
+            "",
+            "## Modules at full rank",
+            "",
+            "Their exact factored rank (LyCORIS) exceeds min(out, in): each is its dense update, exactly, at full rank.",
+            "",
+            "| module | rank | exact factored rank |",
+            "|---|---|---|",
+        ]
+        lines += [f"| {_code(n)} | {s.rank} | {s.exact_rank} |" for n, s in dense.items()]
     # In a code block nothing is markup, and a fence cannot close mid-line; only line breaks need removing.
     shown_base = _CONTROL.sub("?", _public_name(adapter.config.base_model or "None"))
     lines += [

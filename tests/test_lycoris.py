@@ -229,6 +229,34 @@ def test_lokr_factored_rank_above_the_small_side_is_dense() -> None:
     _assert_equal_update(ours, kron_weight(w1, None, None, None, w2a, w2b, None, scale=2.0 / 5))
 
 
+def test_a_module_read_as_its_dense_update_is_announced_in_the_stats_of_what_is_written(tmp_path) -> None:
+    """The LoKr module above, in a kohya file beside a plain one: the adapter's stats give its full rank and exact
+    factored rank (none for the plain module), and a convert records both in the safetensors metadata and the card."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from lora_fusion import convert, load_adapter
+
+    torch.manual_seed(3)
+    dense, plain = "lora_te_text_model_encoder_layers_0_self_attn_q_proj", "lora_te_text_model_encoder_layers_0_mlp_fc1"
+    save_file({f"{dense}.lokr_w1": torch.randn(4, 4), f"{dense}.lokr_w2_a": torch.randn(4, 5),
+               f"{dense}.lokr_w2_b": torch.randn(5, 16), f"{dense}.alpha": torch.tensor(2.0),
+               f"{plain}.lora_down.weight": torch.randn(2, 16), f"{plain}.lora_up.weight": torch.randn(64, 2)},
+              tmp_path / "mixed.safetensors")
+    canonical = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
+    adapter = load_adapter(tmp_path / "mixed.safetensors")
+    assert {name: (s.rank, s.exact_rank) for name, s in adapter.stats.items()} == {canonical: (16, 20)}
+    assert adapter.modules[canonical].rank == 16
+    out = convert(adapter, to="peft", out=tmp_path / "out")
+    with safe_open(str(out / "adapter_model.safetensors"), framework="pt") as file:
+        record = json.loads(file.metadata()["lora_fusion"])
+    assert record["modules"] == {canonical: {"rank": 16, "retained_energy": 1.0, "relative_error": 0.0,
+                                             "exact_rank": 20}}
+    assert f"| `{canonical}` | 16 | 20 |" in (out / "README.md").read_text()
+
+
 def test_lokr_conv_with_a_4d_w2_b_and_a_kernel_from_the_file() -> None:
     # lycoris' functional weight_gen stores a conv w2_b as [r, d, kh, kw] (the module flattens it); both read alike.
     from lycoris.functional.lokr import kron_weight

@@ -81,6 +81,7 @@ class LycorisShape:
             min(out_features, in_features) when `dense`.
         dense: the exact factored rank exceeded min(out_features, in_features), so the dense update is returned
             in factored form at full rank instead.
+        exact_rank: the rank of the exact factored form (r₁·r₂), `rank` unless `dense`.
     """
 
     kind: LycorisKind
@@ -89,6 +90,7 @@ class LycorisShape:
     kernel: tuple[int, ...]
     rank: int
     dense: bool
+    exact_rank: int
 
 
 @dataclass(frozen=True)
@@ -193,7 +195,7 @@ def _layout(headers: Mapping[str, tuple[int, ...]], *, module: str, source: str)
         raise fail(f"has an alpha of shape {list(headers['alpha'])}; alpha must be a single number")
     out, n, kernel, exact, scale_rank = (_loha_shape if kind == "loha" else _lokr_shape)(headers, fail)
     dense = exact > min(out, n)
-    return _Layout(LycorisShape(kind, out, n, kernel, min(out, n) if dense else exact, dense), scale_rank)
+    return _Layout(LycorisShape(kind, out, n, kernel, min(out, n) if dense else exact, dense, exact), scale_rank)
 
 
 _Fail = Callable[[str], CorruptAdapterError]

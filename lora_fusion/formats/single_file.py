@@ -16,6 +16,8 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
 import torch
 
 from ..errors import CorruptAdapterError, NotALoraAdapterError, UnsupportedAdapterError
@@ -31,6 +33,9 @@ from .keymaps import (
 )
 from .lycoris import LYCORIS_SUFFIXES, LycorisShape, lycoris_factors, lycoris_kind, lycoris_shape
 from .stores import FLOAT_DTYPES, SafetensorsStore
+
+if TYPE_CHECKING:
+    from ..methods.base import ModuleStats
 
 LORA_PARTS = ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "lora_A.weight", "lora_B.weight",
               "lora_B.bias", "down.weight", "up.weight")
@@ -183,22 +188,24 @@ def read_single_file(path: Path, *, source: str, layout: str | None = None) -> A
     modules = _group(keys, source, kohya=found == "kohya")
     store = DerivedStore(file)
     names: dict[str, str] = {}
+    stats: dict[str, ModuleStats] = {}
     if found == "kohya":
-        specs, names = _kohya_specs(modules, file, store, source)
+        specs, names, stats = _kohya_specs(modules, file, store, source)
     else:
         specs = _diffusers_specs(modules, file, store, source)
     ranks = [spec.rank for spec in specs.values()] or [1]
     config = AdapterConfig(base_model=None, task_type=None, r=max(ranks), lora_alpha=float(max(ranks)),
                            raw={"layout": found}, kohya_names=names)
-    return AdapterContents(config=config, modules=specs, store=store, files=(path,))
+    return AdapterContents(config=config, modules=specs, store=store, files=(path,), stats=stats)
 
 
 def _kohya_specs(
     modules: dict[str, _FileModule], file: SafetensorsStore, store: DerivedStore, source: str
-) -> tuple[dict[str, ModuleSpec], dict[str, str]]:
-    """The canonical modules of a kohya-family file, and the kohya name each module outside a Flux transformer had
-    in it (kohya output writes them again: `lora_fusion.formats.kohya`); a Flux transformer's modules are split from
-    fused ones and written by kohya's Flux table."""
+) -> tuple[dict[str, ModuleSpec], dict[str, str], dict[str, ModuleStats]]:
+    """The canonical modules of a kohya-family file, the kohya name each module outside a Flux transformer had in
+    it (kohya output writes them again: `lora_fusion.formats.kohya`; a Flux transformer's modules are split from
+    fused ones and written by kohya's Flux table), and the stats of the LyCORIS modules read as their dense update
+    at full rank (their exact factored rank exceeds min(out, in)), which every output then records."""
     lycoris = _LycorisCache(file, source)
     shapes: dict[str, _LoraShape | LycorisShape] = {}
     for module in modules.values():
@@ -217,15 +224,20 @@ def _kohya_specs(
     pieces = kohya_to_canonical({name: shape.out_features for name, shape in shapes.items()}, source=source)
     specs: dict[str, ModuleSpec] = {}
     names: dict[str, str] = {}
+    stats: dict[str, ModuleStats] = {}
     for canonical, piece in sorted(pieces.items()):
         module, shape = modules[piece.module], shapes[piece.module]
         if isinstance(shape, _LoraShape):
             specs[canonical] = _lora_spec(canonical, piece, module, shape, file, store)
         else:
             specs[canonical] = _lycoris_spec(canonical, piece, module, shape, lycoris, file, store)
+            if shape.dense:
+                from ..methods.base import ModuleStats
+
+                stats[canonical] = ModuleStats(rank=shape.rank, exact_rank=shape.exact_rank)
         if piece.rows is None and not canonical.startswith("transformer."):
             names[canonical] = piece.module
-    return specs, names
+    return specs, names, stats
 
 
 @dataclass(frozen=True)

@@ -63,13 +63,18 @@ class ModuleGroup:
 
 @dataclass(frozen=True)
 class ModuleStats:
-    """What a merge did to one module: output rank, retained energy E(R), relative Frobenius error √(1−E(R))."""
+    """What a merge did to one module: output rank, retained energy E(R), relative Frobenius error √(1−E(R)).
+
+    `exact_rank`: set where the module is its dense update at full rank (`rank` = min(out, in)) because its exact
+    factored form had this larger rank (a LyCORIS LoHa/LoKr module read from a file); None otherwise.
+    """
 
     rank: int
     retained_energy: float = 1.0
     relative_error: float = 0.0
     sigma_max: float | None = None
     sigma_next: float | None = None
+    exact_rank: int | None = None
 
     @property
     def truncated(self) -> bool:
