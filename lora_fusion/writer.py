@@ -464,7 +464,8 @@ def model_card(adapter: LoraAdapter, known: AdapterFormat = DEFAULT_FORMAT) -> s
             "",
             "## Modules at full rank",
             "",
-            "Their exact factored rank (LyCORIS) exceeds min(out, in): each is its dense update, exactly, at full rank.",
+            "Their exact factored rank (LyCORIS) exceeds min(out, in): each is its dense update, exactly, at full "
+            "rank.",
             "",
             "| module | rank | exact factored rank |",
             "|---|---|---|",

@@ -467,6 +467,94 @@ def test_flux_kohya_fuses_qkv_exactly_and_diffusers_reads_it_back(tmp_path) -> N
     assert back.delta("transformer.transformer_blocks.0.attn.to_k").abs().max() == 0
 
 
+def flux_forward(model) -> torch.Tensor:
+    generator, tokens, text = torch.Generator().manual_seed(1), 4, 3
+    with torch.no_grad():
+        return model(hidden_states=torch.randn(1, tokens, 4, generator=generator),
+                     encoder_hidden_states=torch.randn(1, text, 16, generator=generator),
+                     pooled_projections=torch.randn(1, 16, generator=generator), timestep=torch.tensor([0.5]),
+                     img_ids=torch.randn(tokens, 3, generator=generator),
+                     txt_ids=torch.randn(text, 3, generator=generator)).sample
+
+
+def test_kohya_flux_top_level_modules_read_under_the_transformer_and_load_with_the_forward_of_base_plus_delta(
+    tmp_path,
+) -> None:
+    """kohya Flux modules outside the blocks (img_in, txt_in, time_in, vector_in, final_layer), which diffusers'
+    converter names without `transformer.`, read under it beside block modules; kohya output keeps every kohya name,
+    and diffusers output loaded into the Flux model by its loader gives the forward of base + ΔW (float32, 1e-5).
+    (diffusers' own reader of the kohya file drops the top-level modules, README: known limits; the block modules of
+    the kohya output load there with the forward of base + their ΔW.)"""
+    from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
+
+    model = flux_model()
+    modules = {"img_in": "x_embedder", "txt_in": "context_embedder",
+               "time_in_in_layer": "time_text_embed.timestep_embedder.linear_1",
+               "vector_in_in_layer": "time_text_embed.text_embedder.linear_1", "final_layer_linear": "proj_out",
+               "double_blocks_0_img_attn_proj": "transformer_blocks.0.attn.to_out.0",
+               "single_blocks_0_linear2": "single_transformer_blocks.0.proj_out"}
+    generator, tensors, deltas = torch.Generator().manual_seed(0), {}, {}
+    for kohya, name in modules.items():
+        out, into = model.get_submodule(name).weight.shape
+        down, up = torch.randn(2, into, generator=generator), torch.randn(out, 2, generator=generator)
+        tensors.update({f"lora_unet_{kohya}.lora_down.weight": down, f"lora_unet_{kohya}.lora_up.weight": up,
+                        f"lora_unet_{kohya}.alpha": torch.tensor(1.0)})
+        deltas[f"transformer.{name}"] = 0.5 * up @ down
+    save_file(tensors, tmp_path / "flux.safetensors")
+    assert_same_deltas(load_adapter(tmp_path / "flux.safetensors"), deltas)
+    kohya_out = convert(tmp_path / "flux.safetensors", to="kohya", out=tmp_path / "out.safetensors")
+    assert kohya_modules(kohya_out) == {f"lora_unet_{kohya}" for kohya in modules}
+    assert_same_deltas(load_adapter(kohya_out), deltas, tol=1e-5)
+
+    def with_deltas(names) -> torch.nn.Module:
+        expected = copy.deepcopy(model)
+        with torch.no_grad():
+            for name in names:
+                expected.get_submodule(name.removeprefix("transformer.")).weight += deltas[name]
+        return expected
+
+    state, metadata = FluxLoraLoaderMixin.lora_state_dict(
+        str(convert(tmp_path / "flux.safetensors", to="diffusers", out=tmp_path / "diffusers")),
+        return_lora_metadata=True)
+    loaded = copy.deepcopy(model)
+    loaded.load_lora_adapter(state, prefix="transformer", metadata=metadata, adapter_name="lora")
+    expected = flux_forward(with_deltas(deltas))
+    assert (expected - flux_forward(model)).abs().max() > 0.1  # the LoRA changes the output
+    assert torch.allclose(flux_forward(loaded), expected, atol=1e-5)
+    blocks = {name for name in deltas if "blocks." in name}
+    state = FluxLoraLoaderMixin.lora_state_dict(str(kohya_out))
+    loaded = copy.deepcopy(model)
+    loaded.load_lora_adapter({k: v for k, v in state.items() if "blocks." in k}, prefix="transformer",
+                             adapter_name="lora")
+    assert torch.allclose(flux_forward(loaded), flux_forward(with_deltas(blocks)), atol=1e-5)
+
+
+def test_a_flux_single_block_linear1_is_split_and_fused_again_at_flux_widths(tmp_path) -> None:
+    """diffusers' converter splits a single block's fused linear1 by Flux's own widths (q, k, v 3072 rows each, the
+    MLP input 12288), so this runs at those widths, on factors alone: a diffusers file with q, v and the MLP input
+    (k absent) written as one kohya linear1 of rank 3·2 with zero rows for k, read back to the same updates."""
+    generator, width, rank = torch.Generator().manual_seed(0), 3072, 2
+    parts = {"attn.to_q": width, "attn.to_v": width, "proj_mlp": 4 * width}
+    state, factors = {}, {}
+    for part, out in parts.items():
+        name = f"transformer.single_transformer_blocks.0.{part}"
+        down, up = torch.randn(rank, width, generator=generator), torch.randn(out, rank, generator=generator)
+        state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"] = down, up
+        factors[name] = (down, up)
+    save_file(state, tmp_path / "single.safetensors")
+    written = convert(tmp_path / "single.safetensors", to="kohya", out=tmp_path / "single_kohya.safetensors")
+    fused = load_file(written)
+    down, up = (fused[f"lora_unet_single_blocks_0_linear1.lora_{part}.weight"] for part in ("down", "up"))
+    assert down.shape == (3 * rank, width) and up.shape == (7 * width, 3 * rank)
+    assert up[width:2 * width].abs().max() == 0  # k's rows
+    probe = torch.randn(width, 3, generator=generator)
+    back = load_adapter(written)
+    for name, (a, b) in factors.items():
+        spec, got = back.modules[name], back.factors(name)
+        assert torch.allclose(spec.scale * got.B.float() @ (got.A.float() @ probe), b @ (a @ probe), atol=1e-3), name
+    assert back.factors("transformer.single_transformer_blocks.0.attn.to_k").B.abs().max() == 0
+
+
 def test_a_kohya_flux_file_with_clip_l_reads_and_writes_its_text_encoder(tmp_path) -> None:
     """kohya's Flux trainer names CLIP-L's modules `lora_te1_…`: read beside the transformer's, written back under
     that name (from the kohya file, and from a PEFT folder that has no kohya names), and read by diffusers' Flux

@@ -209,8 +209,11 @@ def _convert_flux(probe: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
 
     converted = FluxLoraLoaderMixin.lora_state_dict(probe)
+    # diffusers names the top-level modules it maps (x_embedder, context_embedder, time_text_embed.…, proj_out,
+    # norm_out.linear) without the `transformer.` its block modules carry: every transformer module gets it.
     # kohya Flux files may train CLIP-L too (`lora_te1_…`): diffusers gives those keys in its old text-encoder style.
-    result = {k: v for k, v in converted.items() if not k.startswith("text_encoder")}
+    result = {k if k.startswith("transformer.") else f"transformer.{k}": v for k, v in converted.items()
+              if not k.startswith("text_encoder")}
     result.update(_text_encoders_to_peft({k: v for k, v in converted.items() if k.startswith("text_encoder")}))
     return result
 
