@@ -284,7 +284,8 @@ def bench_convert(source: Path, work: Path, runs: int, env: dict[str, str]) -> d
             save_file(tensors, str(floor_out))
             written = time.perf_counter()
             # What was read is released inside the timed window, as a convert releases its map of the source
-            # before it returns (each about 0.01 s for this file; runs before session 11 left the floor's out).
+            # before it returns (about 0.004 s here, the convert's map about 0.01 s; runs before session 11 left the
+            # floor's release out).
             del tensors
             return read, written - start - read, time.perf_counter() - written
         finally:

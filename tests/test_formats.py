@@ -343,11 +343,12 @@ def test_a_folded_factor_has_the_bits_torch_gives_for_the_number(dtype) -> None:
     """The fold multiplies by a 0-dim tensor of the factor's dtype where that dtype holds the factor exactly (twice as
     fast for float16), else by the number; either way every product has the bits of `tensor * factor`: checked
     over every finite float16 and bfloat16 value (a float32 sample spanning its exponents), for exact and inexact,
-    negative and zero factors."""
-    import math
+    negative and zero factors, and after a first call in inference mode (the multiplier is shared)."""
+    from lora_fusion.formats.peft import _held_exactly, _times
 
-    from lora_fusion.formats.peft import _multiplier
-
+    _held_exactly.cache_clear()
+    with torch.inference_mode():
+        _times(torch.ones(2, dtype=dtype), 0.5)
     if dtype == torch.float32:
         generator = torch.Generator().manual_seed(0)
         values = torch.randn(200_000, generator=generator) * torch.exp2(torch.randint(-140, 120, (200_000,),
@@ -357,10 +358,12 @@ def test_a_folded_factor_has_the_bits_torch_gives_for_the_number(dtype) -> None:
     values = values[torch.isfinite(values)]
     bits = torch.int32 if dtype == torch.float32 else torch.int16
     for factor in (0.5, 2.0, -0.25, 2.0 ** -20, 0.75, 0.3, -1 / 3, 1e-30, 0.0, -0.0):
-        multiplier = _multiplier(factor, dtype)
-        assert torch.equal((values * multiplier).view(bits), (values * factor).view(bits)), factor
-    assert isinstance(_multiplier(0.5, dtype), torch.Tensor) and _multiplier(0.5, dtype).dtype == dtype
-    assert _multiplier(0.3, torch.float16) == 0.3 and math.copysign(1.0, _multiplier(-0.0, dtype)) == -1.0
+        assert torch.equal(_times(values, factor).view(bits), (values * factor).view(bits)), factor
+    assert _held_exactly(0.5, dtype) is not None and _held_exactly(0.5, dtype).dtype == dtype
+    assert _held_exactly(0.3, torch.float16) is None
+    grad = torch.ones(3, dtype=dtype, requires_grad=True)
+    _times(grad, 0.5).sum().backward()  # a shared multiplier made in inference mode would refuse this
+    assert torch.equal(grad.grad, torch.full((3,), 0.5, dtype=dtype))
 
 
 @pytest.mark.parametrize("shape", [(), (1,)])

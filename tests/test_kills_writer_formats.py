@@ -278,15 +278,17 @@ def test_save_safetensors_aligns_each_tensor_and_computes_pending_ones_when_writ
 
 
 def test_tensors_of_every_layout_are_written_as_their_values(tmp_path: Path) -> None:
-    """Contiguous tensors of any rank go to the file as they lie in memory; a transposed view, contiguous ones with
-    another stride on a dimension of size 1 (the last: a rank-1 factor; the first), a 0-dim tensor, one that
-    requires grad and an N-d bfloat16 one are written as their values too."""
+    """Contiguous tensors of any rank go to the file as they lie in memory; a transposed view, a slice, contiguous
+    ones with another stride on a dimension of size 1 (the last: a rank-1 factor; the first; a middle one), a 0-dim
+    tensor, one that requires grad and an N-d bfloat16 one are written as their values too."""
     from safetensors.torch import load_file
 
     grid = torch.arange(12.0).reshape(3, 4)
     column, row = torch.arange(4.0).as_strided((4, 1), (1, 32)), torch.arange(4.0).as_strided((1, 4), (99, 1))
-    assert column.is_contiguous() and column.stride(-1) != 1 and row.is_contiguous()
-    tensors = {"transposed": grid.t(), "column": column, "row": row, "scalar": torch.tensor(5.0),
+    middle = torch.arange(8.0).as_strided((2, 1, 4), (4, 99, 1))
+    assert column.is_contiguous() and column.stride(-1) != 1 and row.is_contiguous() and middle.is_contiguous()
+    tensors = {"transposed": grid.t(), "sliced": grid[:, :2], "column": column, "row": row, "middle": middle,
+               "scalar": torch.tensor(5.0),
                "grad": torch.ones(2, 3, requires_grad=True), "bf16": torch.arange(24.0).reshape(2, 3, 4).bfloat16(),
                "int64": torch.arange(4, dtype=torch.int64)}
     save_safetensors(tensors, tmp_path / "x.safetensors", metadata={})

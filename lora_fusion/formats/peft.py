@@ -538,7 +538,7 @@ def _output(tensor: torch.Tensor, factor: float, spec: ModuleSpec, name: str) ->
     may_overflow = abs(factor) > 1.0 or tensor.dtype != spec.dtype
 
     def compute() -> torch.Tensor:
-        result = (tensor if factor == 1.0 else tensor * _multiplier(factor, tensor.dtype)).to(spec.dtype).contiguous()
+        result = (tensor if factor == 1.0 else _times(tensor, factor)).to(spec.dtype).contiguous()
         if may_overflow and not all_finite(result):
             raise OutputOverflowError(f"module {name} does not fit in {str(spec.dtype).removeprefix('torch.')} "
                                       "(a value overflows when written)")
@@ -547,22 +547,23 @@ def _output(tensor: torch.Tensor, factor: float, spec: ModuleSpec, name: str) ->
     return PendingTensor(tuple(tensor.shape), spec.dtype, compute)
 
 
-def _multiplier(factor: float, dtype: torch.dtype) -> float | torch.Tensor:
-    """`factor` as the multiplier of a `dtype` tensor: a 0-dim tensor of `dtype` where `dtype` holds it exactly (a
-    power of two, as kohya's alpha = rank/2 gives), else the number. torch multiplies a float16 tensor by a float16
-    tensor about twice as fast as by a Python number (a kohya → kohya convert folds 73 MB of factors), and the
-    products are the same bits: both are computed in float32, where a product of two float16 (or bfloat16) values
-    is exact, and rounded once."""
-    if factor == 0.0:  # a number: -0.0 and 0.0 are one key of the cache below, and their products differ in sign
-        return factor
-    held = _held_exactly(factor, dtype)
-    return factor if held is None else held
+def _times(tensor: torch.Tensor, factor: float) -> torch.Tensor:
+    """`tensor * factor`, bit for bit, faster for half precision on the CPU: there torch multiplies a float16 tensor
+    by a float16 0-dim tensor about twice as fast as by a Python number (a kohya → kohya convert folds 73 MB of
+    factors). Either way the kernel reads the multiplier as one float32 value, multiplies in float32 and rounds
+    once, so where the tensor's dtype holds `factor` exactly (a power of two, as kohya's alpha = rank/2 gives) the
+    products are the same; elsewhere, and off the CPU, the number is used."""
+    # Zero stays a number: -0.0 and 0.0 are one key of the cache below, and their products differ in sign.
+    held = _held_exactly(factor, tensor.dtype) if factor != 0.0 and tensor.is_cpu else None
+    return tensor * (factor if held is None else held)
 
 
 @functools.lru_cache(maxsize=64)
 def _held_exactly(factor: float, dtype: torch.dtype) -> torch.Tensor | None:
-    """`factor` as a 0-dim `dtype` tensor (shared: only read), or None where `dtype` rounds it."""
-    held = torch.tensor(factor, dtype=dtype)
+    """`factor` as a 0-dim CPU `dtype` tensor (shared: only read), or None where `dtype` rounds it. Made on the CPU
+    and outside inference mode whatever the first caller's context, since every later caller shares it."""
+    with torch.inference_mode(False):
+        held = torch.tensor(factor, dtype=dtype, device="cpu")
     return held if held.item() == factor else None
 
 

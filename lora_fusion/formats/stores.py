@@ -352,8 +352,9 @@ def write_tensor_bytes(file: BinaryIO, tensor: torch.Tensor) -> None:
 
 
 def tensor_bytes(tensor: torch.Tensor) -> Any:
-    """`tensor`'s bytes (C order, native little-endian) as a buffer `file.write` takes, without a copy where the
-    tensor is contiguous on the CPU (a view of a source file's map stays one)."""
+    """`tensor`'s bytes (C order, native little-endian) as a C-contiguous buffer `file.write` takes (not always
+    1-D: its length is no byte count), without a copy where the tensor is contiguous on the CPU (a view of a source
+    file's map stays one)."""
     # A LoRA file's thousands of factors: two calls. (A contiguous tensor may have any stride on a dimension of
     # size 1, which view(uint8) refuses on the last one: rank-1 factors.)
     if tensor.is_cpu and tensor.dim() and tensor.is_contiguous() and tensor.stride(-1) == 1:
