@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -656,6 +658,9 @@ def test_hub_repo_with_a_kohya_file_and_weight_name(hub, tmp_path, sd) -> None:
     hub.add_repo("org/two", {"a.safetensors": kohya.read_bytes(), "b.safetensors": kohya.read_bytes()})
     with pytest.raises(AmbiguousSourceError, match="--weight-name"):
         load_adapter("org/two")
+    assert_user_error(invoke("convert", "org/two", "--to", "peft", "--out", str(tmp_path / "never")),
+                      "a.safetensors, b.safetensors", "--weight-name")
+    assert not (tmp_path / "never").exists()
     assert_same_deltas(load_adapter("org/two", weight_name="b.safetensors"), sd["deltas"])
     # A full model's weights file beside the LoRA is no candidate, with or without --input-format.
     hub.add_repo("org/with-model", {"style.safetensors": kohya.read_bytes(), "model.safetensors": kohya.read_bytes()})
@@ -696,6 +701,38 @@ def test_input_format_reads_the_format_named_where_detection_would_read_another(
     assert not (tmp_path / "never").exists()
 
 
+def test_peft_merges_and_converts_never_import_diffusers_and_a_missing_diffusers_is_named(tmp_path, monkeypatch):
+    """diffusers (and the peft and transformers it imports, seconds) is imported only for a diffusion file: a fresh
+    process that merges two PEFT adapters and converts one to a PEFT folder never imports it. Where it is not
+    installed, a kohya file is refused (exit 2) with the command that installs it."""
+    from tests.test_properties import write_lora
+
+    shapes = {"model.layers.0.self_attn.q_proj": (16, 12)}
+    a, b = (write_lora(tmp_path / name, shapes, r=4, alpha=8, seed=seed) for seed, name in enumerate("ab"))
+    code = (
+        "import sys; from lora_fusion import convert, merge; "
+        f"merge([{str(a)!r}, {str(b)!r}], method='svd', rank=4).save_pretrained({str(tmp_path / 'm')!r}); "
+        f"convert({str(a)!r}, to='peft', out={str(tmp_path / 'c')!r}); "
+        "loaded = [m for m in ('diffusers', 'peft', 'transformers') if m in sys.modules]; "
+        "assert not loaded, loaded"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (tmp_path / "m" / "adapter_model.safetensors").is_file() and (tmp_path / "c").is_dir()
+
+    from lora_fusion.formats import keymaps
+
+    name = "lora_te_text_model_encoder_layers_0_mlp_fc1"
+    save_file({f"{name}.lora_down.weight": torch.ones(2, 16), f"{name}.lora_up.weight": torch.ones(64, 2)},
+              tmp_path / "k.safetensors")
+    monkeypatch.setattr(keymaps, "diffusers_available", lambda: False)
+    with pytest.raises(UnsupportedAdapterError, match=re.escape('pip install "lora-fusion[diffusers]"')):
+        load_adapter(tmp_path / "k.safetensors")
+    result = invoke("convert", str(tmp_path / "k.safetensors"), "--to", "peft", "--out", str(tmp_path / "never"))
+    assert_user_error(result, "lora-fusion[diffusers]")
+    assert not (tmp_path / "never").exists()
+
+
 def test_cli_convert_and_merge_format(sd, tmp_path) -> None:
     out = tmp_path / "k.safetensors"
     result = invoke(*["convert", str(sd["folder"]), "--to", "kohya", "--out", str(out)])
@@ -728,7 +765,7 @@ def test_a_module_the_target_format_cannot_hold_is_refused_by_name(tmp_path) -> 
     source = lora(tmp_path / "llama")
     with pytest.raises(UnsupportedAdapterError, match=r"module model\.layers\.0\.self_attn\.q_proj"):
         convert(source, to="kohya", out=tmp_path / "x.safetensors")
-    with pytest.raises(UnsupportedAdapterError, match="pipeline component"):
+    with pytest.raises(UnsupportedAdapterError, match=r"module model\.layers\.0\.self_attn\.q_proj .*pipeline"):
         convert(source, to="diffusers", out=tmp_path / "d")
     assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "d").exists()
 
@@ -758,6 +795,15 @@ def test_bad_files_are_refused_in_one_line_naming_the_module(tmp_path, tensors, 
     result = invoke(*["convert", str(path), "--to", "peft", "--out", str(tmp_path / "out")])
     assert_user_error(result, message.split(".*")[0])
     assert not (tmp_path / "out").exists()
+
+
+def test_an_unknown_layout_names_three_example_keys_and_the_layouts_tried(tmp_path) -> None:
+    save_file({f"{name}.weight": torch.zeros(2) for name in ("alpha", "beta", "gamma", "delta")},
+              tmp_path / "unknown.safetensors")
+    result = invoke("convert", str(tmp_path / "unknown.safetensors"), "--to", "peft", "--out", str(tmp_path / "x"))
+    assert_user_error(result, "alpha.weight, beta.weight, delta.weight, …",
+                      "PEFT, diffusers, kohya/A1111, ComfyUI, LyCORIS", "--input-format")
+    assert not (tmp_path / "x").exists()
 
 
 def test_older_diffusers_key_styles_read_through_diffusers_converters(sd, tmp_path) -> None:
