@@ -749,6 +749,31 @@ def test_cli_convert_and_merge_format(sd, tmp_path) -> None:
                       "peft, diffusers, kohya")
 
 
+@pytest.mark.parametrize("to", ["kohya", "diffusers"])
+def test_a_disk_full_in_the_middle_of_a_write_leaves_the_previous_output_intact(sd, tmp_path, monkeypatch, to):
+    from lora_fusion.formats import stores
+
+    out = tmp_path / ("out.safetensors" if to == "kohya" else "out")
+    convert(sd["folder"], to=to, out=out)
+
+    def contents() -> dict[str, bytes]:
+        return {out.name: out.read_bytes()} if out.is_file() else {p.name: p.read_bytes() for p in out.iterdir()}
+
+    before, written, write = contents(), [], stores.write_tensor_bytes
+
+    def full_after_three(file, tensor) -> None:
+        written.append(tensor.shape)
+        if len(written) > 3:
+            raise OSError(28, "No space left on device")
+        write(file, tensor)
+
+    monkeypatch.setattr(stores, "write_tensor_bytes", full_after_three)
+    result = invoke("convert", str(sd["folder"]), "--to", to, "--out", str(out), "--overwrite")
+    assert_user_error(result, "No space left", "nothing was written")
+    assert len(written) == 4 and contents() == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
 def test_an_input_kohya_file_is_never_overwritten(sd, tmp_path) -> None:
     kohya = convert(sd["folder"], to="kohya", out=tmp_path / "k.safetensors")
     user_file = tmp_path / "mine.safetensors"
