@@ -290,6 +290,75 @@ def test_sdxl_kohya_with_sgm_block_names_and_two_text_encoders(sd, tmp_path) -> 
         assert_same_deltas_in_diffusers(sd, text2, file, deltas)
 
 
+def tiny_sdxl_unet():
+    """An SDXL-style UNet: no attention in the first down block, linear proj_in/proj_out, two transformer blocks per
+    attention in the second, the pooled text embedding and time ids added to the time embedding (`text_time`),
+    cross-attention over both text encoders' hidden states (16 + 16)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=(2, 4), use_linear_projection=True,
+        transformer_layers_per_block=(1, 2), addition_embed_type="text_time", addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=4 * 6 + 16, norm_num_groups=4,
+    ).eval()
+
+
+def test_an_sdxl_style_unet_lora_in_sgm_names_loads_in_diffusers_with_the_forward_of_base_plus_delta(tmp_path):
+    """A LoRA made with PEFT on an SDXL-style UNet and two text encoders, as a kohya file in SGM block names:
+    read to PEFT's own ΔW, and the kohya and diffusers outputs loaded by diffusers' SDXL loader give the forward
+    of base + ΔW (UNet with its added conditions, both text encoders; float32, 1e-5)."""
+    from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
+
+    models = {"unet": tiny_sdxl_unet(), "text_encoder": tiny_text_encoder(seed=1),
+              "text_encoder_2": tiny_text_encoder(seed=2)}
+    unet_targets = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+    deltas = {}
+    for (component, model), seed in zip(models.items(), (3, 4, 5)):
+        lora, _ = with_lora(model, unet_targets if component == "unet" else TEXT_TARGETS, r=3, alpha=6, seed=seed)
+        deltas.update(peft_deltas(lora, component))
+    assert all(sgm_name(name) for name in deltas if name.startswith("unet."))  # every UNet LoRA is in an attention
+    source = sgm_kohya_file(deltas, tmp_path / "sdxl.safetensors")
+    assert_same_deltas(load_adapter(source), deltas, tol=1e-5)
+
+    class TinySDXL(TinyPipeline, StableDiffusionXLLoraLoaderMixin):
+        def __init__(self, unet, text_encoder, text_encoder_2):
+            super().__init__(unet, text_encoder)
+            self.text_encoder_2 = text_encoder_2
+
+        @property
+        def components(self):
+            return {**super().components, "text_encoder_2": self.text_encoder_2}
+
+    def forward(unet, text, text2) -> list[torch.Tensor]:
+        generator = torch.Generator().manual_seed(0)
+        sample, context = torch.randn(1, 4, 8, 8, generator=generator), torch.randn(1, 5, 32, generator=generator)
+        conditions = {"text_embeds": torch.randn(1, 16, generator=generator),
+                      "time_ids": torch.rand(1, 6, generator=generator) * 8}
+        ids = torch.randint(0, 50, (1, 6), generator=generator)
+        with torch.no_grad():
+            return [unet(sample, 3, context, added_cond_kwargs=conditions).sample, text(ids).last_hidden_state,
+                    text2(ids).last_hidden_state]
+
+    expected_models = {component: copy.deepcopy(model) for component, model in models.items()}
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            component, _, path = name.partition(".")
+            weight = expected_models[component].get_submodule(path).weight
+            weight += delta.reshape(weight.shape)
+    expected, base = forward(*expected_models.values()), forward(*models.values())
+    assert all((e - b).abs().max() > 1e-3 for e, b in zip(expected, base))  # the LoRA changes every output
+    for out in (convert(source, to="kohya", out=tmp_path / "out.safetensors"),
+                convert(source, to="diffusers", out=tmp_path / "diffusers") / "pytorch_lora_weights.safetensors"):
+        pipe = TinySDXL(*(copy.deepcopy(m) for m in models.values()))
+        pipe.load_lora_weights(str(out.parent), weight_name=out.name)
+        got = forward(pipe.unet, pipe.text_encoder, pipe.text_encoder_2)
+        for g, e in zip(got, expected):
+            assert torch.allclose(g, e, atol=1e-5), (out.name, (g - e).abs().max())
+
+
 def kohya_modules(file: Path) -> set[str]:
     return {key.split(".", 1)[0] for key in load_file(file)}
 
