@@ -555,7 +555,8 @@ def test_kohya_flux_top_level_modules_read_under_the_transformer_and_load_with_t
     tmp_path,
 ) -> None:
     """kohya Flux modules outside the blocks (img_in, txt_in, time_in, vector_in, final_layer), which diffusers'
-    converter names without `transformer.`, read under it beside block modules; kohya output keeps every kohya name,
+    converter names without `transformer.`, read under it beside block modules (a fused q/k/v among them, split);
+    kohya output keeps every kohya name (q/k/v fused again),
     and diffusers output loaded into the Flux model by its loader gives the forward of base + ΔW (float32, 1e-5).
     (diffusers' own reader of the kohya file drops the top-level modules, README: known limits; the block modules of
     the kohya output load there with the forward of base + their ΔW.)"""
@@ -574,10 +575,16 @@ def test_kohya_flux_top_level_modules_read_under_the_transformer_and_load_with_t
         tensors.update({f"lora_unet_{kohya}.lora_down.weight": down, f"lora_unet_{kohya}.lora_up.weight": up,
                         f"lora_unet_{kohya}.alpha": torch.tensor(1.0)})
         deltas[f"transformer.{name}"] = 0.5 * up @ down
+    # And a fused q/k/v: one down, an up of 3 × 16 rows, split into three modules.
+    down, up = torch.randn(2, 16, generator=generator), torch.randn(48, 2, generator=generator)
+    qkv = "lora_unet_double_blocks_0_img_attn_qkv"
+    tensors.update({f"{qkv}.lora_down.weight": down, f"{qkv}.lora_up.weight": up, f"{qkv}.alpha": torch.tensor(1.0)})
+    for index, part in enumerate(("to_q", "to_k", "to_v")):
+        deltas[f"transformer.transformer_blocks.0.attn.{part}"] = (0.5 * up @ down)[16 * index:16 * (index + 1)]
     save_file(tensors, tmp_path / "flux.safetensors")
     assert_same_deltas(load_adapter(tmp_path / "flux.safetensors"), deltas)
     kohya_out = convert(tmp_path / "flux.safetensors", to="kohya", out=tmp_path / "out.safetensors")
-    assert kohya_modules(kohya_out) == {f"lora_unet_{kohya}" for kohya in modules}
+    assert kohya_modules(kohya_out) == {f"lora_unet_{kohya}" for kohya in modules} | {qkv}
     assert_same_deltas(load_adapter(kohya_out), deltas, tol=1e-5)
 
     def with_deltas(names) -> torch.nn.Module:
