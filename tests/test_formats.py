@@ -78,6 +78,24 @@ def tiny_text_encoder(seed: int = 0):
     return CLIPTextModel(config).eval()
 
 
+class TinySDXLPipeline(TinyPipeline):
+    """And a second text encoder, as SDXL's."""
+
+    def __init__(self, unet, text_encoder, text_encoder_2):
+        super().__init__(unet, text_encoder)
+        self.text_encoder_2 = text_encoder_2
+
+    @property
+    def components(self):
+        return {**super().components, "text_encoder_2": self.text_encoder_2}
+
+
+def _sdxl_pipeline_class():
+    from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
+
+    return type("TinySDXL", (TinySDXLPipeline, StableDiffusionXLLoraLoaderMixin), {})
+
+
 def with_lora(model, targets: list[str], *, r: int, alpha: float, seed: int):
     from peft import LoraConfig, inject_adapter_in_model
 
@@ -310,8 +328,6 @@ def test_an_sdxl_style_unet_lora_in_sgm_names_loads_in_diffusers_with_the_forwar
     """A LoRA made with PEFT on an SDXL-style UNet and two text encoders, as a kohya file in SGM block names:
     read to PEFT's own ΔW, and the kohya and diffusers outputs loaded by diffusers' SDXL loader give the forward
     of base + ΔW (UNet with its added conditions, both text encoders; float32, 1e-5)."""
-    from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
-
     models = {"unet": tiny_sdxl_unet(), "text_encoder": tiny_text_encoder(seed=1),
               "text_encoder_2": tiny_text_encoder(seed=2)}
     unet_targets = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
@@ -322,15 +338,6 @@ def test_an_sdxl_style_unet_lora_in_sgm_names_loads_in_diffusers_with_the_forwar
     assert all(sgm_name(name) for name in deltas if name.startswith("unet."))  # every UNet LoRA is in an attention
     source = sgm_kohya_file(deltas, tmp_path / "sdxl.safetensors")
     assert_same_deltas(load_adapter(source), deltas, tol=1e-5)
-
-    class TinySDXL(TinyPipeline, StableDiffusionXLLoraLoaderMixin):
-        def __init__(self, unet, text_encoder, text_encoder_2):
-            super().__init__(unet, text_encoder)
-            self.text_encoder_2 = text_encoder_2
-
-        @property
-        def components(self):
-            return {**super().components, "text_encoder_2": self.text_encoder_2}
 
     def forward(unet, text, text2) -> list[torch.Tensor]:
         generator = torch.Generator().manual_seed(0)
@@ -352,7 +359,7 @@ def test_an_sdxl_style_unet_lora_in_sgm_names_loads_in_diffusers_with_the_forwar
     assert all((e - b).abs().max() > 1e-3 for e, b in zip(expected, base))  # the LoRA changes every output
     for out in (convert(source, to="kohya", out=tmp_path / "out.safetensors"),
                 convert(source, to="diffusers", out=tmp_path / "diffusers") / "pytorch_lora_weights.safetensors"):
-        pipe = TinySDXL(*(copy.deepcopy(m) for m in models.values()))
+        pipe = _sdxl_pipeline_class()(*(copy.deepcopy(m) for m in models.values()))
         pipe.load_lora_weights(str(out.parent), weight_name=out.name)
         got = forward(pipe.unet, pipe.text_encoder, pipe.text_encoder_2)
         for g, e in zip(got, expected):
@@ -448,19 +455,8 @@ def test_a_kohya_alpha_of_any_float_dtype_and_one_element_gives_its_scale(tmp_pa
 
 
 def assert_same_deltas_in_diffusers(sd, text2, file: Path, deltas: dict[str, torch.Tensor]) -> None:
-    from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
-
-    class TinySDXL(TinyPipeline, StableDiffusionXLLoraLoaderMixin):
-        def __init__(self, unet, text_encoder, text_encoder_2):
-            super().__init__(unet, text_encoder)
-            self.text_encoder_2 = text_encoder_2
-
-        @property
-        def components(self):
-            return {**super().components, "text_encoder_2": self.text_encoder_2}
-
     models = {"unet": sd["unet"], "text_encoder": sd["text"], "text_encoder_2": text2}
-    pipe = TinySDXL(*(copy.deepcopy(m) for m in models.values()))
+    pipe = _sdxl_pipeline_class()(*(copy.deepcopy(m) for m in models.values()))
     pipe.load_lora_weights(str(file.parent), weight_name=file.name)
     pipe.fuse_lora(components=list(models))
     for name, delta in deltas.items():
