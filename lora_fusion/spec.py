@@ -174,7 +174,7 @@ class AdapterContents:
     """What a format reads from an adapter's files: the config, the modules (from headers) and the open store.
 
     `files` are the files read, config first: a local source is identified by their hash. `stats`: what reading
-    made of a module where it is not the file's own factors (a LyCORIS module written as its dense update).
+    made of a module where it is not the file's own factors (a LyCORIS module read as its dense update).
     """
 
     config: AdapterConfig
