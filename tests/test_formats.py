@@ -735,7 +735,9 @@ def test_hub_repo_with_a_kohya_file_and_weight_name(hub, tmp_path, sd) -> None:
     assert not (tmp_path / "never").exists()
     assert_same_deltas(load_adapter("org/two", weight_name="b.safetensors"), sd["deltas"])
     # A full model's weights file beside the LoRA is no candidate, with or without --input-format.
-    hub.add_repo("org/with-model", {"style.safetensors": kohya.read_bytes(), "model.safetensors": kohya.read_bytes()})
+    save_file({"model.embed.weight": torch.zeros(4, 4)}, tmp_path / "model.safetensors")
+    hub.add_repo("org/with-model", {"style.safetensors": kohya.read_bytes(),
+                                    "model.safetensors": (tmp_path / "model.safetensors").read_bytes()})
     for input_format in (None, "kohya"):
         assert_same_deltas(load_adapter("org/with-model", input_format=input_format), sd["deltas"])
 
@@ -761,6 +763,8 @@ def test_input_format_reads_the_format_named_where_detection_would_read_another(
     folder = tmp_path / "kohya_folder"
     folder.mkdir()
     kohya = convert(sd["folder"], to="kohya", out=folder / "style.safetensors")
+    assert_same_deltas(load_adapter(folder, input_format="kohya"), sd["deltas"])
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))  # makes it look PEFT's
     assert_same_deltas(load_adapter(folder, input_format="kohya"), sd["deltas"])
     save_file({**load_file(kohya), "stray.weight": torch.ones(2)}, tmp_path / "stray.safetensors")
     with pytest.raises(NotALoraAdapterError, match="--input-format"):
@@ -803,6 +807,29 @@ def test_peft_merges_and_converts_never_import_diffusers_and_a_missing_diffusers
     result = invoke("convert", str(tmp_path / "k.safetensors"), "--to", "peft", "--out", str(tmp_path / "never"))
     assert_user_error(result, "lora-fusion[diffusers]")
     assert not (tmp_path / "never").exists()
+
+
+def test_a_hub_lora_file_is_read_at_its_revision_in_its_subfolder_with_the_token(hub, tmp_path, sd) -> None:
+    """A private repo whose branch `v2` holds the kohya file in `loras/`, beside a full model's weights file; `main`
+    and the repo's root hold another LoRA. Found by detection and with --input-format kohya alike."""
+    from lora_fusion.errors import SourceNotFoundError
+
+    kohya = convert(sd["folder"], to="kohya", out=tmp_path / "style.safetensors")
+    doubled = {k: v * 2 if k.endswith("lora_up.weight") else v for k, v in load_file(kohya).items()}
+    save_file(doubled, tmp_path / "other.safetensors")
+    other, token = (tmp_path / "other.safetensors").read_bytes(), "hf_fake_secret_token_0123456789"
+    save_file({"model.embed.weight": torch.zeros(4, 4)}, tmp_path / "model.safetensors")
+    hub.required_token = token
+    hub.add_repo("org/private-style", {"loras/style.safetensors": other}, private=True)
+    hub.add_repo("org/private-style", {"loras/style.safetensors": kohya.read_bytes(), "top.safetensors": other,
+                                       "loras/model.safetensors": (tmp_path / "model.safetensors").read_bytes()},
+                 private=True, branch="v2")
+    for input_format in (None, "kohya"):
+        adapter = load_adapter("org/private-style", revision="v2", subfolder="loras", token=token,
+                               input_format=input_format)
+        assert_same_deltas(adapter, sd["deltas"])
+        with pytest.raises(SourceNotFoundError, match="private"):
+            load_adapter("org/private-style", revision="v2", subfolder="loras", input_format=input_format)
 
 
 def test_cli_convert_and_merge_format(sd, tmp_path) -> None:

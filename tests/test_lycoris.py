@@ -254,7 +254,9 @@ def test_a_module_read_as_its_dense_update_is_announced_in_the_stats_of_what_is_
         record = json.loads(file.metadata()["lora_fusion"])
     assert record["modules"] == {canonical: {"rank": 16, "retained_energy": 1.0, "relative_error": 0.0,
                                              "exact_rank": 20}}
-    assert f"| `{canonical}` | 16 | 20 |" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    table = f"| module | rank | exact factored rank |\n|---|---|---|\n| `{canonical}` | 16 | 20 |\n"
+    assert table in card and card.index("## Sources") < card.index("## Modules at full rank")
 
 
 def test_lokr_conv_with_a_4d_w2_b_and_a_kernel_from_the_file() -> None:
