@@ -731,7 +731,9 @@ def test_hub_repo_with_a_kohya_file_and_weight_name(hub, tmp_path, sd) -> None:
     with pytest.raises(AmbiguousSourceError, match="--weight-name"):
         load_adapter("org/two")
     assert_user_error(invoke("convert", "org/two", "--to", "peft", "--out", str(tmp_path / "never")),
-                      "a.safetensors, b.safetensors", "--weight-name")
+                      "org/two holds 2 LoRA files (a.safetensors, b.safetensors)", "--weight-name")
+    with pytest.raises(AmbiguousSourceError, match=r"^org/two holds 2 LoRA files"):
+        load_adapter("org/two", input_format="kohya")
     assert not (tmp_path / "never").exists()
     assert_same_deltas(load_adapter("org/two", weight_name="b.safetensors"), sd["deltas"])
     # A full model's weights file beside the LoRA is no candidate, with or without --input-format.
@@ -811,7 +813,8 @@ def test_peft_merges_and_converts_never_import_diffusers_and_a_missing_diffusers
 
 def test_a_hub_lora_file_is_read_at_its_revision_in_its_subfolder_with_the_token(hub, tmp_path, sd) -> None:
     """A private repo whose branch `v2` holds the kohya file in `loras/`, beside a full model's weights file; `main`
-    and the repo's root hold another LoRA. Found by detection and with --input-format kohya alike."""
+    (under another name) and the repo's root hold another LoRA. Found by detection and with --input-format kohya
+    alike; a repo with no LoRA file is refused naming the file looked for."""
     from lora_fusion.errors import SourceNotFoundError
 
     kohya = convert(sd["folder"], to="kohya", out=tmp_path / "style.safetensors")
@@ -820,7 +823,7 @@ def test_a_hub_lora_file_is_read_at_its_revision_in_its_subfolder_with_the_token
     other, token = (tmp_path / "other.safetensors").read_bytes(), "hf_fake_secret_token_0123456789"
     save_file({"model.embed.weight": torch.zeros(4, 4)}, tmp_path / "model.safetensors")
     hub.required_token = token
-    hub.add_repo("org/private-style", {"loras/style.safetensors": other}, private=True)
+    hub.add_repo("org/private-style", {"loras/old_style.safetensors": other}, private=True)
     hub.add_repo("org/private-style", {"loras/style.safetensors": kohya.read_bytes(), "top.safetensors": other,
                                        "loras/model.safetensors": (tmp_path / "model.safetensors").read_bytes()},
                  private=True, branch="v2")
@@ -830,6 +833,9 @@ def test_a_hub_lora_file_is_read_at_its_revision_in_its_subfolder_with_the_token
         assert_same_deltas(adapter, sd["deltas"])
         with pytest.raises(SourceNotFoundError, match="private"):
             load_adapter("org/private-style", revision="v2", subfolder="loras", input_format=input_format)
+    hub.add_repo("org/card-only", {"README.md": b"# nothing yet"})
+    with pytest.raises(SourceNotFoundError, match="no file pytorch_lora_weights.safetensors"):
+        load_adapter("org/card-only", input_format="kohya")
 
 
 def test_cli_convert_and_merge_format(sd, tmp_path) -> None:
