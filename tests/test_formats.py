@@ -162,6 +162,8 @@ def test_a_diffusers_file_reads_into_peft_deltas_with_its_metadata_scales(sd) ->
     scales = {spec.scale for name, spec in adapter.modules.items() if name.startswith("text_encoder.")}
     assert scales == {1.5}  # alpha 3 / r 2, from lora_adapter_metadata
     assert_same_deltas(adapter, sd["deltas"])
+    # The config says which layout was read, and the largest rank as r (alpha = r: the scales are per module).
+    assert (adapter.config.raw, adapter.config.r, adapter.config.lora_alpha) == ({"layout": "diffusers"}, 4, 4.0)
 
 
 @pytest.mark.parametrize("to", ["diffusers", "kohya"])
@@ -249,6 +251,7 @@ def test_kohya_written_by_diffusers_reads_with_its_alphas(sd, tmp_path) -> None:
     save_file(kohya, tmp_path / "by_diffusers.safetensors")
     adapter = load_adapter(tmp_path / "by_diffusers.safetensors")
     assert_same_deltas(adapter, sd["deltas"])
+    assert (adapter.config.raw, adapter.config.r, adapter.config.lora_alpha) == ({"layout": "kohya"}, 4, 4.0)
 
 
 def sgm_name(canonical: str) -> str | None:
