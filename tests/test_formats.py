@@ -841,6 +841,21 @@ def test_a_hub_lora_file_is_read_at_its_revision_in_its_subfolder_with_the_token
         load_adapter("org/card-only", input_format="kohya")
 
 
+def test_a_local_folder_with_several_lora_files_takes_the_one_named(sd, tmp_path) -> None:
+    from lora_fusion.errors import SourceNotFoundError
+
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    kohya = convert(sd["folder"], to="kohya", out=folder / "b.safetensors")
+    doubled = {k: v * 2 if k.endswith("lora_up.weight") else v for k, v in load_file(kohya).items()}
+    save_file(doubled, folder / "a.safetensors")
+    with pytest.raises(AmbiguousSourceError, match=f"^{re.escape(str(folder))} holds 2 LoRA files"):
+        load_adapter(folder)
+    assert_same_deltas(load_adapter(folder, weight_name="b.safetensors"), sd["deltas"])
+    with pytest.raises(SourceNotFoundError, match="no file c.safetensors in"):
+        load_adapter(folder, weight_name="c.safetensors")
+
+
 def test_cli_convert_and_merge_format(sd, tmp_path) -> None:
     out = tmp_path / "k.safetensors"
     result = invoke(*["convert", str(sd["folder"]), "--to", "kohya", "--out", str(out)])
