@@ -110,7 +110,7 @@ class SafetensorsStore:
         start = 8 + size
         self._entries = {
             key: (tuple(entry["shape"]), entry["dtype"], start + entry["data_offsets"][0])
-            for key, entry in header.items() if key != "__metadata__"
+            for key, entry in header.items() if key != _METADATA
         }
         self._header, self._data_start = header, start
         self._run_finite: dict[int, bool] = {}
@@ -175,7 +175,7 @@ def _float_runs(header: Mapping[str, Any], start: int) -> dict[str, tuple[int, t
     """Each float tensor's run in a safetensors file: (run number, dtype, first and end byte of the run), a run being
     a longest stretch of consecutive non-empty tensors of one float dtype (safetensors packs the data contiguously)."""
     entries = sorted((entry["data_offsets"], entry["dtype"], key) for key, entry in header.items()
-                     if key != "__metadata__" and entry["data_offsets"][1] > entry["data_offsets"][0])
+                     if key != _METADATA and entry["data_offsets"][1] > entry["data_offsets"][0])
     bounds: list[tuple[str, int, int]] = []  # each run's dtype name, first byte and end byte
     members: list[list[str]] = []  # each run's keys
     for (begin, end), name, key in entries:
